@@ -1,0 +1,6 @@
+"""qubes-socksvc: qrexec socket services from one declarative manifest."""
+
+from .request import InputTooLarge, Request
+
+__all__ = ["InputTooLarge", "Request"]
+__version__ = "0.1.0"

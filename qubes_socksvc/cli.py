@@ -1,0 +1,199 @@
+"""``qubes-socksvc``: check, apply, list/status, call, serve.
+
+Each verb imports only the wing it needs: ``serve`` and ``call`` never load
+Jinja2, and ``serve`` pays for nothing but the runtime.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import TYPE_CHECKING
+
+from .errors import SocksvcError
+
+if TYPE_CHECKING:
+    from .manifest import Manifest
+
+DEFAULT_MANIFEST = "/etc/qubes-socksvc.yaml"
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _load(path: str) -> Manifest:
+    from .manifest import load
+
+    return load(os.path.abspath(path))
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    manifest = _load(args.config)
+    services = sum(len(d.services) for d in manifest.daemons.values())
+    print(f"{manifest.path}: OK, {len(manifest.daemons)} daemons, {services} services")
+    return EXIT_OK
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from . import install, render
+
+    manifest = _load(args.config)
+    layout = render.Layout.for_manifest(manifest)
+    artifacts = render.render(manifest, layout)
+    root = os.path.abspath(args.root)
+    with install.locked(root, layout):
+        plan = install.plan(artifacts, layout, root)
+        for action in plan.actions:
+            if action.verb != "unchanged" or args.verbose:
+                print(action)
+        if plan.conflicts:
+            print(f"{manifest.path}: {len(plan.conflicts)} conflicts; nothing was changed", file=sys.stderr)
+            return EXIT_FAILED
+        if not plan.changes:
+            print(f"{manifest.path}: up to date, nothing to do")
+            return EXIT_OK
+        if args.dry_run:
+            print(f"dry run: {len(plan.changes)} changes not made")
+            return EXIT_OK
+        install.execute(plan)
+    print(f"{manifest.path}: applied {len(plan.changes)} changes")
+    if any(a.path.startswith(layout.unit_dir + "/") for a in plan.changes):
+        print("units changed: users run 'systemctl --user daemon-reload' (or log in again)")
+    return EXIT_OK
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from . import status
+
+    manifest = _load(args.config)
+    print(status.report(manifest, os.path.abspath(args.root)), end="")
+    return EXIT_OK
+
+
+def cmd_call(args: argparse.Namespace) -> int:
+    from . import client, qrexec
+    from .descriptor import Descriptor
+
+    if not qrexec.is_full_service_name(args.service):
+        raise client.CallError(f"invalid service name {args.service!r}; expected NAME or NAME+ARG", EXIT_USAGE)
+    name, argument = qrexec.split_service(args.service)
+    if args.socket:
+        socket_path, skip = args.socket, args.no_descriptor
+    else:
+        socket_path, matched = client.resolve(name, argument, tuple(args.rpc_dir or qrexec.RPC_SEARCH_PATH))
+        skip = args.no_descriptor or client.skips_descriptor(matched)
+    if not qrexec.is_domain_name(args.source):
+        raise client.CallError(f"invalid --source {args.source!r}", EXIT_USAGE)
+    if args.dom0:
+        target = args.target.removeprefix("@")
+        if not qrexec.is_domain_name(target):
+            raise client.CallError(f"invalid --target {args.target!r}", EXIT_USAGE)
+        desc = Descriptor(name, argument, args.source, args.target_type, target)
+    else:
+        desc = Descriptor(name, argument, args.source)
+    client.call(socket_path, None if skip else desc, sys.stdin.buffer, sys.stdout.buffer)
+    return EXIT_OK
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    _setup_logging(args.daemon)
+    if os.geteuid() == 0:
+        logging.error("refusing to run as root: qrexec socket services run as a user; "
+                      "enable the socket with 'systemctl --user enable --now qubes-socksvc-%s.socket'", args.daemon)
+        return EXIT_FAILED
+    from . import server
+
+    manifest = _load(args.config)
+    daemon = manifest.daemons.get(args.daemon)
+    if daemon is None:
+        logging.error("%s: no daemon %r; declared: %s", manifest.path, args.daemon,
+                      ", ".join(manifest.daemons) or "none")
+        return EXIT_FAILED
+    try:
+        server.serve(daemon, bind_dir=args.bind_dir)
+    except server.ServeError as e:
+        logging.error("%s", e)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _setup_logging(daemon: str) -> None:
+    level = logging.DEBUG if os.environ.get("QUBES_SOCKSVC_DEBUG") else logging.INFO
+    handler: logging.Handler
+    if os.environ.get("JOURNAL_STREAM"):
+        from systemd.journal import JournalHandler
+
+        handler = JournalHandler(SYSLOG_IDENTIFIER="qubes-socksvc", DAEMON=daemon)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(f"qubes-socksvc[{daemon}]: %(levelname)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qubes-socksvc",
+        description="qrexec socket services from one manifest: render units, qubes-rpc links and "
+        "rpc-config (apply), and run the shared daemon (serve).",
+    )
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    def add(name: str, help_: str, aliases: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+        sub = verbs.add_parser(name, help=help_, description=help_, aliases=list(aliases))
+        return sub
+
+    def config(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("-c", "--config", default=DEFAULT_MANIFEST, metavar="MANIFEST",
+                         help=f"the manifest (default {DEFAULT_MANIFEST}; "
+                         "/usr/local/etc/qubes-socksvc.yaml renders under /usr/local)")
+
+    sub = add("check", "validate the manifest and print a one-line summary")
+    config(sub)
+    sub.set_defaults(func=cmd_check)
+
+    sub = add("apply", "render units, qubes-rpc symlinks and rpc-config files, atomically")
+    config(sub)
+    sub.add_argument("--root", default="/", metavar="DIR", help="write into this staging tree instead of /")
+    sub.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    sub.add_argument("-v", "--verbose", action="store_true", help="also list unchanged paths")
+    sub.set_defaults(func=cmd_apply)
+
+    sub = add("list", "show daemons, services, sockets and the state of each artifact", aliases=("status",))
+    config(sub)
+    sub.add_argument("--root", default="/", metavar="DIR", help="inspect this staging tree instead of /")
+    sub.set_defaults(func=cmd_list)
+
+    sub = add("call", "call a socket service like qrexec does: descriptor, stdin, half-close, stdout")
+    sub.add_argument("service", metavar="SERVICE[+ARG]")
+    sub.add_argument("--source", default="dom0", metavar="QUBE", help="the calling qube to claim (default dom0)")
+    sub.add_argument("--dom0", action="store_true", help="send dom0's four-field descriptor")
+    sub.add_argument("--target-type", choices=("name", "keyword"), default="name")
+    sub.add_argument("--target", default="dom0", help="requested target (with --dom0); @keyword allowed")
+    sub.add_argument("--socket", metavar="PATH", help="connect here instead of resolving the qubes-rpc path")
+    sub.add_argument("--no-descriptor", action="store_true", help="send no descriptor (skip-service-descriptor)")
+    sub.add_argument("--rpc-dir", action="append", metavar="DIR",
+                     help="search this qubes-rpc directory instead (repeatable)")
+    sub.set_defaults(func=cmd_call)
+
+    sub = add("serve", "run the shared daemon for one manifest daemon (started by systemd)")
+    sub.add_argument("daemon", metavar="DAEMON")
+    config(sub)
+    sub.add_argument("--bind-dir", metavar="DIR",
+                     help="bind the sockets in DIR instead of using systemd's (debugging, tests)")
+    sub.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result: int = args.func(args)
+        return result
+    except SocksvcError as e:
+        print(f"qubes-socksvc {args.verb}: {e}" if "\n" not in str(e) else e, file=sys.stderr)
+        return e.exit_code
+    except OSError as e:
+        print(f"qubes-socksvc {args.verb}: {e}", file=sys.stderr)
+        return EXIT_FAILED

@@ -1,0 +1,75 @@
+"""The service descriptor: untrusted bytes from the caller -> a validated Descriptor.
+
+In a VM qrexec sends ``SERVICE SOURCE\\0``; in dom0
+``SERVICE SOURCE TARGET_TYPE TARGET\\0``.  ``SERVICE`` is ``NAME``, ``NAME+``
+or ``NAME+ARG``.  Everything here is checked with qrexec's own charsets and
+limits before a handler sees it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import qrexec
+
+
+class DescriptorError(ValueError):
+    """The descriptor is malformed; the message is safe to log (no raw bytes)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Descriptor:
+    """A validated descriptor.  Field meanings follow qrexec's ``QREXEC_*`` variables."""
+
+    name: str
+    """The service name without argument."""
+    argument: str | None
+    """``None`` without ``+``, ``""`` for ``NAME+``, else the argument."""
+    source: str
+    """``QREXEC_REMOTE_DOMAIN``: the calling qube."""
+    target_type: str | None = None
+    """``name`` or ``keyword`` (dom0 form only)."""
+    target: str | None = None
+    """The requested target, keywords without their ``@`` (dom0 form only)."""
+
+    @property
+    def service(self) -> str:
+        """``QREXEC_SERVICE_FULL_NAME``: ``NAME``, ``NAME+`` or ``NAME+ARG`` as called."""
+        return self.name if self.argument is None else f"{self.name}+{self.argument}"
+
+    def encode(self) -> bytes:
+        """The wire form including its terminating NUL."""
+        fields = [self.service, self.source]
+        if self.target_type is not None and self.target is not None:
+            fields += [self.target_type, self.target]
+        return " ".join(fields).encode("ascii") + b"\0"
+
+
+def parse(untrusted_descriptor: bytes) -> Descriptor:
+    """Validate a descriptor without its NUL.  Raises DescriptorError."""
+    if len(untrusted_descriptor) >= qrexec.MAX_DESCRIPTOR_LEN:
+        raise DescriptorError("descriptor too long")
+    if not untrusted_descriptor.isascii():
+        raise DescriptorError("descriptor is not ASCII")
+    untrusted_fields = untrusted_descriptor.decode("ascii").split(" ")
+    if len(untrusted_fields) not in (2, 4):
+        raise DescriptorError(f"descriptor has {len(untrusted_fields)} fields, expected 2 or 4")
+
+    # --- sanitize start ---
+    untrusted_service, untrusted_source = untrusted_fields[:2]
+    if not qrexec.is_full_service_name(untrusted_service):
+        raise DescriptorError("invalid service name or argument")
+    if not qrexec.is_domain_name(untrusted_source):
+        raise DescriptorError("invalid source domain")
+    target_type = target = None
+    if len(untrusted_fields) == 4:
+        untrusted_target_type, untrusted_target = untrusted_fields[2:]
+        if untrusted_target_type not in qrexec.TARGET_TYPES:
+            raise DescriptorError("invalid target type")
+        if not qrexec.is_domain_name(untrusted_target):
+            raise DescriptorError("invalid target")
+        target_type, target = untrusted_target_type, untrusted_target
+    name, argument = qrexec.split_service(untrusted_service)
+    source = untrusted_source
+    # --- sanitize end ---
+    return Descriptor(name, argument, source, target_type, target)

@@ -1,0 +1,118 @@
+"""Manifest model -> artifacts: user units (Jinja2), qubes-rpc symlinks, rpc-config files."""
+
+from __future__ import annotations
+
+import os.path
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+
+from . import rpcconfig
+from .manifest import Manifest
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where one manifest's artifacts go (absolute paths on the target system)."""
+
+    unit_dir: str
+    rpc_dir: str
+    rpc_config_dir: str
+    state_file: str
+
+    @classmethod
+    def for_manifest(cls, manifest: Manifest) -> Layout:
+        if manifest.is_local:
+            return cls(
+                unit_dir="/usr/local/lib/systemd/user",
+                rpc_dir="/usr/local/etc/qubes-rpc",
+                rpc_config_dir="/usr/local/etc/qubes/rpc-config",
+                state_file="/usr/local/var/lib/qubes-socksvc/owned.json",
+            )
+        return cls(
+            unit_dir="/etc/systemd/user",
+            rpc_dir="/etc/qubes-rpc",
+            rpc_config_dir="/etc/qubes/rpc-config",
+            state_file="/var/lib/qubes-socksvc/owned.json",
+        )
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A file (``content``) or a symlink (``link_target``) at an absolute ``path``."""
+
+    path: str
+    content: str | None = None
+    link_target: str | None = None
+
+
+def templates_dir() -> Path:
+    """The source tree's templates/, else the installed copy."""
+    here = Path(__file__).resolve().parent
+    for candidate in (
+        here.parent / "templates",
+        Path(sys.prefix) / "share/qubes-socksvc/templates",
+        Path("/usr/share/qubes-socksvc/templates"),
+    ):
+        if (candidate / "socket.j2").is_file():
+            return candidate
+    raise FileNotFoundError("qubes-socksvc templates not found; reinstall the package")
+
+
+def default_exec_start() -> list[str]:
+    """How the units start the daemon: this interpreter running this package."""
+    return [sys.executable, "-m", "qubes_socksvc"]
+
+
+def _unit_text(value: str) -> str:
+    return value.replace("%", "%%")
+
+
+def _exec_arg(value: str) -> str:
+    """Quote one ExecStart= argument: systemd expands % specifiers and $ variables."""
+    value = value.replace("%", "%%").replace("$", "$$")
+    if any(c in value for c in ' \t"\'\\;'):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return value
+
+
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(templates_dir())),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        autoescape=False,
+    )
+    env.filters["unit_text"] = _unit_text
+    env.filters["exec_arg"] = _exec_arg
+    return env
+
+
+def render(manifest: Manifest, layout: Layout, exec_start: list[str] | None = None) -> list[Artifact]:
+    """Every artifact the manifest declares, sorted by path."""
+    env = _environment()
+    source = os.path.abspath(manifest.path)
+    command = exec_start or default_exec_start()
+    artifacts: list[Artifact] = []
+    for daemon in manifest.daemons.values():
+        context = {
+            "manifest": source,
+            "daemon": daemon,
+            "exec_start": [*command, "serve", daemon.name, "-c", source],
+        }
+        for kind in ("socket", "service"):
+            text = env.get_template(f"{kind}.j2").render(context)
+            artifacts.append(Artifact(f"{layout.unit_dir}/{daemon.unit}.{kind}", content=text))
+        for full_name, service in daemon.services.items():
+            socket = service.socket or daemon.socket
+            artifacts.append(Artifact(f"{layout.rpc_dir}/{full_name}", link_target=socket))
+            options = service.rpc_config()
+            if options:
+                artifacts.append(
+                    Artifact(f"{layout.rpc_config_dir}/{full_name}", content=rpcconfig.render(options, source))
+                )
+    return sorted(artifacts, key=lambda a: a.path)

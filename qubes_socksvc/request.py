@@ -1,0 +1,110 @@
+"""The public handler API: one :class:`Request` per qrexec call.
+
+A handler is ``async def handler(request)`` or a plain ``def handler(request)``
+(run in a worker thread).  It reads the caller's stdin with :meth:`Request.read`
+or ``async for chunk in request``, writes the caller's stdout with
+:meth:`Request.write` (then ``await request.drain()`` for backpressure), and may
+return ``bytes`` or ``str``, written before the connection is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+
+CHUNK_SIZE = 65536
+
+
+class InputTooLarge(Exception):
+    """The caller sent more than the service's ``max_input``."""
+
+
+class Request:
+    """One call: the validated descriptor fields plus the caller's streams.
+
+    ``service``, ``argument``, ``source``, ``target_type`` and ``target`` mean
+    what qrexec's ``QREXEC_SERVICE_FULL_NAME``, ``QREXEC_SERVICE_ARGUMENT``,
+    ``QREXEC_REMOTE_DOMAIN``, ``QREXEC_REQUESTED_TARGET_TYPE`` and
+    ``QREXEC_REQUESTED_TARGET`` (or ``..._KEYWORD``, without ``@``) mean to an
+    executable service.  A ``service_descriptor: false`` service receives no
+    descriptor: there ``service`` is the declared name and ``source`` is None.
+    """
+
+    __slots__ = (
+        "name", "argument", "source", "target_type", "target", "input",
+        "_reader", "_writer", "_max_input", "_received", "_loop", "_thread",
+    )
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        name: str,
+        argument: str | None,
+        source: str | None,
+        target_type: str | None = None,
+        target: str | None = None,
+        max_input: int = 0,
+    ) -> None:
+        self.name = name
+        """The service name without argument, e.g. ``qubes.Filecopy``."""
+        self.argument = argument
+        """``None`` when called without ``+``, ``""`` for ``NAME+``, else the argument."""
+        self.source = source
+        self.target_type = target_type
+        self.target = target
+        self.input: bytes | None = None
+        """For plain (non-async) handlers: the whole input, read before the call."""
+        self._reader = reader
+        self._writer = writer
+        self._max_input = max_input
+        self._received = 0
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.get_ident()
+
+    @property
+    def service(self) -> str:
+        """``NAME``, ``NAME+`` or ``NAME+ARG``, exactly as called."""
+        return self.name if self.argument is None else f"{self.name}+{self.argument}"
+
+    async def read(self, n: int = -1) -> bytes:
+        """Up to ``n`` bytes of input (``b""`` at EOF); with ``n < 0`` all of it."""
+        if n >= 0:
+            data = await self._reader.read(n)
+            self._count(len(data))
+            return data
+        chunks = []
+        while chunk := await self._reader.read(CHUNK_SIZE):
+            self._count(len(chunk))
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def text(self, encoding: str = "utf-8") -> str:
+        """The whole input decoded: the convenience for small requests."""
+        return (await self.read()).decode(encoding)
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        while chunk := await self.read(CHUNK_SIZE):
+            yield chunk
+
+    def _count(self, size: int) -> None:
+        self._received += size
+        if self._max_input and self._received > self._max_input:
+            raise InputTooLarge(f"input exceeds max_input ({self._max_input} bytes)")
+
+    def write(self, data: bytes | str) -> None:
+        """Queue output for the caller; safe from a plain handler's thread too."""
+        if isinstance(data, str):
+            data = data.encode()
+        if threading.get_ident() == self._thread:
+            self._writer.write(data)
+        else:
+            self._loop.call_soon_threadsafe(self._writer.write, data)
+
+    async def drain(self) -> None:
+        """Wait until the caller has taken enough output (backpressure)."""
+        await self._writer.drain()
