@@ -1,0 +1,190 @@
+"""Shared fixtures: manifests on disk, and a real daemon run as an unprivileged user."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TESTS = REPO / "tests"
+DAEMON_USER = "nobody"
+
+
+def run_cli(*args: str, check: bool = False, input: bytes | None = None,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m qubes_socksvc`` from this checkout; text output."""
+    full_env = {**os.environ, "PYTHONPATH": f"{REPO}:{TESTS}", **(env or {})}
+    result = subprocess.run([sys.executable, "-m", "qubes_socksvc", *args], capture_output=True,
+                            env=full_env, input=input.decode() if input is not None else None,
+                            text=True, timeout=120)
+    if check and result.returncode != 0:
+        raise AssertionError(f"qubes-socksvc {' '.join(args)} failed:\n{result.stdout}{result.stderr}")
+    return result
+
+
+def raw_call(path: str, payload: bytes, *, half_close: bool = True, timeout: float = 30) -> bytes:
+    """Connect like qrexec: send ``payload`` (descriptor included), half-close, read to EOF."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        sock.sendall(payload)
+        if half_close:
+            sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        while data := sock.recv(65536):
+            chunks.append(data)
+        return b"".join(chunks)
+
+
+def world_dir(prefix: str) -> Path:
+    """A temporary directory the daemon's user can use (pytest's tmp_path is root-only)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    path.chmod(0o777)
+    return path
+
+
+class RunningDaemon:
+    """``qubes-socksvc serve`` as an unprivileged user, sockets bound in ``bind_dir``."""
+
+    def __init__(self, manifest_text: str, name: str, user: str = DAEMON_USER,
+                 extra_env: dict[str, str] | None = None) -> None:
+        self.dir = world_dir("socksvc-daemon-")
+        self.bind_dir = self.dir / "sockets"
+        self.bind_dir.mkdir()
+        self.bind_dir.chmod(0o777)
+        self.manifest = self.dir / "manifest.yaml"
+        self.manifest.write_text(manifest_text)
+        self.manifest.chmod(0o644)
+        self.name = name
+        self.log = self.dir / "daemon.log"
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": f"{REPO}:{TESTS}",
+               "HOME": "/tmp", **(extra_env or {})}
+        pw = pwd.getpwnam(user)
+        self._log_file = open(self.log, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "qubes_socksvc", "serve", name, "-c", str(self.manifest),
+             "--bind-dir", str(self.bind_dir)],
+            env=env, stdout=self._log_file, stderr=subprocess.STDOUT,
+            user=pw.pw_uid, group=pw.pw_gid, extra_groups=[], cwd="/",
+        )
+        self.wait_listening()
+
+    def socket(self, basename: str | None = None) -> str:
+        return str(self.bind_dir / (basename or f"socksvc-{self.name}.sock"))
+
+    def wait_listening(self, timeout: float = 15) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited {self.proc.returncode}:\n{self.log_text()}")
+            if any(p.is_socket() for p in self.bind_dir.iterdir()) and "serving" in self.log_text():
+                return
+            time.sleep(0.02)
+        raise AssertionError(f"daemon did not start:\n{self.log_text()}")
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def call(self, descriptor: bytes, data: bytes = b"", **kwargs: object) -> bytes:
+        return raw_call(self.socket(), descriptor + data, **kwargs)  # type: ignore[arg-type]
+
+    def fd_count(self) -> int:
+        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+
+    def rss_kib(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise AssertionError("no VmRSS")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log_file.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+        return self.proc.returncode
+
+
+@pytest.fixture
+def start_daemon() -> Iterator[type[RunningDaemon]]:
+    """Factory: ``start_daemon(manifest_text, name)``; every daemon is stopped afterwards."""
+    started: list[RunningDaemon] = []
+
+    class Factory(RunningDaemon):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+            started.append(self)
+
+    yield Factory
+    for daemon in started:
+        daemon.stop()
+
+
+TEST_MANIFEST = """\
+version: 1
+daemons:
+  t:
+    idle_exit: 0
+    max_connections: 64
+    services:
+      test.Echo:
+        handler: qubes_socksvc.examples:echo
+        max_input: 0
+      test.Fields:
+        handler: handlers:fields
+      test.Fields+special:
+        handler: qubes_socksvc.examples:hello
+      test.AfterEof:
+        handler: handlers:after_eof
+      test.Raises:
+        handler: handlers:raises
+      test.Exits:
+        handler: handlers:exits
+      test.PlainExits:
+        handler: handlers:plain_exits
+      test.Hangs:
+        handler: handlers:hangs
+        timeout: 1
+      test.Huge:
+        handler: handlers:huge
+      test.Slow:
+        handler: handlers:slow
+      test.Small:
+        handler: qubes_socksvc.examples:echo
+        max_input: 1024
+      test.ReturnsInt:
+        handler: handlers:returns_int
+      test.Plain:
+        handler: handlers:plain_pid
+      test.Missing:
+        handler: no_such_module:nothing
+      test.Sha256:
+        handler: qubes_socksvc.examples:sha256
+        max_input: 0
+      test.Raw:
+        handler: qubes_socksvc.examples:echo
+        service_descriptor: false
+        max_input: 0
+"""
+
+
+@pytest.fixture
+def daemon(start_daemon: type[RunningDaemon]) -> RunningDaemon:
+    """A daemon serving TEST_MANIFEST's ``t``."""
+    return start_daemon(TEST_MANIFEST, "t")

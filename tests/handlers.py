@@ -1,0 +1,60 @@
+"""Handlers the tests declare in their manifests (imported by the daemon under test)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+
+from qubes_socksvc import Request
+
+
+async def fields(request: Request) -> str:
+    """Every descriptor field, one per line, for exact assertions."""
+    return (
+        f"service={request.service}\nname={request.name}\nargument={request.argument!r}\n"
+        f"source={request.source!r}\ntarget_type={request.target_type!r}\ntarget={request.target!r}\n"
+    )
+
+
+async def after_eof(request: Request) -> bytes:
+    """Reads to EOF first (the caller's half-close), then answers."""
+    data = await request.read()
+    return b"got %d bytes after EOF\n" % len(data)
+
+
+async def raises(request: Request) -> None:
+    raise RuntimeError("handler failure on purpose")
+
+
+async def exits(request: Request) -> None:
+    sys.exit(3)
+
+
+def plain_exits(request: Request) -> None:
+    sys.exit(4)
+
+
+async def hangs(request: Request) -> None:
+    await asyncio.sleep(3600)
+
+
+async def huge(request: Request) -> None:
+    """64 MiB of output, with backpressure."""
+    block = b"x" * 65536
+    for _ in range(1024):
+        request.write(block)
+        await request.drain()
+
+
+async def slow(request: Request) -> str:
+    await asyncio.sleep(float(request.argument or "1"))
+    return "done\n"
+
+
+async def returns_int(request: Request) -> int:
+    return 42
+
+
+def plain_pid(request: Request) -> str:
+    return f"{os.getpid()} {len(request.input or b'')}\n"
