@@ -42,7 +42,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     layout = render.Layout.for_manifest(manifest)
     artifacts = render.render(manifest, layout)
     root = os.path.abspath(args.root)
-    with install.locked(root, layout):
+    with install.locked():
         plan = install.plan(artifacts, layout, root)
         for action in plan.actions:
             if action.verb != "unchanged" or args.verbose:

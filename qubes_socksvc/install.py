@@ -142,12 +142,14 @@ def plan(artifacts: list[Artifact], layout: Layout, root: str = "/") -> Plan:
     return Plan(actions, layout, root)
 
 
+#: Outside every target tree, so that taking the lock changes nothing there.
+LOCK_FILE = "/run/lock/qubes-socksvc-apply.lock"
+
+
 @contextlib.contextmanager
-def locked(root: str, layout: Layout) -> Iterator[None]:
-    """Serialise concurrent applies on the same target tree."""
-    state_dir = os.path.dirname(_real(root, layout.state_file))
-    os.makedirs(state_dir, mode=0o755, exist_ok=True)
-    fd = os.open(os.path.join(state_dir, "apply.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+def locked(lock_file: str = LOCK_FILE) -> Iterator[None]:
+    """Serialise concurrent applies (one lock for every target tree)."""
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

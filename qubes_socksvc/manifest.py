@@ -301,6 +301,9 @@ def _daemon(
     values = _fields(node, key, DAEMON_FIELDS, problems, skip=("services",))
     services: dict[str, Service] = {}
     mapping = _mapping(node, key, problems) if isinstance(node, yaml.MappingNode) else {}
+    values.setdefault("socket", f"{qrexec.SOCKET_DIR}/socksvc-{name}.sock")
+    socket_node = mapping["socket"][1] if "socket" in mapping else node
+    _claim_socket(values["socket"], socket_node, f"{key}.socket", problems, claimed)
     if "services" not in mapping:
         if isinstance(node, yaml.MappingNode):
             problems.add(node, key, 'missing "services:" (a mapping of service names)')
@@ -324,14 +327,11 @@ def _daemon(
                 services[full_name] = service
                 claimed[full_name] = f"daemons.{name}"
                 if service.socket is not None:
-                    _claim_socket(service.socket, value_node, f"{service_key}.socket", problems, claimed)
+                    where = next((v for k, v in value_node.value if k.value == "socket"), value_node)
+                    _claim_socket(service.socket, where, f"{service_key}.socket", problems, claimed)
     if len(problems.items) != before:
         return None
     values.setdefault("description", f"qubes-socksvc daemon {name}")
-    values.setdefault("socket", f"{qrexec.SOCKET_DIR}/socksvc-{name}.sock")
-    socket_node = mapping["socket"][1] if "socket" in mapping else node
-    if not _claim_socket(values["socket"], socket_node, f"{key}.socket", problems, claimed):
-        return None
     return Daemon(name=name, services=services, **values)
 
 

@@ -1,0 +1,139 @@
+"""apply: plan, idempotence, stale removal, conflicts, dry run, ownership; and list."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from tests.conftest import run_cli
+from tests.test_manifest import GOOD, tree_digest
+
+TWO = GOOD + """\
+      demo.Later:
+        handler: qubes_socksvc.examples:hello
+        wait_for_session: true
+  second:
+    services:
+      second.Raw:
+        handler: qubes_socksvc.examples:echo
+        service_descriptor: false
+"""
+
+
+def apply(manifest: Path, root: Path, *extra: str) -> tuple[int, str, str]:
+    result = run_cli("apply", "-c", str(manifest), "--root", str(root), *extra)
+    return result.returncode, result.stdout, result.stderr
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "m.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_apply_creates_then_is_idempotent(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    manifest = write(tmp_path, TWO)
+    code, out, _ = apply(manifest, root)
+    assert code == 0 and "applied 9 changes" in out
+    assert out.count("create ") == 9
+    before = tree_digest(root)
+    mtimes = {p: p.lstat().st_mtime_ns for p in root.rglob("*")}
+    code, out, _ = apply(manifest, root)
+    assert code == 0 and out == f"{manifest}: up to date, nothing to do\n"
+    assert tree_digest(root) == before
+    assert {p: p.lstat().st_mtime_ns for p in root.rglob("*")} == mtimes  # nothing rewritten
+
+
+def test_removed_services_and_daemons_are_cleaned_up(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    manifest = write(tmp_path, TWO)
+    apply(manifest, root)
+    manifest.write_text(GOOD)
+    code, out, _ = apply(manifest, root)
+    assert code == 0, out
+    for gone in ("etc/qubes-rpc/demo.Later", "etc/qubes/rpc-config/demo.Later", "etc/qubes-rpc/second.Raw",
+                 "etc/systemd/user/qubes-socksvc-second.socket", "etc/systemd/user/qubes-socksvc-second.service"):
+        assert f"remove    /{gone}" in out
+        assert not os.path.lexists(root / gone)
+    assert (root / "etc/qubes-rpc/demo.Echo").is_symlink()
+    owned = json.loads((root / "var/lib/qubes-socksvc/owned.json").read_text())["owned"]
+    assert sorted(owned) == ["/etc/qubes-rpc/demo.Echo", "/etc/systemd/user/qubes-socksvc-demo.service",
+                             "/etc/systemd/user/qubes-socksvc-demo.socket"]
+
+
+def test_changed_manifest_updates_in_place(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    manifest = write(tmp_path, GOOD)
+    apply(manifest, root)
+    manifest.write_text(GOOD.replace("demo:\n", "demo:\n    description: Changed\n"))
+    code, out, _ = apply(manifest, root)
+    assert code == 0
+    assert "update    /etc/systemd/user/qubes-socksvc-demo.service" in out
+    assert "Description=Changed\n" in (root / "etc/systemd/user/qubes-socksvc-demo.service").read_text()
+
+
+def test_foreign_executable_service_is_a_conflict(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "etc/qubes-rpc").mkdir(parents=True)
+    foreign = root / "etc/qubes-rpc/demo.Later"
+    foreign.write_text("#!/bin/sh\necho mine\n")
+    foreign.chmod(0o755)
+    before = tree_digest(root)
+    code, out, err = apply(write(tmp_path, TWO), root)
+    assert code == 1
+    assert "conflict  /etc/qubes-rpc/demo.Later" in out and "not owned by qubes-socksvc" in out
+    assert "1 conflicts; nothing was changed" in err
+    assert tree_digest(root) == before
+
+
+def test_owned_file_edited_by_hand_is_a_conflict_not_a_casualty(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    manifest = write(tmp_path, TWO)
+    apply(manifest, root)
+    unit = root / "etc/systemd/user/qubes-socksvc-second.service"
+    unit.write_text(unit.read_text() + "# local change\n")
+    manifest.write_text(GOOD)
+    before = tree_digest(root)
+    code, out, _ = apply(manifest, root)
+    assert code == 1 and "changed since qubes-socksvc wrote it" in out
+    assert tree_digest(root) == before
+
+
+def test_dry_run_changes_nothing(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    manifest = write(tmp_path, GOOD)
+    apply(manifest, root)
+    manifest.write_text(TWO)
+    before = tree_digest(root)
+    code, out, _ = apply(manifest, root, "--dry-run")
+    assert code == 0 and "create    /etc/qubes-rpc/demo.Later" in out and "dry run: 6 changes not made" in out
+    assert tree_digest(root) == before
+
+
+def test_missing_artifact_is_recreated(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    manifest = write(tmp_path, GOOD)
+    apply(manifest, root)
+    (root / "etc/qubes-rpc/demo.Echo").unlink()
+    code, out, _ = apply(manifest, root)
+    assert code == 0 and "create    /etc/qubes-rpc/demo.Echo" in out
+    assert os.readlink(root / "etc/qubes-rpc/demo.Echo") == "/run/qubes/socksvc-demo.sock"
+
+
+def test_list_reports_artifact_states(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    manifest = write(tmp_path, TWO)
+    apply(manifest, root)
+    (root / "etc/qubes-rpc/demo.Echo").unlink()
+    wants = root / "etc/systemd/user/sockets.target.wants"
+    wants.mkdir()
+    (wants / "qubes-socksvc-demo.socket").symlink_to("../qubes-socksvc-demo.socket")
+    result = run_cli("list", "-c", str(manifest), "--root", str(root), check=True)
+    assert "daemon demo: qubes-socksvc daemon demo [enabled globally]" in result.stdout
+    assert "daemon second: qubes-socksvc daemon second [not enabled]" in result.stdout
+    assert "link /etc/qubes-rpc/demo.Echo: missing" in result.stdout
+    assert "link /etc/qubes-rpc/demo.Later: ok" in result.stdout
+    assert "socket /run/qubes/socksvc-demo.sock: not listening" in result.stdout
+    assert run_cli("status", "-c", str(manifest), "--root", str(root)).stdout == result.stdout

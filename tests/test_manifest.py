@@ -1,0 +1,162 @@
+"""Manifest validation: every error names file:line:column and the key, and nothing is written."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from qubes_socksvc import manifest
+from qubes_socksvc.manifest import ManifestError
+from tests.conftest import REPO, run_cli
+
+GOOD = """\
+version: 1
+daemons:
+  demo:
+    services:
+      demo.Echo:
+        handler: qubes_socksvc.examples:echo
+"""
+
+
+def parse(text: str) -> manifest.Manifest:
+    return manifest.parse(textwrap.dedent(text), "/etc/qubes-socksvc.yaml")
+
+
+def test_defaults_follow_the_spec() -> None:
+    daemon = parse(GOOD).daemons["demo"]
+    assert daemon.socket == "/run/qubes/socksvc-demo.sock"
+    assert (daemon.socket_mode, daemon.socket_group) == ("0660", "qubes")
+    assert (daemon.condition_user, daemon.condition_group) == ("!root", "qubes")
+    assert (daemon.idle_exit, daemon.max_connections) == (300, 256)
+    service = daemon.services["demo.Echo"]
+    assert service.service_descriptor is True
+    assert service.rpc_config() == {}
+    assert service.max_input == 1 << 20 and service.timeout == 0
+
+
+def test_bundled_example_is_valid() -> None:
+    parsed = manifest.load(str(REPO / "examples/qubes-socksvc.yaml"))
+    assert set(parsed.daemons) == {"example", "raw"}
+    raw = parsed.daemons["raw"].services["example.RawEcho"]
+    assert raw.socket == "/run/qubes/socksvc-example.RawEcho.sock"
+    assert raw.rpc_config() == {"skip-service-descriptor": True}
+
+
+def test_shipped_manifest_declares_nothing() -> None:
+    assert manifest.load(str(REPO / "etc/qubes-socksvc.yaml")).daemons == {}
+
+
+# (manifest text, expected "line:col", expected key, expected words in the message)
+BAD = {
+    "unknown top key": ("version: 1\ndaemons: {}\nextra: 1\n", "3:1", "extra", "unknown key"),
+    "wrong version": ("version: 2\ndaemons: {}\n", "1:10", "version", "expected 1"),
+    "missing version": ("daemons: {}\n", "1:1", "version", "missing"),
+    "unknown daemon key": (GOOD + "    sokcet: /run/qubes/x.sock\n", "7:5", "daemons.demo.sokcet", "unknown key"),
+    "wrong type": (GOOD.replace("demo:\n", "demo:\n    idle_exit: soon\n"), "4:16", "daemons.demo.idle_exit",
+                   "expected a number"),
+    "bool is not int": (GOOD.replace("demo:\n", "demo:\n    max_connections: true\n"), "4:22",
+                        "daemons.demo.max_connections", "expected an integer"),
+    "bad daemon name": (GOOD.replace("  demo:", "  Demo/x:"), "3:3", "daemons.Demo/x", "invalid daemon name"),
+    "service with slash": (GOOD.replace("demo.Echo:", "a/b:"), "5:7", "a/b", "invalid qrexec service name"),
+    "service with dotdot": (GOOD.replace("demo.Echo:", "'..':"), "5:7", "..", "invalid qrexec service name"),
+    "argument with dotdot path": (GOOD.replace("demo.Echo:", "demo.Echo+../x:"), "5:7", "demo.Echo+../x",
+                                  "invalid qrexec service name"),
+    "empty service": (GOOD.replace("demo.Echo:", "'':"), "5:7", "services.", "invalid qrexec service name"),
+    "service too long": (GOOD.replace("demo.Echo:", "a" * 256 + ":"), "5:7", "services.aaa",
+                         "at most 255 bytes"),
+    "missing handler": (GOOD.replace("handler: qubes_socksvc.examples:echo", "timeout: 3"), "6:9",
+                        "demo.Echo", 'missing "handler'),
+    "bad handler": (GOOD.replace("qubes_socksvc.examples:echo", "not a handler"), "6:18",
+                    "demo.Echo.handler", "module:callable"),
+    "duplicate key": (GOOD + "      demo.Echo:\n        handler: a:b\n", "7:7", "demo.Echo", "duplicate key"),
+    "duplicate service across daemons": (
+        GOOD + "  other:\n    services:\n      demo.Echo:\n        handler: a:b\n", "9:7",
+        "daemons.other.services.demo.Echo", "already declared by daemons.demo"),
+    "duplicate socket": (
+        GOOD + "  other:\n    socket: /run/qubes/socksvc-demo.sock\n    services:\n      o.X:\n        handler: a:b\n",
+        "8:13", "daemons.other.socket", "already used"),
+    "socket outside /run/qubes": (GOOD.replace("demo:\n", "demo:\n    socket: /etc/passwd.sock\n"), "4:13",
+                                  "daemons.demo.socket", "/run/qubes/NAME.sock"),
+    "socket path traversal": (GOOD.replace("demo:\n", "demo:\n    socket: /run/qubes/../x.sock\n"), "4:13",
+                              "daemons.demo.socket", "normalised"),
+    "world-accessible mode": (GOOD.replace("demo:\n", "demo:\n    socket_mode: '0666'\n"), "4:18",
+                              "daemons.demo.socket_mode", "must not be accessible to others"),
+    "raw service sharing the daemon socket": (
+        GOOD + "      demo.Raw:\n        handler: a:b\n        service_descriptor: false\n"
+        "        socket: /run/qubes/socksvc-demo.sock\n", "10:17", "demo.Raw.socket", "already used"),
+    "socket on a descriptor service": (
+        GOOD + "        socket: /run/qubes/own.sock\n", "6:9", "demo.Echo.socket",
+        "only a service_descriptor: false service"),
+    "force_user with skip-service-descriptor": (
+        GOOD + "        force_user: user\n        service_descriptor: false\n", "6:9", "demo.Echo",
+        "force_user cannot be combined"),
+    "not a mapping": ("version: 1\ndaemons: [a, b]\n", "2:10", "daemons", "expected a mapping"),
+    "invalid yaml": ("version: 1\ndaemons: {a: [\n", "3:1", "", "invalid YAML"),
+    "empty file": ("", "1:1", "", "manifest is empty"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_manifest_error_names_file_line_column_and_key(case: str) -> None:
+    text, position, key, words = BAD[case]
+    with pytest.raises(ManifestError) as error:
+        manifest.parse(text, "/srv/m.yaml")
+    message = str(error.value)
+    assert f"/srv/m.yaml:{position}:" in message, message
+    assert key in message and words in message, message
+
+
+def tree_digest(root: Path) -> str:
+    """Every path, type, mode, content and link target below root."""
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        st = path.lstat()
+        digest.update(f"{path.relative_to(root)} {st.st_mode:o}".encode())
+        if path.is_symlink():
+            digest.update(os.readlink(path).encode())
+        elif path.is_file():
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_manifest_changes_nothing(case: str, tmp_path: Path) -> None:
+    """check and apply exit 1, and an existing tree stays byte-for-byte the same."""
+    root = tmp_path / "root"
+    good = tmp_path / "good.yaml"
+    good.write_text(GOOD)
+    run_cli("apply", "-c", str(good), "--root", str(root), check=True)
+    before = tree_digest(root)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(BAD[case][0])
+    for verb in (["check"], ["apply", "--root", str(root)]):
+        result = run_cli(*verb, "-c", str(bad))
+        assert result.returncode == 1, result
+        assert f"{bad}:" in result.stderr
+        assert result.stdout == ""
+    assert tree_digest(root) == before
+
+
+def test_all_problems_are_reported_at_once() -> None:
+    text = GOOD.replace("demo:\n", "demo:\n    idle_exit: x\n    socket_mode: '777'\n")
+    with pytest.raises(ManifestError) as error:
+        parse(text)
+    assert len(error.value.problems) == 2
+
+
+def test_unreadable_manifest(tmp_path: Path) -> None:
+    result = run_cli("check", "-c", str(tmp_path / "missing.yaml"))
+    assert result.returncode == 1
+    assert "missing.yaml: cannot read manifest" in result.stderr
+
+
+def test_check_summary(tmp_path: Path) -> None:
+    path = tmp_path / "m.yaml"
+    path.write_text(GOOD)
+    result = run_cli("check", "-c", str(path), check=True)
+    assert result.stdout == f"{path}: OK, 1 daemons, 1 services\n"
