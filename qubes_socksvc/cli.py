@@ -82,7 +82,8 @@ def cmd_call(args: argparse.Namespace) -> int:
         socket_path, skip = args.socket, args.no_descriptor
     else:
         socket_path, matched = client.resolve(name, argument, tuple(args.rpc_dir or qrexec.RPC_SEARCH_PATH))
-        skip = args.no_descriptor or client.skips_descriptor(matched)
+        config_path = tuple(args.rpc_config_dir or qrexec.RPC_CONFIG_SEARCH_PATH)
+        skip = args.no_descriptor or client.skips_descriptor(matched, config_path)
     if not qrexec.is_domain_name(args.source):
         raise client.CallError(f"invalid --source {args.source!r}", EXIT_USAGE)
     if args.dom0:
@@ -175,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--no-descriptor", action="store_true", help="send no descriptor (skip-service-descriptor)")
     sub.add_argument("--rpc-dir", action="append", metavar="DIR",
                      help="search this qubes-rpc directory instead (repeatable)")
+    sub.add_argument("--rpc-config-dir", action="append", metavar="DIR",
+                     help="search this rpc-config directory instead (repeatable)")
     sub.set_defaults(func=cmd_call)
 
     sub = add("serve", "run the shared daemon for one manifest daemon (started by systemd)")

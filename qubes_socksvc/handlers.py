@@ -11,11 +11,11 @@ import asyncio
 import importlib
 import inspect
 from collections.abc import Awaitable, Callable
-from typing import Any, Union
+from typing import Any
 
 from .request import Request
 
-Result = Union[bytes, str, None]
+Result = bytes | str | None
 Handler = Callable[[Request], Awaitable[Result]]
 
 

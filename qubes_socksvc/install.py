@@ -121,7 +121,8 @@ def plan(artifacts: list[Artifact], layout: Layout, root: str = "/") -> Plan:
         current = current_fingerprint(real) if symlinked is None else ""
         mine = path in owned and current in owned[path]
         if symlinked is not None:
-            actions.append(Action("conflict", path, artifact, f"{symlinked} is a symlink; refusing to write through it"))
+            reason = f"{symlinked} is a symlink; refusing to write through it"
+            actions.append(Action("conflict", path, artifact, reason))
         elif artifact is None:
             if current is None:
                 continue  # already gone

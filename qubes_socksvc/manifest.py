@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os.path
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -320,7 +321,8 @@ def _daemon(
                 )
                 continue
             if full_name in claimed:
-                problems.add(key_node, service_key, f"service already declared by {claimed[full_name]}; declare it once")
+                owner = claimed[full_name]
+                problems.add(key_node, service_key, f"service already declared by {owner}; declare it once")
                 continue
             service = _service(value_node, service_key, problems, full_name)
             if service is not None:
@@ -348,11 +350,31 @@ def _claim_socket(path: str, node: yaml.Node, key: str, problems: _Problems, cla
     return True
 
 
+#: Deeper than any manifest needs (it needs 5).  Deeper input is refused before it
+#: is composed: libyaml's composer recurses, and ~50 000 levels overflow the C stack.
+MAX_DEPTH = 32
+
+
+def _check_depth(text: str, path: str, loader: type) -> None:
+    """Refuse input nested deeper than MAX_DEPTH, using libyaml's iterative parser."""
+    depth = 0
+    for event in yaml.parse(text, Loader=loader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_DEPTH:
+                mark = event.start_mark
+                raise ManifestError([f"{path}:{mark.line + 1}:{mark.column + 1}: nested deeper than {MAX_DEPTH} "
+                                     "levels; a manifest needs at most 5"])
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+
+
 def parse(text: str, path: str) -> Manifest:
     """Validate manifest text; raises ManifestError listing every problem found."""
     problems = _Problems(path)
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     try:
+        _check_depth(text, path, loader)
         root = yaml.compose(text, Loader=loader)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark

@@ -32,8 +32,18 @@ class Request:
     """
 
     __slots__ = (
-        "name", "argument", "source", "target_type", "target", "input",
-        "_reader", "_writer", "_max_input", "_received", "_loop", "_thread",
+        "_loop",
+        "_max_input",
+        "_reader",
+        "_received",
+        "_thread",
+        "_writer",
+        "argument",
+        "input",
+        "name",
+        "source",
+        "target",
+        "target_type",
     )
 
     def __init__(

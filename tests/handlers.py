@@ -58,3 +58,19 @@ async def returns_int(request: Request) -> int:
 
 def plain_pid(request: Request) -> str:
     return f"{os.getpid()} {len(request.input or b'')}\n"
+
+
+_active = 0
+_peak = 0
+
+
+async def concurrency(request: Request) -> str:
+    """Reports the most calls seen in this handler at once (to prove max_connections)."""
+    global _active, _peak
+    _active += 1
+    _peak = max(_peak, _active)
+    try:
+        await asyncio.sleep(0.2)
+    finally:
+        _active -= 1
+    return f"{_peak}\n"
