@@ -363,8 +363,8 @@ def _check_depth(text: str, path: str, loader: type) -> None:
             depth += 1
             if depth > MAX_DEPTH:
                 mark = event.start_mark
-                raise ManifestError([f"{path}:{mark.line + 1}:{mark.column + 1}: nested deeper than {MAX_DEPTH} "
-                                     "levels; a manifest needs at most 5"])
+                where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
+                raise ManifestError([f"{where}: nested deeper than {MAX_DEPTH} levels; a manifest needs at most 5"])
         elif isinstance(event, yaml.CollectionEndEvent):
             depth -= 1
 
