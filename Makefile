@@ -16,7 +16,8 @@ VPY        := $(VENV)/bin/python
 RUNTIME_DEBS := python3 python3-venv python3-systemd python3-jinja2 python3-yaml systemd
 # ... and what the tests and package builds need on top.
 TEST_DEBS := $(RUNTIME_DEBS) systemd-container dbus-user-session debhelper dh-python python3-all \
-	python3-setuptools python3-pip dpkg-dev devscripts lintian rpm socat procps util-linux passwd git make
+	python3-setuptools python3-pip build-essential fakeroot dpkg-dev devscripts lintian rpm socat procps \
+	util-linux passwd git make
 
 .PHONY: all setup setup-test check test lint demo bench install install-python install-data deb rpm clean
 
@@ -51,18 +52,56 @@ bench: setup-test
 	$(VPY) -m bench
 
 # --- install: both packages come through here ----------------------------------
+# debian/rules installs the Python package with pybuild and the rest with
+# install-data; the RPM spec calls "make install".  PYTHON_SITELIB defaults to
+# the distribution's own directory for PREFIX (Debian: /usr/lib/python3/dist-packages).
+PYTHON_SITELIB ?= $(shell $(PYTHON) -c 'import sysconfig as s; \
+	n = "deb_system" if "deb_system" in s.get_scheme_names() else "posix_prefix"; \
+	print(s.get_path("purelib", n, vars={"base": "$(PREFIX)", "platbase": "$(PREFIX)"}))')
+DOCDIR ?= $(PREFIX)/share/doc/qubes-socksvc
+
 install: install-python install-data
 
 install-python:
-	$(PYTHON) setup.py -q install --root=$(or $(DESTDIR),/) --prefix=$(PREFIX) --optimize=1
+	$(PYTHON) setup.py -q install --root=$(or $(DESTDIR),/) --prefix=$(PREFIX) \
+		--install-lib=$(PYTHON_SITELIB) --install-scripts=$(PREFIX)/bin --optimize=1
 
 install-data:
 	install -d $(DESTDIR)$(PREFIX)/share/qubes-socksvc/templates
 	install -m 0644 templates/*.j2 $(DESTDIR)$(PREFIX)/share/qubes-socksvc/templates/
 	install -d $(DESTDIR)$(SYSCONFDIR)
 	install -m 0644 etc/qubes-socksvc.yaml $(DESTDIR)$(SYSCONFDIR)/qubes-socksvc.yaml
-	install -d $(DESTDIR)$(PREFIX)/share/doc/qubes-socksvc/examples
-	install -m 0644 examples/qubes-socksvc.yaml $(DESTDIR)$(PREFIX)/share/doc/qubes-socksvc/examples/
+	install -d $(DESTDIR)$(DOCDIR)/examples
+	install -m 0644 examples/qubes-socksvc.yaml $(DESTDIR)$(DOCDIR)/examples/
+	$(if $(wildcard README.md),install -m 0644 README.md $(DESTDIR)$(DOCDIR)/)
+
+# --- packages, built from a copy of the working tree (so the tree stays clean) --
+#   make deb   -> $(PKGDIR)/qubes-socksvc_*.deb (+ .changes, .buildinfo), lintian-checked
+#   make rpm   -> rpmbuild/RPMS/noarch/qubes-socksvc-*.rpm
+PKGDIR ?= pkgs
+DEB_VERSION = $(shell dpkg-parsechangelog -S Version)
+SOURCE_EXCLUDES := --exclude-vcs --exclude=./.venv --exclude=./pkgs --exclude=./rpmbuild --exclude=./build \
+	--exclude=./dist --exclude='*.egg-info' --exclude=__pycache__ --exclude=./.pytest_cache \
+	--exclude=./.mypy_cache --exclude=./.ruff_cache --exclude=./.hypothesis
+# rpmbuild checks BuildRequires against the RPM database: empty on Debian.
+RPM_NODEPS = $(shell rpm -q rpm >/dev/null 2>&1 || echo --nodeps)
+
+deb:
+	rm -rf $(PKGDIR)/build
+	mkdir -p $(PKGDIR)/build/qubes-socksvc-$(VERSION)
+	tar -c $(SOURCE_EXCLUDES) . | tar -x -C $(PKGDIR)/build/qubes-socksvc-$(VERSION)
+	cd $(PKGDIR)/build/qubes-socksvc-$(VERSION) && dpkg-buildpackage -us -uc -b
+	mv $(PKGDIR)/build/qubes-socksvc_$(DEB_VERSION)_* $(PKGDIR)/
+	rm -rf $(PKGDIR)/build
+	lintian --allow-root --fail-on error $(PKGDIR)/qubes-socksvc_$(DEB_VERSION)_*.changes
+
+rpm:
+	rm -rf rpmbuild
+	mkdir -p rpmbuild/SOURCES rpmbuild/SPECS
+	tar -cz $(SOURCE_EXCLUDES) --transform 's,^\.,qubes-socksvc-$(VERSION),' \
+		-f rpmbuild/SOURCES/qubes-socksvc-$(VERSION).tar.gz .
+	sed 's/@VERSION@/$(VERSION)/g' rpm_spec/qubes-socksvc.spec.in > rpmbuild/SPECS/qubes-socksvc.spec
+	rpmbuild --define "_topdir $(CURDIR)/rpmbuild" $(RPM_NODEPS) -bb rpmbuild/SPECS/qubes-socksvc.spec
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache pkgs rpmbuild
