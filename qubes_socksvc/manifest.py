@@ -86,6 +86,8 @@ class Daemon:
     condition_group: str = "qubes"
     idle_exit: float = 300
     max_connections: int = 256
+    descriptor_timeout: float = 10
+    """Seconds a caller gets to send its whole descriptor (slow or idle callers hold a slot)."""
     services: dict[str, Service] = field(default_factory=dict)
 
     @property
@@ -228,6 +230,7 @@ DAEMON_FIELDS: dict[str, _Field] = {
     "condition_group": _Field("str", _pattern(CONDITION_RE, 'a group name or GID, optionally after "!"')),
     "idle_exit": _Field("number", _at_least(0)),
     "max_connections": _Field("int", _at_least(1)),
+    "descriptor_timeout": _Field("number", _at_least(0.1)),
 }
 SERVICE_FIELDS: dict[str, _Field] = {
     "handler": _Field("str", _pattern(HANDLER_RE, '"module:callable", e.g. "mypkg.handlers:echo"')),

@@ -25,8 +25,6 @@ from .request import InputTooLarge, Request
 
 log = logging.getLogger("qubes_socksvc.server")
 
-#: Seconds a caller gets to send its descriptor.
-DESCRIPTOR_TIMEOUT = 10.0
 #: Seconds in-flight calls get to finish after SIGTERM.
 STOP_TIMEOUT = 20.0
 #: Seconds a finished call's unread output may linger before the connection is cut.
@@ -237,7 +235,7 @@ class Server:
         """Serve one call; True when it ended normally (output may be flushed)."""
         if bound is None:
             try:
-                async with asyncio.timeout(DESCRIPTOR_TIMEOUT):
+                async with asyncio.timeout(self.daemon.descriptor_timeout):
                     untrusted_descriptor = await reader.readuntil(b"\0")
             except asyncio.IncompleteReadError as e:
                 log.warning("rejected call: connection closed before the descriptor's NUL (%d bytes)", len(e.partial))
@@ -246,7 +244,7 @@ class Server:
                 log.warning("rejected call: descriptor longer than %d bytes", qrexec.MAX_DESCRIPTOR_LEN)
                 return False
             except TimeoutError:
-                log.warning("rejected call: no descriptor within %ss", DESCRIPTOR_TIMEOUT)
+                log.warning("rejected call: no descriptor within %ss", self.daemon.descriptor_timeout)
                 return False
             try:
                 desc = descriptor.parse(untrusted_descriptor[:-1])
