@@ -77,12 +77,15 @@ install-data:
 
 # --- packages, built from a copy of the working tree (so the tree stays clean) --
 #   make deb   -> $(PKGDIR)/qubes-socksvc_*.deb (+ .changes, .buildinfo), lintian-checked
-#   make rpm   -> rpmbuild/RPMS/noarch/qubes-socksvc-*.rpm
+#   make rpm   -> $(RPMDIR)/RPMS/noarch/qubes-socksvc-*.rpm
 PKGDIR ?= pkgs
+RPMDIR ?= rpmbuild
 DEB_VERSION = $(shell dpkg-parsechangelog -S Version)
 SOURCE_EXCLUDES := --exclude-vcs --exclude=./.venv --exclude=./pkgs --exclude=./rpmbuild --exclude=./build \
 	--exclude=./dist --exclude='*.egg-info' --exclude=__pycache__ --exclude=./.pytest_cache \
 	--exclude=./.mypy_cache --exclude=./.ruff_cache --exclude=./.hypothesis
+# The distribution's tools only: pybuild runs "python3.X" from PATH.
+SYSTEM_PATH := /usr/sbin:/usr/bin:/sbin:/bin
 # rpmbuild checks BuildRequires against the RPM database: empty on Debian.
 RPM_NODEPS = $(shell rpm -q rpm >/dev/null 2>&1 || echo --nodeps)
 
@@ -90,18 +93,18 @@ deb:
 	rm -rf $(PKGDIR)/build
 	mkdir -p $(PKGDIR)/build/qubes-socksvc-$(VERSION)
 	tar -c $(SOURCE_EXCLUDES) . | tar -x -C $(PKGDIR)/build/qubes-socksvc-$(VERSION)
-	cd $(PKGDIR)/build/qubes-socksvc-$(VERSION) && dpkg-buildpackage -us -uc -b
+	cd $(PKGDIR)/build/qubes-socksvc-$(VERSION) && PATH=$(SYSTEM_PATH) dpkg-buildpackage -us -uc -b
 	mv $(PKGDIR)/build/qubes-socksvc_$(DEB_VERSION)_* $(PKGDIR)/
 	rm -rf $(PKGDIR)/build
 	lintian --allow-root --fail-on error $(PKGDIR)/qubes-socksvc_$(DEB_VERSION)_*.changes
 
 rpm:
-	rm -rf rpmbuild
-	mkdir -p rpmbuild/SOURCES rpmbuild/SPECS
+	rm -rf $(RPMDIR)
+	mkdir -p $(RPMDIR)/SOURCES $(RPMDIR)/SPECS
 	tar -cz $(SOURCE_EXCLUDES) --transform 's,^\.,qubes-socksvc-$(VERSION),' \
-		-f rpmbuild/SOURCES/qubes-socksvc-$(VERSION).tar.gz .
-	sed 's/@VERSION@/$(VERSION)/g' rpm_spec/qubes-socksvc.spec.in > rpmbuild/SPECS/qubes-socksvc.spec
-	rpmbuild --define "_topdir $(CURDIR)/rpmbuild" $(RPM_NODEPS) -bb rpmbuild/SPECS/qubes-socksvc.spec
+		-f $(RPMDIR)/SOURCES/qubes-socksvc-$(VERSION).tar.gz .
+	sed 's/@VERSION@/$(VERSION)/g' rpm_spec/qubes-socksvc.spec.in > $(RPMDIR)/SPECS/qubes-socksvc.spec
+	rpmbuild --define "_topdir $(abspath $(RPMDIR))" $(RPM_NODEPS) -bb $(RPMDIR)/SPECS/qubes-socksvc.spec
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache pkgs rpmbuild
