@@ -1,15 +1,17 @@
 """``module:callable`` -> a coroutine function taking a Request.
 
 Handlers are imported on their first call, so a daemon starts without paying for
-(or failing on) handlers nobody calls.  Plain functions run in a worker thread
-with the whole input already read into ``request.input``.
+(or failing on) handlers nobody calls.  Plain functions run in a thread of
+their own with the whole input already read into ``request.input``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import inspect
+import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -40,9 +42,36 @@ def load(spec: str) -> Handler:
 
 
 def _threaded(function: Callable[[Request], Any]) -> Handler:
+    """Run a plain function in a thread of its own, a daemon thread.
+
+    Not a pool: a thread cannot be cancelled, so a call that outlives its
+    ``timeout`` keeps its thread.  In a pool such threads would starve every
+    later plain call, and would keep the daemon from exiting on SIGTERM.
+    """
+
     async def run(request: Request) -> Result:
         request.input = await request.read()
-        result = await asyncio.get_running_loop().run_in_executor(None, function, request)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+
+        def settle(result: Any, error: BaseException | None) -> None:
+            if future.done():  # the call timed out or was cancelled meanwhile
+                return
+            if error is None:
+                future.set_result(result)
+            else:
+                future.set_exception(error)
+
+        def target() -> None:
+            try:
+                outcome: tuple[Any, BaseException | None] = (function(request), None)
+            except BaseException as e:  # SystemExit too: it belongs to the call, not the thread
+                outcome = (None, e)
+            with contextlib.suppress(RuntimeError):  # the loop is gone: the daemon stopped
+                loop.call_soon_threadsafe(settle, *outcome)
+
+        threading.Thread(target=target, name=f"handler {request.service}", daemon=True).start()
+        result = await future
         if inspect.isawaitable(result):
             result = await result
         return result  # type: ignore[no-any-return]
