@@ -176,7 +176,8 @@ def test_rpm_file_list(packages: Built) -> None:
 
 def test_rpm_scriptlets(packages: Built) -> None:
     scripts = out("rpm", "-qp", "--scripts", str(packages.rpm))
-    sections = dict(re.findall(r"^(\w+) scriptlet \(using /bin/sh\):\n(.*?)(?=^\w+ scriptlet|\Z)", scripts, re.M | re.S))
+    scriptlet = re.compile(r"^(\w+) scriptlet \(using /bin/sh\):\n(.*?)(?=^\w+ scriptlet|\Z)", re.M | re.S)
+    sections = dict(scriptlet.findall(scripts))
     assert set(sections) == {"postinstall", "preuninstall", "postuninstall"}, scripts
     for body in sections.values():
         subprocess.run(["sh", "-n"], input=body, text=True, check=True)

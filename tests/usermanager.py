@@ -37,6 +37,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import ClassVar
 
 SYSTEMD = "/usr/lib/systemd/systemd"
 BOOTED_FLAG = Path("/run/systemd/system")
@@ -100,8 +101,8 @@ def ensure_user(name: str, groups: tuple[str, ...] = ()) -> pwd.struct_passwd:
 class UserManager:
     """``systemd --user`` for ``user``; ``start()``, ``systemctl(...)``, ``stop()``."""
 
-    _running: set[UserManager] = set()
-    _created_booted_flag = False
+    _running: ClassVar[set[UserManager]] = set()
+    _created_booted_flag: ClassVar[bool] = False
 
     def __init__(self, user: str, log: Path, start_timeout: float = 30) -> None:
         pw = pwd.getpwnam(user)

@@ -1,0 +1,450 @@
+"""End to end, the way a template maintainer and qrexec use it, under a real ``systemd --user``.
+
+Builds the .deb (``make deb``), installs it with apt, writes /etc/qubes-socksvc.yaml
+with two daemons, runs the installed ``qubes-socksvc apply``, lets a real user
+manager (tests/usermanager.py) activate the sockets, and calls every service
+through its /etc/qubes-rpc symlink as the qrexec agent does (connect as root,
+descriptor, stdin, half-close, read to EOF).  Then it edits the manifest, and
+removes, reinstalls and purges the package.  The tests run in file order and
+share one installation; everything is undone at the end, the package purged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import hashlib
+import json
+import os
+import pwd
+import re
+import shutil
+import socket
+import stat
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.packages import Built, build, missing_tools
+from tests.usermanager import Unavailable, UserManager, check_available, ensure_user
+
+pytestmark = pytest.mark.slow
+
+USER = "socksvc-e2e"
+MANIFEST = Path("/etc/qubes-socksvc.yaml")
+RPC_DIR = Path("/etc/qubes-rpc")
+RPC_CONFIG_DIR = Path("/etc/qubes/rpc-config")
+UNIT_DIR = Path("/etc/systemd/user")
+STATE_DIR = Path("/var/lib/qubes-socksvc")
+SOCKET_DIR = Path("/run/qubes")
+GLOBAL_WANTS = UNIT_DIR / "sockets.target.wants"
+DIST_PACKAGES = Path("/usr/lib/python3/dist-packages/qubes_socksvc")
+SYSTEM_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "HOME": "/root",
+              "DEBIAN_FRONTEND": "noninteractive"}
+APT = ["apt-get", "-y", "-q", "-o", "DPkg::Lock::Timeout=300", "-o", "Dpkg::Options::=--force-confdef",
+       "-o", "Dpkg::Options::=--force-confold"]
+
+IDLE_EXIT = 2
+MAIN, RAW = "e2etest", "e2eraw"  # daemons -> qubes-socksvc-e2etest.*, qubes-socksvc-e2eraw.*
+MANIFEST_TEXT = f"""\
+version: 1
+daemons:
+  {MAIN}:
+    description: qubes-socksvc end-to-end test
+    idle_exit: {IDLE_EXIT}
+    services:
+      e2e.Echo:
+        handler: qubes_socksvc.examples:echo
+        max_input: 0
+        wait_for_session: true
+      e2e.Hello:
+        handler: qubes_socksvc.examples:hello
+      e2e.Hello+friend:
+        handler: qubes_socksvc.examples:hello
+      e2e.Sha256:
+        handler: qubes_socksvc.examples:sha256
+        max_input: 0
+      e2e.Upper:
+        handler: qubes_socksvc.examples:upper
+  {RAW}:
+    description: qubes-socksvc end-to-end test, no descriptor
+    idle_exit: {IDLE_EXIT}
+    services:
+      e2e.RawEcho:
+        handler: qubes_socksvc.examples:echo
+        service_descriptor: false
+        max_input: 0
+"""
+#: The edit: e2e.Upper and e2e.Hello+friend go, e2e.Added comes.
+EDITED_TEXT = (MANIFEST_TEXT
+               .replace("      e2e.Hello+friend:\n        handler: qubes_socksvc.examples:hello\n", "")
+               .replace("      e2e.Upper:\n", "      e2e.Added:\n"))
+
+
+def unit(daemon: str, kind: str) -> str:
+    return f"qubes-socksvc-{daemon}.{kind}"
+
+
+def system(*argv: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run as root with the distribution's PATH and no PYTHONPATH: the installed package, not the checkout."""
+    result = subprocess.run(argv, env=SYSTEM_ENV, capture_output=True, text=True, timeout=timeout, cwd="/")
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(argv)} exited {result.returncode}:\n{result.stdout}{result.stderr}")
+    return result
+
+
+def wait_for(what: str, condition: Callable[[], bool], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.1)
+
+
+def package_state() -> str:
+    result = subprocess.run(["dpkg-query", "-W", "-f=${Status}", "qubes-socksvc"], capture_output=True, text=True)
+    return result.stdout.strip() if result.returncode == 0 else "not-installed"
+
+
+def qrexec_call(path: str, payload: bytes, timeout: float = 60) -> bytes:
+    """Like conftest.raw_call, but sending and reading at once, as qrexec does: a streaming
+    service answers before its input ends, and the payload may exceed the socket buffers."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(path)
+
+        def send() -> None:
+            with contextlib.suppress(OSError):
+                sock.sendall(payload)
+                sock.shutdown(socket.SHUT_WR)
+
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        chunks = []
+        while data := sock.recv(1 << 16):
+            chunks.append(data)
+        sender.join(timeout)
+        return b"".join(chunks)
+
+
+def call(service: str, data: bytes = b"", source: str = "work", link: str | None = None) -> bytes:
+    """Call like the qrexec agent in a VM: connect to the qubes-rpc link, descriptor, data, half-close."""
+    return qrexec_call(str(RPC_DIR / (link or service)), f"{service} {source}\0".encode() + data)
+
+
+def generated_paths() -> list[Path]:
+    return [*RPC_DIR.glob("e2e.*"), *RPC_CONFIG_DIR.glob("e2e.*"), *UNIT_DIR.glob("qubes-socksvc-e2e*")]
+
+
+# --- fixtures ------------------------------------------------------------------------
+
+
+class Host:
+    """What this module changed on the machine, so that teardown can undo exactly that."""
+
+    def __init__(self) -> None:
+        self.created_group = subprocess.run(["getent", "group", "qubes"], capture_output=True).returncode != 0
+        self.created_user = subprocess.run(["getent", "passwd", USER], capture_output=True).returncode != 0
+        self.created_dirs = [p for p in (SOCKET_DIR, RPC_DIR, RPC_CONFIG_DIR.parent, RPC_CONFIG_DIR)
+                             if not p.exists()]
+
+
+@pytest.fixture(scope="module")
+def host() -> Iterator[Host]:
+    try:
+        check_available()
+    except Unavailable as e:
+        pytest.skip(f"no systemd user manager here: {e}")
+    if missing := missing_tools():
+        pytest.skip(f"package tools missing: {', '.join(missing)} ('make setup-test' installs them)")
+    if shutil.which("apt-get") is None:
+        pytest.skip("apt-get not found: the end-to-end test installs the .deb with apt")
+    if package_state() != "not-installed" or MANIFEST.exists():
+        pytest.skip("qubes-socksvc is installed here (or /etc/qubes-socksvc.yaml exists): this test installs "
+                    "and purges the package and will not touch a real installation; purge it to run the test")
+    state = Host()
+    ensure_user(USER, groups=("qubes",))
+    SOCKET_DIR.mkdir(exist_ok=True)
+    os.chown(SOCKET_DIR, 0, grp.getgrnam("qubes").gr_gid)
+    SOCKET_DIR.chmod(0o2770)  # as in a Qubes VM
+    try:
+        yield state
+    finally:
+        if package_state() != "not-installed":
+            system(*APT, "purge", "qubes-socksvc", check=False)
+        for path in generated_paths():
+            path.unlink(missing_ok=True)
+        for link in GLOBAL_WANTS.glob("qubes-socksvc-e2e*"):
+            link.unlink()
+        shutil.rmtree(STATE_DIR, ignore_errors=True)
+        MANIFEST.unlink(missing_ok=True)
+        if state.created_user:
+            subprocess.run(["userdel", "--remove", USER], capture_output=True)
+        for path in reversed(state.created_dirs):
+            with contextlib.suppress(OSError):  # not empty: something else uses it now
+                path.rmdir()
+        if state.created_group:
+            subprocess.run(["groupdel", "qubes"], capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def packages(host: Host) -> Built:
+    return build()
+
+
+@pytest.fixture(scope="module")
+def installed(packages: Built) -> str:
+    """apt-get install ./pkgs/qubes-socksvc_*.deb, as a template maintainer would."""
+    result = subprocess.run([*APT, "install", f"./pkgs/{packages.deb.name}"], env=SYSTEM_ENV, cwd=packages.dir,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def applied(installed: str) -> str:
+    """The manifest written and applied; the no-descriptor daemon enabled for every user (--global)."""
+    MANIFEST.write_text(MANIFEST_TEXT)
+    output = system("qubes-socksvc", "apply").stdout
+    system("systemctl", "--global", "enable", unit(RAW, "socket"))
+    return output
+
+
+@pytest.fixture(scope="module")
+def manager(applied: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[UserManager]:
+    """The user logs in: a user manager starts (and starts the globally enabled socket)."""
+    log = tmp_path_factory.mktemp("usermanager") / f"{USER}.log"
+    with UserManager(USER, log) as um:
+        um.systemctl("daemon-reload")
+        um.systemctl("enable", "--now", unit(MAIN, "socket"))
+        yield um
+
+
+def wait_inactive(um: UserManager, daemon: str = MAIN) -> None:
+    wait_for(f"{unit(daemon, 'service')} to exit", lambda: um.show(unit(daemon, "service"), "ActiveState")
+             == "inactive", timeout=IDLE_EXIT + 20)
+
+
+def main_pid(um: UserManager, daemon: str = MAIN) -> int:
+    return int(um.show(unit(daemon, "service"), "MainPID"))
+
+
+# --- install, apply, enable -----------------------------------------------------------
+
+
+def test_installed_package_is_what_runs(installed: str) -> None:
+    assert package_state() == "install ok installed"
+    assert "/etc/qubes-socksvc.yaml: up to date, nothing to do" in installed  # postinst applied the conffile
+    where = system("python3", "-c", "import qubes_socksvc; print(qubes_socksvc.__file__)").stdout.strip()
+    assert where == f"{DIST_PACKAGES}/__init__.py"
+    assert Path("/usr/bin/qubes-socksvc").is_file()
+    assert system("qubes-socksvc", "--help").returncode == 0
+
+
+def test_apply_writes_units_links_and_rpc_config(applied: str) -> None:
+    assert "applied" in applied
+    service = (UNIT_DIR / unit(MAIN, "service")).read_text()
+    assert f"\nExecStart=/usr/bin/python3 -m qubes_socksvc serve {MAIN} -c /etc/qubes-socksvc.yaml\n" in service
+    for kind in ("socket", "service"):
+        text = (UNIT_DIR / unit(MAIN, kind)).read_text()
+        assert "\nConditionUser=!root\n" in text and "\nConditionGroup=qubes\n" in text
+    for name in ("e2e.Echo", "e2e.Hello", "e2e.Hello+friend", "e2e.Sha256", "e2e.Upper"):
+        assert os.readlink(RPC_DIR / name) == f"/run/qubes/socksvc-{MAIN}.sock"
+    assert (RPC_DIR / "e2e.RawEcho").is_symlink()
+    assert "wait-for-session=true" in (RPC_CONFIG_DIR / "e2e.Echo").read_text()
+    assert "skip-service-descriptor=true" in (RPC_CONFIG_DIR / "e2e.RawEcho").read_text()
+    owned = json.loads((STATE_DIR / "owned.json").read_text())["owned"]
+    assert {str(p) for p in generated_paths()} == set(owned)
+
+
+def test_sockets_listen_0660_group_qubes(manager: UserManager) -> None:
+    uid, qubes_gid = pwd.getpwnam(USER).pw_uid, grp.getgrnam("qubes").gr_gid
+    sockets = {os.readlink(RPC_DIR / name) for name in ("e2e.Echo", "e2e.RawEcho")}
+    assert len(sockets) == 2
+    for path in sockets:
+        st = os.stat(path)
+        assert stat.S_ISSOCK(st.st_mode), path
+        assert stat.S_IMODE(st.st_mode) == 0o660, f"{path}: {oct(st.st_mode)}"
+        assert (st.st_uid, st.st_gid) == (uid, qubes_gid), path
+    assert manager.show(unit(MAIN, "socket"), "ActiveState") == "active"
+    assert manager.show(unit(RAW, "socket"), "ActiveState") == "active"  # --global, started at "login"
+    assert Path(manager.home, ".config/systemd/user/sockets.target.wants", unit(MAIN, "socket")).is_symlink()
+    status = system("qubes-socksvc", "list").stdout
+    assert f"socket /run/qubes/socksvc-{MAIN}.sock: listening" in status
+    assert f"enabled for {USER}" in status and "enabled globally" in status
+
+
+def test_first_call_socket_activates_the_daemon(manager: UserManager) -> None:
+    wait_inactive(manager)
+    assert main_pid(manager) == 0
+    assert call("e2e.Echo", b"first call") == b"first call"
+    assert manager.show(unit(MAIN, "service"), "ActiveState") in ("active", "deactivating")
+    pid = main_pid(manager)
+    if pid:  # unless it already idled out
+        assert os.stat(f"/proc/{pid}").st_uid == pwd.getpwnam(USER).pw_uid
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        assert cmdline[:5] == [b"/usr/bin/python3", b"-m", b"qubes_socksvc", b"serve", MAIN.encode()]
+
+
+def test_every_service_through_its_qubes_rpc_link(manager: UserManager) -> None:
+    big = os.urandom(3 << 20)
+    assert call("e2e.Echo", big) == big
+    assert hashlib.sha256(big).hexdigest().encode() + b"\n" == call("e2e.Sha256", big)
+    assert call("e2e.Upper", b"shout") == b"SHOUT"
+    hello = call("e2e.Hello").decode()
+    assert "service=e2e.Hello\n" in hello and "argument=(none)" in hello and "source=work" in hello
+    # NAME+ARG is looked up first, then NAME: qrexec's order, through the same links
+    assert "argument=friend" in call("e2e.Hello+friend", source="personal").decode()
+    assert "argument=other" in call("e2e.Hello+other", link="e2e.Hello").decode()
+    # dom0's four-field descriptor, a keyword target arrives without its "@"
+    dom0 = qrexec_call(str(RPC_DIR / "e2e.Hello"), b"e2e.Hello+x dom0 keyword dispvm\0").decode()
+    assert "source=dom0" in dom0 and "target=keyword:dispvm" in dom0
+    # skip-service-descriptor: the socket gets the caller's bytes only
+    assert qrexec_call(str(RPC_DIR / "e2e.RawEcho"), b"no descriptor") == b"no descriptor"
+    # an undeclared service on the daemon's socket is refused, and the daemon keeps serving
+    assert call("e2e.Nope", b"x", link="e2e.Echo") == b""
+    assert call("e2e.Echo", b"still here") == b"still here"
+    # the installed client resolves the qubes-rpc path and the rpc-config like qrexec
+    upper = subprocess.run(["qubes-socksvc", "call", "e2e.Upper", "--source", "work"], input=b"abc",
+                           env=SYSTEM_ENV, capture_output=True, timeout=60, cwd="/")
+    assert (upper.returncode, upper.stdout) == (0, b"ABC"), upper.stderr
+    raw = subprocess.run(["qubes-socksvc", "call", "e2e.RawEcho"], input=b"raw", env=SYSTEM_ENV,
+                         capture_output=True, timeout=60, cwd="/")
+    assert (raw.returncode, raw.stdout) == (0, b"raw"), raw.stderr
+
+
+def test_hardening_directives_hold_under_the_user_manager(manager: UserManager) -> None:
+    """Every sandboxing directive in the rendered unit is accepted and in force in a real user manager."""
+    text = (UNIT_DIR / unit(MAIN, "service")).read_text()
+    section = text.split("[Service]", 1)[1].split("\n[", 1)[0]
+    directives = dict(line.split("=", 1) for line in section.splitlines() if "=" in line)
+    verify = manager.run("systemd-analyze", "--user", "verify", str(UNIT_DIR / unit(MAIN, "service")),
+                         check=False)
+    assert not re.search(r"[Uu]nknown|ignoring|[Ii]nvalid", verify.stdout + verify.stderr), verify
+    assert call("e2e.Echo", b"x") == b"x"
+    pid = main_pid(manager)
+    assert pid, "the daemon is not running right after a call"
+    proc_status = Path(f"/proc/{pid}/status").read_text()
+    if directives.get("NoNewPrivileges") == "yes":
+        assert re.search(r"^NoNewPrivs:\s+1$", proc_status, re.M)
+    seccomp_based = {"SystemCallArchitectures", "LockPersonality", "RestrictRealtime", "RestrictSUIDSGID",
+                     "SystemCallFilter", "MemoryDenyWriteExecute", "RestrictNamespaces", "RestrictAddressFamilies"}
+    if seccomp_based & set(directives):
+        assert re.search(r"^Seccomp:\s+2$", proc_status, re.M), "no seccomp filter installed"
+    for name, value in directives.items():  # systemd took every directive as written
+        shown = manager.show(unit(MAIN, "service"), name)
+        if value in ("yes", "no") and shown in ("yes", "no"):
+            assert shown == value, f"{name}={value} but the manager has {shown}"
+    assert manager.show(unit(MAIN, "service"), "Result") == "success"
+
+
+def test_condition_user_keeps_it_out_of_roots_manager(manager: UserManager,
+                                                      tmp_path_factory: pytest.TempPathFactory) -> None:
+    log = tmp_path_factory.mktemp("usermanager") / "root.log"
+    with UserManager("root", log) as root:
+        # --global enabled the no-descriptor socket for root's manager too: its condition refused it
+        assert root.show(unit(RAW, "socket"), "ConditionResult") == "no"
+        root.systemctl("start", unit(MAIN, "socket"))  # a failed condition is not an error...
+        assert root.show(unit(MAIN, "socket"), "ConditionResult") == "no"
+        assert root.show(unit(MAIN, "socket"), "ActiveState") == "inactive"  # ...and nothing listens
+        assert root.show(unit(MAIN, "service"), "ActiveState") == "inactive"
+    # the user's sockets were never touched
+    assert os.stat(f"/run/qubes/socksvc-{MAIN}.sock").st_uid == pwd.getpwnam(USER).pw_uid
+    assert call("e2e.Echo", b"after root") == b"after root"
+
+
+def test_idle_exit_stops_the_daemon_and_the_next_call_starts_it(manager: UserManager) -> None:
+    assert call("e2e.Echo", b"one") == b"one"
+    first = main_pid(manager)
+    started = time.monotonic()
+    wait_inactive(manager)
+    assert time.monotonic() - started < IDLE_EXIT + 10
+    service = unit(MAIN, "service")
+    assert manager.show(service, "Result") == "success" and manager.show(service, "ExecMainStatus") == "0"
+    assert manager.show(unit(MAIN, "socket"), "SubState") == "listening"  # systemd kept the socket
+    assert Path(f"/run/qubes/socksvc-{MAIN}.sock").is_socket()
+    assert call("e2e.Echo", b"two") == b"two"
+    second = main_pid(manager)
+    assert second and second != first
+    assert manager.show(service, "NRestarts") == "0"
+
+
+def test_manifest_edit_adds_and_removes_services(manager: UserManager) -> None:
+    MANIFEST.write_text(EDITED_TEXT)
+    output = system("qubes-socksvc", "apply").stdout
+    assert re.search(r"^create +/etc/qubes-rpc/e2e\.Added ", output, re.M), output
+    assert re.search(r"^remove +/etc/qubes-rpc/e2e\.Upper$", output, re.M), output
+    assert re.search(r"^remove +/etc/qubes-rpc/e2e\.Hello\+friend$", output, re.M), output
+    assert (RPC_DIR / "e2e.Added").is_symlink()
+    assert not (RPC_DIR / "e2e.Upper").exists() and not (RPC_DIR / "e2e.Upper").is_symlink()
+    manager.systemctl("daemon-reload")
+    # A running daemon serves the manifest it started with, until it idles out or is restarted.
+    manager.systemctl("try-restart", unit(MAIN, "service"))
+    assert call("e2e.Added", b"new") == b"NEW"
+    assert "argument=friend" in call("e2e.Hello+friend", link="e2e.Hello").decode()  # falls back to e2e.Hello
+    assert call("e2e.Upper", b"gone", link="e2e.Echo") == b""  # refused by the daemon
+    gone = subprocess.run(["qubes-socksvc", "call", "e2e.Upper"], input=b"", env=SYSTEM_ENV,
+                          capture_output=True, timeout=60, cwd="/")
+    assert gone.returncode != 0 and b"e2e.Upper" in gone.stderr
+    assert call("e2e.Echo", b"still") == b"still"
+
+
+# --- remove, reinstall, purge -----------------------------------------------------------
+
+
+def test_remove_keeps_the_manifest_and_takes_back_generated_files(manager: UserManager) -> None:
+    assert generated_paths()
+    result = system(*APT, "remove", "qubes-socksvc")
+    assert package_state() == "deinstall ok config-files"
+    assert re.search(r"^remove +/etc/systemd/user/qubes-socksvc-e2etest\.socket$", result.stdout, re.M)
+    assert not Path("/usr/bin/qubes-socksvc").exists()
+    assert not DIST_PACKAGES.exists()
+    assert not Path("/usr/share/qubes-socksvc").exists()
+    assert MANIFEST.read_text() == EDITED_TEXT  # a conffile: kept on remove
+    assert generated_paths() == []  # units, qubes-rpc links and rpc-config all went with the code
+    assert json.loads((STATE_DIR / "owned.json").read_text())["owned"] == {}
+    # enable links stay until purge, as with any Debian unit; they dangle meanwhile
+    assert (GLOBAL_WANTS / unit(RAW, "socket")).is_symlink()
+    assert Path(manager.home, ".config/systemd/user/sockets.target.wants", unit(MAIN, "socket")).is_symlink()
+
+
+def test_reinstall_applies_the_kept_manifest(packages: Built, manager: UserManager) -> None:
+    result = subprocess.run([*APT, "install", f"./pkgs/{packages.deb.name}"], env=SYSTEM_ENV, cwd=packages.dir,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"^create +/etc/qubes-rpc/e2e\.Added ", result.stdout, re.M), result.stdout
+    manager.systemctl("daemon-reload")
+    manager.systemctl("try-restart", unit(MAIN, "service"))
+    assert call("e2e.Added", b"back") == b"BACK"
+
+
+def test_a_bad_manifest_never_fails_the_install(packages: Built) -> None:
+    before = {p: p.read_bytes() if not p.is_symlink() else os.readlink(p) for p in generated_paths()}
+    MANIFEST.write_text(EDITED_TEXT + "    unknown_key: 1\n")
+    result = subprocess.run([*APT, "install", "--reinstall", f"./pkgs/{packages.deb.name}"], env=SYSTEM_ENV,
+                            cwd=packages.dir, capture_output=True, text=True, timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert package_state() == "install ok installed"
+    assert "/etc/qubes-socksvc.yaml:" in output and "unknown_key" in output  # the error, with its place
+    assert "WARNING: 'qubes-socksvc apply -c /etc/qubes-socksvc.yaml' failed" in output
+    after = {p: p.read_bytes() if not p.is_symlink() else os.readlink(p) for p in generated_paths()}
+    assert after == before  # an invalid manifest changes nothing
+
+
+def test_purge_leaves_nothing_of_ours(manager: UserManager) -> None:
+    system(*APT, "purge", "qubes-socksvc")
+    assert package_state() == "not-installed"
+    assert not MANIFEST.exists()
+    assert not STATE_DIR.exists()
+    assert generated_paths() == []
+    assert not DIST_PACKAGES.exists() and not Path("/usr/bin/qubes-socksvc").exists()
+    assert not (GLOBAL_WANTS / unit(RAW, "socket")).is_symlink()  # the dangling --global link went too
+    assert not Path("/usr/share/doc/qubes-socksvc").exists()
+    # a user's own enable link is in their home: theirs to remove (systemd ignores it, dangling)
+    user_link = Path(manager.home, ".config/systemd/user/sockets.target.wants", unit(MAIN, "socket"))
+    assert user_link.is_symlink() and not user_link.exists()
