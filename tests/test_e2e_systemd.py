@@ -43,6 +43,11 @@ STATE_DIR = Path("/var/lib/qubes-socksvc")
 SOCKET_DIR = Path("/run/qubes")
 GLOBAL_WANTS = UNIT_DIR / "sockets.target.wants"
 DIST_PACKAGES = Path("/usr/lib/python3/dist-packages/qubes_socksvc")
+# The AppVM-persistent manifest renders under /usr/local.
+LOCAL_MANIFEST = Path("/usr/local/etc/qubes-socksvc.yaml")
+LOCAL_RPC_DIR = Path("/usr/local/etc/qubes-rpc")
+LOCAL_UNIT_DIR = Path("/usr/local/lib/systemd/user")
+LOCAL_STATE_DIR = Path("/usr/local/var/lib/qubes-socksvc")
 SYSTEM_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "HOME": "/root",
               "DEBIAN_FRONTEND": "noninteractive"}
 APT = ["apt-get", "-y", "-q", "-o", "DPkg::Lock::Timeout=300", "-o", "Dpkg::Options::=--force-confdef",
@@ -78,6 +83,17 @@ daemons:
         handler: qubes_socksvc.examples:echo
         service_descriptor: false
         max_input: 0
+"""
+LOCAL = "e2elocal"
+LOCAL_TEXT = f"""\
+version: 1
+daemons:
+  {LOCAL}:
+    description: qubes-socksvc end-to-end test, /usr/local manifest
+    idle_exit: {IDLE_EXIT}
+    services:
+      e2e.Local:
+        handler: qubes_socksvc.examples:upper
 """
 #: The edit: e2e.Upper and e2e.Hello+friend go, e2e.Added comes.
 EDITED_TEXT = (MANIFEST_TEXT
@@ -140,6 +156,10 @@ def generated_paths() -> list[Path]:
     return [*RPC_DIR.glob("e2e.*"), *RPC_CONFIG_DIR.glob("e2e.*"), *UNIT_DIR.glob("qubes-socksvc-e2e*")]
 
 
+def local_paths() -> list[Path]:
+    return [*LOCAL_RPC_DIR.glob("e2e.*"), *LOCAL_UNIT_DIR.glob("qubes-socksvc-e2e*")]
+
+
 # --- fixtures ------------------------------------------------------------------------
 
 
@@ -149,8 +169,15 @@ class Host:
     def __init__(self) -> None:
         self.created_group = subprocess.run(["getent", "group", "qubes"], capture_output=True).returncode != 0
         self.created_user = subprocess.run(["getent", "passwd", USER], capture_output=True).returncode != 0
-        self.created_dirs = [p for p in (SOCKET_DIR, RPC_DIR, RPC_CONFIG_DIR.parent, RPC_CONFIG_DIR)
-                             if not p.exists()]
+        self.created_dirs = [p for p in (SOCKET_DIR, RPC_DIR, RPC_CONFIG_DIR.parent, RPC_CONFIG_DIR,
+                                          *parents(LOCAL_RPC_DIR), *parents(LOCAL_UNIT_DIR),
+                                          *parents(LOCAL_STATE_DIR)) if not p.exists()]
+
+
+def parents(path: Path) -> list[Path]:
+    """``path`` and its ancestors below /usr/local, outermost first."""
+    chain = [path, *path.parents]
+    return list(reversed(chain[:chain.index(Path("/usr/local"))]))
 
 
 @pytest.fixture(scope="module")
@@ -163,8 +190,8 @@ def host() -> Iterator[Host]:
         pytest.skip(f"package tools missing: {', '.join(missing)} ('make setup-test' installs them)")
     if shutil.which("apt-get") is None:
         pytest.skip("apt-get not found: the end-to-end test installs the .deb with apt")
-    if package_state() != "not-installed" or MANIFEST.exists():
-        pytest.skip("qubes-socksvc is installed here (or /etc/qubes-socksvc.yaml exists): this test installs "
+    if package_state() != "not-installed" or MANIFEST.exists() or LOCAL_MANIFEST.exists():
+        pytest.skip("qubes-socksvc is installed here (or a qubes-socksvc.yaml exists): this test installs "
                     "and purges the package and will not touch a real installation; purge it to run the test")
     state = Host()
     ensure_user(USER, groups=("qubes",))
@@ -176,12 +203,14 @@ def host() -> Iterator[Host]:
     finally:
         if package_state() != "not-installed":
             system(*APT, "purge", "qubes-socksvc", check=False)
-        for path in generated_paths():
+        for path in [*generated_paths(), *local_paths()]:
             path.unlink(missing_ok=True)
         for link in GLOBAL_WANTS.glob("qubes-socksvc-e2e*"):
             link.unlink()
         shutil.rmtree(STATE_DIR, ignore_errors=True)
+        shutil.rmtree(LOCAL_STATE_DIR, ignore_errors=True)
         MANIFEST.unlink(missing_ok=True)
+        LOCAL_MANIFEST.unlink(missing_ok=True)
         if state.created_user:
             subprocess.run(["userdel", "--remove", USER], capture_output=True)
         for path in reversed(state.created_dirs):
@@ -324,7 +353,8 @@ def test_hardening_directives_hold_under_the_user_manager(manager: UserManager) 
     directives = dict(line.split("=", 1) for line in section.splitlines() if "=" in line)
     verify = manager.run("systemd-analyze", "--user", "verify", str(UNIT_DIR / unit(MAIN, "service")),
                          check=False)
-    assert not re.search(r"[Uu]nknown|ignoring|[Ii]nvalid", verify.stdout + verify.stderr), verify
+    assert verify.returncode == 0 and not re.search(r"[Uu]nknown|ignoring|[Ii]nvalid",
+                                                    verify.stdout + verify.stderr), verify
     assert call("e2e.Echo", b"x") == b"x"
     pid = main_pid(manager)
     assert pid, "the daemon is not running right after a call"
@@ -412,14 +442,22 @@ def test_remove_keeps_the_manifest_and_takes_back_generated_files(manager: UserM
     assert Path(manager.home, ".config/systemd/user/sockets.target.wants", unit(MAIN, "socket")).is_symlink()
 
 
-def test_reinstall_applies_the_kept_manifest(packages: Built, manager: UserManager) -> None:
+def test_reinstall_applies_the_kept_manifest_and_the_local_one(packages: Built, manager: UserManager) -> None:
+    LOCAL_MANIFEST.parent.mkdir(parents=True, exist_ok=True)
+    LOCAL_MANIFEST.write_text(LOCAL_TEXT)  # an AppVM's persistent manifest, there before the install
     result = subprocess.run([*APT, "install", f"./pkgs/{packages.deb.name}"], env=SYSTEM_ENV, cwd=packages.dir,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert re.search(r"^create +/etc/qubes-rpc/e2e\.Added ", result.stdout, re.M), result.stdout
+    assert re.search(r"^create +/usr/local/etc/qubes-rpc/e2e\.Local ", result.stdout, re.M), result.stdout
+    local_service = (LOCAL_UNIT_DIR / unit(LOCAL, "service")).read_text()
+    assert f" serve {LOCAL} -c /usr/local/etc/qubes-socksvc.yaml\n" in local_service
+    assert (LOCAL_STATE_DIR / "owned.json").is_file()
     manager.systemctl("daemon-reload")
     manager.systemctl("try-restart", unit(MAIN, "service"))
     assert call("e2e.Added", b"back") == b"BACK"
+    manager.systemctl("start", unit(LOCAL, "socket"))  # /usr/local/lib/systemd/user is on the user search path
+    assert qrexec_call(str(LOCAL_RPC_DIR / "e2e.Local"), b"e2e.Local work\0local") == b"LOCAL"
 
 
 def test_a_bad_manifest_never_fails_the_install(packages: Built) -> None:
@@ -437,11 +475,13 @@ def test_a_bad_manifest_never_fails_the_install(packages: Built) -> None:
 
 
 def test_purge_leaves_nothing_of_ours(manager: UserManager) -> None:
+    assert local_paths()
     system(*APT, "purge", "qubes-socksvc")
     assert package_state() == "not-installed"
     assert not MANIFEST.exists()
-    assert not STATE_DIR.exists()
-    assert generated_paths() == []
+    assert not STATE_DIR.exists() and not LOCAL_STATE_DIR.exists()
+    assert generated_paths() == [] and local_paths() == []
+    assert LOCAL_MANIFEST.read_text() == LOCAL_TEXT  # the administrator's file, not the package's
     assert not DIST_PACKAGES.exists() and not Path("/usr/bin/qubes-socksvc").exists()
     assert not (GLOBAL_WANTS / unit(RAW, "socket")).is_symlink()  # the dangling --global link went too
     assert not Path("/usr/share/doc/qubes-socksvc").exists()
