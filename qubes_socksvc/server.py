@@ -227,9 +227,25 @@ class Server:
             if clean:
                 transport.close()
                 if transport.get_write_buffer_size():
-                    loop.call_later(LINGER_TIMEOUT, transport.abort)
+                    await self._linger(writer)
             else:
                 transport.abort()
+
+    @staticmethod
+    async def _linger(writer: asyncio.StreamWriter) -> None:
+        """Give a finished call's unread output LINGER_TIMEOUT to reach the caller, then cut it.
+
+        The call keeps its slot meanwhile: a lingering connection still holds an fd and up
+        to the high-water mark of output, and max_connections must bound both.
+        """
+        try:
+            async with asyncio.timeout(LINGER_TIMEOUT):
+                await writer.wait_closed()
+        except Exception:  # timed out, or the caller went away
+            writer.transport.abort()
+        except asyncio.CancelledError:
+            writer.transport.abort()
+            raise
 
     async def _call(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, bound: Service | None) -> bool:
         """Serve one call; True when it ended normally (output may be flushed)."""

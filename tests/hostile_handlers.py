@@ -53,3 +53,9 @@ async def leaks_nothing(request: Request) -> str:
     with open("/dev/null", "rb"):
         pass
     return f"{os.getpid()}\n"
+
+
+async def lingering_reply(request: Request) -> bytes:
+    """More than a Unix socket's buffer takes, less than the daemon's high-water mark beyond it:
+    the call ends normally while part of its output still waits for the caller."""
+    return b"r" * (int(request.argument or "262144"))

@@ -72,6 +72,8 @@ daemons:
         timeout: 2
       h.Files:
         handler: hostile_handlers:leaks_nothing
+      h.Linger:
+        handler: hostile_handlers:lingering_reply
 """
 
 #: How far RSS may stay above the baseline once a case is over (allocator slack).
@@ -337,6 +339,34 @@ def test_reader_that_never_reads(hostile: tuple[RunningDaemon, Baseline]) -> Non
             assert len(read_until_closed(sock)) < 8 << 20
     finally:
         for sock in stuck:
+            sock.close()
+    assert_recovered(daemon, base)
+
+
+def test_unread_output_of_finished_calls_counts_against_max_connections(
+        hostile: tuple[RunningDaemon, Baseline]) -> None:
+    """Regression: a call whose output the caller had not read yet released its slot when the
+    handler returned, while its connection lingered (fd and output buffer) for 10 s: callers that
+    never read made the daemon hold any number of connections, beyond max_connections."""
+    daemon, base = hostile
+    size = 262_144
+    callers = []
+    try:
+        for _ in range(3 * MAX_CONNECTIONS):
+            sock = connect(daemon, timeout=20)
+            sock.sendall(b"h.Linger+%d work\0" % size)
+            sock.shutdown(socket.SHUT_WR)
+            callers.append(sock)
+        wait_for_log(daemon, "call h.Linger", MAX_CONNECTIONS)
+        most = 0
+        for _ in range(20):
+            most = max(most, daemon.fd_count())
+            time.sleep(0.05)
+        assert most <= base.fds + MAX_CONNECTIONS, f"{most - base.fds} connections held, limit {MAX_CONNECTIONS}"
+        for sock in callers:  # nothing is lost: every caller, served in turn, gets all its output
+            assert len(read_until_closed(sock)) == size
+    finally:
+        for sock in callers:
             sock.close()
     assert_recovered(daemon, base)
 
