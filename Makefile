@@ -16,7 +16,7 @@ VPY        := $(VENV)/bin/python
 RUNTIME_DEBS := python3 python3-venv python3-systemd python3-jinja2 python3-yaml systemd
 # ... and what the tests and package builds need on top.
 TEST_DEBS := $(RUNTIME_DEBS) systemd-container dbus-user-session debhelper dh-python python3-all \
-	python3-setuptools python3-pip build-essential fakeroot dpkg-dev devscripts lintian rpm socat procps \
+	python3-setuptools python3-pip build-essential dpkg-dev devscripts lintian rpm socat procps \
 	util-linux passwd git make
 
 .PHONY: all setup setup-test check test lint demo bench install install-python install-data deb rpm clean

@@ -18,7 +18,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 #: Tools the builds need; "make setup-test" installs them (TEST_DEBS).
-BUILD_TOOLS = ("dpkg-buildpackage", "dh", "lintian", "rpmbuild", "rpm", "make", "fakeroot")
+BUILD_TOOLS = ("dpkg-buildpackage", "dh", "pybuild", "lintian", "rpmbuild", "rpm", "make")
 
 
 @dataclass(frozen=True)
