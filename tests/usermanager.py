@@ -77,7 +77,9 @@ def check_available() -> None:
         if tool is None or not os.access(tool, os.X_OK):
             raise Unavailable(f"{tool or 'setpriv/systemctl'} not found: install systemd and util-linux")
     if not pid1_is_systemd():
-        cgroup_hierarchies()
+        for hierarchy in cgroup_hierarchies():
+            if not os.access(hierarchy, os.W_OK):
+                raise Unavailable(f"{hierarchy} is not writable (a container without cgroup delegation?)")
 
 
 def ensure_user(name: str, groups: tuple[str, ...] = ()) -> pwd.struct_passwd:
@@ -113,6 +115,7 @@ class UserManager:
         self.cgroups: list[Path] = []
         self.proc: subprocess.Popen[bytes] | None = None
         self._created_runtime_dir = False
+        self._created_runtime_parent = False
         self._unit: str | None = None  # user@UID.service when PID 1 is systemd
 
     # --- environment ------------------------------------------------------
@@ -151,18 +154,21 @@ class UserManager:
 
     def start(self) -> UserManager:
         check_available()
+        if not self.runtime_dir.parent.exists():
+            self.runtime_dir.parent.mkdir(mode=0o755, parents=True)
+            self._created_runtime_parent = True
         if not self.runtime_dir.exists():
-            self.runtime_dir.mkdir(mode=0o700, parents=True)
+            self.runtime_dir.mkdir(mode=0o700)
             self._created_runtime_dir = True
         os.chown(self.runtime_dir, self.uid, self.gid)
         self.runtime_dir.chmod(0o700)
-        if pid1_is_systemd():
-            self._unit = f"user@{self.uid}.service"
-            subprocess.run(["systemctl", "start", self._unit], check=True, timeout=60)
-        else:
-            self._start_unbooted()
         UserManager._running.add(self)
         try:
+            if pid1_is_systemd():
+                self._unit = f"user@{self.uid}.service"
+                subprocess.run(["systemctl", "start", self._unit], check=True, timeout=60)
+            else:
+                self._start_unbooted()
             self.wait_running()
         except BaseException:
             self.stop()
@@ -181,11 +187,11 @@ class UserManager:
                 kill_cgroup(path)  # left over from a run that was killed
             try:
                 path.mkdir()
+                self.cgroups.append(path)
                 for entry in (path, *path.iterdir()):
                     os.chown(entry, self.uid, self.gid)
             except OSError as e:
                 raise Unavailable(f"cannot create a delegated cgroup {path}: {e.strerror}") from e
-            self.cgroups.append(path)
         procs = " ".join(f"{c}/cgroup.procs" for c in self.cgroups)
         script = f'for f in {procs}; do echo $$ > "$f" || exit 1; done; exec "$@"'
         command = self.as_user(SYSTEMD, "--user", "--default-standard-output=inherit",
@@ -232,6 +238,10 @@ class UserManager:
         if self._created_runtime_dir:
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
             self._created_runtime_dir = False
+        if self._created_runtime_parent:
+            with contextlib.suppress(OSError):  # another manager may still use it
+                self.runtime_dir.parent.rmdir()
+            self._created_runtime_parent = False
         if UserManager._created_booted_flag and not UserManager._running:
             with contextlib.suppress(OSError):
                 BOOTED_FLAG.rmdir()
