@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 
 from tests.packages import Built, build, missing_tools
-from tests.usermanager import Unavailable, UserManager, check_available, ensure_user
+from tests.usermanager import Unavailable, UserManager, check_available, ensure_user, pid1_is_systemd
 
 pytestmark = pytest.mark.slow
 
@@ -391,6 +391,23 @@ def test_condition_user_keeps_it_out_of_roots_manager(manager: UserManager,
     # the user's sockets were never touched
     assert os.stat(f"/run/qubes/socksvc-{MAIN}.sock").st_uid == pwd.getpwnam(USER).pw_uid
     assert call("e2e.Echo", b"after root") == b"after root"
+
+
+def test_the_harness_leaves_no_process_behind(host: Host, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Stopping a manager also kills what escaped its units (here: a process put into its cgroup)."""
+    if pid1_is_systemd():
+        pytest.skip("PID 1 is systemd: user@.service manages the cgroups, not the harness")
+    log = tmp_path_factory.mktemp("usermanager") / "root-harness.log"
+    with UserManager("root", log) as root:
+        root.run("systemd-run", "--user", "--unit=socksvc-harness-sleep", "sleep", "600")
+        unit_pid = int(root.show("socksvc-harness-sleep.service", "MainPID"))
+        stray = subprocess.Popen(["sleep", "600"])
+        for cgroup in root.cgroups:
+            (cgroup / "cgroup.procs").write_text(str(stray.pid))
+        cgroups = list(root.cgroups)
+    assert stray.wait(timeout=10) == -9  # SIGKILLed by the harness
+    assert not Path(f"/proc/{unit_pid}").exists()
+    assert not any(c.exists() for c in cgroups)
 
 
 def test_idle_exit_stops_the_daemon_and_the_next_call_starts_it(manager: UserManager) -> None:
