@@ -1,0 +1,15 @@
+#!/usr/bin/python3
+"""The exec reference: the echo handler as a qrexec executable service, one process per call.
+
+qrexec starts it with the call in ``QREXEC_*`` variables, the caller's stdin on
+stdin and the caller's stdout on stdout: what users write today.
+"""
+
+import os
+import sys
+
+service = os.environ["QREXEC_SERVICE_FULL_NAME"]
+source = os.environ["QREXEC_REMOTE_DOMAIN"]
+while chunk := sys.stdin.buffer.read1(65536):
+    sys.stdout.buffer.write(chunk)
+sys.stdout.buffer.flush()

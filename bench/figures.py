@@ -1,0 +1,418 @@
+"""The six figures of issue 5, each beside its reference, measured in the same run.
+
+Rounds interleave the daemon and its reference (ABAB...), each round yields a
+median, and every ratio is the median of the per-round ratios: drift on a
+shared machine hits both sides of a ratio alike.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import client
+from .processes import (
+    BENCH,
+    SYSTEM_PYTHON,
+    Process,
+    Workdir,
+    account,
+    as_root,
+    child_env,
+    drop_privileges_argv,
+    start_daemon,
+    start_floor,
+    start_socat,
+)
+from .report import REPORTED, VOID, Row, judge, median, mib, percentile, rate, ratio, seconds
+
+DAEMON = "bench"
+SOCKET_DIR = "/run/qubes"
+DESCRIPTOR = b"example.Echo dom0\0"
+SMALL_INPUT = b"a small request: one line of text, as most qrexec calls carry.\n" * 2
+
+#: The bundled example handlers (as in examples/qubes-socksvc.yaml) on a socket of the bench's own.
+MANIFEST = """\
+version: 1
+daemons:
+  {daemon}:
+    description: qubes-socksvc benchmark (the bundled example handlers)
+    socket: {socket}
+    idle_exit: 0
+    max_connections: 256
+    services:
+      example.Echo:
+        handler: qubes_socksvc.examples:echo
+        max_input: 0
+      example.Hello:
+        handler: qubes_socksvc.examples:hello
+      example.Hello+friend:
+        handler: qubes_socksvc.examples:hello
+        timeout: 5
+      example.Sha256:
+        handler: qubes_socksvc.examples:sha256
+        max_input: 0
+      example.Upper:
+        handler: qubes_socksvc.examples:upper
+        max_input: 65536
+"""
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much work each figure does: the full run, or --quick for the smoke test."""
+
+    rounds: int = 5
+    warm_calls: int = 1000
+    exec_calls: int = 4
+    callers: int = 1000
+    calls_each: int = 3
+    load_rounds: int = 5
+    stream_bytes: int = 1 << 30
+    stream_rounds: int = 3
+    cold_rounds: int = 7
+    rss_rounds: int = 3
+    apply_services: int = 500
+    apply_rounds: int = 3
+
+
+QUICK = Sizes(rounds=2, warm_calls=50, exec_calls=1, callers=100, calls_each=1, load_rounds=1,
+              stream_bytes=16 << 20, stream_rounds=1, cold_rounds=1, rss_rounds=1, apply_rounds=1)
+
+
+class Bench:
+    def __init__(self, sizes: Sizes, work: Workdir) -> None:
+        self.sizes = sizes
+        self.work = work
+        self.activation_socket = f"{SOCKET_DIR}/socksvc-{DAEMON}-{os.getpid()}.sock"
+        self.manifest = work.file("bench.yaml", MANIFEST.format(daemon=DAEMON, socket=self.activation_socket))
+        self.notes: list[str] = []
+        self._tags = 0
+
+    def _tag(self) -> str:
+        self._tags += 1
+        return str(self._tags)
+
+    def daemon(self) -> Process:
+        return start_daemon(self.work, self.manifest, DAEMON, self.activation_socket, self._tag())
+
+    def floor(self) -> Process:
+        return start_floor(self.work, self._tag())
+
+    # --- 1 and 2: warm calls, one after another and a thousand at once ------------
+
+    def warm_and_concurrent(self) -> list[Row]:
+        s = self.sizes
+        daemon, floor = self.daemon(), self.floor()
+        try:
+            payload = DESCRIPTOR + SMALL_INPUT
+            for server in (daemon, floor):
+                client.sequential(server.socket, payload, SMALL_INPUT, max(20, s.warm_calls // 5))
+            d_med, f_med, e_med, vs_floor, vs_exec = [], [], [], [], []
+            for r in range(s.rounds):
+                order = (daemon, floor) if r % 2 == 0 else (floor, daemon)
+                got = {p.name: median(client.sequential(p.socket, payload, SMALL_INPUT, s.warm_calls))
+                       for p in order}
+                e = median([self._exec_call(SMALL_INPUT) for _ in range(s.exec_calls)])
+                d_med.append(got[daemon.name])
+                f_med.append(got[floor.name])
+                e_med.append(e)
+                vs_floor.append(got[daemon.name] / got[floor.name])
+                vs_exec.append(e / got[daemon.name])
+            rows = [
+                Row("1a", f"warm call, {len(SMALL_INPUT)} B echo: median latency", seconds(median(d_med)),
+                    f"floor {seconds(median(f_med))}", ratio(median(vs_floor)), "≤ 1.3× floor",
+                    judge(median(vs_floor) <= 1.3)),
+                Row("1b", "warm call vs one process per call", seconds(median(d_med)),
+                    f"exec {seconds(median(e_med))}", f"{ratio(median(vs_exec))} faster", "≥ 60× faster",
+                    judge(median(vs_exec) >= 60)),
+            ]
+            rows += self._concurrent(daemon, floor)
+            self._check_log(daemon)
+            return rows
+        finally:
+            daemon.stop()
+            floor.stop()
+
+    def _exec_call(self, data: bytes) -> float:
+        env = child_env(QREXEC_SERVICE_FULL_NAME="example.Echo", QREXEC_REMOTE_DOMAIN="dom0")
+        uid, gid = account()
+        privileges: dict[str, object] = {"user": uid, "group": gid, "extra_groups": []} if as_root() else {}
+        start = time.perf_counter()
+        done = subprocess.run([SYSTEM_PYTHON, str(BENCH / "exec_service.py")], input=data, stdout=subprocess.PIPE,
+                              env=env, cwd="/", check=True, **privileges)  # type: ignore[call-overload]
+        elapsed = time.perf_counter() - start
+        if done.stdout != data:
+            raise client.BenchError(f"exec reference: wrong reply {done.stdout[:60]!r}")
+        return elapsed
+
+    def _concurrent(self, daemon: Process, floor: Process) -> list[Row]:
+        s = self.sizes
+        result: dict[str, list[client.LoadResult]] = {daemon.name: [], floor.name: []}
+        rates: list[float] = []
+        for r in range(s.load_rounds):
+            order = (daemon, floor) if r % 2 == 0 else (floor, daemon)
+            for p in order:
+                result[p.name].append(client.concurrent(p.socket, DESCRIPTOR, s.callers, s.calls_each))
+            rates.append(result[daemon.name][-1].rate / result[floor.name][-1].rate)
+        d, f = result[daemon.name], result[floor.name]
+        d_correct, f_correct = sum(x.correct for x in d), sum(x.correct for x in f)
+        total = sum(x.calls for x in d)
+        d_p99 = median([percentile(x.latencies, 0.99) for x in d])
+        f_p99 = median([percentile(x.latencies, 0.99) for x in f])
+        title = f"{s.callers} concurrent callers × {s.calls_each} calls"
+        return [
+            Row("2a", f"{title}: calls/s", f"{median([x.rate for x in d]):,.0f}/s",
+                f"floor {median([x.rate for x in f]):,.0f}/s", ratio(median(rates)), "≥ 0.8× floor",
+                judge(median(rates) >= 0.8 and d_correct == total)),
+            Row("2b", f"{title}: p99 latency", seconds(d_p99), f"floor {seconds(f_p99)}", ratio(d_p99 / f_p99),
+                "reported", REPORTED),
+            Row("2c", f"{title}: answered correctly", f"{d_correct}/{total}", f"floor {f_correct}/{total}",
+                "", "all", judge(d_correct == total)),
+        ]
+
+    # --- 3: streaming through the echo handler --------------------------------------
+
+    def streaming(self) -> list[Row]:
+        s = self.sizes
+        block = client.pattern_block()
+        socat_block = 65536
+        d_rate, ref_rate, ratios, growth = [], [], [], []
+        for r in range(s.stream_rounds):
+            got: dict[str, float] = {}
+            for which in (("daemon", "socat") if r % 2 == 0 else ("socat", "daemon")):
+                if which == "daemon":
+                    daemon = self.daemon()
+                    try:
+                        client.sequential(daemon.socket, DESCRIPTOR + SMALL_INPUT, SMALL_INPUT, 5)
+                        time.sleep(0.1)
+                        exact = daemon.reset_peak_rss()
+                        before = daemon.rss_kib()
+                        got[which] = client.stream(daemon.socket, DESCRIPTOR, s.stream_bytes, block)
+                        growth.append(daemon.peak_rss_kib() - before)
+                        if not exact:
+                            self.notes.append("3b: could not reset VmHWM; the growth shown is peak minus idle")
+                        self._check_log(daemon)
+                    finally:
+                        daemon.stop()
+                else:
+                    socat = start_socat(self.work, self._tag(), socat_block)
+                    try:
+                        got[which] = client.stream(socat.socket, DESCRIPTOR, s.stream_bytes, block,
+                                                   expect_prefix=DESCRIPTOR)
+                    finally:
+                        socat.stop()
+            d_rate.append(got["daemon"])
+            ref_rate.append(got["socat"])
+            ratios.append(got["daemon"] / got["socat"])
+        size = f"{s.stream_bytes >> 30} GiB" if s.stream_bytes >= 1 << 30 else f"{s.stream_bytes >> 20} MiB"
+        return [
+            Row("3a", f"stream {size} through example.Echo: throughput", rate(median(d_rate)),
+                f"socat -b{socat_block} {rate(median(ref_rate))}", ratio(median(ratios)), "≥ 0.5× socat",
+                judge(median(ratios) >= 0.5)),
+            Row("3b", f"stream {size}: daemon peak RSS growth", mib(max(growth)), "limit 16.0 MiB",
+                "", "≤ 16 MiB", judge(max(growth) <= 16 * 1024)),
+        ]
+
+    # --- 4: a cold call through real socket activation ------------------------------
+
+    def cold(self) -> tuple[list[Row], list[str]]:
+        s = self.sizes
+        activate = shutil.which("systemd-socket-activate")
+        problem = None
+        if activate is None:
+            problem = "systemd-socket-activate is not installed (Debian package systemd)"
+        elif not as_root():
+            problem = f"needs root: the manifest's sockets live in {SOCKET_DIR}"
+        elif shutil.which("setpriv") is None:
+            problem = "setpriv is not installed (Debian package util-linux)"
+        if problem is not None:
+            return [Row("4", "cold call via systemd-socket-activate", "n/a", problem, "", "≤ 1.5×", VOID)], []
+        created = not os.path.isdir(SOCKET_DIR)
+        if created:
+            os.makedirs(SOCKET_DIR, mode=0o755)
+        try:
+            cold, ref, ratios = [], [], []
+            for r in range(s.cold_rounds + 1):  # the first round warms the page cache and is dropped
+                if r % 2 == 0:
+                    c, i = self._cold_call(activate), self._import_asyncio()  # type: ignore[arg-type]
+                else:
+                    i, c = self._import_asyncio(), self._cold_call(activate)  # type: ignore[arg-type]
+                if r:
+                    cold.append(c)
+                    ref.append(i)
+                    ratios.append(c / i)
+            modules = self._serve_modules(activate)  # type: ignore[arg-type]
+        finally:
+            if created:
+                shutil.rmtree(SOCKET_DIR, ignore_errors=True)
+        rows = [Row("4", "cold call via systemd-socket-activate: first reply", seconds(median(cold)),
+                    f"python3 -c 'import asyncio' {seconds(median(ref))}", ratio(median(ratios)), "≤ 1.5×",
+                    judge(median(ratios) <= 1.5))]
+        return rows, modules
+
+    def _activation_argv(self, activate: str, *python_options: str) -> list[str]:
+        return [activate, "-l", self.activation_socket, f"--fdname=socksvc-{DAEMON}",
+                "-E", f"PYTHONPATH={child_env()['PYTHONPATH']}", "--", *drop_privileges_argv(),
+                SYSTEM_PYTHON, *python_options, "-m", "qubes_socksvc", "serve", DAEMON, "-c", str(self.manifest)]
+
+    def _activated(self, argv: list[str], log: Path) -> Process:
+        if os.path.exists(self.activation_socket):
+            os.unlink(self.activation_socket)
+        return Process("socket activation", argv, self.activation_socket, log, drop=False).wait_listening()
+
+    def _cold_call(self, activate: str) -> float:
+        proc = self._activated(self._activation_argv(activate), self.work.path / f"cold-{self._tag()}.log")
+        try:
+            return client.first_reply(self.activation_socket, DESCRIPTOR + SMALL_INPUT, SMALL_INPUT)
+        finally:
+            proc.stop()
+            self._check_log(proc)
+            if os.path.exists(self.activation_socket):
+                os.unlink(self.activation_socket)
+
+    def _import_asyncio(self) -> float:
+        uid, gid = account()
+        start = time.perf_counter()
+        subprocess.run([SYSTEM_PYTHON, "-c", "import asyncio"], env=child_env(), cwd="/", check=True,
+                       user=uid, group=gid, extra_groups=[])
+        return time.perf_counter() - start
+
+    def _serve_modules(self, activate: str) -> list[str]:
+        """Which modules a socket-activated serve imports beyond ``import asyncio`` (-X importtime)."""
+        log = self.work.path / f"importtime-{self._tag()}.log"
+        proc = self._activated(self._activation_argv(activate, "-X", "importtime"), log)
+        try:
+            client.first_reply(self.activation_socket, DESCRIPTOR + SMALL_INPUT, SMALL_INPUT)
+        finally:
+            proc.stop()
+            if os.path.exists(self.activation_socket):
+                os.unlink(self.activation_socket)
+        ref = subprocess.run([SYSTEM_PYTHON, "-X", "importtime", "-c", "import asyncio"], env=child_env(),
+                             cwd="/", check=True, stderr=subprocess.PIPE, text=True).stderr
+        serve_times = _import_times(log.read_text(errors="replace"))
+        base = set(_import_times(ref))
+        extra = {name: us for name, us in serve_times.items() if name not in base}
+        tops: dict[str, float] = {}
+        for name, self_us in extra.items():
+            top = name.split(".")[0]
+            tops[top] = tops.get(top, 0) + self_us
+        listed = ", ".join(f"{name} {us / 1000:.1f}" for name, us in sorted(tops.items(), key=lambda kv: -kv[1]))
+        lines = [
+            f"serve path: {len(serve_times)} modules imported, {len(extra)} beyond `python3 -c 'import asyncio'` "
+            f"({sum(extra.values()) / 1000:.1f} ms of import time); by package, ms: {listed}",
+        ]
+        heavy = sorted(name for name in ("jinja2", "markupsafe", "argparse", "json", "uvloop") if name in tops)
+        lines.append("serve path: jinja2 not imported" if "jinja2" not in tops
+                     else "serve path: JINJA2 IS IMPORTED — it must not be")
+        if heavy:
+            lines.append(f"serve path: also imports {', '.join(heavy)}")
+        return lines
+
+    # --- 5: idle memory -------------------------------------------------------------
+
+    def idle_rss(self) -> list[Row]:
+        d_rss, f_rss, ratios = [], [], []
+        for _ in range(self.sizes.rss_rounds):
+            daemon, floor = self.daemon(), self.floor()
+            try:
+                for p in (daemon, floor):
+                    client.sequential(p.socket, DESCRIPTOR + SMALL_INPUT, SMALL_INPUT, 3)
+                time.sleep(0.2)
+                d, f = daemon.rss_kib(), floor.rss_kib()
+            finally:
+                daemon.stop()
+                floor.stop()
+            d_rss.append(d)
+            f_rss.append(f)
+            ratios.append(d / f)
+        return [Row("5", "idle daemon RSS (after a call)", mib(median(d_rss)), f"floor {mib(median(f_rss))}",
+                    ratio(median(ratios)), "≤ 1.3× floor", judge(median(ratios) <= 1.3))]
+
+    # --- 6: apply on a large manifest -----------------------------------------------
+
+    def apply(self) -> list[Row]:
+        s = self.sizes
+        manifest = self.work.file("apply.yaml", _big_manifest(s.apply_services))
+        cold, again, check, written, files = [], [], [], [], 0
+        for _ in range(s.apply_rounds):
+            root = self.work.path / f"root-{self._tag()}"
+            root.mkdir()
+            check.append(_timed_cli("check", "-c", str(manifest))[0])
+            t, out = _timed_cli("apply", "-c", str(manifest), "--root", str(root))
+            cold.append(t)
+            before = _snapshot(root)
+            files = sum(1 for path in before if not path.endswith("apply.lock"))
+            t, out = _timed_cli("apply", "-c", str(manifest), "--root", str(root))
+            again.append(t)
+            if "up to date" not in out:
+                raise client.BenchError(f"apply with no change did not say 'up to date':\n{out}")
+            after = _snapshot(root)
+            written.append(sum(1 for p in before.keys() | after.keys() if before.get(p) != after.get(p)))
+            shutil.rmtree(root, ignore_errors=True)
+        ref = median(check)
+        return [
+            Row("6a", f"apply, {s.apply_services} services, cold", f"{seconds(median(cold))}, {files} files",
+                f"check {seconds(ref)}", ratio(median(cold) / ref), "reported", REPORTED),
+            Row("6b", f"apply, {s.apply_services} services, no change",
+                f"{seconds(median(again))}, {max(written)} writes", f"check {seconds(ref)}",
+                ratio(median(again) / ref), "writes nothing", judge(max(written) == 0)),
+        ]
+
+    # --- helpers ----------------------------------------------------------------------
+
+    def _check_log(self, proc: Process) -> None:
+        text = proc.log_text()
+        for bad in ("Traceback", "ERROR", "internal error"):
+            if bad in text:
+                raise client.BenchError(f"{proc.name} logged {bad}:\n{text[-2000:]}")
+
+
+_IMPORT_LINE = re.compile(r"import time:\s+(\d+) \|\s+(\d+) \|( *)(\S+)")
+
+
+def _import_times(text: str) -> dict[str, float]:
+    """``-X importtime`` output -> {module: self time in µs}."""
+    times: dict[str, float] = {}
+    for match in _IMPORT_LINE.finditer(text):
+        times[match.group(4)] = float(match.group(1))
+    return times
+
+
+def _big_manifest(services: int, per_daemon: int = 100) -> str:
+    lines = ["version: 1", "daemons:"]
+    for n in range(services):
+        if n % per_daemon == 0:
+            lines += [f"  apply{n // per_daemon}:", f"    description: apply benchmark {n // per_daemon}",
+                      "    services:"]
+        name = f"bench.Service{n:04d}" + ("+arg" if n % 5 == 4 else "")
+        lines += [f"      {name}:", "        handler: qubes_socksvc.examples:echo"]
+        if n % 3 == 0:
+            lines.append("        wait_for_session: true")
+    return "\n".join(lines) + "\n"
+
+
+def _timed_cli(*args: str) -> tuple[float, str]:
+    start = time.perf_counter()
+    done = subprocess.run([SYSTEM_PYTHON, "-m", "qubes_socksvc", *args], env=child_env(), cwd="/",
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    elapsed = time.perf_counter() - start
+    if done.returncode != 0:
+        raise client.BenchError(f"qubes-socksvc {' '.join(args)} failed:\n{done.stdout}")
+    return elapsed, done.stdout
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, int, int, int]]:
+    """path -> (inode, size, mtime, ctime): any write, rename or chmod changes it."""
+    state = {}
+    for directory, dirs, names in os.walk(root):
+        for name in dirs + names:
+            path = os.path.join(directory, name)
+            st = os.lstat(path)
+            state[path] = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    return state

@@ -1,0 +1,176 @@
+"""The processes under test: the daemon, the floor, socat; started as an unprivileged user.
+
+Run as root (``make bench``), every server runs as ``nobody`` like a user's
+daemon would; run as a user, they run as that user.  Every server is started
+with the system interpreter (what the package uses), the checkout first on
+``PYTHONPATH``.
+"""
+
+from __future__ import annotations
+
+import compileall
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from .client import BenchError, wait_listening
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "bench"
+#: The interpreter the package runs under (Debian's), else ours.
+SYSTEM_PYTHON = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable
+UNPRIVILEGED = "nobody"
+
+
+def as_root() -> bool:
+    return os.geteuid() == 0
+
+
+def account() -> tuple[int, int]:
+    """(uid, gid) the servers run as."""
+    if as_root():
+        pw = pwd.getpwnam(UNPRIVILEGED)
+        return pw.pw_uid, pw.pw_gid
+    return os.getuid(), os.getgid()
+
+
+def drop_privileges_argv() -> list[str]:
+    """A prefix that execs the rest as the unprivileged account (same pid, so LISTEN_PID holds)."""
+    if not as_root():
+        return []
+    uid, gid = account()
+    return ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups"]
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """A small, fixed environment: no JOURNAL_STREAM, NOTIFY_SOCKET or LISTEN_* leaks in."""
+    return {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "PYTHONPATH": str(REPO), "HOME": "/tmp", "LANG": "C.UTF-8", **extra}
+
+
+def precompile() -> None:
+    """Byte-compile the package as its installation would, so no run pays for compiling."""
+    compileall.compile_dir(str(REPO / "qubes_socksvc"), quiet=1)
+    if SYSTEM_PYTHON != sys.executable:
+        subprocess.run([SYSTEM_PYTHON, "-m", "compileall", "-q", str(REPO / "qubes_socksvc")],
+                       check=True, stdout=subprocess.DEVNULL)
+
+
+def raise_fd_limit() -> None:
+    """Room for a thousand callers in this process and the servers it starts."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 8192 if hard == resource.RLIM_INFINITY else min(8192, hard)
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
+class Workdir:
+    """A temporary directory the unprivileged servers can use."""
+
+    def __init__(self) -> None:
+        self.path = Path(tempfile.mkdtemp(prefix="socksvc-bench-", dir="/tmp"))
+        self.path.chmod(0o777)
+
+    def file(self, name: str, text: str) -> Path:
+        path = self.path / name
+        path.write_text(text)
+        path.chmod(0o644)
+        return path
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+class Process:
+    """A server under test: its pid, its log, and its memory from /proc."""
+
+    def __init__(self, name: str, argv: Sequence[str], socket_path: str, log: Path,
+                 drop: bool = True, env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.socket = socket_path
+        self.log = log
+        self._log_file = open(log, "ab")  # noqa: SIM115 - closed in stop()
+        uid, gid = account()
+        privileges: dict[str, object] = {}
+        if drop and as_root():
+            privileges = {"user": uid, "group": gid, "extra_groups": []}
+        self.proc = subprocess.Popen(list(argv), env=env or child_env(), stdin=subprocess.DEVNULL,
+                                     stdout=self._log_file, stderr=subprocess.STDOUT, cwd="/",
+                                     **privileges)  # type: ignore[call-overload]
+        self.pid = self.proc.pid
+
+    def wait_listening(self) -> Process:
+        try:
+            wait_listening(self.socket, alive=lambda: self.proc.poll() is None)
+        except BenchError as e:
+            raise BenchError(f"{self.name}: {e}\n{self.log_text()}") from e
+        return self
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def _status(self, key: str) -> int:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith(key):
+                return int(line.split()[1])
+        raise BenchError(f"no {key} for {self.name}")
+
+    def rss_kib(self) -> int:
+        return self._status("VmRSS:")
+
+    def peak_rss_kib(self) -> int:
+        return self._status("VmHWM:")
+
+    def reset_peak_rss(self) -> bool:
+        """Reset VmHWM to the current RSS (Linux >= 4.0; needs to own the process or be root)."""
+        try:
+            Path(f"/proc/{self.pid}/clear_refs").write_text("5")
+            return True
+        except OSError:
+            return False
+
+    def stop(self) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log_file.close()
+        return self.proc.returncode
+
+
+def start_daemon(work: Workdir, manifest: Path, daemon: str, socket_path: str, tag: str) -> Process:
+    """``qubes-socksvc serve`` binding the manifest's ``socket_path`` in a directory of its own."""
+    bind_dir = work.path / f"daemon-{tag}"
+    bind_dir.mkdir()
+    bind_dir.chmod(0o777)
+    argv = [SYSTEM_PYTHON, "-m", "qubes_socksvc", "serve", daemon, "-c", str(manifest), "--bind-dir", str(bind_dir)]
+    return Process("qubes-socksvc", argv, str(bind_dir / os.path.basename(socket_path)),
+                   work.path / f"daemon-{tag}.log").wait_listening()
+
+
+def start_floor(work: Workdir, tag: str) -> Process:
+    """The floor server (bench/floor.py) on a socket of its own."""
+    path = str(work.path / f"floor-{tag}.sock")
+    return Process("floor", [SYSTEM_PYTHON, str(BENCH / "floor.py"), path], path,
+                   work.path / f"floor-{tag}.log").wait_listening()
+
+
+def start_socat(work: Workdir, tag: str, block: int) -> Process:
+    """socat echoing one connection through a pipe: raw byte relaying, in C."""
+    socat = shutil.which("socat")
+    if socat is None:
+        raise BenchError("socat is not installed (apt-get install socat, or make setup-test)")
+    path = str(work.path / f"socat-{tag}.sock")
+    return Process("socat", [socat, "-b", str(block), f"UNIX-LISTEN:{path}", "PIPE"], path,
+                   work.path / f"socat-{tag}.log").wait_listening()
