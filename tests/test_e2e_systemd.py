@@ -141,8 +141,9 @@ def qrexec_call(path: str, payload: bytes, timeout: float = 60) -> bytes:
         sender = threading.Thread(target=send, daemon=True)
         sender.start()
         chunks = []
-        while data := sock.recv(1 << 16):
-            chunks.append(data)
+        with contextlib.suppress(ConnectionResetError):  # a refused call may be cut off mid-input
+            while data := sock.recv(1 << 16):
+                chunks.append(data)
         sender.join(timeout)
         return b"".join(chunks)
 
