@@ -51,6 +51,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
             print(f"{manifest.path}: {len(plan.conflicts)} conflicts; nothing was changed", file=sys.stderr)
             return EXIT_FAILED
         if not plan.changes:
+            if not args.dry_run:
+                install.execute(plan)  # only narrows a record an interrupted apply left wide
             print(f"{manifest.path}: up to date, nothing to do")
             return EXIT_OK
         if args.dry_run:

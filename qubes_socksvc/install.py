@@ -105,17 +105,35 @@ def load_state(root: str, layout: Layout) -> dict[str, list[str]]:
         raise ApplyError(f"{_real(root, layout.state_file)}: unreadable ownership record ({e}); "
                          "restore or delete it, then apply again") from e
     owned = data.get("owned") if isinstance(data, dict) else None
-    if not isinstance(owned, dict):
-        raise ApplyError(f"{_real(root, layout.state_file)}: not a qubes-socksvc ownership record")
-    return {str(k): [str(h) for h in v] for k, v in owned.items()}
+    if not isinstance(owned, dict) or not all(
+        isinstance(v, list) and all(isinstance(h, str) for h in v) for v in owned.values()
+    ):
+        raise ApplyError(f"{_real(root, layout.state_file)}: not a qubes-socksvc ownership record; "
+                         "restore or delete it, then apply again")
+    return {str(k): list(v) for k, v in owned.items()}
+
+
+def _in_layout(layout: Layout, path: str) -> bool:
+    """A path apply may write: directly inside one of the layout's directories."""
+    directory, name = os.path.split(path)
+    return (os.path.normpath(path) == path and name not in ("", ".", "..")
+            and directory in (layout.unit_dir, layout.rpc_dir, layout.rpc_config_dir))
 
 
 def plan(artifacts: list[Artifact], layout: Layout, root: str = "/") -> Plan:
     owned = load_state(root, layout)
     actions: list[Action] = []
     wanted = {a.path: a for a in artifacts}
+    symlinked = _symlinked_parent(root, layout.state_file)
+    if symlinked is not None:  # the record is written too
+        actions.append(Action("conflict", layout.state_file, None,
+                              f"{symlinked} is a symlink; refusing to write through it"))
     for path in sorted(set(wanted) | set(owned)):
         artifact = wanted.get(path)
+        if not _in_layout(layout, path):  # only an edited record can name one
+            actions.append(Action("conflict", path, artifact, "the ownership record names a path outside "
+                                  f"qubes-socksvc's directories; remove it from {layout.state_file}"))
+            continue
         real = _real(root, path)
         symlinked = _symlinked_parent(root, path)
         current = current_fingerprint(real) if symlinked is None else ""
@@ -193,10 +211,17 @@ def execute(plan_: Plan) -> None:
     """Carry out a conflict-free plan (the caller holds the lock)."""
     if plan_.conflicts:
         raise ApplyError("the plan has conflicts; nothing was changed")
-    if not plan_.changes:
-        return
     root, layout = plan_.root, plan_.layout
+    final = {a.path: [fingerprint(a.artifact)] for a in plan_.actions
+             if a.artifact is not None and a.verb in ("create", "update", "unchanged")}
     owned = load_state(root, layout)
+    if not plan_.changes:
+        # An apply interrupted after its last write left the record wide (or half-saved).
+        state = _real(root, layout.state_file)
+        if owned != final or os.path.lexists(os.path.join(os.path.dirname(state),
+                                                          f".{os.path.basename(state)}.socksvc-tmp")):
+            _save_state(root, layout, final)
+        return
     # Accept old and new states while we work, so an interrupted apply is repairable.
     for action in plan_.changes:
         if action.artifact is not None:
@@ -214,6 +239,4 @@ def execute(plan_: Plan) -> None:
         else:
             assert artifact.content is not None
             _write_file(real, artifact.content.encode())
-    final = {a.path: [fingerprint(a.artifact)] for a in plan_.actions
-             if a.artifact is not None and a.verb in ("create", "update", "unchanged")}
     _save_state(root, layout, final)

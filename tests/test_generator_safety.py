@@ -1,0 +1,471 @@
+"""``apply`` under attack and under faults (issue 6, part 3).
+
+The generator runs as root and writes into /etc.  Every case here applies into
+a staging tree (``--root``) next to an "outside" directory standing for the
+rest of the system, and checks that a refused apply leaves both byte-for-byte
+unchanged, that concurrent applies are serialised, and that an apply killed
+(SIGKILL) before any one of its file-system operations leaves every path either
+old or new, and a state the next apply repairs to exactly what an undisturbed
+apply produces, ownership record included.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from qubes_socksvc import cli, install
+from tests.conftest import run_cli
+
+A = """\
+version: 1
+daemons:
+  alpha:
+    services:
+      alpha.Echo:
+        handler: qubes_socksvc.examples:echo
+        wait_for_session: true
+      alpha.Hello+friend:
+        handler: qubes_socksvc.examples:hello
+      alpha.Gone:
+        handler: qubes_socksvc.examples:hello
+        exit_on_client_eof: true
+  beta:
+    services:
+      beta.Raw:
+        handler: qubes_socksvc.examples:echo
+        service_descriptor: false
+"""
+
+# From A: one daemon removed, one service removed, one changed, two added.
+B = """\
+version: 1
+daemons:
+  alpha:
+    description: Alpha, second edition
+    services:
+      alpha.Echo:
+        handler: qubes_socksvc.examples:echo
+      alpha.Hello+friend:
+        handler: qubes_socksvc.examples:hello
+        wait_for_session: true
+      alpha.New:
+        handler: qubes_socksvc.examples:sha256
+  gamma:
+    services:
+      gamma.Upper:
+        handler: qubes_socksvc.examples:upper
+"""
+
+RPC = "etc/qubes-rpc"
+RECORD = "var/lib/qubes-socksvc/owned.json"
+
+Snapshot = dict[str, tuple[str, ...]]
+
+
+def snapshot(*roots: Path) -> Snapshot:
+    """Every path below the roots: type, mode, content digest or link target."""
+    result: Snapshot = {}
+    for root in roots:
+        for dirpath, dirnames, filenames in os.walk(root):
+            for name in dirnames + filenames:
+                path = Path(dirpath, name)
+                st = path.lstat()
+                key = str(path)
+                if path.is_symlink():
+                    result[key] = ("link", os.readlink(path))
+                elif path.is_file():
+                    result[key] = ("file", oct(st.st_mode), hashlib.sha256(path.read_bytes()).hexdigest())
+                else:
+                    result[key] = ("dir", oct(st.st_mode))
+    return result
+
+
+def relative(snap: Snapshot, root: Path) -> Snapshot:
+    return {os.path.relpath(k, root): v for k, v in snap.items()}
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Callable[[str], tuple[Path, Path, Path]]:
+    """world(text) -> (manifest holding text, staging root, outside dir with a victim file).
+
+    One manifest path per test: rendered units name the manifest they come from."""
+    outside = tmp_path / "outside"
+    outside.mkdir(exist_ok=True)
+    (outside / "victim").write_text("precious\n")
+
+    def make(text: str) -> tuple[Path, Path, Path]:
+        manifest = tmp_path / "m.yaml"
+        manifest.write_text(text)
+        return manifest, tmp_path / "root", outside
+
+    return make
+
+
+def reference(manifest: Path, *texts: str) -> tuple[Snapshot, Path]:
+    """The tree (relative snapshot, root) undisturbed applies of ``texts`` produce, in a fresh root."""
+    saved = manifest.read_text()
+    root = manifest.parent / f"reference-{hashlib.sha256(repr(texts).encode()).hexdigest()[:12]}"
+    if not root.exists():
+        try:
+            for text in texts:
+                manifest.write_text(text)
+                assert apply(manifest, root).returncode == 0
+        finally:
+            manifest.write_text(saved)
+    return relative(snapshot(root), root), root
+
+
+def apply(manifest: Path, root: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return run_cli("apply", "-c", str(manifest), "--root", str(root), *extra)
+
+
+def apply_in_process(manifest: Path, root: Path) -> tuple[int, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main(["apply", "-c", str(manifest), "--root", str(root)])
+    return code, out.getvalue() + err.getvalue()
+
+
+def assert_refused(result: subprocess.CompletedProcess[str], before: Snapshot, *roots: Path, words: str) -> None:
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert words in result.stdout + result.stderr, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert snapshot(*roots) == before, "a refused apply changed the file system"
+
+
+# --- manifests that would write elsewhere ---------------------------------------------------
+
+@pytest.mark.parametrize("service, daemon, socket", [
+    ("../../outside/victim", "d", None),
+    ("a/../../../outside/victim", "d", None),
+    ("/etc/passwd", "d", None),
+    ("..", "d", None),
+    ("a.B+../x", "d", None),
+    ("a.B", "../outside", None),
+    ("a.B", "d/e", None),
+    ("a.B", "d", "/run/qubes/../../outside/x.sock"),
+    ("a.B", "d", "/outside/x.sock"),
+    ("a.B", "d", "/run/qubes/x/../y.sock"),
+])
+def test_manifest_naming_paths_elsewhere_writes_nothing(
+        world: Callable[[str], tuple[Path, Path, Path]], service: str, daemon: str, socket: str | None) -> None:
+    text = f"version: 1\ndaemons:\n  '{daemon}':\n"
+    if socket is not None:
+        text += f"    socket: '{socket}'\n"
+    text += f"    services:\n      '{service}':\n        handler: qubes_socksvc.examples:echo\n"
+    manifest, root, outside = world(text)
+    root.mkdir()
+    before = snapshot(root, outside)
+    assert_refused(apply(manifest, root), before, root, outside, words=":")
+    assert not any(root.iterdir())
+
+
+# --- what is already there and not ours --------------------------------------------------------
+
+def plant(root: Path, relpath: str, how: Callable[[Path], None]) -> None:
+    path = root / relpath
+    path.parent.mkdir(parents=True, exist_ok=True)
+    how(path)
+
+
+PLANTS: dict[str, tuple[str, Callable[[Path, Path], None], str]] = {
+    # name: (where, how(path, outside), words expected in the refusal)
+    "foreign executable service": (f"{RPC}/alpha.Echo", lambda p, o: (p.write_text("#!/bin/sh\n"), p.chmod(0o755)),
+                                   "not owned"),
+    "foreign rpc-config": ("etc/qubes/rpc-config/alpha.Echo", lambda p, o: p.write_text("wait-for-session=false\n"),
+                           "not owned"),
+    "foreign unit": ("etc/systemd/user/qubes-socksvc-alpha.service", lambda p, o: p.write_text("[Service]\n"),
+                     "not owned"),
+    "dangling symlink": (f"{RPC}/alpha.Echo", lambda p, o: p.symlink_to("/run/qubes/nobody-listens.sock"),
+                         "not owned"),
+    "foreign symlink to a file": (f"{RPC}/alpha.Echo", lambda p, o: p.symlink_to(o / "victim"), "not owned"),
+    "symlink to the right socket, not ours": (f"{RPC}/alpha.Echo",
+                                              lambda p, o: p.symlink_to("/run/qubes/other.sock"), "not owned"),
+    "symlink to a directory": (f"{RPC}/alpha.Echo", lambda p, o: p.symlink_to(o), "not owned"),
+    "directory": (f"{RPC}/alpha.Echo", lambda p, o: p.mkdir(), "not owned"),
+    "fifo": (f"{RPC}/alpha.Echo", lambda p, o: os.mkfifo(p), "not owned"),
+    "symlinked qubes-rpc directory": (RPC, lambda p, o: p.symlink_to(o), "is a symlink"),
+    "symlinked rpc-config directory": ("etc/qubes/rpc-config", lambda p, o: p.symlink_to(o), "is a symlink"),
+    "symlinked /etc/qubes": ("etc/qubes", lambda p, o: p.symlink_to(o), "is a symlink"),
+    "symlinked unit directory": ("etc/systemd/user", lambda p, o: p.symlink_to(o), "is a symlink"),
+    "symlinked /etc": ("etc", lambda p, o: p.symlink_to(o), "is a symlink"),
+    "symlinked record directory": ("var/lib/qubes-socksvc", lambda p, o: p.symlink_to(o), "is a symlink"),
+    "symlinked /var": ("var", lambda p, o: p.symlink_to(o), "is a symlink"),
+    "dangling symlinked qubes-rpc directory": (RPC, lambda p, o: p.symlink_to(o / "missing"), "is a symlink"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PLANTS))
+def test_planted_paths_are_refused_and_nothing_changes(
+        world: Callable[[str], tuple[Path, Path, Path]], case: str) -> None:
+    where, how, words = PLANTS[case]
+    manifest, root, outside = world(A)
+    root.mkdir()
+    plant(root, where, lambda p: how(p, outside))
+    before = snapshot(root, outside)
+    assert_refused(apply(manifest, root), before, root, outside, words=words)
+    assert_refused(apply(manifest, root, "--dry-run"), before, root, outside, words=words)
+
+
+@pytest.mark.parametrize("case", ["symlinked qubes-rpc directory", "foreign executable service", "dangling symlink",
+                                  "symlinked record directory"])
+def test_planted_paths_after_a_first_apply_are_refused(
+        world: Callable[[str], tuple[Path, Path, Path]], case: str) -> None:
+    """The same attacks against a tree apply already manages (the B update would touch them)."""
+    where, how, _ = PLANTS[case]
+    manifest_a, root, outside = world(A)
+    assert apply(manifest_a, root).returncode == 0
+    target = root / where
+    if target.is_dir() and not target.is_symlink():
+        os.rename(target, outside / "moved-away")
+    elif target.exists() or target.is_symlink():
+        target.unlink()
+    plant(root, where, lambda p: how(p, outside))
+    manifest_a.write_text(B)
+    before = snapshot(root, outside)
+    assert_refused(apply(manifest_a, root), before, root, outside, words="conflict")
+
+
+def test_edited_ownership_record_cannot_point_outside(world: Callable[[str], tuple[Path, Path, Path]]) -> None:
+    """A record naming paths outside the layout's directories (``..``, other directories) is
+    never acted on, even when the content there matches the recorded digest."""
+    manifest, root, outside = world(A)
+    assert apply(manifest, root).returncode == 0
+    record_path = root / RECORD
+    record = json.loads(record_path.read_text())
+    victim_digest = hashlib.sha256((outside / "victim").read_bytes()).hexdigest()
+    depth = len(root.parts) + 2
+    escape = "/etc/qubes-rpc/" + "../" * depth + str(outside / "victim").lstrip("/")
+    record["owned"][escape] = [victim_digest]
+    record["owned"]["/etc/passwd"] = [hashlib.sha256(b"").hexdigest()]
+    plant(root, "etc/passwd", lambda p: p.write_text(""))
+    record_path.write_text(json.dumps(record))
+    before = snapshot(root, outside)
+    result = apply(manifest, root)
+    assert (outside / "victim").read_text() == "precious\n"
+    assert (root / "etc/passwd").exists()
+    assert_refused(result, before, root, outside, words="ownership record")
+
+
+def test_unreadable_or_foreign_record_is_refused(world: Callable[[str], tuple[Path, Path, Path]]) -> None:
+    manifest, root, outside = world(A)
+    for text in ("not json", "[]", '{"owned": 3}', '{"owned": {"/etc/qubes-rpc/x": 5}}'):
+        plant(root, RECORD, lambda p, t=text: p.write_text(t))  # type: ignore[misc]
+        before = snapshot(root, outside)
+        result = apply(manifest, root)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, (text, result.stderr)
+        assert snapshot(root, outside) == before
+
+
+# --- concurrency ---------------------------------------------------------------------------
+
+def test_apply_waits_for_the_lock(world: Callable[[str], tuple[Path, Path, Path]]) -> None:
+    manifest, root, outside = world(A)
+    root.mkdir()
+    before = snapshot(root, outside)
+    env = {**os.environ, "PYTHONPATH": f"{Path(__file__).resolve().parent.parent}"}
+    with install.locked():
+        proc = subprocess.Popen([sys.executable, "-m", "qubes_socksvc", "apply", "-c", str(manifest),
+                                 "--root", str(root)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            time.sleep(1.5)
+            assert proc.poll() is None, "apply did not wait for the lock"
+            assert snapshot(root, outside) == before, "apply wrote while another held the lock"
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out + err
+    assert apply(manifest, root).stdout.endswith("up to date, nothing to do\n")
+
+
+def test_concurrent_applies_are_serialised(world: Callable[[str], tuple[Path, Path, Path]], tmp_path: Path) -> None:
+    """Eight applies of two manifests race on one tree: all succeed (no interleaving makes a
+    conflict), the tree ends exactly as one of them left it, and the next apply converges.
+    (Two manifest files here, so each rendering names its own.)"""
+    manifest_a, root, _ = world(A)
+    manifest_b = tmp_path / "b" / "m.yaml"
+    manifest_b.parent.mkdir()
+    manifest_b.write_text(B)
+    env = {**os.environ, "PYTHONPATH": f"{Path(__file__).resolve().parent.parent}"}
+    procs = [subprocess.Popen([sys.executable, "-m", "qubes_socksvc", "apply", "-c", str(m), "--root", str(root)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for m in [manifest_a, manifest_b] * 4]
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, out + err
+    final = relative(snapshot(root), root)
+    ref_a, ref_b = reference(manifest_a, A)[0], reference(manifest_b, B)[0]
+    # The record differs with the history; the artifacts must be exactly one manifest's.
+    assert artifact_states(final) in (artifact_states(ref_a), artifact_states(ref_b)), "a mixed tree"
+    assert apply(manifest_a, root).returncode == 0
+    assert artifact_states(relative(snapshot(root), root)) == artifact_states(ref_a)
+    assert not [p for p in final if p.endswith(".socksvc-tmp")]
+
+
+# --- crashes -------------------------------------------------------------------------------
+
+#: The file-system operations apply makes; the crash comes just before the k-th of them.
+CRASH_POINTS = ("rename", "symlink", "unlink", "write", "fsync", "makedirs")
+
+
+def crash_apply(manifest: Path, root: Path, k: int) -> bool:
+    """Fork; in the child run apply and SIGKILL it just before its k-th file-system operation.
+    True if the child was killed, False if apply finished with fewer operations."""
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            count = 0
+
+            def wrap(name: str) -> Callable[..., Any]:
+                real = getattr(os, name)
+
+                def wrapper(*args: Any, **kwargs: Any) -> Any:
+                    nonlocal count
+                    count += 1
+                    if count == k:
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    return real(*args, **kwargs)
+
+                return wrapper
+
+            for name in CRASH_POINTS:
+                setattr(os, name, wrap(name))
+            with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
+                code = cli.main(["apply", "-c", str(manifest), "--root", str(root)])
+            os._exit(code)
+        finally:
+            os._exit(99)
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status):
+        assert os.WTERMSIG(status) == signal.SIGKILL
+        return True
+    assert os.WEXITSTATUS(status) == 0, f"apply failed with {os.WEXITSTATUS(status)} (not a crash)"
+    return False
+
+
+def artifact_states(snap: Snapshot) -> dict[str, tuple[str, ...]]:
+    """The artifact paths of a relative snapshot (no directories, no temporary files, no record)."""
+    return {k: v for k, v in snap.items()
+            if v[0] != "dir" and not k.endswith(".socksvc-tmp") and k != RECORD}
+
+
+def record(root: Path) -> dict[str, list[str]]:
+    return json.loads((root / RECORD).read_text())["owned"]  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("history, target", [((), A), ((A,), B), ((B,), A)], ids=["fresh", "A-to-B", "B-to-A"])
+def test_crash_at_every_point_is_repaired_by_the_next_apply(
+        world: Callable[[str], tuple[Path, Path, Path]], tmp_path: Path,
+        history: tuple[str, ...], target: str) -> None:
+    manifest = world(target)[0]
+    start = tmp_path / "start"
+    if history:
+        _, start_root = reference(manifest, *history)
+        subprocess.run(["cp", "-a", str(start_root), str(start)], check=True)
+    start.mkdir(exist_ok=True)
+    old = artifact_states(relative(snapshot(start), start))
+    expected, expected_root = reference(manifest, *history, target)
+    expected_record = record(expected_root)
+    new = artifact_states(expected)
+
+    crashes = 0
+    for k in range(1, 500):
+        root = tmp_path / f"crash{k}"
+        subprocess.run(["cp", "-a", str(start), str(root)], check=True)
+        if not crash_apply(manifest, root, k):
+            break
+        crashes += 1
+        # Atomic per path: every artifact is entirely old or entirely new.
+        now = artifact_states(relative(snapshot(root), root))
+        for path in set(old) | set(new) | set(now):
+            assert now.get(path) in (old.get(path), new.get(path)), f"crash at {k}: {path} is half-written"
+        code, output = apply_in_process(manifest, root)
+        assert code == 0, f"crash at {k}: the next apply failed:\n{output}"
+        assert relative(snapshot(root), root) == expected, f"crash at {k}: not repaired:\n{output}"
+        assert record(root) == expected_record, f"crash at {k}: the ownership record was not narrowed"
+        code, output = apply_in_process(manifest, root)
+        assert code == 0 and output.endswith("up to date, nothing to do\n"), output
+        subprocess.run(["rm", "-rf", str(root)], check=True)
+    else:
+        pytest.fail("apply never finished: crash points not counted")
+    assert crashes >= 10, f"only {crashes} crash points: the injection does not reach apply's writes"
+
+
+@contextlib.contextmanager
+def failing_rename(after: int) -> Iterator[None]:
+    """os.rename raises (as on EIO or a full disk) after ``after`` successful calls."""
+    real = os.rename
+    calls = 0
+
+    def rename(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls > after:
+            raise OSError(5, "Input/output error (injected)")
+        real(src, dst, *args, **kwargs)
+
+    os.rename = rename  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        os.rename = real
+
+
+@pytest.mark.parametrize("after", [0, 1, 3, 6])
+def test_io_error_mid_apply_is_reported_and_repaired(
+        world: Callable[[str], tuple[Path, Path, Path]], tmp_path: Path, after: int) -> None:
+    manifest, root, _ = world(A)
+    with failing_rename(after):
+        code, output = apply_in_process(manifest, root)
+    assert code == 1 and "Input/output error (injected)" in output and "Traceback" not in output, output
+    code, output = apply_in_process(manifest, root)
+    assert code == 0, output
+    assert relative(snapshot(root), root) == reference(manifest, A)[0]
+
+
+def test_interrupted_apply_leaves_no_claim_on_paths_it_gave_up(
+        world: Callable[[str], tuple[Path, Path, Path]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: an apply that died after its last write but before narrowing the record left
+    the record wide, and the next apply ("up to date") never narrowed it: the record still
+    claimed alpha.Gone, which B removed, so a package's executable service installed there
+    later was a conflict, and every apply of B failed from then on."""
+    manifest, root, _ = world(A)
+    assert apply(manifest, root).returncode == 0
+    manifest.write_text(B)
+    real_save = install._save_state
+    saves = 0
+
+    def dies_at_the_second_save(*args: Any) -> None:
+        nonlocal saves
+        saves += 1
+        if saves == 2:
+            raise KeyboardInterrupt  # killed before the record is narrowed
+        real_save(*args)
+
+    monkeypatch.setattr(install, "_save_state", dies_at_the_second_save)
+    with pytest.raises(KeyboardInterrupt):
+        apply_in_process(manifest, root)
+    monkeypatch.setattr(install, "_save_state", real_save)
+    assert "/etc/qubes-rpc/alpha.Gone" in record(root)
+    code, output = apply_in_process(manifest, root)
+    assert code == 0 and output.endswith("up to date, nothing to do\n"), output
+    assert "/etc/qubes-rpc/alpha.Gone" not in record(root)
+    plant(root, f"{RPC}/alpha.Gone", lambda p: (p.write_text("#!/bin/sh\necho packaged\n"), p.chmod(0o755)))
+    code, output = apply_in_process(manifest, root)
+    assert code == 0, output
+    assert (root / RPC / "alpha.Gone").read_text() == "#!/bin/sh\necho packaged\n"
