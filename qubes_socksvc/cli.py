@@ -101,7 +101,7 @@ def cmd_call(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     _setup_logging(args.daemon)
-    if os.geteuid() == 0:
+    if 0 in os.getresuid():  # a root real or saved UID lets a handler take root back
         logging.error("refusing to run as root: qrexec socket services run as a user; "
                       "enable the socket with 'systemctl --user enable --now qubes-socksvc-%s.socket'", args.daemon)
         return EXIT_FAILED

@@ -1,0 +1,214 @@
+"""Privilege (issue 6, part 4): the daemon refuses root, its sockets are never open to others,
+and the rendered units carry the hardening directives SECURITY.md documents.
+
+Whether each directive is accepted and in force under a real ``systemd --user`` is
+checked by tests/test_e2e_systemd.py; here we check that it is rendered at all.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import socket
+import stat
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from qubes_socksvc import manifest, render, server
+from qubes_socksvc.manifest import ManifestError
+from tests.conftest import REPO, TESTS, RunningDaemon, world_dir
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch users")
+
+PRIV_MANIFEST = """\
+version: 1
+daemons:
+  p:
+    idle_exit: 0
+    socket_mode: "{mode}"
+    services:
+      p.Echo:
+        handler: qubes_socksvc.examples:echo
+      p.Marker:
+        handler: hostile_handlers:leaks_nothing
+      p.Raw:
+        handler: qubes_socksvc.examples:echo
+        service_descriptor: false
+"""
+
+#: What templates/service.j2 renders into [Service]; SECURITY.md explains each, and the ones left out.
+HARDENING = {
+    "NoNewPrivileges": "yes",
+    "LockPersonality": "yes",
+    "RestrictRealtime": "yes",
+    "RestrictSUIDSGID": "yes",
+    "SystemCallArchitectures": "native",
+}
+
+
+def serve(manifest_path: Path, bind_dir: Path, preexec: Callable[[], None] | None = None,
+          **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "qubes_socksvc", "serve", "p", "-c", str(manifest_path), "--bind-dir", str(bind_dir)],
+        env={"PYTHONPATH": f"{REPO}:{TESTS}", "PATH": "/usr/bin:/bin", "HOME": "/tmp"},
+        capture_output=True, text=True, timeout=30, preexec_fn=preexec, cwd="/", **kwargs)
+
+
+# --- the daemon refuses root ---------------------------------------------------------------
+
+@needs_root
+@pytest.mark.parametrize("uids", [(0, 0, 0), (65534, 0, 0), (0, 65534, 65534)],
+                         ids=["root", "effective-root", "real-root"])
+def test_daemon_refuses_any_root_uid(uids: tuple[int, int, int]) -> None:
+    """Refused before binding anything, for a root real or effective UID: with a root real UID a
+    handler could take root back (setresuid).  (exec copies the effective UID to the saved one.)"""
+    bind_dir = world_dir("socksvc-priv-")
+    manifest_path = bind_dir / "m.yaml"
+    manifest_path.write_text(PRIV_MANIFEST.format(mode="0660"))
+    try:
+        result = serve(manifest_path, bind_dir, preexec=lambda: os.setresuid(*uids))
+        assert result.returncode == 1, result.stderr
+        assert "refusing to run as root" in result.stderr
+        assert sorted(p.name for p in bind_dir.iterdir()) == ["m.yaml"], "bound a socket before refusing"
+    finally:
+        subprocess.run(["rm", "-rf", str(bind_dir)], check=True)
+
+
+# --- sockets -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["0666", "0662", "0661", "0664", "0777", "0707", "0601", "666", "4660", "0o660",
+                                  "660 ", "-1", "0660\n"])
+def test_manifest_refuses_world_accessible_or_odd_modes(mode: str) -> None:
+    with pytest.raises(ManifestError, match="socket_mode"):
+        manifest.parse(PRIV_MANIFEST.format(mode=mode.replace("\n", "\\n")), "/etc/qubes-socksvc.yaml")
+
+
+@pytest.mark.parametrize("path", ["/tmp/x.sock", "/run/user/1000/x.sock", "/run/qubes/../x.sock",
+                                  "/var/run/qubes/x.sock", "run/qubes/x.sock", "/run/qubes/sub/x.sock", "/run/qubes/x"])
+def test_manifest_refuses_sockets_outside_qrexecs_directory(path: str) -> None:
+    """Outside /run/qubes (2770 root:qubes) another user could squat the path or reach the socket."""
+    text = PRIV_MANIFEST.format(mode="0660").replace('    socket_mode: "0660"\n', f"    socket: '{path}'\n")
+    with pytest.raises(ManifestError, match="socket"):
+        manifest.parse(text, "/etc/qubes-socksvc.yaml")
+
+
+@needs_root
+@pytest.mark.parametrize("mode", ["0660", "0600", "0640", "0770"])
+def test_bound_sockets_have_the_declared_mode_and_nothing_for_others(
+        start_daemon: type[RunningDaemon], mode: str) -> None:
+    daemon = start_daemon(PRIV_MANIFEST.format(mode=mode), "p")
+    sockets = sorted(daemon.bind_dir.iterdir())
+    assert [p.name for p in sockets] == ["socksvc-p.Raw.sock", "socksvc-p.sock"]
+    for path in sockets:
+        st = path.lstat()
+        assert stat.S_ISSOCK(st.st_mode)
+        assert stat.S_IMODE(st.st_mode) == int(mode, 8), (path, oct(st.st_mode))
+        assert st.st_mode & 0o007 == 0
+        assert st.st_uid == pwd.getpwnam("nobody").pw_uid
+
+
+def try_connect(path: str, uid: int, gid: int, groups: list[int]) -> str:
+    code = ("import socket, sys\ns = socket.socket(socket.AF_UNIX)\n"
+            "try:\n    s.connect(sys.argv[1])\nexcept PermissionError:\n    print('refused')\n"
+            "else:\n    s.sendall(b'p.Echo work\\0hello'); s.shutdown(socket.SHUT_WR); print(s.recv(100).decode())\n")
+    result = subprocess.run([sys.executable, "-c", code, path], user=uid, group=gid, extra_groups=groups,
+                            capture_output=True, text=True, timeout=30, cwd="/")
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+@needs_root
+def test_only_owner_and_group_can_connect(start_daemon: type[RunningDaemon]) -> None:
+    """0660: a user outside the socket's group is refused by the kernel; a member gets through."""
+    daemon = start_daemon(PRIV_MANIFEST.format(mode="0660"), "p")
+    socket_gid = daemon.bind_dir.joinpath("socksvc-p.sock").lstat().st_gid
+    outsider = pwd.getpwnam("daemon")
+    assert socket_gid not in (outsider.pw_gid, *os.getgrouplist(outsider.pw_name, outsider.pw_gid))
+    assert try_connect(daemon.socket(), outsider.pw_uid, outsider.pw_gid, []) == "refused"
+    assert try_connect(daemon.socket("socksvc-p.Raw.sock"), outsider.pw_uid, outsider.pw_gid, []) == "refused"
+    assert try_connect(daemon.socket(), outsider.pw_uid, outsider.pw_gid, [socket_gid]) == "hello"
+
+
+@needs_root
+def test_socket_is_never_world_accessible_not_even_while_binding(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The umask is narrowed before bind(): the socket is born with the declared mode, so there is
+    no window between bind() and chmod() in which others could connect (here with umask 0)."""
+    daemon = manifest.parse(PRIV_MANIFEST.format(mode="0660"), "/etc/qubes-socksvc.yaml").daemons["p"]
+    seen: list[tuple[str, int]] = []
+    real_chmod, real_listen = os.chmod, socket.socket.listen
+
+    def chmod(path: Any, mode: int, *args: Any, **kwargs: Any) -> None:
+        seen.append((str(path), os.lstat(path).st_mode))
+        real_chmod(path, mode, *args, **kwargs)
+
+    def listen(self: socket.socket, *args: Any) -> None:
+        name = self.getsockname()
+        seen.append((name, os.lstat(name).st_mode))
+        real_listen(self, *args)
+
+    monkeypatch.setattr(os, "chmod", chmod)
+    monkeypatch.setattr(socket.socket, "listen", listen)
+    old_umask = os.umask(0)
+    try:
+        listeners = server.bind_sockets(daemon, str(tmp_path))
+        assert os.umask(0) == 0, "bind_sockets did not restore the umask"
+    finally:
+        os.umask(old_umask)
+    for sock, _ in listeners:
+        sock.close()
+    assert len(seen) >= 4, seen  # chmod and listen, for both sockets
+    for path, mode in seen:
+        assert mode & 0o007 == 0, f"{path} was {oct(mode)} at some point"
+
+
+def test_rendered_socket_units_keep_others_out() -> None:
+    parsed = manifest.parse(PRIV_MANIFEST.format(mode="0660"), "/etc/qubes-socksvc.yaml")
+    units = {a.path: a.content for a in render.render(parsed, render.Layout.for_manifest(parsed))
+             if a.content is not None}
+    text = units["/etc/systemd/user/qubes-socksvc-p.socket"]
+    assert text is not None
+    directives = unit_directives(text, "Socket")
+    assert directives["SocketMode"] == ["0660"] and directives["SocketGroup"] == ["qubes"]
+    assert sorted(directives["ListenStream"]) == ["/run/qubes/socksvc-p.Raw.sock", "/run/qubes/socksvc-p.sock"]
+    assert "SocketUser" not in directives  # the user manager's own user owns it
+    assert unit_directives(text, "Unit")["ConditionUser"] == ["!root"]
+
+
+# --- hardening in the rendered units ---------------------------------------------------------
+
+def unit_directives(text: str, section: str) -> dict[str, list[str]]:
+    body = text.split(f"[{section}]\n", 1)[1].split("\n[", 1)[0]
+    result: dict[str, list[str]] = {}
+    for line in body.splitlines():
+        if line and not line.startswith("#") and "=" in line:
+            key, value = line.split("=", 1)
+            result.setdefault(key, []).append(value)
+    return result
+
+
+@pytest.mark.parametrize("local", [False, True], ids=["etc", "usr-local"])
+def test_rendered_service_units_carry_the_hardening(local: bool) -> None:
+    path = "/usr/local/etc/qubes-socksvc.yaml" if local else "/etc/qubes-socksvc.yaml"
+    parsed = manifest.parse(PRIV_MANIFEST.format(mode="0660"), path)
+    layout = render.Layout.for_manifest(parsed)
+    units = {a.path: a.content for a in render.render(parsed, layout) if a.content is not None}
+    text = units[f"{layout.unit_dir}/qubes-socksvc-p.service"]
+    assert text is not None
+    service = unit_directives(text, "Service")
+    for key, value in HARDENING.items():
+        assert service.get(key) == [value], f"{key}={value} missing from the rendered unit"
+    assert unit_directives(text, "Unit")["ConditionUser"] == ["!root"]
+    # Nothing that would run the daemon with more privilege than the user manager's user.
+    for key in ("User", "Group", "SupplementaryGroups", "AmbientCapabilities", "CapabilityBoundingSet",
+                "PermissionsStartOnly", "ExecStartPre", "ExecStartPost"):
+        assert key not in service, f"{key}= in a user unit"
+    (exec_start,) = service["ExecStart"]
+    assert exec_start[0] not in "+!@-:", f"ExecStart= with a privilege prefix: {exec_start}"
+    assert exec_start.split()[2:5] == ["qubes_socksvc", "serve", "p"]
+
