@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 import socket
 import stat
 import subprocess
@@ -212,3 +213,22 @@ def test_rendered_service_units_carry_the_hardening(local: bool) -> None:
     assert exec_start[0] not in "+!@-:", f"ExecStart= with a privilege prefix: {exec_start}"
     assert exec_start.split()[2:5] == ["qubes_socksvc", "serve", "p"]
 
+
+
+def test_hardening_table_in_security_md_matches_the_template() -> None:
+    """SECURITY.md documents exactly the directives the template renders."""
+    text = (REPO / "SECURITY.md").read_text()
+    template = (REPO / "templates/service.j2").read_text()
+    for key, value in HARDENING.items():
+        assert f"{key}={value}" in template
+        assert f"`{key}={value}`" in text, f"SECURITY.md does not document {key}={value}"
+
+
+def test_security_md_names_only_existing_tests() -> None:
+    """The hostile-case tables of SECURITY.md point at tests that exist (and there are many)."""
+    text = (REPO / "SECURITY.md").read_text()
+    named = set(re.findall(r"`(tests/[a-z0-9_]+\.py)::(test_[a-z0-9_]+)`", text))
+    assert len(named) >= 50, len(named)
+    for path, name in sorted(named):
+        source = (REPO / path).read_text()
+        assert re.search(rf"^def {name}\(", source, re.M), f"SECURITY.md names {path}::{name}, which does not exist"
