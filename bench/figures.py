@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -126,10 +127,10 @@ class Bench:
                 vs_exec.append(e / got[daemon.name])
             rows = [
                 Row("1a", f"warm call, {len(SMALL_INPUT)} B echo: median latency", seconds(median(d_med)),
-                    f"floor {seconds(median(f_med))}", ratio(median(vs_floor)), "≤ 1.3× floor",
+                    f"floor {seconds(median(f_med))}", ratio(median(vs_floor)), "≤ 1.3x floor",
                     judge(median(vs_floor) <= 1.3)),
                 Row("1b", "warm call vs one process per call", seconds(median(d_med)),
-                    f"exec {seconds(median(e_med))}", f"{ratio(median(vs_exec))} faster", "≥ 60× faster",
+                    f"exec {seconds(median(e_med))}", f"{ratio(median(vs_exec))} faster", "≥ 60x faster",
                     judge(median(vs_exec) >= 60)),
             ]
             rows += self._concurrent(daemon, floor)
@@ -165,10 +166,10 @@ class Bench:
         total = sum(x.calls for x in d)
         d_p99 = median([percentile(x.latencies, 0.99) for x in d])
         f_p99 = median([percentile(x.latencies, 0.99) for x in f])
-        title = f"{s.callers} concurrent callers × {s.calls_each} calls"
+        title = f"{s.callers} concurrent callers x {s.calls_each} calls"
         return [
             Row("2a", f"{title}: calls/s", f"{median([x.rate for x in d]):,.0f}/s",
-                f"floor {median([x.rate for x in f]):,.0f}/s", ratio(median(rates)), "≥ 0.8× floor",
+                f"floor {median([x.rate for x in f]):,.0f}/s", ratio(median(rates)), "≥ 0.8x floor",
                 judge(median(rates) >= 0.8 and d_correct == total)),
             Row("2b", f"{title}: p99 latency", seconds(d_p99), f"floor {seconds(f_p99)}", ratio(d_p99 / f_p99),
                 "reported", REPORTED),
@@ -201,23 +202,34 @@ class Bench:
                     finally:
                         daemon.stop()
                 else:
-                    socat = start_socat(self.work, self._tag(), socat_block)
-                    try:
-                        got[which] = client.stream(socat.socket, DESCRIPTOR, s.stream_bytes, block,
-                                                   expect_prefix=DESCRIPTOR)
-                    finally:
-                        socat.stop()
+                    got[which] = self._socat_stream(block, socat_block)
             d_rate.append(got["daemon"])
             ref_rate.append(got["socat"])
             ratios.append(got["daemon"] / got["socat"])
         size = f"{s.stream_bytes >> 30} GiB" if s.stream_bytes >= 1 << 30 else f"{s.stream_bytes >> 20} MiB"
         return [
             Row("3a", f"stream {size} through example.Echo: throughput", rate(median(d_rate)),
-                f"socat -b{socat_block} {rate(median(ref_rate))}", ratio(median(ratios)), "≥ 0.5× socat",
+                f"socat relay {rate(median(ref_rate))}", ratio(median(ratios)), "≥ 0.5x socat",
                 judge(median(ratios) >= 0.5)),
             Row("3b", f"stream {size}: daemon peak RSS growth", mib(max(growth)), "limit 16.0 MiB",
                 "", "≤ 16 MiB", judge(max(growth) <= 16 * 1024)),
         ]
+
+    def _socat_stream(self, block: bytes, socat_block: int) -> float:
+        tag = self._tag()
+        sink_path = str(self.work.path / f"sink-{tag}.sock")
+        sink = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sink.bind(sink_path)
+            os.chmod(sink_path, 0o777)  # socat runs unprivileged
+            sink.listen(1)
+            socat = start_socat(self.work, tag, socat_block, sink_path)
+            try:
+                return client.stream(socat.socket, b"", self.sizes.stream_bytes, block, relay=sink)
+            finally:
+                socat.stop()
+        finally:
+            sink.close()
 
     # --- 4: a cold call through real socket activation ------------------------------
 
@@ -232,7 +244,7 @@ class Bench:
         elif shutil.which("setpriv") is None:
             problem = "setpriv is not installed (Debian package util-linux)"
         if problem is not None:
-            return [Row("4", "cold call via systemd-socket-activate", "n/a", problem, "", "≤ 1.5×", VOID)], []
+            return [Row("4", "cold call via systemd-socket-activate", "n/a", problem, "", "≤ 1.5x", VOID)], []
         created = not os.path.isdir(SOCKET_DIR)
         if created:
             os.makedirs(SOCKET_DIR, mode=0o755)
@@ -252,7 +264,7 @@ class Bench:
             if created:
                 shutil.rmtree(SOCKET_DIR, ignore_errors=True)
         rows = [Row("4", "cold call via systemd-socket-activate: first reply", seconds(median(cold)),
-                    f"python3 -c 'import asyncio' {seconds(median(ref))}", ratio(median(ratios)), "≤ 1.5×",
+                    f"python3 -c 'import asyncio' {seconds(median(ref))}", ratio(median(ratios)), "≤ 1.5x",
                     judge(median(ratios) <= 1.5))]
         return rows, modules
 
@@ -332,7 +344,7 @@ class Bench:
             f_rss.append(f)
             ratios.append(d / f)
         return [Row("5", "idle daemon RSS (after a call)", mib(median(d_rss)), f"floor {mib(median(f_rss))}",
-                    ratio(median(ratios)), "≤ 1.3× floor", judge(median(ratios) <= 1.3))]
+                    ratio(median(ratios)), "≤ 1.3x floor", judge(median(ratios) <= 1.3))]
 
     # --- 6: apply on a large manifest -----------------------------------------------
 

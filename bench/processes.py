@@ -57,7 +57,7 @@ def child_env(**extra: str) -> dict[str, str]:
 def precompile() -> None:
     """Byte-compile the package as its installation would, so no run pays for compiling."""
     compileall.compile_dir(str(REPO / "qubes_socksvc"), quiet=1)
-    if SYSTEM_PYTHON != sys.executable:
+    if sys.executable != SYSTEM_PYTHON:
         subprocess.run([SYSTEM_PYTHON, "-m", "compileall", "-q", str(REPO / "qubes_socksvc")],
                        check=True, stdout=subprocess.DEVNULL)
 
@@ -102,9 +102,9 @@ class Process:
         privileges: dict[str, object] = {}
         if drop and as_root():
             privileges = {"user": uid, "group": gid, "extra_groups": []}
-        self.proc = subprocess.Popen(list(argv), env=env or child_env(), stdin=subprocess.DEVNULL,
-                                     stdout=self._log_file, stderr=subprocess.STDOUT, cwd="/",
-                                     **privileges)  # type: ignore[call-overload]
+        self.proc: subprocess.Popen[bytes] = subprocess.Popen(
+            list(argv), env=env or child_env(), stdin=subprocess.DEVNULL, stdout=self._log_file,
+            stderr=subprocess.STDOUT, cwd="/", **privileges)  # type: ignore[call-overload]
         self.pid = self.proc.pid
 
     def wait_listening(self) -> Process:
@@ -166,11 +166,16 @@ def start_floor(work: Workdir, tag: str) -> Process:
                    work.path / f"floor-{tag}.log").wait_listening()
 
 
-def start_socat(work: Workdir, tag: str, block: int) -> Process:
-    """socat echoing one connection through a pipe: raw byte relaying, in C."""
+def start_socat(work: Workdir, tag: str, block: int, forward_to: str) -> Process:
+    """socat relaying one connection to ``forward_to``: raw byte relaying, in C.
+
+    (An echo through socat's ``PIPE`` deadlocks on large streams: socat blocks
+    writing into its own full pipe.  Relaying to a second socket carries the
+    same bytes in and out without that trap.)
+    """
     socat = shutil.which("socat")
     if socat is None:
         raise BenchError("socat is not installed (apt-get install socat, or make setup-test)")
     path = str(work.path / f"socat-{tag}.sock")
-    return Process("socat", [socat, "-b", str(block), f"UNIX-LISTEN:{path}", "PIPE"], path,
-                   work.path / f"socat-{tag}.log").wait_listening()
+    argv = [socat, "-b", str(block), f"UNIX-LISTEN:{path}", f"UNIX-CONNECT:{forward_to}"]
+    return Process("socat", argv, path, work.path / f"socat-{tag}.log").wait_listening()

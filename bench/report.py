@@ -6,6 +6,7 @@ import datetime
 import os
 import platform
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 MET, NOT_YET, REPORTED, VOID = "met", "NOT YET", "reported", "VOID"
@@ -22,11 +23,11 @@ class Row:
     verdict: str = REPORTED
 
 
-def median(values: list[float]) -> float:
+def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 
 
-def percentile(values: list[float], fraction: float) -> float:
+def percentile(values: Sequence[float], fraction: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
@@ -48,7 +49,7 @@ def rate(bytes_per_second: float) -> str:
 
 
 def ratio(value: float) -> str:
-    return f"{value:.2f}×" if value < 10 else f"{value:.0f}×"
+    return f"{value:.2f}x" if value < 10 else f"{value:.0f}x"
 
 
 def judge(ok: bool) -> str:
@@ -70,7 +71,7 @@ def machine() -> str:
             mem = f"{int(f.readline().split()[1]) / (1 << 20):.0f} GiB RAM"
     except (OSError, ValueError, IndexError):
         mem = "? RAM"
-    load = ", load %.2f %.2f %.2f" % os.getloadavg() if hasattr(os, "getloadavg") else ""
+    load = ", load {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
     return f"{model}, {os.cpu_count()} CPUs, {mem}, Linux {platform.release()}{load}"
 
 
@@ -88,4 +89,4 @@ def table(rows: list[Row]) -> str:
 
 
 def now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")

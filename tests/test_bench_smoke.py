@@ -1,0 +1,23 @@
+"""`python -m bench --quick` runs and prints every figure of issue 5 (no timing is asserted)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+ROWS = ("1a", "1b", "2a", "2b", "2c", "3a", "3b", "4", "5", "6a", "6b")
+
+
+def test_bench_quick_prints_every_row() -> None:
+    result = subprocess.run([sys.executable, "-m", "bench", "--quick"], cwd=REPO, capture_output=True,
+                            text=True, timeout=60)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    rows = {m.group(1): m.group(0) for m in re.finditer(r"^\| (\w+) +\|.*$", result.stdout, re.MULTILINE)}
+    for row in ROWS:
+        assert row in rows, f"row {row} missing:\n{output}"
+        assert "| VOID" not in rows[row] or "needs root" in rows[row], output
+    assert "jinja2 not imported" in result.stdout or "needs root" in rows["4"], output
