@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import resource
 import signal
 import socket
@@ -74,6 +75,9 @@ daemons:
         handler: hostile_handlers:leaks_nothing
       h.Linger:
         handler: hostile_handlers:lingering_reply
+      h.Raw:
+        handler: qubes_socksvc.examples:echo
+        service_descriptor: false
 """
 
 #: How far RSS may stay above the baseline once a case is over (allocator slack).
@@ -254,6 +258,41 @@ def test_path_separators_and_traversal_are_refused(hostile: tuple[RunningDaemon,
     wait_for_log(daemon, "rejected call", len(TRAVERSAL))
     assert handler_calls(daemon) == calls, "a descriptor with a path reached a handler"
     assert "invalid service name or argument" in daemon.log_text()
+    assert_recovered(daemon, base)
+
+
+def test_no_descriptor_service_cannot_be_reached_through_the_descriptor_socket(
+        hostile: tuple[RunningDaemon, Baseline]) -> None:
+    """A service_descriptor: false service has its own socket; naming it in a descriptor on the
+    daemon's socket (with any argument) reaches nothing."""
+    daemon, base = hostile
+    calls = handler_calls(daemon)
+    for wire in (b"h.Raw work\0", b"h.Raw+ work\0", b"h.Raw+x work name dom0\0"):
+        assert daemon.call(wire, b"payload") == b"", wire
+    wait_for_log(daemon, "service h.Raw", 3)
+    assert handler_calls(daemon) == calls
+    assert raw_call(daemon.socket("socksvc-h.Raw.sock"), b"h.Echo work\0data") == b"h.Echo work\0data"
+    assert_recovered(daemon, base)
+
+
+def test_random_bytes_on_the_wire(hostile: tuple[RunningDaemon, Baseline]) -> None:
+    """Seeded random garbage, some of it descriptor-shaped, from many callers: each gets an answer
+    only if its descriptor was valid, and the daemon stays whole."""
+    daemon, base = hostile
+    rng = random.Random(6)
+    pieces = [b"h.Echo", b"h.Fields", b"+", b" ", b"\0", b"work", b"dom0", b"name", b"keyword", b"..", b"/",
+              b"\xff", b"\x1b", b"\n"]
+    for i in range(300):
+        if i % 2:
+            wire = rng.randbytes(rng.randrange(0, 200))
+        else:
+            wire = b"".join(rng.choice(pieces) for _ in range(rng.randrange(1, 12)))
+        reply = raw_call(daemon.socket(), wire, timeout=10)
+        head, nul, data = wire.partition(b"\0")
+        if reply:  # only a valid descriptor naming a declared service gets one
+            assert nul and head.split(b" ")[0].split(b"+")[0] in (b"h.Echo", b"h.Fields"), wire
+            if head.startswith(b"h.Echo"):
+                assert reply == data, wire
     assert_recovered(daemon, base)
 
 
