@@ -181,11 +181,18 @@ class Server:
     # --- connections -----------------------------------------------------
 
     async def _accept_loop(self, listener: socket.socket, service: Service | None) -> None:
+        """Take a slot only once a caller waits: an idle listener must not hold one, or a daemon
+        with several sockets would serve fewer calls than max_connections, and none at all on a
+        socket whose loop waits for a slot the others hold."""
         loop = asyncio.get_running_loop()
         while True:
+            await _readable(loop, listener)
             await self._slots.acquire()
             try:
-                conn, _ = await loop.sock_accept(listener)
+                conn, _ = listener.accept()
+            except BlockingIOError:  # the caller gave up meanwhile
+                self._slots.release()
+                continue
             except OSError as e:  # EMFILE and the like: wait and retry, never die
                 self._slots.release()
                 log.error("accept failed: %s", e)
@@ -314,6 +321,22 @@ class Server:
             if service is not None and service.service_descriptor:
                 return service
         return None
+
+
+async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    """Wait until ``sock`` is readable (for a listener: a caller waits in the backlog)."""
+    ready = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    fd = sock.fileno()  # kept: at shutdown the listener is closed before this task ends
+    loop.add_reader(fd, wake)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(fd)
 
 
 def notify(status: str) -> None:

@@ -490,6 +490,43 @@ def test_2000_connections_at_once(hostile: tuple[RunningDaemon, Baseline]) -> No
     assert_recovered(daemon, base)
 
 
+SEVERAL_SOCKETS = """\
+version: 1
+daemons:
+  s:
+    idle_exit: 0
+    max_connections: 2
+    services:
+      s.Slow:
+        handler: handlers:slow
+      s.RawA:
+        handler: qubes_socksvc.examples:echo
+        service_descriptor: false
+      s.RawB:
+        handler: qubes_socksvc.examples:echo
+        service_descriptor: false
+"""
+
+
+def test_idle_listeners_hold_no_slots(start_daemon: type[RunningDaemon]) -> None:
+    """Regression: each socket's accept loop took a max_connections slot before waiting for a
+    caller, so idle sockets held slots: with max_connections 2 and three sockets, calls to the
+    third socket were never accepted, and the daemon's socket served one call at a time."""
+    daemon = start_daemon(SEVERAL_SOCKETS, "s")
+    assert raw_call(daemon.socket("socksvc-s.RawB.sock"), b"b", timeout=5) == b"b"
+    assert raw_call(daemon.socket("socksvc-s.RawA.sock"), b"a", timeout=5) == b"a"
+    replies: list[bytes] = []
+    start = time.monotonic()
+    callers = [threading.Thread(target=lambda: replies.append(daemon.call(b"s.Slow+1 work\0", timeout=10)))
+               for _ in range(2)]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join(15)
+    assert replies == [b"done\n", b"done\n"]
+    assert time.monotonic() - start < 1.8, "the two slots were not both available to the daemon's socket"
+
+
 # --- handlers that misbehave ------------------------------------------------------------------
 
 @pytest.mark.parametrize("service, logged", [
