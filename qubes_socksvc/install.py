@@ -184,7 +184,9 @@ def _write_file(real: str, content: bytes, mode: int = 0o644) -> None:
         os.unlink(tmp)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     try:
-        os.write(fd, content)
+        view = memoryview(content)
+        while view:  # write() may take less than asked (a full disk, a signal)
+            view = view[os.write(fd, view):]
         os.fchmod(fd, mode)
         os.fsync(fd)
     finally:

@@ -469,3 +469,16 @@ def test_interrupted_apply_leaves_no_claim_on_paths_it_gave_up(
     code, output = apply_in_process(manifest, root)
     assert code == 0, output
     assert (root / RPC / "alpha.Gone").read_text() == "#!/bin/sh\necho packaged\n"
+
+
+def test_short_writes_never_install_a_truncated_file(
+        world: Callable[[str], tuple[Path, Path, Path]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """write() may take fewer bytes than asked (a nearly full disk, a signal): every file apply
+    renames into place must still be complete."""
+    manifest, root, _ = world(A)
+    real_write = os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: real_write(fd, bytes(data[:100])))
+    code, output = apply_in_process(manifest, root)
+    monkeypatch.setattr(os, "write", real_write)
+    assert code == 0, output
+    assert relative(snapshot(root), root) == reference(manifest, A)[0]
