@@ -517,14 +517,14 @@ def test_idle_listeners_hold_no_slots(start_daemon: type[RunningDaemon]) -> None
     assert raw_call(daemon.socket("socksvc-s.RawA.sock"), b"a", timeout=5) == b"a"
     replies: list[bytes] = []
     start = time.monotonic()
-    callers = [threading.Thread(target=lambda: replies.append(daemon.call(b"s.Slow+1 work\0", timeout=10)))
+    callers = [threading.Thread(target=lambda: replies.append(daemon.call(b"s.Slow+2 work\0", timeout=10)))
                for _ in range(2)]
     for caller in callers:
         caller.start()
     for caller in callers:
         caller.join(15)
     assert replies == [b"done\n", b"done\n"]
-    assert time.monotonic() - start < 1.8, "the two slots were not both available to the daemon's socket"
+    assert time.monotonic() - start < 3.5, "the two slots were not both available to the daemon's socket"
 
 
 # --- handlers that misbehave ------------------------------------------------------------------
