@@ -350,7 +350,16 @@ def crash_apply(manifest: Path, root: Path, k: int) -> bool:
             os._exit(code)
         finally:
             os._exit(99)
-    _, status = os.waitpid(pid, 0)
+    deadline = time.monotonic() + 60
+    while True:  # bounded: a child stuck on a lock inherited through fork() is killed
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail(f"apply with a crash at {k} hung")
+        time.sleep(0.005)
     if os.WIFSIGNALED(status):
         assert os.WTERMSIG(status) == signal.SIGKILL
         return True
