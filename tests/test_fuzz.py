@@ -204,8 +204,7 @@ def assert_renders_inside_its_directories(parsed: manifest.Manifest) -> None:
 @FUZZ
 @given(st.text(st.characters(blacklist_categories=("Cs",)), max_size=300))
 @example("")
-@example("[" * 100_000)
-@example("{a: " * 50_000)
+@example("[" * 5000)  # deeper nesting is tested in a subprocess: a regression would crash pytest
 @example("- " * 5000)
 @example("&a [*a]")
 @example("version: 1\ndaemons:\n  d: &x\n    services: {}\n  e: *x\n")
