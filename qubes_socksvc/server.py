@@ -120,7 +120,9 @@ class Server:
     def __init__(self, daemon: Daemon, registry: Registry | None = None) -> None:
         self.daemon = daemon
         self.registry = registry or Registry()
-        self._slots = asyncio.Semaphore(daemon.max_connections)
+        self._free = daemon.max_connections
+        self._listeners: list[Listener] = []
+        self._accepting = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
         self._last_activity = 0.0
@@ -134,7 +136,8 @@ class Server:
         self._last_activity = loop.time()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stop)
-        accepting = [loop.create_task(self._accept_loop(sock, service)) for sock, service in listeners]
+        self._listeners = listeners
+        self._watch_listeners()
         watchdog = loop.create_task(self._idle_watch()) if self.daemon.idle_exit > 0 else None
         status = f"serving {len(self.daemon.services)} services on {len(listeners)} sockets"
         log.info("daemon %s %s", self.daemon.name, status)
@@ -143,8 +146,8 @@ class Server:
         try:
             await self._stopping.wait()
         finally:
-            for task in accepting:
-                task.cancel()
+            self._pause_accepting()
+            self._listeners = []
             if watchdog is not None:
                 watchdog.cancel()
             for sock, _ in listeners:
@@ -180,35 +183,53 @@ class Server:
 
     # --- connections -----------------------------------------------------
 
-    async def _accept_loop(self, listener: socket.socket, service: Service | None) -> None:
-        """Take a slot only once a caller waits: an idle listener must not hold one, or a daemon
-        with several sockets would serve fewer calls than max_connections, and none at all on a
-        socket whose loop waits for a slot the others hold."""
+    # Accepting is a reader callback on each listener, the way asyncio's own servers accept: no
+    # future, task switch or epoll change per call (sock_accept() had all three).  A slot is
+    # taken only once a caller waits, so an idle listener holds none; with every slot taken,
+    # all listeners are unwatched and new callers wait in the backlog until a call ends.
+
+    def _watch_listeners(self) -> None:
         loop = asyncio.get_running_loop()
-        while True:
-            await _readable(loop, listener)
-            await self._slots.acquire()
+        for listener, service in self._listeners:
+            loop.add_reader(listener.fileno(), self._accept, listener, service)
+        self._accepting = True
+
+    def _pause_accepting(self) -> None:
+        if self._accepting:
+            loop = asyncio.get_running_loop()
+            for listener, _ in self._listeners:
+                loop.remove_reader(listener.fileno())
+            self._accepting = False
+
+    def _resume_accepting(self) -> None:
+        if not self._accepting and self._free > 0 and self._listeners and not self._stopping.is_set():
+            self._watch_listeners()
+
+    def _accept(self, listener: socket.socket, service: Service | None) -> None:
+        """Accept the callers waiting on ``listener``, while slots are free."""
+        loop = asyncio.get_running_loop()
+        while self._free > 0:
             try:
                 conn, _ = listener.accept()
-            except BlockingIOError:  # the caller gave up meanwhile
-                self._slots.release()
-                continue
+            except (BlockingIOError, InterruptedError):  # none left (or the caller gave up)
+                return
             except OSError as e:  # EMFILE and the like: wait and retry, never die
-                self._slots.release()
                 log.error("accept failed: %s", e)
-                await asyncio.sleep(0.1)
-                continue
-            except BaseException:
-                self._slots.release()
-                raise
+                self._pause_accepting()
+                loop.call_later(0.1, self._resume_accepting)
+                return
+            self._free -= 1
             task = loop.create_task(self._connection(conn, service))
             self._tasks.add(task)
             task.add_done_callback(self._done)
+        self._pause_accepting()
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
-        self._slots.release()
+        self._free += 1
         self._last_activity = asyncio.get_running_loop().time()
+        if not self._accepting:
+            self._resume_accepting()
 
     async def _connection(self, conn: socket.socket, bound: Service | None) -> None:
         loop = asyncio.get_running_loop()
@@ -321,22 +342,6 @@ class Server:
             if service is not None and service.service_descriptor:
                 return service
         return None
-
-
-async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
-    """Wait until ``sock`` is readable (for a listener: a caller waits in the backlog)."""
-    ready = loop.create_future()
-
-    def wake() -> None:
-        if not ready.done():
-            ready.set_result(None)
-
-    fd = sock.fileno()  # kept: at shutdown the listener is closed before this task ends
-    loop.add_reader(fd, wake)
-    try:
-        await ready
-    finally:
-        loop.remove_reader(fd)
 
 
 def notify(status: str) -> None:
