@@ -54,6 +54,17 @@ def child_env(**extra: str) -> dict[str, str]:
             "PYTHONPATH": str(REPO), "HOME": "/tmp", "LANG": "C.UTF-8", **extra}
 
 
+#: First on PYTHONPATH, it hides uvloop: the daemon then runs on asyncio's own loop.
+NO_UVLOOP = BENCH / "no_uvloop"
+
+
+def uvloop_version() -> str | None:
+    """The uvloop the system interpreter would give the daemon, if any."""
+    done = subprocess.run([SYSTEM_PYTHON, "-c", "import uvloop; print(uvloop.__version__)"], env=child_env(),
+                          capture_output=True, text=True)
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
 def precompile() -> None:
     """Byte-compile the package as its installation would, so no run pays for compiling."""
     compileall.compile_dir(str(REPO / "qubes_socksvc"), quiet=1)
@@ -149,14 +160,15 @@ class Process:
         return self.proc.returncode
 
 
-def start_daemon(work: Workdir, manifest: Path, daemon: str, socket_path: str, tag: str) -> Process:
+def start_daemon(work: Workdir, manifest: Path, daemon: str, socket_path: str, tag: str,
+                 pythonpath: str = str(REPO), name: str = "qubes-socksvc") -> Process:
     """``qubes-socksvc serve`` binding the manifest's ``socket_path`` in a directory of its own."""
     bind_dir = work.path / f"daemon-{tag}"
     bind_dir.mkdir()
     bind_dir.chmod(0o777)
     argv = [SYSTEM_PYTHON, "-m", "qubes_socksvc", "serve", daemon, "-c", str(manifest), "--bind-dir", str(bind_dir)]
-    return Process("qubes-socksvc", argv, str(bind_dir / os.path.basename(socket_path)),
-                   work.path / f"daemon-{tag}.log").wait_listening()
+    return Process(name, argv, str(bind_dir / os.path.basename(socket_path)), work.path / f"daemon-{tag}.log",
+                   env=child_env(PYTHONPATH=pythonpath)).wait_listening()
 
 
 def start_floor(work: Workdir, tag: str) -> Process:

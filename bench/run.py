@@ -15,7 +15,7 @@ GROUPS = {
     "2": ("warm_and_concurrent", ("1a", "1b", "2a", "2b", "2c")),
     "3": ("streaming", ("3a", "3b")),
     "4": ("cold", ("4",)),
-    "5": ("idle_rss", ("5",)),
+    "5": ("idle_rss", ("5a", "5b")),
     "6": ("apply", ("6a", "6b")),
 }
 
@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {machine()}")
     print(f"python: {processes.SYSTEM_PYTHON} {sys.version.split()[0]} (servers run as "
           f"{processes.UNPRIVILEGED if processes.as_root() else 'this user'})")
+    loops = [v.loop for v in bench.variants]
+    print(f"daemon event loop: {loops[0]}" + ("; rows marked * hide uvloop: the same daemon on asyncio's loop"
+                                               if len(loops) > 1 else " (python3-uvloop not installed)"))
     print()
     print(table(rows))
     print()

@@ -1,0 +1,3 @@
+"""Put first on PYTHONPATH by the bench: hides an installed uvloop, so the daemon runs on asyncio's loop."""
+
+raise ImportError("uvloop hidden by bench/no_uvloop for the stock-asyncio rows")
