@@ -213,6 +213,14 @@ def _check_socket(value: str) -> str | None:
     return None
 
 
+def _check_condition_user(value: str) -> str | None:
+    if not CONDITION_RE.match(value):
+        return 'expected a user name, UID or "@system", optionally after "!"'
+    if value in ("root", "0"):
+        return 'the daemon refuses to run as root; use "!root" or a user name'
+    return None
+
+
 def _pattern(regex: re.Pattern[str], expected: str) -> Callable[[Any], str | None]:
     return lambda value: None if regex.match(value) else f"expected {expected}"
 
@@ -226,7 +234,7 @@ DAEMON_FIELDS: dict[str, _Field] = {
     "socket": _Field("str", _check_socket),
     "socket_mode": _Field("str", _check_mode),
     "socket_group": _Field("str", _pattern(GROUP_RE, "a group name")),
-    "condition_user": _Field("str", _pattern(CONDITION_RE, 'a user name, UID or "@system", optionally after "!"')),
+    "condition_user": _Field("str", _check_condition_user),
     "condition_group": _Field("str", _pattern(CONDITION_RE, 'a group name or GID, optionally after "!"')),
     "idle_exit": _Field("number", _at_least(0)),
     "max_connections": _Field("int", _at_least(1)),
@@ -252,10 +260,11 @@ _KINDS: dict[str, tuple[tuple[type, ...], str]] = {
 
 
 def _fields(
-    node: yaml.Node, key: str, schema: dict[str, _Field], problems: _Problems, skip: tuple[str, ...] = ()
+    mapping: dict[str, tuple[yaml.Node, yaml.Node]], key: str, schema: dict[str, _Field], problems: _Problems,
+    skip: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     values: dict[str, Any] = {}
-    for name, (key_node, value_node) in _mapping(node, key, problems).items():
+    for name, (key_node, value_node) in mapping.items():
         if name in skip:
             continue
         spec = schema.get(name)
@@ -278,7 +287,7 @@ def _fields(
 
 def _service(node: yaml.Node, key: str, problems: _Problems, full_name: str) -> Service | None:
     before = len(problems.items)
-    values = _fields(node, key, SERVICE_FIELDS, problems)
+    values = _fields(_mapping(node, key, problems), key, SERVICE_FIELDS, problems)
     if "handler" not in values and len(problems.items) == before:
         problems.add(node, key, 'missing "handler: module:callable"')
     if len(problems.items) != before:
@@ -302,9 +311,9 @@ def _daemon(
 ) -> Daemon | None:
     """Validate one daemon; ``claimed`` maps services and sockets already declared to their owner."""
     before = len(problems.items)
-    values = _fields(node, key, DAEMON_FIELDS, problems, skip=("services",))
+    mapping = _mapping(node, key, problems)
+    values = _fields(mapping, key, DAEMON_FIELDS, problems, skip=("services",))
     services: dict[str, Service] = {}
-    mapping = _mapping(node, key, problems) if isinstance(node, yaml.MappingNode) else {}
     values.setdefault("socket", f"{qrexec.SOCKET_DIR}/socksvc-{name}.sock")
     socket_node = mapping["socket"][1] if "socket" in mapping else node
     _claim_socket(values["socket"], socket_node, f"{key}.socket", problems, claimed)

@@ -78,7 +78,11 @@ class RunningDaemon:
             env=env, stdout=self._log_file, stderr=subprocess.STDOUT,
             user=pw.pw_uid, group=pw.pw_gid, extra_groups=[], cwd="/",
         )
-        self.wait_listening()
+        try:
+            self.wait_listening()
+        except BaseException:
+            self.stop()
+            raise
 
     def socket(self, basename: str | None = None) -> str:
         return str(self.bind_dir / (basename or f"socksvc-{self.name}.sock"))

@@ -95,6 +95,10 @@ BAD = {
     "force_user with skip-service-descriptor": (
         GOOD + "        force_user: user\n        service_descriptor: false\n", "6:9", "demo.Echo",
         "force_user cannot be combined"),
+    "root daemon": (GOOD.replace("demo:\n", "demo:\n    condition_user: root\n"), "4:21",
+                    "daemons.demo.condition_user", "refuses to run as root"),
+    "duplicate daemon key reported once": (GOOD.replace("demo:\n", "demo:\n    idle_exit: 1\n    idle_exit: 2\n"),
+                                           "5:5", "daemons.demo.idle_exit", "duplicate key"),
     "not a mapping": ("version: 1\ndaemons: [a, b]\n", "2:10", "daemons", "expected a mapping"),
     "invalid yaml": ("version: 1\ndaemons: {a: [\n", "3:1", "", "invalid YAML"),
     "empty file": ("", "1:1", "", "manifest is empty"),
@@ -140,6 +144,12 @@ def test_bad_manifest_changes_nothing(case: str, tmp_path: Path) -> None:
         assert f"{bad}:" in result.stderr
         assert result.stdout == ""
     assert tree_digest(root) == before
+
+
+def test_a_duplicate_key_is_reported_once() -> None:
+    with pytest.raises(ManifestError) as error:
+        parse(GOOD.replace("demo:\n", "demo:\n    idle_exit: 1\n    idle_exit: 2\n"))
+    assert len(error.value.problems) == 1
 
 
 def test_all_problems_are_reported_at_once() -> None:
