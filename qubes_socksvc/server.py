@@ -15,6 +15,7 @@ import resource
 import signal
 import socket
 import stat
+import sys
 from collections.abc import Callable
 
 from . import descriptor, qrexec
@@ -314,8 +315,8 @@ class Server:
             request = Request(reader, writer, name, argument, None, max_input=service.max_input)
         fields = {"SERVICE": request.service, "SOURCE": request.source or "",
                   "TARGET": request.target or "", "TARGET_TYPE": request.target_type or ""}
-        log.info("call %s from %s%s", request.service, request.source or "(no descriptor)",
-                 f" to {request.target_type} {request.target}" if request.target else "", extra=fields)
+        _log_info("call %s from %s%s", request.service, request.source or "(no descriptor)",
+                  f" to {request.target_type} {request.target}" if request.target else "", extra=fields)
         try:
             handler = self.registry.get(service.handler)
             async with asyncio.timeout(service.timeout) if service.timeout else _NO_TIMEOUT:
@@ -349,6 +350,16 @@ class Server:
             if service is not None and service.service_descriptor:
                 return service
         return None
+
+
+def _log_info(msg: str, *args: object, extra: dict[str, str]) -> None:
+    """``log.info()`` without findCaller()'s walk up the stack: the same record (the caller's
+    file, line and function) for a quarter less.  The line every call logs, the largest
+    per-call cost left in Python once the loop is uvloop's."""
+    if log.isEnabledFor(logging.INFO):
+        frame = sys._getframe(1)
+        log.handle(log.makeRecord(log.name, logging.INFO, frame.f_code.co_filename, frame.f_lineno, msg, args,
+                                  None, frame.f_code.co_name, extra))
 
 
 def notify(status: str) -> None:
