@@ -15,7 +15,7 @@ VPY        := $(VENV)/bin/python
 # Debian packages the runtime needs (the .deb's Depends) ...
 RUNTIME_DEBS := python3 python3-venv python3-systemd python3-jinja2 python3-yaml systemd
 # ... and what the tests and package builds need on top.
-TEST_DEBS := $(RUNTIME_DEBS) systemd-container dbus-user-session debhelper dh-python python3-all \
+TEST_DEBS := $(RUNTIME_DEBS) python3-uvloop systemd-container dbus-user-session debhelper dh-python python3-all \
 	python3-setuptools python3-pip build-essential dpkg-dev devscripts lintian rpm socat procps \
 	util-linux passwd git make
 
