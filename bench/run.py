@@ -26,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", metavar="FIGURES", default="123456",
                         help="figures to run, e.g. 14 (default: all six)")
     args = parser.parse_args(argv)
+    if not args.only or set(args.only) - set(GROUPS):
+        parser.error(f"--only takes figure numbers among {''.join(GROUPS)}, e.g. --only 14")
     sizes = figures.QUICK if args.quick else figures.Sizes()
     started = time.monotonic()
     processes.raise_fd_limit()
