@@ -62,6 +62,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
     print(f"{manifest.path}: applied {len(plan.changes)} changes")
     if any(a.path.startswith(layout.unit_dir + "/") for a in plan.changes):
         print("units changed: users run 'systemctl --user daemon-reload' (or log in again)")
+    print("running daemons serve the new manifest after their idle exit, "
+          "or now with 'systemctl --user try-restart qubes-socksvc-NAME.service'")
     return EXIT_OK
 
 

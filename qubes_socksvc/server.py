@@ -128,7 +128,6 @@ class Server:
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
         self._last_activity = 0.0
-        self.calls = 0
 
     # --- lifecycle -------------------------------------------------------
 
@@ -243,7 +242,6 @@ class Server:
             conn.close()
             return
         writer = asyncio.StreamWriter(transport, protocol, reader, loop)
-        self.calls += 1
         clean = False
         try:
             clean = await self._call(reader, writer, bound)
