@@ -4,7 +4,7 @@ Every case ends with :func:`assert_recovered`: the daemon is alive, answers a
 normal call (async and plain handlers) correctly, holds exactly the file
 descriptors it held before (``/proc/PID/fd``), and its RSS is back near its
 baseline.  The daemon runs as ``nobody``, serving HOSTILE_MANIFEST from a
-world-readable temporary directory; handlers come from tests/hostile_handlers.py.
+world-readable temporary directory; handlers come from tests/handlers.py.
 """
 
 from __future__ import annotations
@@ -47,34 +47,34 @@ daemons:
       h.Small:
         handler: qubes_socksvc.examples:sha256
       h.Raises:
-        handler: hostile_handlers:raises
+        handler: handlers:raises
       h.Exits:
-        handler: hostile_handlers:exits
+        handler: handlers:exits
       h.PlainExits:
-        handler: hostile_handlers:plain_exits
+        handler: handlers:plain_exits
       h.KeyboardInterrupt:
-        handler: hostile_handlers:keyboard_interrupt
+        handler: handlers:keyboard_interrupt
       h.CancelsItself:
-        handler: hostile_handlers:cancels_itself
+        handler: handlers:cancels_itself
       h.Hangs:
         handler: handlers:hangs
         timeout: 0.5
       h.PlainHangs:
-        handler: hostile_handlers:plain_hangs
+        handler: handlers:plain_hangs
         timeout: 0.5
       h.Huge:
-        handler: hostile_handlers:huge
+        handler: handlers:huge
         timeout: 20
       h.HugeReturn:
-        handler: hostile_handlers:huge_return
+        handler: handlers:huge_return
         timeout: 2
       h.HugeStuck:
-        handler: hostile_handlers:huge
+        handler: handlers:huge
         timeout: 2
       h.Files:
-        handler: hostile_handlers:leaks_nothing
+        handler: handlers:leaks_nothing
       h.Linger:
-        handler: hostile_handlers:lingering_reply
+        handler: handlers:lingering_reply
       h.Raw:
         handler: qubes_socksvc.examples:echo
         service_descriptor: false

@@ -36,7 +36,7 @@ daemons:
       p.Echo:
         handler: qubes_socksvc.examples:echo
       p.Marker:
-        handler: hostile_handlers:leaks_nothing
+        handler: handlers:leaks_nothing
       p.Raw:
         handler: qubes_socksvc.examples:echo
         service_descriptor: false
