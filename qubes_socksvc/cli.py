@@ -97,7 +97,11 @@ def cmd_call(args: argparse.Namespace) -> int:
         desc = Descriptor(name, argument, args.source, args.target_type, target)
     else:
         desc = Descriptor(name, argument, args.source)
-    client.call(socket_path, None if skip else desc, sys.stdin.buffer, sys.stdout.buffer)
+    if sys.stdin is None:  # started with no standard input at all: like qrexec, send none
+        with open(os.devnull, "rb") as stdin:
+            client.call(socket_path, None if skip else desc, stdin, sys.stdout.buffer)
+    else:
+        client.call(socket_path, None if skip else desc, sys.stdin.buffer, sys.stdout.buffer)
     return EXIT_OK
 
 

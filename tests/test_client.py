@@ -101,3 +101,13 @@ def test_invalid_rpc_config_fails_like_qrexec(tmp_path: Path) -> None:
     (tmp_path / "x.Y").write_text(" wait-for-session=true\n")
     with pytest.raises(client.CallError, match="invalid rpc-config"):
         client.skips_descriptor("x.Y", (str(tmp_path),))
+
+
+def test_call_with_no_standard_input_at_all(rpc_dirs: tuple[Path, Path, Path]) -> None:
+    """Started with fd 0 closed (as by some service managers): an empty input, not a crash."""
+    result = subprocess.run(
+        [sys.executable, "-m", "qubes_socksvc", "call", "test.Fields", "--rpc-dir", str(rpc_dirs[1])],
+        preexec_fn=lambda: os.close(0), capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": f"{REPO}:{TESTS}"})
+    assert result.returncode == 0, result.stderr
+    assert "service=test.Fields" in result.stdout
