@@ -50,15 +50,14 @@ def cmd_apply(args: argparse.Namespace) -> int:
         if plan.conflicts:
             print(f"{manifest.path}: {len(plan.conflicts)} conflicts; nothing was changed", file=sys.stderr)
             return EXIT_FAILED
-        if not plan.changes:
-            if not args.dry_run:
-                install.execute(plan)  # only narrows a record an interrupted apply left wide
-            print(f"{manifest.path}: up to date, nothing to do")
-            return EXIT_OK
         if args.dry_run:
-            print(f"dry run: {len(plan.changes)} changes not made")
+            print(f"dry run: {len(plan.changes)} changes not made" if plan.changes
+                  else f"{manifest.path}: up to date, nothing to do")
             return EXIT_OK
-        install.execute(plan)
+        install.execute(plan)  # with no change, it only narrows a record an interrupted apply left wide
+    if not plan.changes:
+        print(f"{manifest.path}: up to date, nothing to do")
+        return EXIT_OK
     print(f"{manifest.path}: applied {len(plan.changes)} changes")
     if any(a.path.startswith(layout.unit_dir + "/") for a in plan.changes):
         print("units changed: users run 'systemctl --user daemon-reload' (or log in again)")

@@ -176,12 +176,22 @@ def locked(lock_file: str = LOCK_FILE) -> Iterator[None]:
         os.close(fd)
 
 
-def _write_file(real: str, content: bytes, mode: int = 0o644) -> None:
-    directory = os.path.dirname(real)
-    os.makedirs(directory, mode=0o755, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(real)}.socksvc-tmp")
+def _temp_beside(real: str) -> str:
+    """The temporary name a write of ``real`` goes through before its rename."""
+    directory, name = os.path.split(real)
+    return os.path.join(directory, f".{name}.socksvc-tmp")
+
+
+def _fresh_temp_beside(real: str) -> str:
+    os.makedirs(os.path.dirname(real), mode=0o755, exist_ok=True)
+    tmp = _temp_beside(real)
     with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp)
+        os.unlink(tmp)  # left by an interrupted apply
+    return tmp
+
+
+def _write_file(real: str, content: bytes, mode: int = 0o644) -> None:
+    tmp = _fresh_temp_beside(real)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     try:
         view = memoryview(content)
@@ -195,11 +205,7 @@ def _write_file(real: str, content: bytes, mode: int = 0o644) -> None:
 
 
 def _write_symlink(real: str, target: str) -> None:
-    directory = os.path.dirname(real)
-    os.makedirs(directory, mode=0o755, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(real)}.socksvc-tmp")
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp)
+    tmp = _fresh_temp_beside(real)
     os.symlink(target, tmp)
     os.rename(tmp, real)
 
@@ -219,9 +225,7 @@ def execute(plan_: Plan) -> None:
     owned = load_state(root, layout)
     if not plan_.changes:
         # An apply interrupted after its last write left the record wide (or half-saved).
-        state = _real(root, layout.state_file)
-        if owned != final or os.path.lexists(os.path.join(os.path.dirname(state),
-                                                          f".{os.path.basename(state)}.socksvc-tmp")):
+        if owned != final or os.path.lexists(_temp_beside(_real(root, layout.state_file))):
             _save_state(root, layout, final)
         return
     # Accept old and new states while we work, so an interrupted apply is repairable.

@@ -245,7 +245,7 @@ class Server:
         clean = False
         try:
             clean = await self._call(reader, writer, bound)
-        except (ConnectionError, BrokenPipeError):
+        except ConnectionError:  # BrokenPipeError and resets too
             log.info("caller went away")
         except asyncio.CancelledError:
             log.warning("call cancelled at shutdown")
@@ -333,7 +333,7 @@ class Server:
         except TimeoutError:
             log.warning("call %s timed out after %ss", request.service, service.timeout, extra=fields)
             return False
-        except (ConnectionError, BrokenPipeError):
+        except ConnectionError:  # BrokenPipeError and resets too
             log.info("call %s: caller went away", request.service, extra=fields)
             return False
         except (Exception, SystemExit, KeyboardInterrupt):
