@@ -81,7 +81,7 @@ def current_fingerprint(real_path: str) -> str | None:
     return ""  # a directory, socket, device...: never ours
 
 
-def _real(root: str, path: str) -> str:
+def real_path(root: str, path: str) -> str:
     return os.path.join(root, path.lstrip("/")) if root != "/" else path
 
 
@@ -97,18 +97,18 @@ def _symlinked_parent(root: str, path: str) -> str | None:
 
 def load_state(root: str, layout: Layout) -> dict[str, list[str]]:
     try:
-        with open(_real(root, layout.state_file), encoding="utf-8") as f:
+        with open(real_path(root, layout.state_file), encoding="utf-8") as f:
             data = json.load(f)
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as e:
-        raise ApplyError(f"{_real(root, layout.state_file)}: unreadable ownership record ({e}); "
+        raise ApplyError(f"{real_path(root, layout.state_file)}: unreadable ownership record ({e}); "
                          "restore or delete it, then apply again") from e
     owned = data.get("owned") if isinstance(data, dict) else None
     if not isinstance(owned, dict) or not all(
         isinstance(v, list) and all(isinstance(h, str) for h in v) for v in owned.values()
     ):
-        raise ApplyError(f"{_real(root, layout.state_file)}: not a qubes-socksvc ownership record; "
+        raise ApplyError(f"{real_path(root, layout.state_file)}: not a qubes-socksvc ownership record; "
                          "restore or delete it, then apply again")
     return {str(k): list(v) for k, v in owned.items()}
 
@@ -134,7 +134,7 @@ def plan(artifacts: list[Artifact], layout: Layout, root: str = "/") -> Plan:
             actions.append(Action("conflict", path, artifact, "the ownership record names a path outside "
                                   f"qubes-socksvc's directories; remove it from {layout.state_file}"))
             continue
-        real = _real(root, path)
+        real = real_path(root, path)
         symlinked = _symlinked_parent(root, path)
         current = current_fingerprint(real) if symlinked is None else ""
         mine = path in owned and current in owned[path]
@@ -212,7 +212,7 @@ def _write_symlink(real: str, target: str) -> None:
 
 def _save_state(root: str, layout: Layout, owned: dict[str, list[str]]) -> None:
     data = {"version": STATE_VERSION, "owned": dict(sorted(owned.items()))}
-    _write_file(_real(root, layout.state_file), (json.dumps(data, indent=1) + "\n").encode())
+    _write_file(real_path(root, layout.state_file), (json.dumps(data, indent=1) + "\n").encode())
 
 
 def execute(plan_: Plan) -> None:
@@ -225,7 +225,7 @@ def execute(plan_: Plan) -> None:
     owned = load_state(root, layout)
     if not plan_.changes:
         # An apply interrupted after its last write left the record wide (or half-saved).
-        if owned != final or os.path.lexists(_temp_beside(_real(root, layout.state_file))):
+        if owned != final or os.path.lexists(_temp_beside(real_path(root, layout.state_file))):
             _save_state(root, layout, final)
         return
     # Accept old and new states while we work, so an interrupted apply is repairable.
@@ -234,7 +234,7 @@ def execute(plan_: Plan) -> None:
             owned.setdefault(action.path, []).append(fingerprint(action.artifact))
     _save_state(root, layout, owned)
     for action in plan_.changes:
-        real = _real(root, action.path)
+        real = real_path(root, action.path)
         if action.verb == "remove":
             os.unlink(real)
             continue

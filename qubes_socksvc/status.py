@@ -29,7 +29,7 @@ def listening_paths() -> set[str]:
 
 
 def _artifact_state(root: str, artifact: render.Artifact, owned: dict[str, list[str]]) -> str:
-    real = os.path.join(root, artifact.path.lstrip("/"))
+    real = install.real_path(root, artifact.path)
     current = install.current_fingerprint(real)
     if current is None:
         return "missing"
