@@ -75,32 +75,32 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_call(args: argparse.Namespace) -> int:
-    from . import client, qrexec
+    from . import agent, qrexec
     from .descriptor import Descriptor
 
     if not qrexec.is_full_service_name(args.service):
-        raise client.CallError(f"invalid service name {args.service!r}; expected NAME or NAME+ARG", EXIT_USAGE)
+        raise agent.CallError(f"invalid service name {args.service!r}; expected NAME or NAME+ARG", EXIT_USAGE)
     name, argument = qrexec.split_service(args.service)
     if args.socket:
         socket_path, skip = args.socket, args.no_descriptor
     else:
-        socket_path, matched = client.resolve(name, argument, tuple(args.rpc_dir or qrexec.RPC_SEARCH_PATH))
+        socket_path, matched = agent.resolve(name, argument, tuple(args.rpc_dir or qrexec.RPC_SEARCH_PATH))
         config_path = tuple(args.rpc_config_dir or qrexec.RPC_CONFIG_SEARCH_PATH)
-        skip = args.no_descriptor or client.skips_descriptor(matched, config_path)
+        skip = args.no_descriptor or agent.skips_descriptor(matched, config_path)
     if not qrexec.is_domain_name(args.source):
-        raise client.CallError(f"invalid --source {args.source!r}", EXIT_USAGE)
+        raise agent.CallError(f"invalid --source {args.source!r}", EXIT_USAGE)
     if args.dom0:
         target = args.target.removeprefix("@")
         if not qrexec.is_domain_name(target):
-            raise client.CallError(f"invalid --target {args.target!r}", EXIT_USAGE)
+            raise agent.CallError(f"invalid --target {args.target!r}", EXIT_USAGE)
         desc = Descriptor(name, argument, args.source, args.target_type, target)
     else:
         desc = Descriptor(name, argument, args.source)
     if sys.stdin is None:  # started with no standard input at all: like qrexec, send none
         with open(os.devnull, "rb") as stdin:
-            client.call(socket_path, None if skip else desc, stdin, sys.stdout.buffer)
+            agent.call(socket_path, None if skip else desc, stdin, sys.stdout.buffer)
     else:
-        client.call(socket_path, None if skip else desc, sys.stdin.buffer, sys.stdout.buffer)
+        agent.call(socket_path, None if skip else desc, sys.stdin.buffer, sys.stdout.buffer)
     return EXIT_OK
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from qubes_socksvc import client
+from qubes_socksvc import agent
 from tests.conftest import REPO, TESTS, RunningDaemon, run_cli, world_dir
 
 
@@ -99,8 +99,8 @@ def test_call_streams_large_input_both_ways(rpc_dirs: tuple[Path, Path, Path]) -
 
 def test_invalid_rpc_config_fails_like_qrexec(tmp_path: Path) -> None:
     (tmp_path / "x.Y").write_text(" wait-for-session=true\n")
-    with pytest.raises(client.CallError, match="invalid rpc-config"):
-        client.skips_descriptor("x.Y", (str(tmp_path),))
+    with pytest.raises(agent.CallError, match="invalid rpc-config"):
+        agent.skips_descriptor("x.Y", (str(tmp_path),))
 
 
 def test_call_with_no_standard_input_at_all(rpc_dirs: tuple[Path, Path, Path]) -> None:

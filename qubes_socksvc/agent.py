@@ -1,4 +1,4 @@
-"""``call``: a local client that behaves like the qrexec agent towards a socket service.
+"""``call``: what the qrexec agent does towards a socket service, as a local tool.
 
 Resolves ``NAME+ARG`` then ``NAME`` through the qubes-rpc search path, reads the
 matching rpc-config for ``skip-service-descriptor``, connects, sends the
