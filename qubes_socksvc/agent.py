@@ -1,8 +1,10 @@
-"""``call``: what the qrexec agent does towards a socket service, as a local tool.
+"""``call``: what the qrexec agent does towards a socket or TCP service, as a local tool.
 
-Resolves ``NAME+ARG`` then ``NAME`` through the qubes-rpc search path, reads the
-matching rpc-config for ``skip-service-descriptor``, connects, sends the
-descriptor, streams stdin, half-closes, and streams the reply to stdout.
+Resolves the call's qubes-rpc file and, independently, its rpc-config like the
+agent (lookup.py), connects, sends the descriptor unless the config says
+``skip-service-descriptor=true``, streams stdin, half-closes, and streams the
+reply to stdout.  Exit codes are qrexec's (libqrexec/qrexec.h): 127 when no
+service file is found, 125 when the call cannot be made.
 """
 
 from __future__ import annotations
@@ -10,83 +12,107 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-import stat
 import threading
-from typing import BinaryIO
+from collections.abc import Sequence
+from typing import Any, BinaryIO
 
-from . import qrexec, rpcconfig
-from .descriptor import Descriptor
+from . import lookup, qrexec
 from .errors import SocksvcError
 
 CHUNK_SIZE = 65536
+#: libqrexec/qrexec.h: QREXEC_EXIT_SERVICE_NOT_FOUND, QREXEC_EXIT_PROBLEM.
+EXIT_SERVICE_NOT_FOUND = 127
+EXIT_PROBLEM = 125
 
 
 class CallError(SocksvcError):
-    """The call could not be made; ``exit_code`` mirrors qrexec's (125: no service)."""
+    """The call could not be made; ``exit_code`` is qrexec's (127: no service, 125: cannot call)."""
 
-    def __init__(self, message: str, exit_code: int = 125) -> None:
+    def __init__(self, message: str, exit_code: int = EXIT_PROBLEM) -> None:
         super().__init__(message)
         self.exit_code = exit_code
 
 
-def resolve(
-    name: str,
-    argument: str | None,
-    search_path: tuple[str, ...] = qrexec.RPC_SEARCH_PATH,
-) -> tuple[str, str]:
-    """(the qubes-rpc entry qrexec would use, the name it matched as)."""
-    for candidate in qrexec.lookup_names(name, argument):
-        for directory in search_path:
-            path = os.path.join(directory, candidate)
-            try:
-                st = os.stat(path)
-            except FileNotFoundError:
-                continue  # includes a symlink whose socket is gone: qrexec skips it
-            except OSError as e:
-                raise CallError(f"{path}: {e.strerror}") from e
-            if not stat.S_ISSOCK(st.st_mode):
-                raise CallError(f"{path} is an executable service, not a socket; run it with qrexec")
-            return path, candidate
-    tried = ", ".join(qrexec.lookup_names(name, argument))
-    raise CallError(f"service {tried} not found in {':'.join(search_path)}")
-
-
-def skips_descriptor(matched: str, config_path: tuple[str, ...] = qrexec.RPC_CONFIG_SEARCH_PATH) -> bool:
-    """rpc-config's ``skip-service-descriptor`` for the matched name (first file wins)."""
-    for directory in config_path:
-        path = os.path.join(directory, matched)
-        try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-        except FileNotFoundError:
-            continue
-        except (OSError, UnicodeDecodeError) as e:
-            raise CallError(f"{path}: {e}") from e
-        try:
-            return rpcconfig.parse(text).get("skip-service-descriptor") is True
-        except rpcconfig.RpcConfigError as e:
-            raise CallError(f"{path}: invalid rpc-config, qrexec would fail the call: {e}") from e
-    return False
-
-
-def call(
-    socket_path: str,
-    desc: Descriptor | None,
-    stdin: BinaryIO,
-    stdout: BinaryIO,
-) -> None:
-    """Run one call: descriptor (unless None), stdin until EOF then half-close, stdout until EOF."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+def resolve(service: str, search_path: Sequence[str] = qrexec.RPC_SEARCH_PATH) -> lookup.Entry:
+    """The socket or TCP service qrexec would connect to for a call of ``service``."""
     try:
+        entry = lookup.find_service(service, search_path)
+    except lookup.LookupFailed as e:
+        raise CallError(f"{e}; qrexec fails the call") from e
+    if entry is None:
+        tried = " then ".join(qrexec.lookup_keys(service))
+        raise CallError(f"service {service} not found: no {tried} in {':'.join(search_path)}",
+                        EXIT_SERVICE_NOT_FOUND)
+    if entry.kind is lookup.Kind.EXECUTABLE:
+        raise CallError(f"{entry.path} is an executable service, not a socket; run it with qrexec-client-vm")
+    if entry.kind in (lookup.Kind.DIRECTORY, lookup.Kind.OTHER):
+        raise CallError(f"{entry.path} is {entry.kind.value}; qrexec fails the call (125)")
+    return entry
+
+
+def _valid_port(port: str) -> bool:
+    """libqrexec/exec.c: validate_port: decimal 1-65535, no leading zero."""
+    return port.isascii() and port.isdigit() and not port.startswith("0") and int(port) <= 65535
+
+
+def tcp_address(link_target: str, service: str) -> tuple[str, str]:
+    """(host, port) of a ``/dev/tcp[/HOST[/PORT]]`` service for this call
+    (libqrexec/exec.c: find_qrexec_service, TCP branch)."""
+    _, argument = qrexec.split_service(service)
+    address = link_target.removeprefix("/dev/tcp")
+    host, _, port = address.removeprefix("/").partition("/") if address else ("", "", "")
+    if port:
+        if argument:
+            raise CallError(f"{link_target} takes no argument; call it without one (got {argument!r})")
+    elif not argument:
+        raise CallError(f"{link_target} needs the {'port' if host else 'host+port'} as the call's argument")
+    elif host:
+        port = argument
+    else:
+        host, plus, port = argument.rpartition("+")
+        if not plus:
+            raise CallError(f"no port in the argument {argument!r}; {link_target} takes HOST+PORT")
+        if "_" in host:
+            raise CallError(f"underscore not allowed in the host {host!r}")
+        host = host.replace("+", ":")
+    if not _valid_port(port):
+        raise CallError(f"invalid port {port!r}: a decimal 1-65535 without leading zeros")
+    return host, port
+
+
+def connect(entry: lookup.Entry, service: str) -> socket.socket:
+    """Connect like the agent: the Unix socket, or the numeric TCP address (no name lookup)."""
+    if entry.kind is lookup.Kind.SOCKET:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        address: str | tuple[Any, ...] = entry.path
+        hint = " (is the socket unit running?)"
+    else:
+        assert entry.link_target is not None
+        host, port = tcp_address(entry.link_target, service)
+        ipv6 = ":" in host or "%" in host
         try:
-            sock.connect(socket_path)
-        except OSError as e:
-            raise CallError(f"cannot connect to {socket_path}: {e.strerror} (is the socket unit running?)") from e
-        if desc is not None:
-            sock.sendall(desc.encode())
-        _pump(sock, stdin.fileno(), stdout)
-    finally:
+            infos = socket.getaddrinfo(host, port, socket.AF_INET6 if ipv6 else socket.AF_UNSPEC, socket.SOCK_STREAM,
+                                       socket.IPPROTO_TCP, socket.AI_NUMERICHOST | socket.AI_NUMERICSERV)
+        except socket.gaierror as e:
+            raise CallError(f"{entry.path} -> {host} port {port}: {e.strerror} (a numeric address is required)") from e
+        family, _, _, _, address = infos[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        hint = ""
+    try:
+        sock.connect(address)
+    except OSError as e:
         sock.close()
+        raise CallError(f"cannot connect to {entry.path}: {e.strerror}{hint}") from e
+    return sock
+
+
+def call(sock: socket.socket, descriptor: bytes | None, stdin: BinaryIO, stdout: BinaryIO) -> None:
+    """Run one call on a connected socket: the descriptor (unless None), stdin until EOF
+    then half-close, stdout until EOF."""
+    with sock:
+        if descriptor is not None:
+            sock.sendall(descriptor)
+        _pump(sock, stdin.fileno(), stdout)
 
 
 def _pump(sock: socket.socket, stdin_fd: int, stdout: BinaryIO) -> None:

@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 DEFAULT_MANIFEST = "/etc/qubes-socksvc.yaml"
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+#: The shell's code for a command ended by SIGINT (128 + 2).
+EXIT_INTERRUPTED = 130
 
 
 def _load(path: str) -> Manifest:
@@ -29,26 +31,39 @@ def _load(path: str) -> Manifest:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from . import effective, render
+
     manifest = _load(args.config)
     services = sum(len(d.services) for d in manifest.daemons.values())
+    layout = render.Layout.for_manifest(manifest)
+    _, findings = effective.settle(manifest, layout, render.render(manifest, layout), os.path.abspath(args.root))
+    for finding in findings:
+        print(finding, file=sys.stderr)
+    if any(f.conflict for f in findings):
+        print(f"{manifest.path}: valid, but apply would refuse it: calls would not get what it declares",
+              file=sys.stderr)
+        return EXIT_FAILED
     print(f"{manifest.path}: OK, {len(manifest.daemons)} daemons, {services} services")
     return EXIT_OK
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    from . import install, render
+    from . import effective, install, render
 
     manifest = _load(args.config)
     layout = render.Layout.for_manifest(manifest)
-    artifacts = render.render(manifest, layout)
     root = os.path.abspath(args.root)
     with install.locked():
+        artifacts, findings = effective.settle(manifest, layout, render.render(manifest, layout), root)
         plan = install.plan(artifacts, layout, root)
         for action in plan.actions:
             if action.verb != "unchanged" or args.verbose:
                 print(action)
-        if plan.conflicts:
-            print(f"{manifest.path}: {len(plan.conflicts)} conflicts; nothing was changed", file=sys.stderr)
+        for finding in findings:
+            print(finding, file=sys.stderr)
+        conflicts = len(plan.conflicts) + sum(f.conflict for f in findings)
+        if conflicts:
+            print(f"{manifest.path}: {conflicts} conflicts; nothing was changed", file=sys.stderr)
             return EXIT_FAILED
         if args.dry_run:
             print(f"dry run: {len(plan.changes)} changes not made" if plan.changes
@@ -75,32 +90,39 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_call(args: argparse.Namespace) -> int:
-    from . import agent, qrexec
+    from . import agent, lookup, qrexec
     from .descriptor import Descriptor
 
-    if not qrexec.is_full_service_name(args.service):
-        raise agent.CallError(f"invalid service name {args.service!r}; expected NAME or NAME+ARG", EXIT_USAGE)
-    name, argument = qrexec.split_service(args.service)
-    if args.socket:
-        socket_path, skip = args.socket, args.no_descriptor
-    else:
-        socket_path, matched = agent.resolve(name, argument, tuple(args.rpc_dir or qrexec.RPC_SEARCH_PATH))
-        config_path = tuple(args.rpc_config_dir or qrexec.RPC_CONFIG_SEARCH_PATH)
-        skip = args.no_descriptor or agent.skips_descriptor(matched, config_path)
-    if not qrexec.is_domain_name(args.source):
-        raise agent.CallError(f"invalid --source {args.source!r}", EXIT_USAGE)
+    service = args.service
+    if not qrexec.is_service(service):
+        raise agent.CallError(f"invalid service {service!r}; expected NAME, NAME+ or NAME+ARG "
+                              "(NAME of [A-Za-z0-9_.-], ARG of [A-Za-z0-9_.+-])", EXIT_USAGE)
+    if not qrexec.is_source(args.source):
+        raise agent.CallError(f"invalid --source {args.source!r}; expected a qube name", EXIT_USAGE)
+    name, argument = qrexec.split_service(service)
     if args.dom0:
         target = args.target.removeprefix("@")
-        if not qrexec.is_domain_name(target):
+        if not qrexec.is_target(target):
             raise agent.CallError(f"invalid --target {args.target!r}", EXIT_USAGE)
         desc = Descriptor(name, argument, args.source, args.target_type, target)
     else:
         desc = Descriptor(name, argument, args.source)
+    if args.socket:
+        entry = lookup.Entry(args.socket, service, lookup.Kind.SOCKET)
+        skip = args.no_descriptor
+    else:
+        entry = agent.resolve(service, tuple(args.rpc_dir or qrexec.RPC_SEARCH_PATH))
+        try:
+            config = lookup.config_for(service, tuple(args.rpc_config_dir or qrexec.RPC_CONFIG_SEARCH_PATH))
+        except lookup.LookupFailed as e:
+            raise agent.CallError(str(e)) from e
+        skip = args.no_descriptor or config.skip_service_descriptor
+    sock = agent.connect(entry, service)
     if sys.stdin is None:  # started with no standard input at all: like qrexec, send none
         with open(os.devnull, "rb") as stdin:
-            agent.call(socket_path, None if skip else desc, stdin, sys.stdout.buffer)
+            agent.call(sock, None if skip else desc.encode(), stdin, sys.stdout.buffer)
     else:
-        agent.call(socket_path, None if skip else desc, sys.stdin.buffer, sys.stdout.buffer)
+        agent.call(sock, None if skip else desc.encode(), sys.stdin.buffer, sys.stdout.buffer)
     return EXIT_OK
 
 
@@ -179,8 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help=f"the manifest (default {DEFAULT_MANIFEST}; "
                          "/usr/local/etc/qubes-socksvc.yaml renders under /usr/local)")
 
-    sub = add("check", "validate the manifest and print a one-line summary")
+    sub = add("check", "validate the manifest and what qrexec would make of it once applied")
     config(sub)
+    sub.add_argument("--root", default="/", metavar="DIR", help="judge this staging tree instead of /")
     sub.set_defaults(func=cmd_check)
 
     sub = add("apply", "render units, qubes-rpc symlinks and rpc-config files, atomically")
@@ -229,3 +252,6 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         print(f"qubes-socksvc {args.verb}: {e}", file=sys.stderr)
         return EXIT_FAILED
+    except KeyboardInterrupt:
+        print(f"qubes-socksvc {args.verb}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED

@@ -1,9 +1,12 @@
 """The service descriptor: untrusted bytes from the caller -> a validated Descriptor.
 
-In a VM qrexec sends ``SERVICE SOURCE\\0``; in dom0
-``SERVICE SOURCE TARGET_TYPE TARGET\\0``.  ``SERVICE`` is ``NAME``, ``NAME+``
-or ``NAME+ARG``.  Everything here is checked with qrexec's own charsets and
-limits before a handler sees it.
+qrexec sends the part of its command after ``QUBESRPC `` verbatim, with one NUL
+(libqrexec/exec.c: find_qrexec_service): in a VM ``SERVICE SOURCE\\0``
+(daemon/qrexec-daemon.c builds ``QUBESRPC %s%s %s``), in dom0
+``SERVICE SOURCE TARGET_TYPE TARGET\\0`` (``QUBESRPC %s%s %s %s %s``).  ``SERVICE``
+is ``NAME``, ``NAME+`` or ``NAME+ARG``, the argument possibly holding more ``+``.
+Everything here is checked with qrexec's own charsets and limits (qrexec.py)
+before a handler sees it.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ class Descriptor:
 
 def parse(untrusted_descriptor: bytes) -> Descriptor:
     """Validate a descriptor without its NUL.  Raises DescriptorError."""
-    if len(untrusted_descriptor) >= qrexec.MAX_DESCRIPTOR_LEN:
+    if len(untrusted_descriptor) >= qrexec.MAX_DESCRIPTOR_LEN:  # with its NUL, at most the limit
         raise DescriptorError("descriptor too long")
     if not untrusted_descriptor.isascii():
         raise DescriptorError("descriptor is not ASCII")
@@ -57,16 +60,16 @@ def parse(untrusted_descriptor: bytes) -> Descriptor:
 
     # --- sanitize start ---
     untrusted_service, untrusted_source = untrusted_fields[:2]
-    if not qrexec.is_full_service_name(untrusted_service):
+    if not qrexec.is_service(untrusted_service):
         raise DescriptorError("invalid service name or argument")
-    if not qrexec.is_domain_name(untrusted_source):
+    if not qrexec.is_source(untrusted_source):
         raise DescriptorError("invalid source domain")
     target_type = target = None
     if len(untrusted_fields) == 4:
         untrusted_target_type, untrusted_target = untrusted_fields[2:]
         if untrusted_target_type not in qrexec.TARGET_TYPES:
             raise DescriptorError("invalid target type")
-        if not qrexec.is_domain_name(untrusted_target):
+        if not qrexec.is_target(untrusted_target):
             raise DescriptorError("invalid target")
         target_type, target = untrusted_target_type, untrusted_target
     name, argument = qrexec.split_service(untrusted_service)

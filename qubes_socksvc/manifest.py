@@ -32,6 +32,8 @@ HANDLER_RE = re.compile(
 GROUP_RE = re.compile(r"[a-z_][a-z0-9_-]*\$?\Z")
 CONDITION_RE = re.compile(r"!?(@system|[a-z_][a-z0-9_-]*\$?|[0-9]+)\Z")
 MODE_RE = re.compile(r"0?[0-7]{3}\Z")
+#: sun_path holds 108 bytes, its NUL included.
+MAX_SOCKET_PATH = 107
 SOCKET_NAME_RE = re.compile(r"[A-Za-z0-9_.+-]+\.sock\Z")
 
 
@@ -210,6 +212,8 @@ def _check_socket(value: str) -> str | None:
         return "expected an absolute, normalised path"
     if directory not in ALLOWED_SOCKET_DIRS or not SOCKET_NAME_RE.match(name):
         return f"expected {ALLOWED_SOCKET_DIRS[0]}/NAME.sock (NAME of [A-Za-z0-9_.+-])"
+    if len(value.encode()) > MAX_SOCKET_PATH:
+        return f"longer than {MAX_SOCKET_PATH} bytes, the most a Unix socket address holds"
     return None
 
 
@@ -285,6 +289,17 @@ def _fields(
     return values
 
 
+def service_key_problem(key: str) -> str | None:
+    """Why ``key`` cannot be a qubes-rpc file name qrexec looks up, or None."""
+    if len(key.encode()) > qrexec.NAME_MAX and qrexec.is_service(key):
+        return (f"{len(key.encode())} bytes; qrexec never looks up a file name longer than {qrexec.NAME_MAX} "
+                "(libqrexec/exec.c: find_file), so calls of it reach NAME: declare NAME and read the argument")
+    if not qrexec.is_rpc_file_name(key):
+        return ("invalid qrexec service name; expected NAME, NAME+ or NAME+ARG, NAME of [A-Za-z0-9_.-], "
+                f"ARG of [A-Za-z0-9_.+-], at most {qrexec.NAME_MAX} bytes in all")
+    return None
+
+
 def _service(node: yaml.Node, key: str, problems: _Problems, full_name: str) -> Service | None:
     before = len(problems.items)
     values = _fields(_mapping(node, key, problems), key, SERVICE_FIELDS, problems)
@@ -293,7 +308,9 @@ def _service(node: yaml.Node, key: str, problems: _Problems, full_name: str) -> 
     if len(problems.items) != before:
         return None
     if values.get("force_user") is not None:
-        clash = [k for k in ("service_descriptor", "exit_on_client_eof", "exit_on_service_eof") if k in values]
+        # libqrexec/exec.c: load_service_config_v2 refuses force-user only with these *set*.
+        clash = [k for k, on in (("service_descriptor", False), ("exit_on_client_eof", True),
+                                 ("exit_on_service_eof", True)) if values.get(k, not on) is on]
         if clash:
             problems.add(node, key, f"force_user cannot be combined with {', '.join(clash)} (qrexec rejects it)")
             return None
@@ -303,6 +320,11 @@ def _service(node: yaml.Node, key: str, problems: _Problems, full_name: str) -> 
         return None
     if not descriptor and "socket" not in values:
         values["socket"] = f"{qrexec.SOCKET_DIR}/socksvc-{full_name}.sock"
+        message = _check_socket(values["socket"])
+        if message:
+            problems.add(node, f"{key}.socket", f"the default socket {values['socket']} is {message}; "
+                         "set socket: to a shorter path")
+            return None
     return Service(full_name=full_name, **values)
 
 
@@ -324,13 +346,9 @@ def _daemon(
         services_node = mapping["services"][1]
         for full_name, (key_node, value_node) in _mapping(services_node, f"{key}.services", problems).items():
             service_key = f"{key}.services.{full_name}"
-            if not qrexec.is_full_service_name(full_name):
-                problems.add(
-                    key_node,
-                    service_key,
-                    "invalid qrexec service name; expected NAME or NAME+ARG of [A-Za-z0-9_.-], "
-                    f"at most {qrexec.MAX_SERVICE_LEN} bytes",
-                )
+            problem = service_key_problem(full_name)
+            if problem:
+                problems.add(key_node, service_key, problem)
                 continue
             if full_name in claimed:
                 owner = claimed[full_name]

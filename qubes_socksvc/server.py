@@ -301,7 +301,7 @@ class Server:
             except descriptor.DescriptorError as e:
                 log.warning("rejected call: %s", e)
                 return False
-            service = self._lookup(desc.name, desc.argument)
+            service = self._lookup(desc.service)
             if service is None:
                 log.warning("rejected call: service %s is not handled by daemon %s", desc.service, self.daemon.name)
                 return False
@@ -341,12 +341,19 @@ class Server:
             return False
         return True
 
-    def _lookup(self, name: str, argument: str | None) -> Service | None:
-        services = self.daemon.services
-        for candidate in qrexec.lookup_names(name, argument):
-            service = services.get(candidate)
-            if service is not None and service.service_descriptor:
-                return service
+    def _lookup(self, service: str) -> Service | None:
+        """The declared service whose qubes-rpc link qrexec matched for this call.
+
+        qrexec tries key 1 (the service as called, ``+`` appended if it has none), then
+        NAME, and stops at the first file it finds (libqrexec/exec.c: find_qrexec_service).
+        The first declared key is therefore the one whose link brought the call here; a
+        ``service_descriptor: false`` service found that way listens on its own socket,
+        so a descriptor naming it on this one is refused, never passed on to NAME.
+        """
+        for key in qrexec.lookup_keys(service):
+            found = self.daemon.services.get(key)
+            if found is not None:
+                return found if found.service_descriptor else None
         return None
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import glob
 import os
 
-from . import install, render
+from . import effective, install, render
 from .manifest import Manifest
 
 
@@ -51,8 +51,9 @@ def _enabled(root: str, unit: str) -> str:
 
 def report(manifest: Manifest, root: str = "/") -> str:
     layout = render.Layout.for_manifest(manifest)
-    artifacts = {a.path: a for a in render.render(manifest, layout)}
     owned = install.load_state(root, layout)
+    settled, findings = effective.settle(manifest, layout, render.render(manifest, layout), root, owned)
+    artifacts = {a.path: a for a in settled}
     listening = listening_paths()
     lines = [f"manifest {manifest.path}: {len(manifest.daemons)} daemons"]
     for daemon in manifest.daemons.values():
@@ -70,4 +71,5 @@ def report(manifest: Manifest, root: str = "/") -> str:
             config = f"{layout.rpc_config_dir}/{full_name}"
             if config in artifacts:
                 lines.append(f"    rpc-config {config}: {_artifact_state(root, artifacts[config], owned)}")
+            lines += [f"    {finding}" for finding in findings if finding.key == full_name]
     return "\n".join(lines) + "\n"

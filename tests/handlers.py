@@ -109,3 +109,17 @@ async def lingering_reply(request: Request) -> bytes:
     """More than a Unix socket's buffer takes, less than the daemon's high-water mark beyond it:
     the call ends normally while part of its output still waits for the caller."""
     return b"r" * (int(request.argument or "262144"))
+
+
+def _via(entry: str) -> object:
+    async def handler(request: Request) -> str:
+        return f"via={entry}\n" + await fields(request)
+
+    return handler
+
+
+#: Which declared key served a call: the conformance tests declare NAME, NAME+ and NAME+ARG
+#: with these, so the answer names the qubes-rpc entry the daemon matched.
+via_name = _via("NAME")
+via_empty = _via("NAME+")
+via_argument = _via("NAME+ARG")

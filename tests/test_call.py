@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from qubes_socksvc import agent
+from qubes_socksvc import lookup
 from tests.conftest import REPO, TESTS, RunningDaemon, run_cli, world_dir
 
 
@@ -23,6 +27,7 @@ def rpc_dirs(daemon: RunningDaemon) -> tuple[Path, Path, Path]:
     for d in (first, second, config):
         d.mkdir()
     (second / "test.Echo").symlink_to(daemon.socket())
+    (second / "test.Slow").symlink_to(daemon.socket())
     (second / "test.Fields").symlink_to(daemon.socket())
     (first / "test.Fields+special").symlink_to(daemon.socket())
     (second / "test.Raw").symlink_to(daemon.socket("socksvc-test.Raw.sock"))
@@ -59,19 +64,105 @@ def test_call_honours_skip_service_descriptor(rpc_dirs: tuple[Path, Path, Path])
     assert call(rpc_dirs, "test.Raw", data=b"raw bytes") == (0, "raw bytes", "")
 
 
-def test_call_missing_service_exits_125(rpc_dirs: tuple[Path, Path, Path]) -> None:
+def test_call_missing_service_exits_127(rpc_dirs: tuple[Path, Path, Path]) -> None:
+    """agent/qrexec-agent-data.c: find_qrexec_service -1 -> QREXEC_EXIT_SERVICE_NOT_FOUND (127)."""
     code, _, err = call(rpc_dirs, "test.Nothing")
-    assert code == 125 and "service test.Nothing not found" in err
+    assert code == 127 and "service test.Nothing not found: no test.Nothing+ then test.Nothing" in err
 
 
 def test_call_dangling_symlink_is_skipped_like_qrexec(rpc_dirs: tuple[Path, Path, Path]) -> None:
+    """libqrexec/exec.c: find_file: stat() of a dangling link is ENOENT, so the search goes on."""
     code, _, err = call(rpc_dirs, "test.Gone")
-    assert code == 125 and "not found" in err
+    assert code == 127 and "not found" in err
 
 
-def test_call_executable_service_is_refused(rpc_dirs: tuple[Path, Path, Path]) -> None:
-    code, _, err = call(rpc_dirs, "test.Exec")
-    assert code == 125 and "is an executable service" in err
+@pytest.mark.parametrize("make, words", [
+    (lambda p: (p.write_text("#!/bin/sh\n"), p.chmod(0o755)), "is an executable service, not a socket"),
+    (lambda p: p.mkdir(), "is a directory; qrexec fails the call (125)"),
+    (lambda p: p.write_text("not executable"), "is neither a socket nor an executable"),
+    (lambda p: p.symlink_to("/dev/tcp/"), "/dev/tcp/ is not followed by a host"),
+])
+def test_call_names_every_kind_of_entry(tmp_path: Path, make: Callable[[Path], object], words: str) -> None:
+    """libqrexec/exec.c: find_qrexec_service: socket, /dev/tcp link, executable, or error (125)."""
+    make(tmp_path / "x.Kind")
+    result = run_cli("call", "x.Kind", "--rpc-dir", str(tmp_path), "--rpc-config-dir", str(tmp_path / "none"))
+    assert result.returncode == 125 and words in result.stderr, result.stderr
+
+
+@pytest.fixture
+def tcp_echo() -> Iterator[int]:
+    """A real TCP echo server on 127.0.0.1; yields its port."""
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def serve() -> None:
+        with server:
+            conn, _ = server.accept()
+            with conn:
+                while data := conn.recv(65536):
+                    conn.sendall(data)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield port
+    thread.join(5)
+
+
+@pytest.mark.parametrize("link, service", [
+    ("/dev/tcp/127.0.0.1/{port}", "x.Tcp"),
+    ("/dev/tcp/127.0.0.1", "x.Tcp+{port}"),
+    ("/dev/tcp", "x.Tcp+127.0.0.1+{port}"),
+])
+def test_call_tcp_service_like_the_agent(tmp_path: Path, tcp_echo: int, link: str, service: str) -> None:
+    """libqrexec/exec.c: find_qrexec_service, TCP branch: host and port from the link or the argument."""
+    (tmp_path / "x.Tcp").symlink_to(link.format(port=tcp_echo))
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "x.Tcp").write_text("skip-service-descriptor=true\n")
+    result = run_cli("call", service.format(port=tcp_echo), "--rpc-dir", str(tmp_path),
+                     "--rpc-config-dir", str(tmp_path / "cfg"), input=b"over tcp")
+    assert (result.returncode, result.stdout) == (0, "over tcp"), result.stderr
+
+
+@pytest.mark.parametrize("link, service, words", [
+    ("/dev/tcp/127.0.0.1/22", "x.Tcp+1", "takes no argument"),
+    ("/dev/tcp/127.0.0.1", "x.Tcp", "needs the port"),
+    ("/dev/tcp", "x.Tcp+127.0.0.1", "no port in the argument"),
+    ("/dev/tcp", "x.Tcp+a_b+22", "underscore not allowed"),
+    ("/dev/tcp/127.0.0.1", "x.Tcp+022", "invalid port '022'"),
+    ("/dev/tcp/127.0.0.1", "x.Tcp+65536", "invalid port '65536'"),
+    ("/dev/tcp/localhost/22", "x.Tcp", "a numeric address is required"),
+])
+def test_call_tcp_refuses_what_the_agent_refuses(tmp_path: Path, link: str, service: str, words: str) -> None:
+    """libqrexec/exec.c: find_qrexec_service and validate_port, qubes_tcp_connect (AI_NUMERICHOST)."""
+    (tmp_path / "x.Tcp").symlink_to(link)
+    result = run_cli("call", service, "--rpc-dir", str(tmp_path), "--rpc-config-dir", str(tmp_path / "none"))
+    assert result.returncode == 125 and words in result.stderr, result.stderr
+
+
+def test_call_never_blocks_on_a_fifo_rpc_config(rpc_dirs: tuple[Path, Path, Path]) -> None:
+    os.mkfifo(rpc_dirs[2] / "test.Echo")
+    code, _, err = call(rpc_dirs, "test.Echo")
+    assert code == 125 and "not a regular file" in err
+
+
+def test_call_rpc_config_is_looked_up_on_its_own(rpc_dirs: tuple[Path, Path, Path]) -> None:
+    """libqrexec/exec.c: load_service_config_raw: test.Fields+special's link matched, but with no
+    config of its own it takes test.Fields's: here skip-service-descriptor=true."""
+    (rpc_dirs[2] / "test.Fields").write_text("skip-service-descriptor=true # inherited\n")
+    code, out, _ = call(rpc_dirs, "test.Fields+special", data=b"test.Fields+forged dom0\0")
+    assert code == 0 and "argument='forged'" in out and "source='dom0'" in out  # what apply prevents
+
+
+def test_call_ctrl_c_exits_130_without_a_traceback(rpc_dirs: tuple[Path, Path, Path]) -> None:
+    first, second, config = rpc_dirs
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qubes_socksvc", "call", "test.Slow+30", "--rpc-dir", str(second),
+         "--rpc-config-dir", str(config)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": f"{REPO}:{TESTS}"})
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and b"Traceback" not in err and b"interrupted" in err, err
 
 
 def test_call_socket_without_listener_exits_125(tmp_path: Path) -> None:
@@ -83,9 +174,10 @@ def test_call_socket_without_listener_exits_125(tmp_path: Path) -> None:
     assert result.returncode == 125 and "cannot connect" in result.stderr
 
 
-def test_call_rejects_invalid_names() -> None:
-    result = run_cli("call", "../etc/passwd")
-    assert result.returncode == 2 and "invalid service name" in result.stderr
+@pytest.mark.parametrize("service", ["../etc/passwd", "x.Y\n", "+x", "x.Y+a/b"])
+def test_call_rejects_invalid_names(service: str) -> None:
+    result = run_cli("call", service)
+    assert result.returncode == 2 and "invalid service" in result.stderr
 
 
 def test_call_streams_large_input_both_ways(rpc_dirs: tuple[Path, Path, Path]) -> None:
@@ -99,8 +191,8 @@ def test_call_streams_large_input_both_ways(rpc_dirs: tuple[Path, Path, Path]) -
 
 def test_invalid_rpc_config_fails_like_qrexec(tmp_path: Path) -> None:
     (tmp_path / "x.Y").write_text(" wait-for-session=true\n")
-    with pytest.raises(agent.CallError, match="invalid rpc-config"):
-        agent.skips_descriptor("x.Y", (str(tmp_path),))
+    with pytest.raises(lookup.LookupFailed, match="invalid rpc-config"):
+        lookup.config_for("x.Y", (str(tmp_path),))
 
 
 def test_call_with_no_standard_input_at_all(rpc_dirs: tuple[Path, Path, Path]) -> None:
