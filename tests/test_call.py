@@ -154,7 +154,7 @@ def test_call_rpc_config_is_looked_up_on_its_own(rpc_dirs: tuple[Path, Path, Pat
 
 
 def test_call_ctrl_c_exits_130_without_a_traceback(rpc_dirs: tuple[Path, Path, Path]) -> None:
-    first, second, config = rpc_dirs
+    _, second, config = rpc_dirs
     proc = subprocess.Popen(
         [sys.executable, "-m", "qubes_socksvc", "call", "test.Slow+30", "--rpc-dir", str(second),
          "--rpc-config-dir", str(config)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,

@@ -221,6 +221,8 @@ def test_manifest_keys_are_qubes_rpc_file_names(key: str, accepted: bool, source
     ('force-user="user"\n', None, "toml.c: double-quoted strings not implemented"),
     ("wait-for-session=true\nwait-for-session=false\n", None, "toml.c: key already seen"),
     ("skip-service-descriptor=1\n", None, "toml.c: Integer not valid for skip-service-descriptor"),
+    ("force-user=true\n", None, "toml.c: Boolean not valid for user name or user ID"),
+    ("wait-for-session=yes\n", None, "toml.c: unsupported start of value"),
     ("[section]\n", None, "toml.c: section headers not supported"),
     ("force-user='user'\nexit-on-client-eof=true\n", None, "exec.c load_service_config_v2"),
     ("unknown=bare\n", None, "toml.c: an unknown key's value must still parse"),

@@ -94,7 +94,7 @@ def test_plain_function_runs_off_the_loop_with_whole_input(daemon: RunningDaemon
     (b"test.Echo w\xffrk\0", b"", "not ASCII"),
     (b"test.Echo work", b"", "closed before the descriptor's NUL"),
     (b"\0", b"", "descriptor has 1 fields"),
-    (b"x" * 70000, b"", "descriptor longer than 65000 bytes"),
+    (b"x" * 70000, b"", "descriptor longer than 65535 bytes"),
 ])
 def test_faults_are_logged_and_the_daemon_keeps_serving(
         daemon: RunningDaemon, wire: bytes, payload: bytes, logged: str) -> None:
