@@ -21,10 +21,11 @@ import asyncio
 import contextlib
 import inspect
 import socket
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from . import descriptor, handlers, qrexec
+from .chunks import Input, chunks
 from .handlers import Handler, HandlerError
 from .manifest import Manifest, ManifestError, Service
 from .manifest import load as load_manifest
@@ -45,8 +46,6 @@ DEFAULT_MAX_INPUT: int = Service.max_input
 
 #: A handler: ``"module:callable"`` as in a manifest, or the function itself.
 HandlerLike = str | Callable[[Request], Any]
-#: A call's input: bytes, or chunks of it from an iterable or an async iterable.
-Input = bytes | Iterable[bytes] | AsyncIterable[bytes]
 
 
 def call_handler(
@@ -249,23 +248,10 @@ async def _send(loop: asyncio.AbstractEventLoop, input: Input, sock: socket.sock
     """The caller's stdin: every chunk as the socket takes it (backpressure), then half-close.
     A handler that stops reading ends it quietly, as it ends qrexec's agent."""
     try:
-        async for chunk in _chunks(input):
+        async for chunk in chunks(input):
             await loop.sock_sendall(sock, chunk)
     except OSError:  # broken pipe, reset: the handler closed without reading everything
         return
     finally:  # also when the input itself fails: the handler must not wait for more
         with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_WR)
-
-
-async def _chunks(input: Input) -> AsyncIterator[bytes]:
-    if isinstance(input, (bytes, bytearray, memoryview)):
-        for start in range(0, len(input), CHUNK_SIZE):
-            yield bytes(input[start:start + CHUNK_SIZE])
-    elif isinstance(input, AsyncIterable):
-        async for chunk in input:
-            yield chunk
-    else:
-        for chunk in input:
-            yield chunk
-
