@@ -179,11 +179,12 @@ async def _send(input: Input, stdin: asyncio.StreamWriter) -> None:
     """Input to the qrexec client's stdin, chunk by chunk with backpressure, then EOF."""
     try:
         async for chunk in chunks(input):
-            stdin.write(chunk)
-            await stdin.drain()
-    except ConnectionError:  # the service stopped reading: its output and exit code still count
-        return
-    finally:
+            try:
+                stdin.write(chunk)
+                await stdin.drain()
+            except ConnectionError:  # the service stopped reading: its output and exit code still count
+                return
+    finally:  # also when the input itself fails: the call must not wait for more
         stdin.close()
 
 

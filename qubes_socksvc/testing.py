@@ -249,9 +249,10 @@ async def _send(loop: asyncio.AbstractEventLoop, input: Input, sock: socket.sock
     A handler that stops reading ends it quietly, as it ends qrexec's agent."""
     try:
         async for chunk in chunks(input):
-            await loop.sock_sendall(sock, chunk)
-    except OSError:  # broken pipe, reset: the handler closed without reading everything
-        return
+            try:
+                await loop.sock_sendall(sock, chunk)
+            except OSError:  # broken pipe, reset: the handler closed without reading everything
+                return
     finally:  # also when the input itself fails: the handler must not wait for more
         with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_WR)
