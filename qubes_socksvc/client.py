@@ -19,7 +19,7 @@ import contextlib
 import shutil
 import signal
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from . import qrexec
 from .chunks import Input, chunks
@@ -129,7 +129,7 @@ async def async_call(target: str, service: str, input: Input = b"", *, timeout: 
 
 
 async def stream(target: str, service: str, input: Input = b"", *, timeout: float | None = None,
-                 ) -> AsyncIterator[bytes]:
+                 ) -> AsyncGenerator[bytes, None]:
     """Call ``service`` in ``target``: input sent as it comes, output yielded as it arrives.
 
     Both directions have backpressure: input is written only as fast as the service

@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import inspect
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 from . import descriptor, handlers, qrexec
@@ -94,7 +94,7 @@ async def stream_handler(
     target: str | None = None,
     max_input: int = DEFAULT_MAX_INPUT,
     timeout: float = 0,
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     """One call of ``handler``, its output in chunks as the handler writes them.
 
     The input is sent as the caller's stdin would be, chunk by chunk with backpressure,
