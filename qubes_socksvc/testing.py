@@ -22,7 +22,7 @@ import contextlib
 import inspect
 import socket
 from collections.abc import AsyncGenerator, Callable
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 from . import descriptor, handlers, qrexec
 from .chunks import Input, chunks
@@ -33,6 +33,7 @@ from .request import CHUNK_SIZE, Request
 
 __all__ = [
     "DEFAULT_MAX_INPUT",
+    "CallOptions",
     "HandlerLike",
     "Input",
     "async_call_handler",
@@ -48,40 +49,26 @@ DEFAULT_MAX_INPUT: int = Service.max_input
 HandlerLike = str | Callable[[Request], Any]
 
 
-def call_handler(
-    handler: HandlerLike,
-    input: Input = b"",
-    *,
-    service: str = "x.Test",
-    source: str | None = "work",
-    target_type: str | None = None,
-    target: str | None = None,
-    max_input: int = DEFAULT_MAX_INPUT,
-    timeout: float = 0,
-) -> bytes:
+class CallOptions(TypedDict, total=False):
+    """The keyword arguments of every call here; see :func:`stream_handler` for their defaults."""
+
+    service: str
+    source: str | None
+    target_type: str | None
+    target: str | None
+    max_input: int
+    timeout: float
+
+
+def call_handler(handler: HandlerLike, input: Input = b"", **options: Unpack[CallOptions]) -> bytes:
     """One call of ``handler``; returns all it wrote.  Not for code already in an event loop:
     use :func:`async_call_handler` there."""
-    return asyncio.run(async_call_handler(
-        handler, input, service=service, source=source, target_type=target_type, target=target,
-        max_input=max_input, timeout=timeout))
+    return asyncio.run(async_call_handler(handler, input, **options))
 
 
-async def async_call_handler(
-    handler: HandlerLike,
-    input: Input = b"",
-    *,
-    service: str = "x.Test",
-    source: str | None = "work",
-    target_type: str | None = None,
-    target: str | None = None,
-    max_input: int = DEFAULT_MAX_INPUT,
-    timeout: float = 0,
-) -> bytes:
+async def async_call_handler(handler: HandlerLike, input: Input = b"", **options: Unpack[CallOptions]) -> bytes:
     """:func:`call_handler` for tests that already run an event loop."""
-    chunks = [chunk async for chunk in stream_handler(
-        handler, input, service=service, source=source, target_type=target_type, target=target,
-        max_input=max_input, timeout=timeout)]
-    return b"".join(chunks)
+    return b"".join([chunk async for chunk in stream_handler(handler, input, **options)])
 
 
 async def stream_handler(
