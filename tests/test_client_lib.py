@@ -100,6 +100,7 @@ def test_command_in_a_vm_and_in_dom0(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert client.command("notes", "my.Notes+list") == [str(STANDIN / "qrexec-client-vm"), "notes", "my.Notes+list"]
     assert client.command("", "my.Notes")[1:] == ["", "my.Notes"]  # "": the policy's default target
     assert client.command("@dispvm:web", "my.Notes")[1] == "@dispvm:web"
+    assert client.command("@dispvm:" + "t" * 55, "my.Notes")[1] == "@dispvm:" + "t" * 55  # 63: the most
     (tmp_path / "qrexec-client").symlink_to(STANDIN / "qrexec-client-vm")
     monkeypatch.setenv("PATH", str(tmp_path))
     # qubesadmin/app.py QubesLocal.run_service
@@ -114,6 +115,7 @@ def test_command_in_a_vm_and_in_dom0(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 @pytest.mark.parametrize(("target", "service"), [
     ("notes", "my Notes"), ("notes", "my.Notes+a b"), ("notes", ""), ("-rf", "my.Notes"), ("a b", "my.Notes"),
+    ("@dispvm:" + "t" * 56, "my.Notes"),  # 64 characters: qrexec-client-vm would cut it to 63
 ])
 def test_command_refuses_what_qrexec_would(target: str, service: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", str(STANDIN))
