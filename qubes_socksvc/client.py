@@ -67,8 +67,7 @@ class QrexecError(SocksvcError):
         self.exit_code = exit_code
         self.stderr = stderr
         detail = f": {stderr.strip()}" if stderr.strip() else ""
-        super().__init__(f"call of {service} in {target or 'the default target'} failed with exit code "
-                         f"{exit_code}, {self.meaning}{detail}")
+        super().__init__(f"{_call_of(target, service)} failed with exit code {exit_code}, {self.meaning}{detail}")
 
     @property
     def meaning(self) -> str:
@@ -119,8 +118,7 @@ def call(target: str, service: str, input: bytes = b"", *, timeout: float | None
     try:
         result = subprocess.run(argv, input=input, capture_output=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired as e:
-        raise TimeoutError(f"call of {service} in {target or 'the default target'} "
-                           f"took longer than {timeout}s") from e
+        raise _timed_out(target, service, timeout) from e
     if result.returncode != 0:
         raise QrexecError(target, service, result.returncode, _tail(result.stderr))
     return result.stdout
@@ -144,10 +142,11 @@ async def stream(target: str, service: str, input: Input = b"", *, timeout: floa
         *argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert process.stdin is not None and process.stdout is not None and process.stderr is not None
     loop = asyncio.get_running_loop()
-    timed_out = asyncio.Event()
+    expired = False
 
     def expire() -> None:
-        timed_out.set()
+        nonlocal expired
+        expired = True
         with contextlib.suppress(ProcessLookupError):
             process.kill()
 
@@ -158,8 +157,8 @@ async def stream(target: str, service: str, input: Input = b"", *, timeout: floa
         while chunk := await process.stdout.read(CHUNK_SIZE):
             yield chunk
         returncode = await process.wait()
-        if timed_out.is_set():
-            raise TimeoutError(f"call of {service} in {target or 'the default target'} took longer than {timeout}s")
+        if expired:
+            raise _timed_out(target, service, timeout)
         if returncode != 0:
             raise QrexecError(target, service, returncode, _tail(await stderr))
         failure = sender.exception() if sender.done() and not sender.cancelled() else None
@@ -174,8 +173,7 @@ async def stream(target: str, service: str, input: Input = b"", *, timeout: floa
             await process.wait()
         for task in (sender, stderr):
             task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
+        await asyncio.gather(sender, stderr, return_exceptions=True)
 
 
 async def _send(input: Input, stdin: asyncio.StreamWriter) -> None:
@@ -197,6 +195,14 @@ async def _keep_tail(stderr: asyncio.StreamReader) -> bytes:
     while chunk := await stderr.read(CHUNK_SIZE):
         kept = (kept + chunk)[-STDERR_KEPT:]
     return kept
+
+
+def _call_of(target: str, service: str) -> str:
+    return f"call of {service} in {target or 'the default target'}"
+
+
+def _timed_out(target: str, service: str, timeout: float | None) -> TimeoutError:
+    return TimeoutError(f"{_call_of(target, service)} took longer than {timeout}s; it was killed")
 
 
 def _tail(stderr: bytes) -> str:

@@ -116,9 +116,8 @@ async def stream_handler(
     finally:
         for task in tasks:
             task.cancel()
-        for task in tasks:  # a cancelled handler still runs its own finally blocks
-            with contextlib.suppress(BaseException):
-                await task
+        # Let a cancelled handler run its own finally blocks; their outcome is already known.
+        await asyncio.gather(*tasks, return_exceptions=True)
         daemon_end.close()
         caller_end.close()
 
