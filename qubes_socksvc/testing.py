@@ -1,0 +1,244 @@
+"""Run a handler in-process, as the daemon would, for a service author's tests.
+
+No daemon, root, systemd or qrexec needed: each call gets a real Unix socket
+pair with asyncio streams on both ends, a real :class:`~qubes_socksvc.Request`
+built from a descriptor the daemon's own parser validated, the handler adapted
+exactly as the daemon adapts it (a plain function runs in a thread of its own
+with ``request.input``), and the same ``max_input`` and ``timeout`` rules.
+What the daemon would log and cut off is raised here instead: ``InputTooLarge``,
+``TimeoutError``, ``HandlerError`` (a ``module:callable`` that cannot be
+loaded), ``TypeError`` (a wrong return type) or the handler's own exception.
+
+    from qubes_socksvc.testing import call_handler
+
+    def test_greet() -> None:
+        assert call_handler("mypkg.rpc:greet", b"Ann", source="work") == b"hello Ann from work\\n"
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import socket
+from collections.abc import AsyncGenerator, Callable
+from typing import Any, TypedDict, Unpack
+
+from . import descriptor, handlers, qrexec
+from .chunks import Input, chunks
+from .handlers import Handler, HandlerError
+from .manifest import Manifest, ManifestError, Service
+from .manifest import load as load_manifest
+from .request import CHUNK_SIZE, Request
+
+__all__ = [
+    "DEFAULT_MAX_INPUT",
+    "CallOptions",
+    "HandlerLike",
+    "Input",
+    "async_call_handler",
+    "call_handler",
+    "check_manifest",
+    "stream_handler",
+]
+
+#: The manifest's default ``max_input`` (bytes); pass ``max_input=0`` for no limit.
+DEFAULT_MAX_INPUT: int = Service.max_input
+
+#: A handler: ``"module:callable"`` as in a manifest, or the function itself.
+HandlerLike = str | Callable[[Request], Any]
+
+
+class CallOptions(TypedDict, total=False):
+    """The keyword arguments of every call here; see :func:`stream_handler` for their defaults."""
+
+    service: str
+    source: str | None
+    target_type: str | None
+    target: str | None
+    max_input: int
+    timeout: float
+
+
+def call_handler(handler: HandlerLike, input: Input = b"", **options: Unpack[CallOptions]) -> bytes:
+    """One call of ``handler``; returns all it wrote.  Not for code already in an event loop:
+    use :func:`async_call_handler` there."""
+    return asyncio.run(async_call_handler(handler, input, **options))
+
+
+async def async_call_handler(handler: HandlerLike, input: Input = b"", **options: Unpack[CallOptions]) -> bytes:
+    """:func:`call_handler` for tests that already run an event loop."""
+    return b"".join([chunk async for chunk in stream_handler(handler, input, **options)])
+
+
+async def stream_handler(
+    handler: HandlerLike,
+    input: Input = b"",
+    *,
+    service: str = "x.Test",
+    source: str | None = "work",
+    target_type: str | None = None,
+    target: str | None = None,
+    max_input: int = DEFAULT_MAX_INPUT,
+    timeout: float = 0,
+) -> AsyncGenerator[bytes, None]:
+    """One call of ``handler``, its output in chunks as the handler writes them.
+
+    The input is sent as the caller's stdin would be, chunk by chunk with backpressure,
+    then half-closed; output is read only as fast as you consume it, so a handler that
+    ``await request.drain()``s waits for you, and memory stays bounded on both sides.
+
+    ``service`` is ``NAME``, ``NAME+`` or ``NAME+ARG`` as qrexec passes it; ``source``,
+    ``target_type`` and ``target`` are the descriptor's other fields (a keyword target
+    without its ``@``).  ``source=None`` is a ``service_descriptor: false`` call.  Invalid
+    values raise ``ValueError``, as the daemon would reject the descriptor.
+    """
+    request_fields = _descriptor_fields(service, source, target_type, target)
+    adapted = _adapt(handler)
+    loop = asyncio.get_running_loop()
+    daemon_end, caller_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    caller_end.setblocking(False)
+    tasks: list[asyncio.Task[Any]] = []
+    try:
+        reader, writer = await _daemon_streams(loop, daemon_end)
+        request = Request(reader, writer, *request_fields, max_input=max_input)
+        call = loop.create_task(_run(adapted, request, writer, timeout))
+        sender = loop.create_task(_send(loop, input, caller_end))
+        tasks = [call, sender]
+        while chunk := await _receive(loop, caller_end):
+            yield chunk
+        error = await call
+        if error is not None:
+            raise error  # where the daemon would log it and cut the connection
+        failure = sender.exception() if sender.done() and not sender.cancelled() else None
+        if failure is not None:
+            raise failure  # the test's own input failed
+    finally:
+        for task in tasks:
+            task.cancel()
+        # Let a cancelled handler run its own finally blocks; their outcome is already known.
+        await asyncio.gather(*tasks, return_exceptions=True)
+        daemon_end.close()
+        caller_end.close()
+
+
+def check_manifest(path: str) -> Manifest:
+    """Validate a manifest like ``qubes-socksvc check``, and import every handler it names.
+
+    Returns the manifest; raises :class:`~qubes_socksvc.manifest.ManifestError` listing
+    every problem, one per line.
+    """
+    manifest = load_manifest(path)
+    problems = []
+    for daemon in manifest.daemons.values():
+        for full_name, service in daemon.services.items():
+            try:
+                handlers.load(service.handler)
+            except HandlerError as e:
+                problems.append(f"{manifest.path}: daemons.{daemon.name}.services.{full_name}.handler: {e}; "
+                                "make the module importable (installed, or on PYTHONPATH) and the name callable")
+    if problems:
+        raise ManifestError(problems)
+    return manifest
+
+
+# --- the daemon's side of one call ---------------------------------------------
+
+
+def _descriptor_fields(
+    service: str, source: str | None, target_type: str | None, target: str | None,
+) -> tuple[str, str | None, str | None, str | None, str | None]:
+    """(name, argument, source, target_type, target), validated by the daemon's own rules."""
+    if not qrexec.is_full_service_name(service):
+        raise ValueError(f"invalid service {service!r}; expected NAME, NAME+ or NAME+ARG in qrexec's charset")
+    if (target_type is None) != (target is None):
+        raise ValueError("target_type and target go together (the dom0 descriptor form), or neither")
+    if source is None:  # service_descriptor: false: the daemon knows the service, nothing else
+        if target is not None:
+            raise ValueError("a call without descriptor (source=None) has no target")
+        name, argument = qrexec.split_service(service)
+        return name, argument, None, None, None
+    wire = " ".join([service, source] + ([target_type, target] if target_type and target else []))
+    try:
+        parsed = descriptor.parse(wire.encode())
+    except UnicodeEncodeError as e:
+        raise ValueError(f"invalid descriptor {wire!r}: not ASCII") from e
+    except descriptor.DescriptorError as e:
+        raise ValueError(f"the daemon would reject the descriptor {wire!r}: {e}") from e
+    return parsed.name, parsed.argument, parsed.source, parsed.target_type, parsed.target
+
+
+def _adapt(handler: HandlerLike) -> Handler:
+    """What ``handlers.load`` does, for a spec or for the function itself."""
+    if isinstance(handler, str):
+        return handlers.load(handler)
+    if not callable(handler):
+        raise HandlerError(f"handler {handler!r} is not callable")
+    if inspect.iscoroutinefunction(handler):
+        return handler
+    return handlers._threaded(handler)  # the same adaptation load() applies
+
+
+async def _daemon_streams(
+    loop: asyncio.AbstractEventLoop, conn: socket.socket,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """The streams server.Server._connection builds around an accepted connection."""
+    reader = asyncio.StreamReader(limit=qrexec.MAX_DESCRIPTOR_LEN, loop=loop)
+    protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+    transport, _ = await loop.connect_accepted_socket(lambda: protocol, sock=conn)
+    return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
+
+
+async def _run(
+    handler: Handler, request: Request, writer: asyncio.StreamWriter, timeout: float,
+) -> BaseException | None:
+    """The handler part of server.Server._call: timeout, returned bytes/str written, drain, close.
+
+    On a failure the connection is cut (the caller sees its output end early) and the
+    exception is returned, to be raised outside the task: a handler's ``SystemExit``
+    must not escape through the event loop, in the daemon or here.
+    """
+    try:
+        async with asyncio.timeout(timeout) if timeout else contextlib.nullcontext():
+            result = await handler(request)
+            if result is not None:
+                if not isinstance(result, (bytes, str)):
+                    raise TypeError(f"handler returned {type(result).__name__}, expected bytes, str or None")
+                request.write(result)
+            await writer.drain()
+    except (Exception, SystemExit, KeyboardInterrupt) as e:
+        writer.transport.abort()
+        return e
+    except asyncio.CancelledError:
+        writer.transport.abort()
+        raise
+    writer.close()
+    return None
+
+
+# --- the caller's side: qrexec's agent, as agent.call does it ---------------------
+# Raw socket operations, not a stream pair: a failed send (the handler stopped reading)
+# must not cost the output still buffered for the caller.
+
+
+async def _receive(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bytes:
+    """The caller's next chunk of stdout; ``b""`` at its end.  A daemon that closes with
+    unread input pending resets the connection (after all its output): that ends it too."""
+    try:
+        return await loop.sock_recv(sock, CHUNK_SIZE)
+    except ConnectionResetError:
+        return b""
+
+
+async def _send(loop: asyncio.AbstractEventLoop, input: Input, sock: socket.socket) -> None:
+    """The caller's stdin: every chunk as the socket takes it (backpressure), then half-close.
+    A handler that stops reading ends it quietly, as it ends qrexec's agent."""
+    try:
+        async for chunk in chunks(input):
+            try:
+                await loop.sock_sendall(sock, chunk)
+            except OSError:  # broken pipe, reset: the handler closed without reading everything
+                return
+    finally:  # also when the input itself fails: the handler must not wait for more
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_WR)

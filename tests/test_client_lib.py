@@ -1,0 +1,266 @@
+"""qubes_socksvc.client against a real daemon, through the stand-in qrexec tools in tests/standin.
+
+The real qrexec-client-vm needs dom0 and another qube.  tests/standin/qrexec-client-vm
+plays dom0's policy (the README's policy lines, verbatim), the target qube's qubes-rpc
+directory, and its agent (`qubes-socksvc call`), with qrexec's exit codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import re
+import socket
+import sys
+import time
+import tracemalloc
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from qubes_socksvc import client, examples_notes
+from tests.conftest import REPO, TESTS, RunningDaemon, world_dir
+
+STANDIN = TESTS / "standin"
+TARGET = "notes"  # the one other qube of the stand-in's world
+
+
+def readme_policy() -> str:
+    """The dom0 policy lines the README gives for the worked example."""
+    lines = re.findall(r"^my\.Notes\s.*$", (REPO / "README.md").read_text(), re.MULTILINE)
+    assert len(lines) >= 2, "README.md lost the worked example's policy lines"
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class World:
+    base: Path
+    rpc_dir: Path
+    daemon: RunningDaemon
+    notes_dir: Path
+
+
+def path_with(*dirs: Path) -> str:
+    """PATH with only these tool directories, and this interpreter for the stand-in's shebang."""
+    return os.pathsep.join([*map(str, dirs), os.path.dirname(sys.executable), "/usr/bin", "/bin"])
+
+
+@pytest.fixture
+def world(daemon: RunningDaemon, start_daemon: type[RunningDaemon], monkeypatch: pytest.MonkeyPatch) -> World:
+    base = world_dir("socksvc-client-")
+    rpc_dir, config_dir, notes_dir = base / "qubes-rpc", base / "rpc-config", base / "notes-data"
+    for d in (rpc_dir, config_dir, notes_dir):
+        d.mkdir()
+    notes_dir.chmod(0o777)
+    notes = start_daemon((REPO / "examples/notes.yaml").read_text(), "notes",
+                         extra_env={"QUBES_SOCKSVC_NOTES_DIR": str(notes_dir)})
+    (rpc_dir / "my.Notes").symlink_to(notes.socket())
+    for name in ("test.Echo", "test.Fields", "test.Slow", "test.Huge"):
+        (rpc_dir / name).symlink_to(daemon.socket())
+    dead = socket.socket(socket.AF_UNIX)
+    dead.bind(str(base / "dead.sock"))  # bound, never listening: a daemon that died
+    dead.close()
+    (rpc_dir / "test.Dead").symlink_to(base / "dead.sock")
+    policy = base / "30-user.policy"
+    policy.write_text(readme_policy() + "test.Fields * work @default allow target=notes\n"
+                      "* * work notes allow\n")
+    monkeypatch.setenv("PATH", path_with(STANDIN))
+    monkeypatch.setenv("PYTHONPATH", f"{REPO}:{TESTS}")
+    monkeypatch.setenv("SOCKSVC_STANDIN_TARGET", TARGET)
+    monkeypatch.setenv("SOCKSVC_STANDIN_SOURCE", "work")
+    monkeypatch.setenv("SOCKSVC_STANDIN_POLICY", str(policy))
+    monkeypatch.setenv("SOCKSVC_STANDIN_RPC_DIR", str(rpc_dir))
+    monkeypatch.setenv("SOCKSVC_STANDIN_RPC_CONFIG_DIR", str(config_dir))
+    return World(base, rpc_dir, daemon, notes_dir)
+
+
+@pytest.fixture
+def in_dom0(world: World, monkeypatch: pytest.MonkeyPatch) -> World:
+    """Only qrexec-client on PATH, as in dom0."""
+    tools = world.base / "dom0-bin"
+    tools.mkdir()
+    (tools / "qrexec-client").symlink_to(STANDIN / "qrexec-client-vm")
+    monkeypatch.setenv("PATH", path_with(tools))
+    return world
+
+
+def fields(output: bytes) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in output.decode().splitlines())
+
+
+# --- the command line ----------------------------------------------------------------
+
+
+def test_command_in_a_vm_and_in_dom0(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(STANDIN))
+    assert client.command("notes", "my.Notes+list") == [str(STANDIN / "qrexec-client-vm"), "notes", "my.Notes+list"]
+    assert client.command("", "my.Notes")[1:] == ["", "my.Notes"]  # "": the policy's default target
+    assert client.command("@dispvm:web", "my.Notes")[1] == "@dispvm:web"
+    assert client.command("@dispvm:" + "t" * 55, "my.Notes")[1] == "@dispvm:" + "t" * 55  # 63: the most
+    (tmp_path / "qrexec-client").symlink_to(STANDIN / "qrexec-client-vm")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    # qubesadmin/app.py QubesLocal.run_service
+    assert client.command("notes", "my.Notes+list") == [
+        str(tmp_path / "qrexec-client"), "-d", "notes", "DEFAULT:QUBESRPC my.Notes+list dom0"]
+    with pytest.raises(ValueError, match="name the qube"):
+        client.command("@dispvm", "my.Notes")
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
+    with pytest.raises(FileNotFoundError, match="qrexec-client-vm"):
+        client.command("notes", "my.Notes")
+
+
+@pytest.mark.parametrize(("target", "service"), [
+    ("notes", "my Notes"), ("notes", "my.Notes+a b"), ("notes", ""), ("-rf", "my.Notes"), ("a b", "my.Notes"),
+    ("@dispvm:" + "t" * 56, "my.Notes"),  # 64 characters: qrexec-client-vm would cut it to 63
+])
+def test_command_refuses_what_qrexec_would(target: str, service: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(STANDIN))
+    with pytest.raises(ValueError):
+        client.command(target, service)
+
+
+# --- calls ---------------------------------------------------------------------------
+
+
+def test_call_round_trip(world: World) -> None:
+    assert client.call(TARGET, "test.Echo", b"hello from work") == b"hello from work"
+
+
+def test_calls_from_a_vm_always_carry_a_plus(world: World) -> None:
+    """daemon/qrexec-daemon.c handle_execute_service appends '+' when the service has none."""
+    out = fields(client.call(TARGET, "test.Fields"))
+    assert (out["service"], out["argument"], out["source"]) == ("test.Fields+", "''", "'work'")
+    assert fields(client.call(TARGET, "test.Fields+x"))["argument"] == "'x'"
+
+
+def test_calls_from_dom0_arrive_as_called(in_dom0: World) -> None:
+    out = fields(client.call(TARGET, "test.Fields"))
+    assert (out["service"], out["argument"], out["source"]) == ("test.Fields", "None", "'dom0'")
+
+
+def test_default_target_is_the_policys(world: World) -> None:
+    assert fields(client.call("", "test.Fields"))["service"] == "test.Fields+"
+
+
+# --- failures: one exception type, qrexec's exit codes --------------------------------
+
+
+def test_refused_by_policy_is_126(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SOCKSVC_STANDIN_SOURCE", "personal")
+    with pytest.raises(client.QrexecError) as error:
+        client.call(TARGET, "my.Notes+add", b'{"text": "x"}')
+    assert error.value.exit_code == 126 and error.value.service == "my.Notes+add"
+    assert "refused by dom0's qrexec policy" in str(error.value) and "Request refused" in error.value.stderr
+    with pytest.raises(client.QrexecError, match="exit code 126"):
+        client.call("elsewhere", "test.Echo")  # no such qube: refused too
+
+
+def test_service_not_found_is_127(world: World) -> None:
+    with pytest.raises(client.QrexecError) as error:
+        client.call(TARGET, "test.Nothing")
+    assert error.value.exit_code == 127 and "service not found" in error.value.meaning
+
+
+def test_socket_without_listener_is_125(world: World) -> None:
+    with pytest.raises(client.QrexecError) as error:
+        client.call(TARGET, "test.Dead")
+    assert error.value.exit_code == 125 and "nobody listens" in error.value.meaning
+
+
+def test_dom0_target_not_running_is_125(in_dom0: World) -> None:
+    with pytest.raises(client.QrexecError, match="exit code 125"):
+        client.call("stopped", "test.Echo")
+
+
+def test_meanings_of_other_exit_codes() -> None:
+    assert "SIGKILL" in client.QrexecError("q", "s", -9).meaning  # killed (subprocess's negative code)
+    assert "SIGTERM" in client.QrexecError("q", "s", 128 + 15).meaning  # qrexec-client-vm(1): 128+signal
+    assert "the service itself" in client.QrexecError("q", "s", 3).meaning
+    assert "invalid arguments" in client.QrexecError("q", "s", 2).meaning
+
+
+def test_timeout_kills_the_call(world: World) -> None:
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        client.call(TARGET, "test.Slow+3", timeout=0.5)
+
+    async def streamed() -> None:
+        async for _ in client.stream(TARGET, "test.Slow+3", timeout=0.5):
+            pass
+
+    with pytest.raises(TimeoutError):
+        asyncio.run(streamed())
+    assert time.monotonic() - started < 10
+
+
+# --- streaming ----------------------------------------------------------------------
+
+
+def test_stream_both_ways_with_bounded_memory(world: World) -> None:
+    """32 MiB in from an async generator and back out through the daemon's echo; this process
+    never holds more than a few chunks of it."""
+    total, block = 32 << 20, os.urandom(1 << 16)
+
+    async def source() -> AsyncIterator[bytes]:
+        for _ in range(total // len(block)):
+            yield block
+
+    async def run() -> tuple[int, bytes]:
+        digest, received = hashlib.sha256(), 0
+        async for chunk in client.stream(TARGET, "test.Echo", source()):
+            received += len(chunk)
+            digest.update(chunk)
+        return received, digest.digest()
+
+    tracemalloc.start()
+    try:
+        received, digest = asyncio.run(run())
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert received == total and digest == hashlib.sha256(block * (total // len(block))).digest()
+    assert peak < 8 << 20, f"{peak} bytes allocated at once for {total} streamed"
+
+
+def test_abandoning_a_stream_ends_the_call(world: World) -> None:
+    async def run() -> int:
+        calls = client.stream(TARGET, "test.Huge")  # 64 MiB of output, with backpressure
+        first = await calls.__anext__()
+        await calls.aclose()
+        return len(first)
+
+    assert asyncio.run(run()) > 0
+
+
+def test_async_call(world: World) -> None:
+    assert asyncio.run(client.async_call(TARGET, "test.Echo", [b"a", b"b"])) == b"ab"
+
+
+# --- the worked example, end to end ------------------------------------------------------
+
+
+def test_notes_example_end_to_end(world: World, monkeypatch: pytest.MonkeyPatch,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """work adds and deletes, personal may only list: the README's policy, its client, its daemon."""
+    assert examples_notes.add(TARGET, "buy milk") == 1
+    assert examples_notes.main(["--target", TARGET, "add", "call Ann"]) == 0
+    monkeypatch.setenv("SOCKSVC_STANDIN_SOURCE", "personal")
+    assert [n["text"] for n in examples_notes.list_notes(TARGET)] == ["buy milk", "call Ann"]
+    assert examples_notes.main(["--target", TARGET, "add", "not allowed"]) == 126
+    assert "refused by dom0's qrexec policy" in capsys.readouterr().err
+    with pytest.raises(client.QrexecError, match="exit code 126"):
+        examples_notes.delete(TARGET, 1)
+    # Even where a policy lets personal call +delete, the handler checks who added the note.
+    (world.base / "30-user.policy").write_text("* * @anyvm notes allow\n")
+    with pytest.raises(examples_notes.NotesError, match="only that qube may delete it"):
+        examples_notes.delete(TARGET, 1)
+    monkeypatch.setenv("SOCKSVC_STANDIN_SOURCE", "work")
+    examples_notes.delete(TARGET, 1)
+    assert examples_notes.main(["--target", TARGET, "list"]) == 0
+    assert re.search(r"^   2  \S+Z  work +call Ann$", capsys.readouterr().out, re.MULTILINE)
+    stored = json.loads((world.notes_dir / "notes.json").read_text())
+    assert [n["id"] for n in stored] == [2]

@@ -1,0 +1,274 @@
+"""qubes_socksvc.testing: a handler called in-process behaves as under the daemon."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import sys
+import threading
+import tracemalloc
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from qubes_socksvc import InputTooLarge, Request, qrexec
+from qubes_socksvc.handlers import HandlerError
+from qubes_socksvc.manifest import ManifestError
+from qubes_socksvc.testing import (
+    DEFAULT_MAX_INPUT,
+    async_call_handler,
+    call_handler,
+    check_manifest,
+    stream_handler,
+)
+from tests.conftest import REPO, RunningDaemon
+
+FIELDS = "tests.handlers:fields"
+
+
+def fields(**kwargs: object) -> dict[str, str]:
+    out = call_handler(FIELDS, **kwargs).decode()  # type: ignore[arg-type]
+    return dict(line.split("=", 1) for line in out.splitlines())
+
+
+# --- the same Request as the daemon builds ---------------------------------------
+
+
+@pytest.mark.parametrize(("wire", "kwargs"), [
+    (b"test.Fields+abc work\0", {"service": "test.Fields+abc", "source": "work"}),
+    (b"test.Fields+ work\0", {"service": "test.Fields+", "source": "work"}),
+    (b"test.Fields sys-usb\0", {"service": "test.Fields", "source": "sys-usb"}),
+    (b"test.Fields+x work keyword dispvm\0",
+     {"service": "test.Fields+x", "source": "work", "target_type": "keyword", "target": "dispvm"}),
+    (b"test.Fields+x personal name dom0\0",
+     {"service": "test.Fields+x", "source": "personal", "target_type": "name", "target": "dom0"}),
+])
+def test_same_output_as_the_daemon(daemon: RunningDaemon, wire: bytes, kwargs: dict[str, str]) -> None:
+    """The daemon (tests/conftest.py TEST_MANIFEST, test.Fields) and call_handler agree, byte for byte."""
+    assert call_handler(FIELDS, **kwargs) == daemon.call(wire)  # type: ignore[arg-type]
+
+
+def test_service_forms_split_at_the_first_plus() -> None:
+    """libqrexec/exec.c parse_qubes_rpc_command: NAME, NAME+ (empty argument), NAME+ARG."""
+    assert fields(service="x.Test")["argument"] == "None"
+    assert fields(service="x.Test+")["argument"] == "''"
+    assert fields(service="x.Test+arg") == {
+        "service": "x.Test+arg", "name": "x.Test", "argument": "'arg'", "source": "'work'",
+        "target_type": "None", "target": "None"}
+
+
+@pytest.mark.skipif(not qrexec.is_full_service_name("x.Test+a+b"),
+                    reason="qrexec.py does not yet accept '+' inside an argument (the lead's change)")
+def test_argument_may_contain_plus() -> None:
+    """parse_qubes_rpc_command splits at the first '+': qubes.ConnectTCP+fe80++1+22 is a real form."""
+    out = fields(service="x.Test+fe80++1+22")
+    assert (out["name"], out["argument"]) == ("x.Test", "'fe80++1+22'")
+
+
+def test_without_descriptor() -> None:
+    """source=None: a service_descriptor: false call (the service as declared, no source)."""
+    assert fields(service="x.Raw", source=None)["source"] == "None"
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"service": "x Test"}, {"service": "x.Test+a b"}, {"service": "../x"}, {"service": ""},
+    {"source": "bad qube"}, {"source": "é"}, {"source": "x" * 32},
+    {"target_type": "other", "target": "dom0"}, {"target_type": "name"}, {"target": "dom0"},
+    {"source": None, "target_type": "name", "target": "dom0"},
+])
+def test_descriptors_the_daemon_rejects_are_refused(kwargs: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        call_handler(FIELDS, **kwargs)  # type: ignore[arg-type]
+
+
+# --- the same adaptation ---------------------------------------------------------
+
+
+def test_plain_function_runs_in_a_thread_with_the_whole_input() -> None:
+    seen: list[object] = []
+
+    def plain(request: Request) -> bytes:
+        seen.append(threading.current_thread() is threading.main_thread())
+        assert request.input is not None
+        return request.input[::-1]
+
+    assert call_handler(plain, [b"abc", b"def"]) == b"fedcba"
+    assert seen == [False]
+
+
+def test_callable_and_spec_give_the_same_result() -> None:
+    from qubes_socksvc import examples
+
+    assert call_handler(examples.upper, b"x") == call_handler("qubes_socksvc.examples:upper", b"x") == b"X"
+
+
+def test_returned_str_is_written_after_streamed_output() -> None:
+    async def both(request: Request) -> str:
+        request.write(b"streamed ")
+        await request.drain()
+        return "returned"
+
+    assert call_handler(both) == b"streamed returned"
+
+
+# --- the same limits and exceptions ----------------------------------------------
+
+
+def test_max_input_default_is_the_manifests() -> None:
+    echo = "qubes_socksvc.examples:echo"
+    assert call_handler(echo, b"x" * DEFAULT_MAX_INPUT) == b"x" * DEFAULT_MAX_INPUT
+    with pytest.raises(InputTooLarge):
+        call_handler(echo, b"x" * (DEFAULT_MAX_INPUT + 1))
+    with pytest.raises(InputTooLarge):
+        call_handler("qubes_socksvc.examples:upper", b"x" * 1025, max_input=1024)  # plain: read up front
+    assert len(call_handler(echo, b"x" * (DEFAULT_MAX_INPUT + 1), max_input=0)) == DEFAULT_MAX_INPUT + 1
+
+
+def test_timeout_raises_timeout_error() -> None:
+    with pytest.raises(TimeoutError):
+        call_handler("tests.handlers:hangs", timeout=0.2)
+    with pytest.raises(TimeoutError):  # a plain function: the call ends, its thread finishes alone
+        call_handler(lambda request: __import__("time").sleep(1), timeout=0.2)
+    assert call_handler("tests.handlers:slow", service="x.Test+0.01", timeout=5) == b"done\n"
+
+
+def test_handler_errors_are_raised() -> None:
+    with pytest.raises(HandlerError, match="cannot be loaded"):
+        call_handler("no_such_module:nothing")
+    with pytest.raises(HandlerError, match="not callable"):
+        call_handler("qubes_socksvc.qrexec:RPC_SEARCH_PATH")
+    with pytest.raises(TypeError, match="handler returned int"):
+        call_handler("tests.handlers:returns_int")
+    with pytest.raises(RuntimeError, match="on purpose"):
+        call_handler("tests.handlers:raises")
+
+
+def test_system_exit_reaches_the_test_not_the_loop() -> None:
+    with pytest.raises(SystemExit):
+        call_handler("tests.handlers:exits")
+    with pytest.raises(SystemExit):
+        call_handler("tests.handlers:plain_exits")
+    assert call_handler("qubes_socksvc.examples:echo", b"still fine") == b"still fine"
+
+
+def test_handler_that_stops_reading_early_still_delivers_its_output() -> None:
+    """A reply before reading 8 MiB of input: the caller gets all of it, like from the daemon."""
+    async def early(request: Request) -> bytes:
+        return b"r" * 300_000
+
+    assert call_handler(early, b"x" * (8 << 20), max_input=0) == b"r" * 300_000
+
+
+def test_failing_input_is_raised_and_the_handler_sees_eof() -> None:
+    def broken() -> Iterator[bytes]:
+        yield b"part"
+        raise OSError("the test's input failed")
+
+    with pytest.raises(OSError, match="input failed"):
+        call_handler("tests.handlers:after_eof", broken())
+
+
+# --- streaming ---------------------------------------------------------------------
+
+
+def test_streaming_backpressure_and_bounded_memory() -> None:
+    """32 MiB through echo: the input source never runs more than the sockets' buffers ahead of
+    what the test consumed, and Python's allocations stay far below the data's size."""
+    total, block = 32 << 20, b"s" * 65536
+    produced = consumed = 0
+    ahead = 0
+
+    async def source() -> AsyncIterator[bytes]:
+        nonlocal produced
+        for _ in range(total // len(block)):
+            produced += len(block)
+            yield block
+
+    async def run() -> str:
+        nonlocal consumed, ahead
+        digest = hashlib.sha256()
+        async for chunk in stream_handler("qubes_socksvc.examples:echo", source(), max_input=0):
+            consumed += len(chunk)
+            ahead = max(ahead, produced - consumed)
+            digest.update(chunk)
+            await asyncio.sleep(0)
+        return digest.hexdigest()
+
+    tracemalloc.start()
+    try:
+        digest = asyncio.run(run())
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert digest == hashlib.sha256(block * (total // len(block))).hexdigest()
+    assert ahead < 4 << 20, f"the input ran {ahead} bytes ahead of the output"
+    assert peak < 8 << 20, f"{peak} bytes allocated at once for {total} streamed"
+
+
+def test_output_waits_for_a_slow_consumer() -> None:
+    """A handler that drains is held back while nobody reads its output."""
+    written = 0
+
+    async def producer(request: Request) -> None:
+        nonlocal written
+        for _ in range(1024):  # 64 MiB if nothing held it back
+            request.write(b"p" * 65536)
+            written += 65536
+            await request.drain()
+
+    async def run() -> int:
+        calls = stream_handler(producer)
+        first = await calls.__anext__()
+        await asyncio.sleep(0.3)  # the handler runs on meanwhile, until the buffers are full
+        held_at = written
+        await calls.aclose()  # abandoning the call cancels the handler
+        assert first
+        return held_at
+
+    assert asyncio.run(run()) < 4 << 20
+
+
+def test_async_call_handler_inside_a_running_loop() -> None:
+    async def run() -> bytes:
+        return await async_call_handler("qubes_socksvc.examples:sha256", [b"a", b"b"])
+
+    assert asyncio.run(run()) == hashlib.sha256(b"ab").hexdigest().encode() + b"\n"
+
+
+# --- check_manifest ----------------------------------------------------------------
+
+
+def test_check_manifest_accepts_the_bundled_examples() -> None:
+    assert set(check_manifest(str(REPO / "examples/qubes-socksvc.yaml")).daemons) == {"example", "raw"}
+    assert set(check_manifest(str(REPO / "examples/notes.yaml")).daemons) == {"notes"}
+
+
+def test_check_manifest_lists_every_handler_that_does_not_load(tmp_path: Path) -> None:
+    path = tmp_path / "m.yaml"
+    path.write_text("version: 1\ndaemons:\n  d:\n    services:\n"
+                    "      a.Missing:\n        handler: no_such_module:handle\n"
+                    "      a.NotCallable:\n        handler: qubes_socksvc.qrexec:SOCKET_DIR\n"
+                    "      a.Fine:\n        handler: qubes_socksvc.examples:echo\n")
+    with pytest.raises(ManifestError) as error:
+        check_manifest(str(path))
+    assert [p.split(": ", 2)[:2] for p in error.value.problems] == [
+        [str(path), "daemons.d.services.a.Missing.handler"], [str(path), "daemons.d.services.a.NotCallable.handler"]]
+    assert "No module named 'no_such_module'" in str(error.value)
+    assert "is not callable" in str(error.value)
+
+
+def test_check_manifest_reports_schema_errors_with_their_position(tmp_path: Path) -> None:
+    path = tmp_path / "m.yaml"
+    path.write_text("version: 1\ndaemons:\n  d:\n    services:\n      a.X:\n        handlr: m:f\n")
+    with pytest.raises(ManifestError, match=r"m\.yaml:6:9: .*handlr"):
+        check_manifest(str(path))
+
+
+def test_the_module_imports_nothing_heavy() -> None:
+    """testing is for service authors' tests: no Jinja2 (PyYAML comes with the manifest)."""
+    import subprocess
+
+    result = subprocess.run([sys.executable, "-c", "import sys, qubes_socksvc.testing; print('jinja2' in sys.modules)"],
+                            cwd=REPO, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
