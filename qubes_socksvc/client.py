@@ -31,9 +31,6 @@ __all__ = ["EXIT_MEANINGS", "Input", "QrexecError", "async_call", "call", "comma
 CLIENT_VM = "qrexec-client-vm"
 CLIENT_DOM0 = "qrexec-client"
 CHUNK_SIZE = 65536
-#: agent/qrexec-client-vm.c main copies the target into trigger_service_params4.target_domain[64]
-#: with strncpy: a longer one would silently call another target, so it is refused here.
-MAX_TARGET_LEN = 63
 #: Bytes of the tool's stderr kept for the error message (the rest is dropped as it comes).
 STDERR_KEPT = 8192
 
@@ -90,9 +87,9 @@ def command(target: str, service: str) -> list[str]:
     (in a VM), or ``""`` for the policy's default target.  Raises ``ValueError``
     for names qrexec would refuse, ``FileNotFoundError`` outside Qubes.
     """
-    if not qrexec.is_full_service_name(service):
+    if not qrexec.is_service(service):
         raise ValueError(f"invalid service {service!r}; expected NAME, NAME+ or NAME+ARG in qrexec's charset")
-    if target and (len(target) > MAX_TARGET_LEN or not qrexec.DOMAIN_RE.match(target) or target.startswith("-")):
+    if target and (not qrexec.is_target(target) or target.startswith("-")):
         raise ValueError(f"invalid target {target!r}; expected a qube name, @keyword or \"\" for the default")
     vm_client = shutil.which(CLIENT_VM)
     if vm_client is not None:

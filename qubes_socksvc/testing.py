@@ -149,7 +149,7 @@ def _descriptor_fields(
     service: str, source: str | None, target_type: str | None, target: str | None,
 ) -> tuple[str, str | None, str | None, str | None, str | None]:
     """(name, argument, source, target_type, target), validated by the daemon's own rules."""
-    if not qrexec.is_full_service_name(service):
+    if not qrexec.is_service(service):
         raise ValueError(f"invalid service {service!r}; expected NAME, NAME+ or NAME+ARG in qrexec's charset")
     if (target_type is None) != (target is None):
         raise ValueError("target_type and target go together (the dom0 descriptor form), or neither")

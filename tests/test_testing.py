@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from qubes_socksvc import InputTooLarge, Request, qrexec
+from qubes_socksvc import InputTooLarge, Request
 from qubes_socksvc.handlers import HandlerError
 from qubes_socksvc.manifest import ManifestError
 from qubes_socksvc.testing import (
@@ -58,8 +58,6 @@ def test_service_forms_split_at_the_first_plus() -> None:
         "target_type": "None", "target": "None"}
 
 
-@pytest.mark.skipif(not qrexec.is_full_service_name("x.Test+a+b"),
-                    reason="qrexec.py does not yet accept '+' inside an argument (the lead's change)")
 def test_argument_may_contain_plus() -> None:
     """parse_qubes_rpc_command splits at the first '+': qubes.ConnectTCP+fe80++1+22 is a real form."""
     out = fields(service="x.Test+fe80++1+22")
