@@ -132,17 +132,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
         logging.error("refusing to run as root: qrexec socket services run as a user; "
                       "enable the socket with 'systemctl --user enable --now qubes-socksvc-%s.socket'", args.daemon)
         return EXIT_FAILED
-    from . import server
+    from . import model, server
 
-    manifest = _load(args.config)
-    daemon = manifest.daemons.get(args.daemon)
-    if daemon is None:
-        logging.error("%s: no daemon %r; declared: %s", manifest.path, args.daemon,
-                      ", ".join(manifest.daemons) or "none")
-        return EXIT_FAILED
     try:
+        if args.spec is not None:
+            spec = model.load(args.spec)
+            daemon = spec.daemon
+            if daemon.name != args.daemon:
+                raise model.SpecError(f"{args.spec} is the spec of daemon {daemon.name}, not {args.daemon}")
+        elif args.config is not None:  # development: validate the YAML here (imports PyYAML)
+            manifest = _load(args.config)
+            found = manifest.daemons.get(args.daemon)
+            if found is None:
+                raise model.SpecError(f"{manifest.path}: no daemon {args.daemon!r}; declared: "
+                                      f"{', '.join(manifest.daemons) or 'none'}")
+            daemon = found
+        else:
+            raise model.SpecError("give --spec SPEC (what the unit runs, written by apply) "
+                                  "or -c MANIFEST (development)")
         server.serve(daemon, bind_dir=args.bind_dir)
-    except server.ServeError as e:
+    except (model.SpecError, server.ServeError) as e:
+        logging.error("%s", e)
+        return EXIT_FAILED
+    except SocksvcError as e:  # a manifest error, with -c
         logging.error("%s", e)
         return EXIT_FAILED
     return EXIT_OK
@@ -234,7 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = add("serve", "run the shared daemon for one manifest daemon (started by systemd)")
     sub.add_argument("daemon", metavar="DAEMON")
-    config(sub)
+    sub.add_argument("--spec", metavar="SPEC",
+                     help="the compiled spec apply wrote (what the unit runs): "
+                     "/var/lib/qubes-socksvc/daemons/DAEMON.json, or under /usr/local")
+    sub.add_argument("-c", "--config", metavar="MANIFEST",
+                     help="development: serve straight from a manifest (validated here), e.g. with --bind-dir")
     sub.add_argument("--bind-dir", metavar="DIR",
                      help="bind the sockets in DIR instead of using systemd's (debugging, tests)")
     sub.set_defaults(func=cmd_serve)

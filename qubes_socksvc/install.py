@@ -117,7 +117,7 @@ def _in_layout(layout: Layout, path: str) -> bool:
     """A path apply may write: directly inside one of the layout's directories."""
     directory, name = os.path.split(path)
     return (os.path.normpath(path) == path and name not in ("", ".", "..")
-            and directory in (layout.unit_dir, layout.rpc_dir, layout.rpc_config_dir))
+            and directory in (layout.unit_dir, layout.rpc_dir, layout.rpc_config_dir, layout.spec_dir))
 
 
 def plan(artifacts: list[Artifact], layout: Layout, root: str = "/") -> Plan:

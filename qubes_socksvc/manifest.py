@@ -6,16 +6,18 @@ validates them against the schema below; no Jinja2 here, so ``serve`` can use it
 
 from __future__ import annotations
 
+import hashlib
 import os.path
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
 from . import qrexec
 from .errors import SocksvcError
+from .model import Daemon, Service
 
 DEFAULT_PATH = "/etc/qubes-socksvc.yaml"
 LOCAL_PATH = "/usr/local/etc/qubes-socksvc.yaml"
@@ -46,69 +48,11 @@ class ManifestError(SocksvcError):
 
 
 @dataclass(frozen=True)
-class Service:
-    """One qrexec service (``NAME`` or ``NAME+ARG``) handled by a daemon."""
-
-    full_name: str
-    handler: str
-    wait_for_session: bool | None = None
-    service_descriptor: bool = True
-    exit_on_client_eof: bool | None = None
-    exit_on_service_eof: bool | None = None
-    force_user: str | None = None
-    socket: str | None = None
-    """Only for ``service_descriptor: false``: the service's own socket."""
-    max_input: int = 1 << 20
-    """Bytes of input a call may send; 0 = unlimited (streaming handlers)."""
-    timeout: float = 0
-    """Seconds a call may take; 0 = no limit."""
-
-    def rpc_config(self) -> dict[str, bool | str]:
-        """The rpc-config keys this service sets, in qrexec's spelling."""
-        options: dict[str, bool | str | None] = {
-            "wait-for-session": self.wait_for_session,
-            "skip-service-descriptor": True if not self.service_descriptor else None,
-            "exit-on-client-eof": self.exit_on_client_eof,
-            "exit-on-service-eof": self.exit_on_service_eof,
-            "force-user": self.force_user,
-        }
-        return {key: value for key, value in options.items() if value is not None}
-
-
-@dataclass(frozen=True)
-class Daemon:
-    """One runtime daemon: a user .socket/.service pair serving several services."""
-
-    name: str
-    description: str
-    socket: str
-    socket_mode: str = "0660"
-    socket_group: str = "qubes"
-    condition_user: str = "!root"
-    condition_group: str = "qubes"
-    idle_exit: float = 300
-    max_connections: int = 256
-    descriptor_timeout: float = 10
-    """Seconds a caller gets to send its whole descriptor (slow or idle callers hold a slot)."""
-    services: dict[str, Service] = field(default_factory=dict)
-
-    @property
-    def unit(self) -> str:
-        return f"qubes-socksvc-{self.name}"
-
-    def sockets(self) -> dict[str, Service | None]:
-        """Socket path -> the service bound to it, or None for the descriptor socket."""
-        paths: dict[str, Service | None] = {self.socket: None}
-        for service in self.services.values():
-            if service.socket is not None:
-                paths[service.socket] = service
-        return paths
-
-
-@dataclass(frozen=True)
 class Manifest:
     path: str
     daemons: dict[str, Daemon]
+    sha256: str = ""
+    """Of the manifest's text: recorded in each compiled spec."""
 
     @property
     def is_local(self) -> bool:
@@ -438,7 +382,7 @@ def parse(text: str, path: str) -> Manifest:
         problems.add(root, "version", 'missing "version: 1"')
     if problems.items:
         raise ManifestError(problems.items)
-    return Manifest(path=path, daemons=daemons)
+    return Manifest(path=path, daemons=daemons, sha256=hashlib.sha256(text.encode()).hexdigest())
 
 
 def load(path: str) -> Manifest:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import jinja2
 
-from . import rpcconfig
+from . import model, rpcconfig
 from .manifest import Manifest
 
 
@@ -21,6 +21,11 @@ class Layout:
     rpc_dir: str
     rpc_config_dir: str
     state_file: str
+    spec_dir: str
+    """Compiled specs, one per daemon: root-owned, world-readable (the daemons read them)."""
+
+    def spec(self, daemon: str) -> str:
+        return f"{self.spec_dir}/{daemon}.json"
 
     @classmethod
     def for_manifest(cls, manifest: Manifest) -> Layout:
@@ -30,12 +35,14 @@ class Layout:
                 rpc_dir="/usr/local/etc/qubes-rpc",
                 rpc_config_dir="/usr/local/etc/qubes/rpc-config",
                 state_file="/usr/local/var/lib/qubes-socksvc/owned.json",
+                spec_dir="/usr/local/var/lib/qubes-socksvc/daemons",
             )
         return cls(
             unit_dir="/etc/systemd/user",
             rpc_dir="/etc/qubes-rpc",
             rpc_config_dir="/etc/qubes/rpc-config",
             state_file="/var/lib/qubes-socksvc/owned.json",
+            spec_dir="/var/lib/qubes-socksvc/daemons",
         )
 
 
@@ -62,8 +69,10 @@ def templates_dir() -> Path:
 
 
 def default_exec_start() -> list[str]:
-    """How the units start the daemon: this interpreter running this package."""
-    return [sys.executable, "-m", "qubes_socksvc"]
+    """How the units start the daemon: this interpreter running this package, in safe-path
+    mode (``-P``: neither the working directory nor the script's is put on ``sys.path``, so a
+    user's ``~/asyncio.py`` is never imported; handlers come from site-packages)."""
+    return [sys.executable, "-P", "-m", "qubes_socksvc"]
 
 
 def _unit_text(value: str) -> str:
@@ -99,11 +108,13 @@ def render(manifest: Manifest, layout: Layout, exec_start: list[str] | None = No
     command = exec_start or default_exec_start()
     artifacts: list[Artifact] = []
     for daemon in manifest.daemons.values():
+        spec = layout.spec(daemon.name)
         context = {
             "manifest": source,
             "daemon": daemon,
-            "exec_start": [*command, "serve", daemon.name, "-c", source],
+            "exec_start": [*command, "serve", daemon.name, "--spec", spec],
         }
+        artifacts.append(Artifact(spec, content=model.dump(daemon, source, manifest.sha256)))
         for kind in ("socket", "service"):
             text = env.get_template(f"{kind}.j2").render(context)
             artifacts.append(Artifact(f"{layout.unit_dir}/{daemon.unit}.{kind}", content=text))

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from . import descriptor, qrexec
 from .errors import SocksvcError
 from .handlers import HandlerError, Registry
-from .manifest import Daemon, Service
+from .model import Daemon, Service
 from .request import InputTooLarge, Request
 
 log = logging.getLogger("qubes_socksvc.server")

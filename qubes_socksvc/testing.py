@@ -27,8 +27,9 @@ from typing import Any, TypedDict, Unpack
 from . import descriptor, handlers, qrexec
 from .chunks import Input, chunks
 from .handlers import Handler, HandlerError
-from .manifest import Manifest, ManifestError, Service
+from .manifest import Manifest, ManifestError
 from .manifest import load as load_manifest
+from .model import Service
 from .request import CHUNK_SIZE, Request
 
 __all__ = [

@@ -36,8 +36,8 @@ def test_apply_creates_then_is_idempotent(tmp_path: Path) -> None:
     root = tmp_path / "root"
     manifest = write(tmp_path, TWO)
     code, out, _ = apply(manifest, root)
-    assert code == 0 and "applied 9 changes" in out
-    assert out.count("create ") == 9
+    assert code == 0 and "applied 11 changes" in out
+    assert out.count("create ") == 11
     before = tree_digest(root)
     mtimes = {p: p.lstat().st_mtime_ns for p in root.rglob("*")}
     code, out, _ = apply(manifest, root)
@@ -54,13 +54,14 @@ def test_removed_services_and_daemons_are_cleaned_up(tmp_path: Path) -> None:
     code, out, _ = apply(manifest, root)
     assert code == 0, out
     for gone in ("etc/qubes-rpc/demo.Later", "etc/qubes/rpc-config/demo.Later", "etc/qubes-rpc/second.Raw",
-                 "etc/systemd/user/qubes-socksvc-second.socket", "etc/systemd/user/qubes-socksvc-second.service"):
+                 "etc/systemd/user/qubes-socksvc-second.socket", "etc/systemd/user/qubes-socksvc-second.service",
+                 "var/lib/qubes-socksvc/daemons/second.json"):
         assert f"remove    /{gone}" in out
         assert not os.path.lexists(root / gone)
     assert (root / "etc/qubes-rpc/demo.Echo").is_symlink()
     owned = json.loads((root / "var/lib/qubes-socksvc/owned.json").read_text())["owned"]
     assert sorted(owned) == ["/etc/qubes-rpc/demo.Echo", "/etc/systemd/user/qubes-socksvc-demo.service",
-                             "/etc/systemd/user/qubes-socksvc-demo.socket"]
+                             "/etc/systemd/user/qubes-socksvc-demo.socket", "/var/lib/qubes-socksvc/daemons/demo.json"]
 
 
 def test_changed_manifest_updates_in_place(tmp_path: Path) -> None:
@@ -108,7 +109,7 @@ def test_dry_run_changes_nothing(tmp_path: Path) -> None:
     manifest.write_text(TWO)
     before = tree_digest(root)
     code, out, _ = apply(manifest, root, "--dry-run")
-    assert code == 0 and "create    /etc/qubes-rpc/demo.Later" in out and "dry run: 6 changes not made" in out
+    assert code == 0 and "create    /etc/qubes-rpc/demo.Later" in out and "dry run: 8 changes not made" in out
     assert tree_digest(root) == before
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from qubes_socksvc import InputTooLarge
-from qubes_socksvc.manifest import Service
+from qubes_socksvc.model import Service
 from qubes_socksvc.testing import call_handler, check_manifest
 from tests.conftest import REPO
 

@@ -192,7 +192,7 @@ def parse_manifest(text: str) -> manifest.Manifest | None:
 
 def assert_renders_inside_its_directories(parsed: manifest.Manifest) -> None:
     layout = render.Layout.for_manifest(parsed)
-    allowed = {layout.unit_dir, layout.rpc_dir, layout.rpc_config_dir}
+    allowed = {layout.unit_dir, layout.rpc_dir, layout.rpc_config_dir, layout.spec_dir}
     for artifact in render.render(parsed, layout, exec_start=["/usr/bin/python3", "-m", "qubes_socksvc"]):
         assert os.path.normpath(artifact.path) == artifact.path, artifact.path
         assert os.path.dirname(artifact.path) in allowed, artifact.path

@@ -211,7 +211,8 @@ def test_rendered_service_units_carry_the_hardening(local: bool) -> None:
         assert key not in service, f"{key}= in a user unit"
     (exec_start,) = service["ExecStart"]
     assert exec_start[0] not in "+!@-:", f"ExecStart= with a privilege prefix: {exec_start}"
-    assert exec_start.split()[2:5] == ["qubes_socksvc", "serve", "p"]
+    assert exec_start.split()[1:6] == ["-P", "-m", "qubes_socksvc", "serve", "p"]  # -P: no cwd on sys.path
+    assert service["WorkingDirectory"] == ["/"]
 
 
 

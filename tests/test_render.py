@@ -13,7 +13,7 @@ from qubes_socksvc import manifest, render, rpcconfig
 from tests.conftest import REPO, run_cli
 
 GOLDEN = Path(__file__).parent / "golden"
-EXEC = ["/usr/bin/python3", "-m", "qubes_socksvc"]
+EXEC = ["/usr/bin/python3", "-P", "-m", "qubes_socksvc"]
 
 
 def example_artifacts(path: str = "/etc/qubes-socksvc.yaml") -> list[render.Artifact]:
@@ -56,6 +56,7 @@ def test_local_manifest_targets_usr_local() -> None:
     assert "/usr/local/lib/systemd/user/qubes-socksvc-example.socket" in paths
     assert "/usr/local/etc/qubes-rpc/example.Echo" in paths
     assert "/usr/local/etc/qubes/rpc-config/example.Echo" in paths
+    assert "/usr/local/var/lib/qubes-socksvc/daemons/example.json" in paths
     assert not any(p.startswith("/etc/") for p in paths)
 
 
@@ -63,10 +64,12 @@ def test_special_characters_are_escaped_in_units() -> None:
     text = ('version: 1\ndaemons:\n  d:\n    description: "100% $HOME"\n'
             '    services:\n      s.X:\n        handler: a:b\n')
     parsed = manifest.parse(text, "/etc/my manifest.yaml")
-    units = [a.content for a in render.render(parsed, render.Layout.for_manifest(parsed), exec_start=EXEC)
+    python = ["/opt/my $py%n/python3", "-P", "-m", "qubes_socksvc"]
+    units = [a.content for a in render.render(parsed, render.Layout.for_manifest(parsed), exec_start=python)
              if a.path.endswith(".service")]
     assert "Description=100%% $HOME\n" in units[0]  # type: ignore[operator]
-    assert 'serve d -c "/etc/my manifest.yaml"\n' in units[0]  # type: ignore[operator]
+    assert ('ExecStart="/opt/my $$py%%n/python3" -P -m qubes_socksvc serve d '
+            '--spec /var/lib/qubes-socksvc/daemons/d.json\n') in units[0]  # type: ignore[operator]
 
 
 def applied_example(tmp_path: Path) -> Path:
