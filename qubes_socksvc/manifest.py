@@ -177,8 +177,20 @@ def _at_least(minimum: float) -> Callable[[Any], str | None]:
     return lambda value: None if value >= minimum else f"must be at least {minimum}"
 
 
+def _check_unit_text(value: str) -> str | None:
+    """A value systemd must read back exactly: one line, no control character, no trailing
+    backslash (systemd would join the next line), no blanks it would strip."""
+    if not value.isprintable():
+        return "must be one line of printable characters (no newline, tab or other control character)"
+    if value.endswith("\\"):
+        return "must not end with a backslash (systemd would join the next line to it)"
+    if value != value.strip():
+        return "must not start or end with blanks (systemd strips them)"
+    return None
+
+
 DAEMON_FIELDS: dict[str, _Field] = {
-    "description": _Field("str"),
+    "description": _Field("str", _check_unit_text),
     "socket": _Field("str", _check_socket),
     "socket_mode": _Field("str", _check_mode),
     "socket_group": _Field("str", _pattern(GROUP_RE, "a group name")),
@@ -345,6 +357,9 @@ def _check_depth(text: str, path: str, loader: type) -> None:
 
 def parse(text: str, path: str) -> Manifest:
     """Validate manifest text; raises ManifestError listing every problem found."""
+    if not path.isprintable():
+        raise ManifestError([f"{path!r}: a manifest path must be printable: it is written into the units' "
+                             "and rpc-config files' header comments; rename the file"])
     problems = _Problems(path)
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     try:

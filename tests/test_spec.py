@@ -1,0 +1,194 @@
+"""The compiled spec: what apply validated is what the daemon runs, whatever the YAML does later."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qubes_socksvc import manifest, model, render
+from tests.conftest import DAEMON_USER, REPO, TESTS, raw_call, run_cli, world_dir
+
+MANIFEST = """\
+version: 1
+daemons:
+  s:
+    description: spec test
+    idle_exit: 0
+    services:
+      spec.Echo:
+        handler: qubes_socksvc.examples:echo
+        max_input: 0
+      spec.Fields:
+        handler: handlers:fields
+        timeout: 3
+"""
+
+
+class SpecDaemon:
+    """``serve s --spec SPEC --bind-dir DIR`` as the daemon's user: what the unit runs."""
+
+    def __init__(self, spec: Path, bind_dir: Path) -> None:
+        pw = pwd.getpwnam(DAEMON_USER)
+        self.bind_dir = bind_dir
+        self.log = bind_dir.parent / "daemon.log"
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-P", "-m", "qubes_socksvc", "serve", "s", "--spec", str(spec),
+                 "--bind-dir", str(bind_dir)],
+                env={"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{REPO}:{TESTS}", "HOME": "/tmp"},
+                stdout=log, stderr=subprocess.STDOUT, user=pw.pw_uid, group=pw.pw_gid, extra_groups=[], cwd="/")
+        deadline = time.monotonic() + 15
+        while "serving" not in self.log.read_text():
+            assert self.proc.poll() is None and time.monotonic() < deadline, self.log.read_text()
+            time.sleep(0.02)
+
+    def call(self, payload: bytes) -> bytes:
+        return raw_call(str(self.bind_dir / "socksvc-s.sock"), payload)
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=30)
+
+
+@pytest.fixture
+def applied() -> tuple[Path, Path]:
+    """(staging root with MANIFEST applied, the manifest's path)."""
+    root = world_dir("socksvc-spec-")
+    path = root / "manifest.yaml"
+    path.write_text(MANIFEST)
+    run_cli("apply", "-c", str(path), "--root", str(root), check=True)
+    yield root, path
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def test_the_daemon_serves_what_apply_validated_whatever_the_yaml_does(applied: tuple[Path, Path]) -> None:
+    root, path = applied
+    spec = root / "var/lib/qubes-socksvc/daemons/s.json"
+    assert oct(spec.stat().st_mode & 0o777) == "0o644"  # the user's daemon reads it
+    for edit in ("version: 1\ndaemons:\n  s:\n    services:\n      spec.Other:\n        handler: a:b\n",
+                 "this: is: not: a manifest\n", None):
+        if edit is None:
+            path.unlink()
+        else:
+            path.write_text(edit)
+        daemon = SpecDaemon(spec, world_dir("socksvc-spec-bind-"))
+        try:
+            assert daemon.call(b"spec.Echo+ work\0hello") == b"hello"
+            assert b"source='work'" in daemon.call(b"spec.Fields+ work\0")
+            assert daemon.call(b"spec.Other+ work\0x") == b""  # only in the unapplied edit
+        finally:
+            daemon.stop()
+
+
+def test_serve_imports_neither_yaml_nor_jinja(applied: tuple[Path, Path]) -> None:
+    """Both load C extensions (PyYAML's _yaml, Jinja2's markupsafe._speedups): their absence
+    from the running daemon's memory map shows neither was imported."""
+    root, _ = applied
+    daemon = SpecDaemon(root / "var/lib/qubes-socksvc/daemons/s.json", world_dir("socksvc-spec-bind-"))
+    try:
+        assert daemon.call(b"spec.Fields+ work\0")
+        maps = Path(f"/proc/{daemon.proc.pid}/maps").read_text()
+        assert "python3" in maps or "libpython" in maps  # the check reads a real map
+        assert "_yaml" not in maps and "markupsafe" not in maps, "serve imported PyYAML or Jinja2"
+    finally:
+        daemon.stop()
+    # The check can fail: serving from the YAML (-c, development) does import PyYAML.
+    dev = subprocess.run([sys.executable, "-c", "import sys, qubes_socksvc.manifest; print('yaml' in sys.modules)"],
+                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert dev.stdout.strip() == "True"
+
+
+@pytest.mark.parametrize("text, words", [
+    ("{}", "not a version 1 qubes-socksvc spec"),
+    ("[" * 100000, "not a qubes-socksvc spec"),
+    ('{"version": 1, "manifest": "m", "manifest_sha256": "h", "daemon": {"services": {}}}', "daemon:"),
+    ('{"version": 1, "manifest": "m", "manifest_sha256": "h", "daemon": {"name": "s", "description": "d", '
+     '"socket": "/run/qubes/x.sock", "max_connections": "many", "services": {}}}', "max_connections: expected int"),
+    ('{"version": 1, "manifest": "m", "manifest_sha256": "h", "daemon": {"name": "s", "description": "d", '
+     '"socket": "/run/qubes/x.sock", "services": {"a": {"full_name": "a", "handler": "m:f", "evil": 1}}}}',
+     "unknown keys evil"),
+])
+def test_a_bad_spec_is_refused_with_its_path(tmp_path: Path, text: str, words: str) -> None:
+    path = tmp_path / "s.json"
+    path.write_text(text)
+    with pytest.raises(model.SpecError, match=words) as caught:
+        model.load(str(path))
+    assert str(path) in str(caught.value)
+
+
+def test_a_fifo_spec_never_blocks(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "s.json")
+    with pytest.raises(model.SpecError, match="not a regular file"):
+        model.load(str(tmp_path / "s.json"))
+
+
+# Random valid manifests: the daemon built from the compiled spec equals the one built from the YAML.
+names = st.text("abcdefgh.", min_size=1, max_size=8).filter(lambda n: n not in (".", ".."))
+service = st.fixed_dictionaries({"handler": st.sampled_from(["m:f", "pkg.mod:obj.attr"])}, optional={
+    "max_input": st.integers(0, 1 << 30), "timeout": st.floats(0, 1e6, allow_nan=False),
+    "wait_for_session": st.booleans(), "exit_on_client_eof": st.booleans(), "exit_on_service_eof": st.booleans(),
+})
+daemon = st.fixed_dictionaries({"services": st.dictionaries(
+    st.tuples(names, st.none() | st.text("xyz+", max_size=5)).map(lambda t: t[0] if t[1] is None else f"{t[0]}+{t[1]}"),
+    service, min_size=1, max_size=4)}, optional={
+    "description": st.text("abc %$\\é", min_size=1, max_size=10).filter(lambda d: d == d.strip()
+                                                                          and not d.endswith("\\")),
+    "idle_exit": st.integers(0, 10**6), "max_connections": st.integers(1, 10**4),
+    "descriptor_timeout": st.floats(0.1, 100), "condition_user": st.sampled_from(["!root", "user", "1000"]),
+})
+
+
+@settings(max_examples=150, deadline=None, derandomize=True, database=None)
+@given(st.dictionaries(st.sampled_from(["a", "b", "c-d"]), daemon, max_size=3))
+def test_the_spec_round_trips_every_valid_manifest(daemons: dict[str, object]) -> None:
+    import json
+
+    text = json.dumps({"version": 1, "daemons": daemons})  # JSON is YAML
+    try:
+        parsed = manifest.parse(text, "/etc/qubes-socksvc.yaml")
+    except manifest.ManifestError:
+        return  # e.g. one service declared by two daemons
+    layout = render.Layout.for_manifest(parsed)
+    specs = {a.path: a.content for a in render.render(parsed, layout) if a.path.startswith(layout.spec_dir)}
+    assert len(specs) == len(parsed.daemons)
+    for name, from_yaml in parsed.daemons.items():
+        compiled = model.parse(specs[layout.spec(name)] or "", layout.spec(name))
+        assert compiled.daemon == from_yaml
+        assert (compiled.manifest, compiled.manifest_sha256) == ("/etc/qubes-socksvc.yaml", parsed.sha256)
+
+
+@pytest.mark.parametrize("description, words", [
+    ("line\\n[Service]\\nExecStartPre=/bin/evil", "one line of printable characters"),
+    ("carriage\\rreturn", "one line of printable characters"),
+    ("nul\\0byte", "one line of printable characters"),
+    ("escape\\x1b[2J", "one line of printable characters"),
+    ("joins the next line\\\\", "must not end with a backslash"),
+    (" padded", "must not start or end with blanks"),
+])
+def test_check_refuses_what_systemd_would_not_read_back(tmp_path: Path, description: str, words: str) -> None:
+    """No value reaches a unit that systemd would parse as something else (a newline would add
+    directives, a trailing backslash would swallow ConditionUser=)."""
+    path = tmp_path / "m.yaml"
+    path.write_text(f'version: 1\ndaemons:\n  d:\n    description: "{description}"\n'
+                    "    services:\n      s.X:\n        handler: a:b\n")
+    result = run_cli("check", "-c", str(path))
+    assert result.returncode == 1 and f"{path}:4:18: daemons.d.description: must " in result.stderr
+    assert words in result.stderr, result.stderr
+
+
+def test_a_manifest_path_that_would_inject_into_comments_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "m\nExecStartPre=evil.yaml"
+    path.write_text(MANIFEST)
+    result = run_cli("apply", "-c", str(path), "--root", str(tmp_path / "root"))
+    assert result.returncode == 1 and "a manifest path must be printable" in result.stderr
+    assert not (tmp_path / "root").exists()
