@@ -29,7 +29,9 @@ from .processes import (
     account,
     as_root,
     child_env,
+    compile_spec,
     drop_privileges_argv,
+    serve_argv,
     start_daemon,
     start_floor,
     start_socat,
@@ -110,6 +112,7 @@ class Bench:
         self.work = work
         self.activation_socket = f"{SOCKET_DIR}/socksvc-{DAEMON}-{os.getpid()}.sock"
         self.manifest = work.file("bench.yaml", MANIFEST.format(daemon=DAEMON, socket=self.activation_socket))
+        self.spec = compile_spec(work, self.manifest, DAEMON)
         self.notes: list[str] = []
         self._tags = 0
         uvloop = uvloop_version()
@@ -123,7 +126,7 @@ class Bench:
 
     def daemon(self, variant: Variant | None = None) -> Process:
         v = variant or self.variants[0]
-        return start_daemon(self.work, self.manifest, DAEMON, self.activation_socket, self._tag(),
+        return start_daemon(self.work, self.spec, DAEMON, self.activation_socket, self._tag(),
                             pythonpath=v.pythonpath, name=f"qubes-socksvc{v.mark}")
 
     def floor(self) -> Process:
@@ -326,7 +329,7 @@ class Bench:
             os.unlink(self.activation_socket)
         argv = [activate, "-l", self.activation_socket, f"--fdname=socksvc-{DAEMON}",
                 "-E", f"PYTHONPATH={variant.pythonpath}", "--", *drop_privileges_argv(),
-                SYSTEM_PYTHON, *python_options, "-m", "qubes_socksvc", "serve", DAEMON, "-c", str(self.manifest)]
+                *serve_argv(DAEMON, self.spec, *python_options)]
         return Process(f"socket activation{variant.mark}", argv, self.activation_socket, log, drop=False,
                        env=child_env(PYTHONPATH=variant.pythonpath)).wait_listening()
 

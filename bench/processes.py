@@ -160,13 +160,26 @@ class Process:
         return self.proc.returncode
 
 
-def start_daemon(work: Workdir, manifest: Path, daemon: str, socket_path: str, tag: str,
+def compile_spec(work: Workdir, manifest: Path, daemon: str) -> Path:
+    """``apply`` the manifest into a staging root of the work dir: the compiled spec a unit runs."""
+    root = work.path / "applied"
+    subprocess.run([SYSTEM_PYTHON, "-m", "qubes_socksvc", "apply", "-c", str(manifest),
+                    "--root", str(root)], env=child_env(PYTHONPATH=str(REPO)), check=True, capture_output=True)
+    return root / f"var/lib/qubes-socksvc/daemons/{daemon}.json"
+
+
+#: What the rendered unit runs: safe-path mode, the compiled spec (render.default_exec_start).
+def serve_argv(daemon: str, spec: Path, *python_options: str) -> list[str]:
+    return [SYSTEM_PYTHON, *python_options, "-P", "-m", "qubes_socksvc", "serve", daemon, "--spec", str(spec)]
+
+
+def start_daemon(work: Workdir, spec: Path, daemon: str, socket_path: str, tag: str,
                  pythonpath: str = str(REPO), name: str = "qubes-socksvc") -> Process:
-    """``qubes-socksvc serve`` binding the manifest's ``socket_path`` in a directory of its own."""
+    """``qubes-socksvc serve`` binding the spec's ``socket_path`` in a directory of its own."""
     bind_dir = work.path / f"daemon-{tag}"
     bind_dir.mkdir()
     bind_dir.chmod(0o777)
-    argv = [SYSTEM_PYTHON, "-m", "qubes_socksvc", "serve", daemon, "-c", str(manifest), "--bind-dir", str(bind_dir)]
+    argv = [*serve_argv(daemon, spec), "--bind-dir", str(bind_dir)]
     return Process(name, argv, str(bind_dir / os.path.basename(socket_path)), work.path / f"daemon-{tag}.log",
                    env=child_env(PYTHONPATH=pythonpath)).wait_listening()
 
