@@ -9,7 +9,6 @@ module to load.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import stat
@@ -95,8 +94,14 @@ class Spec:
     daemon: Daemon
     manifest: str
     manifest_sha256: str
-    sha256: str
-    """Of the spec file's own text."""
+    text: str
+
+    @property
+    def sha256(self) -> str:
+        """Of the spec file's own text (hashlib loads only when asked: start-up time)."""
+        import hashlib
+
+        return hashlib.sha256(self.text.encode()).hexdigest()
 
 
 def dump(daemon: Daemon, manifest: str, manifest_sha256: str) -> str:
@@ -148,7 +153,7 @@ def parse(text: str, path: str) -> Spec:
     manifest, manifest_sha256 = data.get("manifest"), data.get("manifest_sha256")
     if not isinstance(manifest, str) or not isinstance(manifest_sha256, str):
         raise SpecError(f"{path}: no manifest recorded in the spec; {fix}")
-    return Spec(daemon, manifest, manifest_sha256, hashlib.sha256(text.encode()).hexdigest())
+    return Spec(daemon, manifest, manifest_sha256, text)
 
 
 def load(path: str) -> Spec:
