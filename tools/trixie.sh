@@ -66,6 +66,11 @@ mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs "$root/run"
 mounted+=("$root/run")
 mkdir -p "$root/run/lock"
 cp -L /etc/resolv.conf "$root/etc/resolv.conf"
+# CA certificates added on this machine (e.g. a proxy's) are trusted in the chroot too (pip, PyPI).
+if compgen -G "/usr/local/share/ca-certificates/*.crt" >/dev/null; then
+    cp /usr/local/share/ca-certificates/*.crt "$root/usr/local/share/ca-certificates/"
+    chroot "$root" update-ca-certificates >>"$log" 2>&1
+fi
 # A world-readable copy of the working tree: the daemon runs as nobody.
 mkdir -p "$root/srv/qubes-socksvc"
 tar -C "$repo" --exclude-vcs --exclude=./.venv --exclude=./pkgs --exclude=./rpmbuild --exclude=./build \
@@ -76,11 +81,12 @@ chmod -R a+rX "$root/srv/qubes-socksvc"
 step "in the chroot: make setup-test, make deb, apt-get install the .deb, make check-here"
 chroot "$root" /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     HOME=/root LANG=C.UTF-8 LC_ALL=C.UTF-8 TERM=dumb DEBIAN_FRONTEND=noninteractive \
+    PIP_CERT=/etc/ssl/certs/ca-certificates.crt PIP_DISABLE_PIP_VERSION_CHECK=1 \
     /bin/bash -euo pipefail -c '
 cd /srv/qubes-socksvc
+make setup-test
 . /etc/os-release
 echo "chroot: $PRETTY_NAME, $(python3 --version), $(systemctl --version | head -1)"
-make setup-test
 pkgs=$(mktemp -d /tmp/socksvc-pkgs.XXXXXX)
 chmod 755 "$pkgs"
 make deb PKGDIR="$pkgs"
