@@ -28,7 +28,7 @@ APT_GET := DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600
 	install-data wheel man check-built deb rpm trixie clean
 
 all:
-	@echo "targets: demo check bench install deb rpm clean"
+	@echo "targets: demo check bench install deb rpm man trixie clean"
 
 # --- set-up: installs what it needs itself ------------------------------------
 $(VENV)/.stamp-runtime:
@@ -37,7 +37,8 @@ $(VENV)/.stamp-runtime:
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 	touch $@
 
-$(VENV)/.stamp-test: $(VENV)/.stamp-runtime requirements-test.txt
+# Also after a Makefile change: TEST_DEBS may have grown (apt-get skips what is installed).
+$(VENV)/.stamp-test: $(VENV)/.stamp-runtime requirements-test.txt Makefile
 	$(APT_GET) install -y -qq --no-install-recommends $(TEST_DEBS)
 	$(VPY) -m pip install -q --disable-pip-version-check -r requirements-test.txt
 	touch $@

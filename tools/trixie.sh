@@ -25,6 +25,7 @@ for tool in debootstrap chroot mount umount findmnt; do
 done
 
 root=$(mktemp -d "${TRIXIE_DIR:-/var/tmp}/socksvc-trixie.XXXXXX")
+chmod 0755 "$root"  # the chroot's /: users (nobody, the test user) must get through it
 log=${TRIXIE_LOG:-$root.log}
 mounted=()
 
@@ -83,6 +84,7 @@ chroot "$root" /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/us
     HOME=/root LANG=C.UTF-8 LC_ALL=C.UTF-8 TERM=dumb DEBIAN_FRONTEND=noninteractive \
     PIP_CERT=/etc/ssl/certs/ca-certificates.crt PIP_DISABLE_PIP_VERSION_CHECK=1 \
     /bin/bash -euo pipefail -c '
+umask 022
 cd /srv/qubes-socksvc
 make setup-test
 . /etc/os-release
