@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (C) 2026 qubes-socksvc developers
 # qubes-socksvc: one install path for both packages, and the developer entry points.
 #   make demo    set up, then run the bundled example end to end (root, Debian 12)
 #   make check   set up, then run the whole test suite (what .ci/run calls)

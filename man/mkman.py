@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (C) 2026 qubes-socksvc developers
 """Build the man pages: ``python3 man/mkman.py OUTDIR`` (``make man`` runs it).
 
 - ``qubes-socksvc.1`` from ``man/qubes-socksvc.1.rst``, whose ``@SYNOPSIS@``,

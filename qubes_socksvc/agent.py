@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (C) 2026 qubes-socksvc developers
 """``call``: what the qrexec agent does towards a socket service, as a local tool.
 
 Resolves ``NAME+ARG`` then ``NAME`` through the qubes-rpc search path, reads the

@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (C) 2026 qubes-socksvc developers
 """The service descriptor: untrusted bytes from the caller -> a validated Descriptor.
 
 In a VM qrexec sends ``SERVICE SOURCE\\0``; in dom0

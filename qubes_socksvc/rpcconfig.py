@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (C) 2026 qubes-socksvc developers
 """qrexec's rpc-config files: the strict TOML subset qrexec reads, written and checked.
 
 One ``key=value`` per line, no leading whitespace, no sections, ``#`` comments,

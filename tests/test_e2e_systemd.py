@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (C) 2026 qubes-socksvc developers
 """End to end, the way a template maintainer and qrexec use it, under a real ``systemd --user``.
 
 Builds the .deb (``make deb``), installs it with apt, writes /etc/qubes-socksvc.yaml

@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (C) 2026 qubes-socksvc developers
 """The man pages ``make man`` builds: qubes-socksvc(1) from the argparse parser, qubes-socksvc.yaml(5) from man/.
 
 Every verb, alias, argument and option of ``build_parser()`` and every manifest

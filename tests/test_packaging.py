@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (C) 2026 qubes-socksvc developers
 """The .deb and the .rpm, built by ``make deb rpm``: contents, metadata, scriptlets, lintian.
 
 Also, without building anything: the licence (LICENSE, debian/copyright, the

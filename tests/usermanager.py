@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (C) 2026 qubes-socksvc developers
 """A real ``systemd --user`` manager for tests, on machines whose PID 1 is not systemd.
 
 systemd runs a user manager happily without being PID 1 when three things hold:

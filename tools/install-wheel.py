@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (C) 2026 qubes-socksvc developers
 """Install a wheel into a staging root with explicit paths: ``make install-python``.
 
 What Fedora's ``%pyproject_install`` and pybuild's pyproject plugin do, for

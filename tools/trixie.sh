@@ -1,4 +1,6 @@
 #!/bin/bash
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (C) 2026 qubes-socksvc developers
 # make trixie: the proof on Debian 13.  Debootstraps trixie into a scratch
 # directory, builds the .deb there, installs it with apt, checks the installed
 # command and its man pages, purges it, then runs the whole suite ("make
