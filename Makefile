@@ -1,8 +1,12 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (C) 2026 qubes-socksvc developers
 # qubes-socksvc: one install path for both packages, and the developer entry points.
 #   make demo    set up, then run the bundled example end to end (root, Debian 12)
 #   make check   set up, then run the whole test suite (what .ci/run calls)
 #   make bench   set up, then print the benchmark table
 #   make install DESTDIR=... PREFIX=/usr    what debian/rules and the RPM spec call
+#   make deb / make rpm   the packages (lintian-checked .deb; .rpm with Debian's rpmbuild or Fedora's)
+#   make trixie  the proof on Debian 13: debootstrap, install the .deb, run the suite (downloads; not in check)
 
 PYTHON     ?= /usr/bin/python3
 PREFIX     ?= /usr
@@ -16,23 +20,28 @@ VPY        := $(VENV)/bin/python
 RUNTIME_DEBS := python3 python3-venv python3-systemd python3-jinja2 python3-yaml systemd
 # ... and what the tests and package builds need on top.
 TEST_DEBS := $(RUNTIME_DEBS) python3-uvloop systemd-container dbus-user-session debhelper dh-python python3-all \
-	python3-setuptools python3-pip build-essential dpkg-dev devscripts lintian rpm socat procps \
-	util-linux passwd git make
+	python3-setuptools python3-pip pybuild-plugin-pyproject python3-build python3-installer python3-wheel \
+	python3-docutils build-essential dpkg-dev devscripts lintian rpm rpmlint socat procps util-linux passwd \
+	man-db git make
+# Every apt-get waits for another apt (unattended-upgrades, a parallel job) instead of failing at once.
+APT_GET := DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600
 
-.PHONY: all setup setup-test check check-here test demo demo-here bench bench-here install install-python install-data deb rpm clean
+.PHONY: all setup setup-test check check-here test demo demo-here bench bench-here install install-python \
+	install-data wheel man check-built deb rpm trixie clean
 
 all:
-	@echo "targets: demo check bench install deb rpm clean"
+	@echo "targets: demo check bench install deb rpm man trixie clean"
 
 # --- set-up: installs what it needs itself ------------------------------------
 $(VENV)/.stamp-runtime:
-	apt-get update -qq || true
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(RUNTIME_DEBS)
+	$(APT_GET) update -qq || true
+	$(APT_GET) install -y -qq --no-install-recommends $(RUNTIME_DEBS)
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 	touch $@
 
-$(VENV)/.stamp-test: $(VENV)/.stamp-runtime requirements-test.txt
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(TEST_DEBS)
+# Also after a Makefile change: TEST_DEBS may have grown (apt-get skips what is installed).
+$(VENV)/.stamp-test: $(VENV)/.stamp-runtime requirements-test.txt Makefile
+	$(APT_GET) install -y -qq --no-install-recommends $(TEST_DEBS)
 	$(VPY) -m pip install -q --disable-pip-version-check -r requirements-test.txt
 	touch $@
 
@@ -56,22 +65,44 @@ test: check
 bench-here: setup-test
 	$(VPY) -m bench
 
+# Debian 13 in a scratch chroot (tools/trixie.sh); needs root and a mirror.
+trixie:
+	command -v debootstrap >/dev/null || $(APT_GET) install -y -qq --no-install-recommends debootstrap
+	./tools/trixie.sh
+
 # --- install: both packages come through here ----------------------------------
-# debian/rules installs the Python package with pybuild and the rest with
-# install-data; the RPM spec calls "make install".  PYTHON_SITELIB defaults to
-# the distribution's own directory for PREFIX (Debian: /usr/lib/python3/dist-packages).
+# debian/rules installs the Python package with pybuild (its pyproject plugin)
+# and the rest with install-data; the RPM spec uses Fedora's %pyproject_* macros
+# and install-data, or, where rpmbuild lacks those macros (Debian's), "make
+# install".  install-python builds a wheel with the PEP 517 backend declared in
+# pyproject.toml (no setup.py) and installs it with explicit paths:
+# PYTHON_SITELIB defaults to the distribution's own directory for PREFIX
+# (Debian: /usr/lib/python3/dist-packages).
 PYTHON_SITELIB ?= $(shell $(PYTHON) -c 'import sysconfig as s; \
 	n = "deb_system" if "deb_system" in s.get_scheme_names() else "posix_prefix"; \
 	print(s.get_path("purelib", n, vars={"base": "$(PREFIX)", "platbase": "$(PREFIX)"}))')
 DOCDIR ?= $(PREFIX)/share/doc/qubes-socksvc
+MANDIR ?= $(PREFIX)/share/man
+WHEELDIR ?= build/wheel
+MANBUILD ?= build/man
 
 install: install-python install-data
 
-install-python:
-	$(PYTHON) setup.py -q install --root=$(or $(DESTDIR),/) --prefix=$(PREFIX) \
-		--install-lib=$(PYTHON_SITELIB) --install-scripts=$(PREFIX)/bin --optimize=1
+WHEEL := $(WHEELDIR)/qubes_socksvc-$(VERSION)-py3-none-any.whl
+wheel: $(WHEEL)
+$(WHEEL): setup.cfg pyproject.toml version LICENSE README.md $(shell find qubes_socksvc -type f -not -path '*/__pycache__/*')
+	rm -rf $(WHEELDIR)
+	$(PYTHON) -m build --wheel --no-isolation --skip-dependency-check --outdir $(WHEELDIR)
 
-install-data:
+install-python: $(WHEEL)
+	$(PYTHON) tools/install-wheel.py --destdir=$(or $(DESTDIR),/) --sitelib=$(PYTHON_SITELIB) \
+		--bindir=$(PREFIX)/bin --prefix=$(PREFIX) $(WHEEL)
+
+# qubes-socksvc(1) from the argparse parser itself, qubes-socksvc.yaml(5) from man/*.rst.
+man:
+	$(PYTHON) man/mkman.py $(MANBUILD)
+
+install-data: man
 	install -d $(DESTDIR)$(PREFIX)/share/qubes-socksvc/templates
 	install -m 0644 templates/*.j2 $(DESTDIR)$(PREFIX)/share/qubes-socksvc/templates/
 	install -d $(DESTDIR)$(SYSCONFDIR)
@@ -79,6 +110,24 @@ install-data:
 	install -d $(DESTDIR)$(DOCDIR)/examples
 	install -m 0644 examples/qubes-socksvc.yaml $(DESTDIR)$(DOCDIR)/examples/
 	$(if $(wildcard README.md),install -m 0644 README.md $(DESTDIR)$(DOCDIR)/)
+	install -d $(DESTDIR)$(MANDIR)/man1 $(DESTDIR)$(MANDIR)/man5
+	install -m 0644 $(MANBUILD)/qubes-socksvc.1 $(DESTDIR)$(MANDIR)/man1/
+	install -m 0644 $(MANBUILD)/qubes-socksvc.yaml.5 $(DESTDIR)$(MANDIR)/man5/
+
+# The build-time check both packages run (debian/rules' dh_auto_test, the
+# spec's %check): the built modules and templates, copied into a scratch
+# directory, validate the example manifest and render it into a scratch tree.
+BUILT_SITELIB ?= $(DESTDIR)$(PYTHON_SITELIB)
+BUILT_TEMPLATES ?= $(DESTDIR)$(PREFIX)/share/qubes-socksvc/templates
+EXAMPLE := $(CURDIR)/examples/qubes-socksvc.yaml
+check-built:
+	scratch=$$(mktemp -d) && trap 'rm -rf "$$scratch"' EXIT && mkdir "$$scratch/lib" && \
+	cp -r $(BUILT_SITELIB)/qubes_socksvc $(BUILT_TEMPLATES) "$$scratch/lib/" && \
+	cd "$$scratch" && export PYTHONPATH="$$scratch/lib" && \
+	$(PYTHON) -m qubes_socksvc check -c $(EXAMPLE) && \
+	$(PYTHON) -m qubes_socksvc apply -c $(EXAMPLE) --root "$$scratch/root" && \
+	grep -q '^ExecStart=.* -m qubes_socksvc serve example ' root/etc/systemd/user/qubes-socksvc-example.service && \
+	test -L root/etc/qubes-rpc/example.Echo
 
 # --- packages, built from a copy of the working tree (so the tree stays clean) --
 #   make deb   -> $(PKGDIR)/qubes-socksvc_*.deb (+ .changes, .buildinfo), lintian-checked
@@ -92,7 +141,9 @@ SOURCE_EXCLUDES := --exclude-vcs --exclude=./.venv --exclude=./pkgs --exclude=./
 # The distribution's tools only: pybuild runs "python3.X" from PATH.
 SYSTEM_PATH := /usr/sbin:/usr/bin:/sbin:/bin
 # rpmbuild checks BuildRequires against the RPM database: empty on Debian.
-RPM_NODEPS = $(shell rpm -q rpm >/dev/null 2>&1 || echo --nodeps)
+# Debian's brp-compress needs bash (read -d) but says #!/bin/sh: run it with bash.
+RPM_ON_DEBIAN = $(shell rpm -q rpm >/dev/null 2>&1 || echo yes)
+RPM_DEBIAN_ARGS = $(if $(RPM_ON_DEBIAN),--nodeps --define '__brp_compress bash %{_rpmconfigdir}/brp-compress %{?_prefix}')
 
 deb:
 	rm -rf $(PKGDIR)/build
@@ -109,7 +160,7 @@ rpm:
 	tar -cz $(SOURCE_EXCLUDES) --transform 's,^\.,qubes-socksvc-$(VERSION),' \
 		-f $(RPMDIR)/SOURCES/qubes-socksvc-$(VERSION).tar.gz .
 	sed 's/@VERSION@/$(VERSION)/g' rpm_spec/qubes-socksvc.spec.in > $(RPMDIR)/SPECS/qubes-socksvc.spec
-	rpmbuild --define "_topdir $(abspath $(RPMDIR))" $(RPM_NODEPS) -bb $(RPMDIR)/SPECS/qubes-socksvc.spec
+	rpmbuild --define "_topdir $(abspath $(RPMDIR))" $(RPM_DEBIAN_ARGS) -bb $(RPMDIR)/SPECS/qubes-socksvc.spec
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache pkgs rpmbuild

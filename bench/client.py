@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (C) 2026 qubes-socksvc developers
 """A client that behaves like qrexec: connect, descriptor, stdin, half-close, read to EOF.
 
 Kept lean (blocking sockets, or a bare epoll loop for many callers) so that the

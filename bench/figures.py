@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (C) 2026 qubes-socksvc developers
 """The six figures of issue 5, each beside its reference, measured in the same run.
 
 Rounds interleave the daemon and its reference (each goes first in turn), each

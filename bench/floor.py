@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (C) 2026 qubes-socksvc developers
 """The floor: a bare asyncio Unix-socket server, no validation, no dispatch.
 
 Reads the descriptor to its NUL, reads the input to EOF, writes it back.  What

@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (C) 2026 qubes-socksvc developers
 """The processes under test: the daemon, the floor, socat; started as an unprivileged user.
 
 Run as root (``make bench``), every server runs as ``nobody`` like a user's

@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (C) 2026 qubes-socksvc developers
 """Rows, units, and the one table (Markdown, so RESULTS.md can hold it verbatim)."""
 
 from __future__ import annotations

@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (C) 2026 qubes-socksvc developers
 """``python -m bench [--quick] [--only FIGURES]``: run the figures, print one table."""
 
 from __future__ import annotations

@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (C) 2026 qubes-socksvc developers
 """``call``: what the qrexec agent does towards a socket or TCP service, as a local tool.
 
 Resolves the call's qubes-rpc file and, independently, its rpc-config like the

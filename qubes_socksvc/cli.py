@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (C) 2026 qubes-socksvc developers
 """``qubes-socksvc``: check, apply, list/status, call, serve.
 
 Each verb imports only the wing it needs: ``serve`` and ``call`` never load

@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (C) 2026 qubes-socksvc developers
 """The service descriptor: untrusted bytes from the caller -> a validated Descriptor.
 
 qrexec sends the part of its command after ``QUBESRPC `` verbatim, with one NUL

@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (C) 2026 qubes-socksvc developers
 """The bundled example handlers (used by examples/qubes-socksvc.yaml and ``make demo``)."""
 
 from __future__ import annotations

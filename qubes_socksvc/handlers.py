@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (C) 2026 qubes-socksvc developers
 """``module:callable`` -> a coroutine function taking a Request.
 
 Handlers are imported on their first call, so a daemon starts without paying for

@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (C) 2026 qubes-socksvc developers
 """Plan and carry out an ``apply``: ownership record, conflicts, atomic writes, lock.
 
 What we own is recorded in a state file (JSON: path -> accepted SHA-256 of the

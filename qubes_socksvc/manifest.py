@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (C) 2026 qubes-socksvc developers
 """The manifest: YAML -> a validated, typed model; every error at file:line:column.
 
 Loading composes the YAML into nodes (so each value keeps its position) and

@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (C) 2026 qubes-socksvc developers
 """qrexec's vocabulary: name charsets, limits, lookup keys and search paths.
 
 Facts from qubes-core-qrexec 4.4 (SPEC.md section 1); each rule names the

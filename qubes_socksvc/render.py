@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (C) 2026 qubes-socksvc developers
 """Manifest model -> artifacts: user units (Jinja2), qubes-rpc symlinks, rpc-config files."""
 
 from __future__ import annotations

@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (C) 2026 qubes-socksvc developers
 """The public handler API: one :class:`Request` per qrexec call.
 
 A handler is ``async def handler(request)`` or a plain ``def handler(request)``

@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (C) 2026 qubes-socksvc developers
 """qrexec's rpc-config files: the TOML subset qrexec reads, parsed as qrexec parses it.
 
 libqrexec/toml.c: qubes_toml_config_parse reads one ``key = value`` per line: no

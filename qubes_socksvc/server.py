@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (C) 2026 qubes-socksvc developers
 """The runtime daemon: listening sockets, accept, descriptor, dispatch, limits, notify.
 
 Imports stay light (no Jinja2, no YAML beyond the manifest model): a

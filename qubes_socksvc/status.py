@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (C) 2026 qubes-socksvc developers
 """``list``/``status``: what is declared, rendered, listening and enabled.
 
 Reads the file system and ``/proc/net/unix`` only: looking must never connect

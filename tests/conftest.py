@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (C) 2026 qubes-socksvc developers
 """Shared fixtures: manifests on disk, and a real daemon run as an unprivileged user."""
 
 from __future__ import annotations

@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (C) 2026 qubes-socksvc developers
 """Handlers the tests declare in their manifests (imported by the daemon under test)."""
 
 from __future__ import annotations

@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (C) 2026 qubes-socksvc developers
 """Build the .deb and the .rpm once per test session, with the Makefile's own targets.
 
 ``make deb`` and ``make rpm`` build from a copy of the working tree (a build

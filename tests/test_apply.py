@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (C) 2026 qubes-socksvc developers
 """apply: plan, idempotence, stale removal, conflicts, dry run, ownership; and list."""
 
 from __future__ import annotations

@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (C) 2026 qubes-socksvc developers
 """`python -m bench --quick` runs and prints every figure of issue 5 (no timing is asserted)."""
 
 from __future__ import annotations

@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (C) 2026 qubes-socksvc developers
 """`qubes-socksvc call`: resolves like qrexec, sends the descriptor, streams both ways."""
 
 from __future__ import annotations

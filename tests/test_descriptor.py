@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (C) 2026 qubes-socksvc developers
 """The descriptor parser: every form qrexec sends, and nothing else."""
 
 from __future__ import annotations

@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (C) 2026 qubes-socksvc developers
 """End to end, the way a template maintainer and qrexec use it, under a real ``systemd --user``.
 
 Builds the .deb (``make deb``), installs it with apt, writes /etc/qubes-socksvc.yaml
@@ -30,7 +32,15 @@ from pathlib import Path
 import pytest
 
 from tests.packages import Built, build, missing_tools
-from tests.usermanager import Unavailable, UserManager, check_available, ensure_user, pid1_is_systemd
+from tests.usermanager import (
+    Unavailable,
+    UserManager,
+    cgroup_hierarchies,
+    check_available,
+    ensure_user,
+    kill_cgroup,
+    pid1_is_systemd,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -43,6 +53,7 @@ STATE_DIR = Path("/var/lib/qubes-socksvc")
 SOCKET_DIR = Path("/run/qubes")
 GLOBAL_WANTS = UNIT_DIR / "sockets.target.wants"
 DIST_PACKAGES = Path("/usr/lib/python3/dist-packages/qubes_socksvc")
+MAN_PAGES = (Path("/usr/share/man/man1/qubes-socksvc.1.gz"), Path("/usr/share/man/man5/qubes-socksvc.yaml.5.gz"))
 # The AppVM-persistent manifest renders under /usr/local.
 LOCAL_MANIFEST = Path("/usr/local/etc/qubes-socksvc.yaml")
 LOCAL_RPC_DIR = Path("/usr/local/etc/qubes-rpc")
@@ -279,6 +290,8 @@ def test_installed_package_is_what_runs(installed: str) -> None:
     assert where == f"{DIST_PACKAGES}/__init__.py"
     assert Path("/usr/bin/qubes-socksvc").is_file()
     assert system("qubes-socksvc", "--help").returncode == 0
+    for page in MAN_PAGES:
+        assert page.is_file(), page
 
 
 def test_apply_writes_units_links_and_rpc_config(applied: str) -> None:
@@ -399,16 +412,30 @@ def test_the_harness_leaves_no_process_behind(host: Host, tmp_path_factory: pyte
     if pid1_is_systemd():
         pytest.skip("PID 1 is systemd: user@.service manages the cgroups, not the harness")
     log = tmp_path_factory.mktemp("usermanager") / "root-harness.log"
-    with UserManager("root", log) as root:
-        root.run("systemd-run", "--user", "--unit=socksvc-harness-sleep", "sleep", "600")
-        unit_pid = int(root.show("socksvc-harness-sleep.service", "MainPID"))
-        stray = subprocess.Popen(["sleep", "600"])
-        for cgroup in root.cgroups:
-            (cgroup / "cgroup.procs").write_text(str(stray.pid))
-        cgroups = list(root.cgroups)
-    assert stray.wait(timeout=10) == -9  # SIGKILLed by the harness
-    assert not Path(f"/proc/{unit_pid}").exists()
-    assert not any(c.exists() for c in cgroups)
+    # Another run's cgroup, under the name every run used to share: the harness must leave it alone.
+    others = [h / "socksvc-test-root" for h in cgroup_hierarchies()]
+    other = subprocess.Popen(["sleep", "600"])
+    try:
+        for cgroup in others:
+            cgroup.mkdir(exist_ok=True)
+            (cgroup / "cgroup.procs").write_text(str(other.pid))
+        with UserManager("root", log) as root:
+            assert all(f"-{os.getpid()}-" in c.name for c in root.cgroups), root.cgroups  # a name of its own
+            root.run("systemd-run", "--user", "--unit=socksvc-harness-sleep", "sleep", "600")
+            unit_pid = int(root.show("socksvc-harness-sleep.service", "MainPID"))
+            stray = subprocess.Popen(["sleep", "600"])
+            for cgroup in root.cgroups:
+                (cgroup / "cgroup.procs").write_text(str(stray.pid))
+            cgroups = list(root.cgroups)
+        assert stray.wait(timeout=10) == -9  # SIGKILLed by the harness
+        assert not Path(f"/proc/{unit_pid}").exists()
+        assert not any(c.exists() for c in cgroups)
+        assert other.poll() is None and all(c.is_dir() for c in others)  # the other run's: untouched
+    finally:
+        other.kill()
+        other.wait()
+        for cgroup in others:
+            kill_cgroup(cgroup)
 
 
 def test_idle_exit_stops_the_daemon_and_the_next_call_starts_it(manager: UserManager) -> None:
@@ -458,6 +485,7 @@ def test_remove_keeps_the_manifest_and_takes_back_generated_files(manager: UserM
     assert not Path("/usr/bin/qubes-socksvc").exists()
     assert not DIST_PACKAGES.exists()
     assert not Path("/usr/share/qubes-socksvc").exists()
+    assert not any(page.exists() for page in MAN_PAGES)
     assert MANIFEST.read_text() == EDITED_TEXT  # a conffile: kept on remove
     assert generated_paths() == []  # units, qubes-rpc links and rpc-config all went with the code
     assert json.loads((STATE_DIR / "owned.json").read_text())["owned"] == {}

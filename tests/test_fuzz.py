@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (C) 2026 qubes-socksvc developers
 """Property-based and fuzz tests of the two parsers that take untrusted or hand-written input.
 
 - ``descriptor.parse`` reads bytes sent by another qube: any bytes give a

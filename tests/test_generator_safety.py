@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (C) 2026 qubes-socksvc developers
 """``apply`` under attack and under faults (issue 6, part 3).
 
 The generator runs as root and writes into /etc.  Every case here applies into

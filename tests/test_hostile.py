@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (C) 2026 qubes-socksvc developers
 """Adversarial callers against a running daemon (issue 6, part 2).
 
 Every case ends with :func:`assert_recovered`: the daemon is alive, answers a

@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (C) 2026 qubes-socksvc developers
 """The code is mypy --strict and ruff clean (run here so that CI enforces it)."""
 
 from __future__ import annotations

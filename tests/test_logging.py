@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (C) 2026 qubes-socksvc developers
 """Run by systemd (JOURNAL_STREAM set), each call is logged to the journal with its fields.
 
 journald itself does not run on this machine, so the handler's sender is replaced

@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (C) 2026 qubes-socksvc developers
 """Manifest validation: every error names file:line:column and the key, and nothing is written."""
 
 from __future__ import annotations

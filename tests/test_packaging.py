@@ -1,8 +1,15 @@
-"""The .deb and the .rpm, built by ``make deb rpm``: contents, metadata, scriptlets, lintian."""
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (C) 2026 qubes-socksvc developers
+"""The .deb and the .rpm, built by ``make deb rpm``: contents, metadata, scriptlets, lintian.
+
+Also, without building anything: the licence (LICENSE, debian/copyright, the
+spec, setup.cfg and an SPDX header in every source file) and .qubesbuilder.
+"""
 
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import tarfile
 import tempfile
@@ -13,15 +20,17 @@ import pytest
 from tests.conftest import REPO, run_cli
 from tests.packages import Built, build, missing_tools
 
-pytestmark = pytest.mark.slow
+slow = pytest.mark.slow  # builds the packages
 
 VERSION = (REPO / "version").read_text().strip()
 MODULES = sorted(p.name for p in (REPO / "qubes_socksvc").glob("*.py"))
 TEMPLATES = sorted(p.name for p in (REPO / "templates").glob("*.j2"))
 DEB_SITELIB = "/usr/lib/python3/dist-packages"
 RUNTIME_DEPENDS = ("python3-jinja2", "python3-yaml", "python3-systemd", "systemd")
-#: Lintian warnings we accept, each explained in docs/packaging-and-quickstart.md.
-ACCEPTED_LINTIAN = {"initial-upload-closes-no-bugs", "no-manual-page"}
+#: Lintian warnings we accept, each explained in the README.
+ACCEPTED_LINTIAN = {"initial-upload-closes-no-bugs"}
+MAN_PAGES = ("/usr/share/man/man1/qubes-socksvc.1.gz", "/usr/share/man/man5/qubes-socksvc.yaml.5.gz")
+SPDX = "SPDX-License-Identifier: GPL-2.0-or-later"
 
 
 @pytest.fixture(scope="session")
@@ -61,6 +70,7 @@ def deb_control_file(deb: Path, name: str) -> str:
 # --- versions -------------------------------------------------------------------
 
 
+@slow
 def test_versions_come_from_the_version_file(packages: Built) -> None:
     deb_version = out("dpkg-deb", "--field", str(packages.deb), "Version").strip()
     assert deb_version.split("-")[0] == VERSION, "debian/changelog disagrees with the version file"
@@ -72,6 +82,7 @@ def test_versions_come_from_the_version_file(packages: Built) -> None:
 # --- the .deb ----------------------------------------------------------------------
 
 
+@slow
 def test_deb_control_fields(packages: Built) -> None:
     fields = out("dpkg-deb", "--field", str(packages.deb))
     assert re.search(r"^Section: admin$", fields, re.M)
@@ -83,6 +94,7 @@ def test_deb_control_fields(packages: Built) -> None:
     assert any(n.startswith("python3") and n not in RUNTIME_DEPENDS for n in names), "no ${python3:Depends}"
 
 
+@slow
 def test_deb_ships_runtime_cli_templates_and_an_inactive_conffile(packages: Built) -> None:
     files = deb_files(packages.deb)
     assert "/usr/bin/qubes-socksvc" in files
@@ -97,11 +109,16 @@ def test_deb_ships_runtime_cli_templates_and_an_inactive_conffile(packages: Buil
     if (REPO / "README.md").exists():
         assert "/usr/share/doc/qubes-socksvc/README.md" in files  # the conffile points at it
     assert not [f for f in files if f.startswith("/usr/local/")]
+    for page in MAN_PAGES:
+        assert page in files
     assert deb_control_file(packages.deb, "conffiles").split() == ["/etc/qubes-socksvc.yaml"]
     script = deb_member_text(packages.deb, "/usr/bin/qubes-socksvc")
-    assert script.startswith("#!/usr/bin/python3\n")
+    # dh-python 5 (Debian 12) writes "#!/usr/bin/python3", dh-python 6 (Debian 13) "#! /usr/bin/python3":
+    # both are the same interpreter line to the kernel
+    assert re.match(r"#! ?/usr/bin/python3\n", script), script.splitlines()[0]
 
 
+@slow
 def test_shipped_manifest_is_valid_and_declares_nothing(packages: Built, tmp_path: Path) -> None:
     conffile = tmp_path / "qubes-socksvc.yaml"
     conffile.write_text(deb_member_text(packages.deb, "/etc/qubes-socksvc.yaml"))
@@ -112,6 +129,7 @@ def test_shipped_manifest_is_valid_and_declares_nothing(packages: Built, tmp_pat
     run_cli("check", "-c", str(example), check=True)
 
 
+@slow
 def test_deb_maintainer_scripts(packages: Built) -> None:
     postinst = deb_control_file(packages.deb, "postinst")
     prerm = deb_control_file(packages.deb, "prerm")
@@ -128,15 +146,30 @@ def test_deb_maintainer_scripts(packages: Built) -> None:
     assert "purge)" in postrm and "/var/lib/qubes-socksvc" in postrm
 
 
+@slow
 def test_build_time_check_ran(packages: Built) -> None:
-    """dh_auto_test validated and rendered the example with the freshly built modules."""
-    assert "examples/qubes-socksvc.yaml: OK, 2 daemons" in packages.log
-    assert re.search(r"^create +/etc/systemd/user/qubes-socksvc-example\.socket$", packages.log, re.M)
+    """dh_auto_test and the spec's %check validated and rendered the example with the built modules."""
+    assert packages.log.count("examples/qubes-socksvc.yaml: OK, 2 daemons") == 2  # .deb, then .rpm
+    assert len(re.findall(r"^create +/etc/systemd/user/qubes-socksvc-example\.socket$", packages.log, re.M)) == 2
+    assert re.search(r"^Executing\(%check\)", packages.log, re.M)
 
 
+@slow
+def test_standards_build_without_setup_py_or_deprecation_warnings(packages: Built) -> None:
+    """PEP 517 wheels in both builds (pybuild's pyproject plugin, %pyproject_wheel or make wheel), no setup.py."""
+    assert not (REPO / "setup.py").exists()
+    assert "Building wheel for python3" in packages.log  # pybuild's pyproject plugin (python -m build)
+    assert packages.log.count(f"Successfully built qubes_socksvc-{VERSION}-py3-none-any.whl") == 2
+    assert "setup.py" not in packages.log
+    assert not re.search(r"deprecat", packages.log, re.I), [
+        line for line in packages.log.splitlines() if re.search(r"deprecat", line, re.I)]
+
+
+@slow
 def test_lintian_reports_no_errors(packages: Built) -> None:
     tags = packages.lintian_tags
     assert not [t for t in tags if t.startswith("E:")], "\n".join(tags)
+    assert not [t for t in tags if "no-manual-page" in t], "\n".join(tags)
     warnings = {t.split()[2] for t in tags if t.startswith("W:")}
     assert warnings <= ACCEPTED_LINTIAN, f"new lintian warnings: {warnings - ACCEPTED_LINTIAN}"
     docs = "".join(p.read_text() for p in [REPO / "README.md", *(REPO / "docs").glob("*.md")] if p.exists())
@@ -153,6 +186,7 @@ def rpm_sitelib(files: set[str]) -> str:
     return inits[0].removesuffix("/qubes_socksvc/__init__.py")
 
 
+@slow
 def test_rpm_file_list(packages: Built) -> None:
     files = set(out("rpm", "-qlp", str(packages.rpm)).split())
     sitelib = rpm_sitelib(files)
@@ -163,17 +197,36 @@ def test_rpm_file_list(packages: Built) -> None:
     for template in TEMPLATES:
         assert f"/usr/share/qubes-socksvc/templates/{template}" in files
     assert "/usr/share/doc/qubes-socksvc/examples/qubes-socksvc.yaml" in files
-    assert any(re.fullmatch(rf"{sitelib}/qubes_socksvc-{re.escape(VERSION)}-py[0-9.]+\.egg-info", f) for f in files)
+    assert f"{sitelib}/qubes_socksvc-{VERSION}.dist-info/METADATA" in files  # a wheel's metadata, not an egg's
+    for page in MAN_PAGES:
+        assert page in files
     flags = dict(line.rsplit(" ", 1) for line in out(
         "rpm", "-qp", "--qf", "[%{FILENAMES} %{FILEFLAGS:fflags}\n]", str(packages.rpm)).splitlines()
         if line.count(" ") == 1)
     assert set(flags["/etc/qubes-socksvc.yaml"]) >= {"c", "n"}, "the manifest must be %config(noreplace)"
     assert "d" in flags["/usr/share/doc/qubes-socksvc/examples/qubes-socksvc.yaml"]
+    licences = [f for f in files if re.fullmatch(r"/usr/share/licenses/qubes-socksvc[^/]*/LICENSE", f)]
+    assert len(licences) == 1 and "l" in flags[licences[0]], "%license LICENSE"
+    # the state directory is the package's; apply's record in it is a %ghost
+    modes = dict(line.split(" ", 1)[::-1] for line in out(
+        "rpm", "-qp", "--qf", "[%{FILEMODES:perms} %{FILENAMES}\n]", str(packages.rpm)).splitlines())
+    assert modes["/var/lib/qubes-socksvc"].startswith("d")
+    assert "g" in flags["/var/lib/qubes-socksvc/owned.json"]
+    assert modes["/var/lib/qubes-socksvc/owned.json"] == "-rw-r--r--"
     requires = out("rpm", "-qpR", str(packages.rpm)).split()
     for name in ("python3-jinja2", "python3-pyyaml", "python3-systemd", "systemd"):
         assert name in requires
+    # what the scriptlets run must be there when they run
+    kinds: dict[str, set[str]] = {}
+    for line in out("rpm", "-qp", "--qf", "[%{REQUIRENAME} %{REQUIREFLAGS:deptype}\n]", str(packages.rpm)).splitlines():
+        name, kind = line.split(" ", 1)
+        kinds.setdefault(kind, set()).add(name)
+    assert {"python3", "python3-jinja2", "python3-pyyaml"} <= kinds.get("post", set()), kinds
+    assert {"python3", "python3-jinja2", "python3-pyyaml", "coreutils"} <= kinds.get("preun", set()), kinds
+    assert "coreutils" in kinds.get("postun", set()), kinds
 
 
+@slow
 def test_rpm_scriptlets(packages: Built) -> None:
     scripts = out("rpm", "-qp", "--scripts", str(packages.rpm))
     scriptlet = re.compile(r"^(\w+) scriptlet \(using /bin/sh\):\n(.*?)(?=^\w+ scriptlet|\Z)", re.M | re.S)
@@ -187,6 +240,24 @@ def test_rpm_scriptlets(packages: Built) -> None:
     assert '[ "$1" -eq 0 ]' in sections["postuninstall"] and "/var/lib/qubes-socksvc" in sections["postuninstall"]
 
 
+@slow
+@slow
+def test_rpmlint_reports_only_what_the_readme_explains(packages: Built) -> None:
+    if shutil.which("rpmlint") is None:
+        pytest.skip("rpmlint not installed ('make setup-test' installs it)")
+    with tempfile.NamedTemporaryFile("w", suffix=".toml") as config:
+        config.write('CompressExtension = "gz"\n')  # as Fedora's configuration: brp-compress gzips man pages
+        config.flush()
+        result = subprocess.run(["rpmlint", "-c", config.name, str(packages.rpm)], capture_output=True, text=True,
+                                timeout=300)
+    tags = set(re.findall(r"^qubes-socksvc\.noarch: [EW]: (\S+)", result.stdout, re.M))
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("#### rpmlint"):]
+    unexplained = sorted(t for t in tags if f"`{t}`" not in section)
+    assert not unexplained, f"rpmlint tags not in the README's rpmlint section: {unexplained}\n{result.stdout}"
+
+
+@slow
 def test_deb_and_rpm_install_the_same_files(packages: Built) -> None:
     """One install path: apart from the Python directory and Debian's own docs, the payloads match."""
     rpm_all = set(out("rpm", "-qlp", str(packages.rpm)).split())
@@ -195,12 +266,111 @@ def test_deb_and_rpm_install_the_same_files(packages: Built) -> None:
     sitelib = rpm_sitelib(rpm_all)
 
     def normal(path: str, lib: str) -> str:
-        path = path.replace(lib, "SITELIB", 1)
-        return re.sub(r"SITELIB/qubes_socksvc-[^/]*\.egg-info", "SITELIB/EGG-INFO", path)
+        return path.replace(lib, "SITELIB", 1)
 
-    rpm_files = {normal(f, sitelib) for f in rpm_all - rpm_dirs}
+    # A .dist-info's bookkeeping differs with the tools and their versions, not with what is installed:
+    # RECORD (dh-python 6 drops it), INSTALLER (dh-python 6 writes one), the licence's copy
+    # (setuptools < 77: LICENSE, later: licenses/LICENSE; dh_python3 drops it).
+    bookkeeping = re.compile(rf"SITELIB/qubes_socksvc-{re.escape(VERSION)}\.dist-info/"
+                             r"(RECORD|INSTALLER|REQUESTED|direct_url\.json|LICENSE|licenses/.*)")
+
+    ghosts = {line.split(" ", 1)[1] for line in out(
+        "rpm", "-qp", "--qf", "[%{FILEFLAGS:fflags} %{FILENAMES}\n]", str(packages.rpm)).splitlines()
+        if "g" in line.split(" ", 1)[0]}
+    rpm_files = {normal(f, sitelib) for f in rpm_all - rpm_dirs - ghosts}
     debian_only = {"/usr/share/doc/qubes-socksvc/copyright", "/usr/share/doc/qubes-socksvc/changelog.Debian.gz"}
     deb = {normal(f, DEB_SITELIB) for f in deb_files(packages.deb) - debian_only}
-    # dh_python3 drops SOURCES.txt; Debian byte-compiles at install time, not in the package
-    rpm_files = {f for f in rpm_files if not f.endswith("/SOURCES.txt") and "/__pycache__/" not in f}
+    # The licence: debian/copyright in the .deb (dh_python3 drops the wheel's copy), %license in the .rpm.
+    # Debian byte-compiles at install time, not in the package.
+    rpm_files = {f for f in rpm_files if not re.fullmatch(r"/usr/share/licenses/[^/]+/LICENSE", f)
+                 and not bookkeeping.fullmatch(f) and "/__pycache__/" not in f}
+    deb = {f for f in deb if not bookkeeping.fullmatch(f)}
+    assert f"SITELIB/qubes_socksvc-{VERSION}.dist-info/METADATA" in deb & rpm_files
     assert deb == rpm_files, f"only in .deb: {sorted(deb - rpm_files)}; only in .rpm: {sorted(rpm_files - deb)}"
+
+
+# --- without building: licence, metadata, Qubes Builder -------------------------------
+
+#: Files that are data, not source: they carry no header (the licence covers them through debian/copyright).
+NOT_SOURCE = re.compile(r"(LICENSE|version|.*\.md|\.gitignore|requirements-test\.txt|tests/golden/.*|.*/py\.typed"
+                        r"|debian/(changelog|copyright|control|source/format)|etc/.*\.yaml|examples/.*\.yaml)")
+
+
+def source_files() -> list[str]:
+    """The tracked files (every file, where this is not a git checkout), less NOT_SOURCE."""
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True)
+    if listed.returncode == 0 and listed.stdout:
+        names = [n.decode() for n in listed.stdout.split(b"\0") if n]
+    else:  # e.g. the copy "make trixie" runs the suite in
+        skip = {".git", ".venv", "pkgs", "rpmbuild", "build", "__pycache__", ".pytest_cache", ".mypy_cache",
+                ".ruff_cache", ".hypothesis"}
+        names = [str(p.relative_to(REPO)) for p in REPO.rglob("*")
+                 if p.is_file() and not skip & set(p.relative_to(REPO).parts) and ".egg-info" not in str(p)]
+    return sorted(n for n in names if (REPO / n).is_file() and not NOT_SOURCE.fullmatch(n))
+
+
+def test_every_source_file_has_an_spdx_header() -> None:
+    """``SPDX-License-Identifier: GPL-2.0-or-later`` and a copyright line at the top (after a #! line)."""
+    files = source_files()
+    assert "Makefile" in files and "qubes_socksvc/cli.py" in files and "debian/rules" in files
+    missing = []
+    for name in files:
+        head = (REPO / name).read_text(errors="replace").splitlines()[:4]
+        at = next((i for i, line in enumerate(head) if SPDX in line), None)
+        if at is None or at > 1 or "Copyright" not in "".join(head[at + 1:at + 2]):
+            missing.append(name)
+    assert not missing, f"no SPDX header and copyright line at the top of: {missing}"
+
+
+def test_one_licence_everywhere() -> None:
+    """GPL-2.0-or-later: LICENSE is the GPL 2 text, and setup.cfg, the spec and debian/copyright say the same."""
+    licence = (REPO / "LICENSE").read_text()
+    assert licence.split()[:4] == ["GNU", "GENERAL", "PUBLIC", "LICENSE"]
+    assert "Version 2, June 1991" in licence and "How to Apply These Terms" in licence
+    assert re.search(r"^license = GPL-2\.0-or-later$", (REPO / "setup.cfg").read_text(), re.M)
+    assert re.search(r"^license_files = LICENSE$", (REPO / "setup.cfg").read_text(), re.M)
+    spec = (REPO / "rpm_spec/qubes-socksvc.spec.in").read_text()
+    assert re.search(r"^License: +GPL-2\.0-or-later$", spec, re.M)
+    assert re.search(r"^%license LICENSE$", spec, re.M)
+    # debian/copyright: machine-readable (DEP-5), one GPL-2+ stanza for every file
+    paragraphs = [dict(re.findall(r"^(\S+?): ?(.*)$", p, re.M)) for p in
+                  (REPO / "debian/copyright").read_text().split("\n\n")]
+    assert paragraphs[0]["Format"] == "https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/"
+    files = [p for p in paragraphs if "Files" in p]
+    assert [(p["Files"], p["License"]) for p in files] == [("*", "GPL-2+")]
+    text = (REPO / "debian/copyright").read_text()
+    assert "either version 2 of the License, or\n (at your option) any later version" in text
+    assert "/usr/share/common-licenses/GPL-2" in text
+
+
+def test_maintainer_fields_agree_and_name_no_repository_that_does_not_exist() -> None:
+    maintainer = re.search(r"^Maintainer: (.+)$", (REPO / "debian/control").read_text(), re.M)
+    assert maintainer is not None
+    identity = maintainer.group(1)
+    assert f" -- {identity}  " in (REPO / "debian/changelog").read_text()
+    assert re.search(rf"^\* .* {re.escape(identity)} - ", (REPO / "rpm_spec/qubes-socksvc.spec.in").read_text(), re.M)
+    cfg = dict(re.findall(r"^(author|author_email) = (.+)$", (REPO / "setup.cfg").read_text(), re.M))
+    assert f"{cfg['author']} <{cfg['author_email']}>" == identity
+    for name in ("debian/control", "debian/copyright", "rpm_spec/qubes-socksvc.spec.in", "setup.cfg"):
+        text = (REPO / name).read_text()
+        assert "QubesOS/qubes-socksvc" not in text, f"{name} names a repository that does not exist"
+        assert not re.search(r"^(Homepage|URL|url|Source) *[:=] *https?://", text, re.M), \
+            f"{name}: a project URL with nothing behind it"
+
+
+def test_qubesbuilder_builds_the_deb_and_the_rpm_from_the_version_file() -> None:
+    """Qubes Builder v2 reads .qubesbuilder: the RPM for dom0 (host) and VMs, the Debian package for VMs.
+
+    As in QubesOS/qubes-core-qrexec: a spec is named without its ``.in`` (the
+    builder renders ``@VERSION@`` from the ``version`` file), Debian by its directory.
+    """
+    import yaml
+
+    config = yaml.safe_load((REPO / ".qubesbuilder").read_text())
+    assert config == {"host": {"rpm": {"build": ["rpm_spec/qubes-socksvc.spec"]}},
+                      "vm": {"rpm": {"build": ["rpm_spec/qubes-socksvc.spec"]}, "deb": {"build": ["debian"]}}}
+    assert "@VERSION@" in (REPO / "rpm_spec/qubes-socksvc.spec.in").read_text()
+    assert (REPO / "debian/control").is_file() and (REPO / "debian/rules").is_file()
+    assert re.fullmatch(r"\d+\.\d+\.\d+\n", (REPO / "version").read_text())
+    changelog = (REPO / "debian/changelog").read_text()
+    assert changelog.startswith(f"qubes-socksvc ({(REPO / 'version').read_text().strip()}-")

@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (C) 2026 qubes-socksvc developers
 """Privilege (issue 6, part 4): the daemon refuses root, its sockets are never open to others,
 and the rendered units carry the hardening directives SECURITY.md documents.
 

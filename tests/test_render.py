@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (C) 2026 qubes-socksvc developers
 """Rendering: golden units, systemd-analyze verify, symlinks, rpc-config in qrexec's TOML subset."""
 
 from __future__ import annotations

@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (C) 2026 qubes-socksvc developers
 """The runtime daemon against real Unix sockets and real concurrent clients."""
 
 from __future__ import annotations

@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (C) 2026 qubes-socksvc developers
 """Soak (issue 6, part 5): a bounded run of mixed honest and hostile traffic against one daemon,
 sampling its RSS and file descriptors; fails on growth, on a wrong answer, on a death.
 

@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (C) 2026 qubes-socksvc developers
 """A real ``systemd --user`` manager for tests, on machines whose PID 1 is not systemd.
 
 systemd runs a user manager happily without being PID 1 when three things hold:
@@ -24,7 +26,12 @@ to the journal or to ``/dev/console``, which it cannot open): ``systemctl
 
 On a machine booted with systemd the same class uses ``user@UID.service``.
 Stopping kills whatever is left in the manager's cgroups, so no process
-outlives a test.
+outlives a test.  Each manager's cgroups have a name of their own
+(``socksvc-test-USER-PID-RANDOM``), so two runs on one machine (or in a chroot
+sharing its /sys/fs/cgroup) never kill each other's managers: the harness kills
+and removes only the cgroups it created.  A run that is itself killed leaves
+its cgroups (and whatever runs in them) behind, named with its PID, for a
+person to remove.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import secrets
 import shutil
 import signal
 import subprocess
@@ -179,14 +187,12 @@ class UserManager:
         if not BOOTED_FLAG.exists():
             BOOTED_FLAG.mkdir(parents=True)
             UserManager._created_booted_flag = True
-        name = f"socksvc-test-{self.user}"
+        name = cgroup_name(self.user)
         self.cgroups = []
         for hierarchy in cgroup_hierarchies():
             path = hierarchy / name
-            if path.exists():
-                kill_cgroup(path)  # left over from a run that was killed
             try:
-                path.mkdir()
+                path.mkdir()  # a fresh name: never another run's cgroup
                 self.cgroups.append(path)
                 for entry in (path, *path.iterdir()):
                     os.chown(entry, self.uid, self.gid)
@@ -252,6 +258,14 @@ class UserManager:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+CGROUP_PREFIX = "socksvc-test-"
+
+
+def cgroup_name(user: str) -> str:
+    """A cgroup name of this run's own: the test process's PID (to find a killed run's leftovers) and a random part."""
+    return f"{CGROUP_PREFIX}{user}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
 def cgroup_pids(cgroup: Path) -> set[int]:

@@ -1,4 +1,6 @@
 #!/bin/bash
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (C) 2026 qubes-socksvc developers
 # The main job on the bundled example, end to end, on this machine (run as root):
 #   1. check + apply examples/qubes-socksvc.yaml into a staging root (units, qubes-rpc links, rpc-config);
 #   2. verify the units with systemd-analyze;

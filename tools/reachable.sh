@@ -1,4 +1,6 @@
 #!/bin/bash
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (C) 2026 qubes-socksvc developers
 # Run "make TARGET-here" where the unprivileged daemon can read the code.
 #
 # The daemon refuses root, so the demo, the tests and the benchmarks run it as
