@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (C) 2026 qubes-socksvc developers
 """What a caller sends: bytes, or chunks of them from an iterable or an async iterable.
 
 Shared by :mod:`qubes_socksvc.client` (the input of a qrexec call) and

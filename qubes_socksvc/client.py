@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (C) 2026 qubes-socksvc developers
 """Call a qrexec service in another qube from Python: the caller's side of a service.
 
 In a VM this runs ``qrexec-client-vm TARGET SERVICE`` (dom0's policy decides, and

@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (C) 2026 qubes-socksvc developers
 """What qrexec will make of the tree ``apply`` leaves: the rpc-config and the qubes-rpc
 file each declared service's calls actually get.
 

@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (C) 2026 qubes-socksvc developers
 """The worked example of the README: a notes qube, both ends.
 
 Service side (in the ``notes`` qube, declared in ``examples/notes.yaml``): one

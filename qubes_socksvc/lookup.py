@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (C) 2026 qubes-socksvc developers
 """qrexec's lookup of a call's qubes-rpc file and rpc-config, as the agent does it.
 
 Both lookups try the keys of :func:`qrexec.lookup_keys` in order, each key in

@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (C) 2026 qubes-socksvc developers
 """The runtime model: the daemons and services ``serve`` needs, and the compiled spec.
 
 ``apply`` validates the manifest (manifest.py, the only YAML reader) and writes one

@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (C) 2026 qubes-socksvc developers
 """Run a handler in-process, as the daemon would, for a service author's tests.
 
 No daemon, root, systemd or qrexec needed: each call gets a real Unix socket

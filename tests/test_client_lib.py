@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (C) 2026 qubes-socksvc developers
 """qubes_socksvc.client against a real daemon, through the stand-in qrexec tools in tests/standin.
 
 The real qrexec-client-vm needs dom0 and another qube.  tests/standin/qrexec-client-vm

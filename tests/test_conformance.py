@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (C) 2026 qubes-socksvc developers
 """Conformance with qrexec (qubes-core-qrexec 4.4.2): each row cites the qrexec source it encodes.
 
 The daemon rows run against a real daemon over real sockets, with the descriptor

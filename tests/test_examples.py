@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (C) 2026 qubes-socksvc developers
 """The bundled example handlers (qubes_socksvc.examples), tested as a service author would:
 with qubes_socksvc.testing, no daemon."""
 

@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (C) 2026 qubes-socksvc developers
 """The worked example's unit tests: the notes handler with qubes_socksvc.testing, no daemon,
 no root, no qrexec (what the README shows a service author)."""
 

@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (C) 2026 qubes-socksvc developers
 """Every Python example in README.md passes mypy --strict as a user's code would see the package.
 
 The package is put where an installed one would be (a directory on the interpreter's

@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (C) 2026 qubes-socksvc developers
 """The compiled spec: what apply validated is what the daemon runs, whatever the YAML does later."""
 
 from __future__ import annotations

@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (C) 2026 qubes-socksvc developers
 """qubes_socksvc.testing: a handler called in-process behaves as under the daemon."""
 
 from __future__ import annotations
