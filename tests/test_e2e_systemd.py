@@ -70,7 +70,7 @@ MANIFEST_TEXT = f"""\
 version: 1
 daemons:
   {MAIN}:
-    description: qubes-socksvc end-to-end test
+    description: "qubes-socksvc end-to-end test: 100% $HOME; \\"quoted\\" #not-a-comment"
     idle_exit: {IDLE_EXIT}
     services:
       e2e.Echo:
@@ -297,7 +297,10 @@ def test_installed_package_is_what_runs(installed: str) -> None:
 def test_apply_writes_units_links_and_rpc_config(applied: str) -> None:
     assert "applied" in applied
     service = (UNIT_DIR / unit(MAIN, "service")).read_text()
-    assert f"\nExecStart=/usr/bin/python3 -m qubes_socksvc serve {MAIN} -c /etc/qubes-socksvc.yaml\n" in service
+    spec = f"/var/lib/qubes-socksvc/daemons/{MAIN}.json"
+    assert f"\nExecStart=/usr/bin/python3 -P -m qubes_socksvc serve {MAIN} --spec {spec}\n" in service
+    assert "\nWorkingDirectory=/\n" in service
+    assert Path(spec).stat().st_mode & 0o777 == 0o644
     for kind in ("socket", "service"):
         text = (UNIT_DIR / unit(MAIN, kind)).read_text()
         assert "\nConditionUser=!root\n" in text and "\nConditionGroup=qubes\n" in text
@@ -472,6 +475,35 @@ def test_manifest_edit_adds_and_removes_services(manager: UserManager) -> None:
                           capture_output=True, timeout=60, cwd="/")
     assert gone.returncode != 0 and b"e2e.Upper" in gone.stderr
     assert call("e2e.Echo", b"still") == b"still"
+
+
+def test_systemd_reads_the_declared_values_back(manager: UserManager) -> None:
+    """Ask systemd how it parsed the rendered units: exactly the manifest's description (with %, $,
+    quotes and #), both conditions, and the ExecStart= argv apply meant."""
+    service = unit(MAIN, "service")
+    declared = 'qubes-socksvc end-to-end test: 100% $HOME; "quoted" #not-a-comment'
+    assert manager.show(service, "Description") == declared
+    assert manager.show(unit(MAIN, "socket"), "Description") == f"{declared} (socket)"
+    conditions = manager.systemctl("show", "-p", "Conditions", service, check=False).stdout
+    exec_start = manager.show(service, "ExecStart")
+    assert f"argv[]=/usr/bin/python3 -P -m qubes_socksvc serve {MAIN} --spec " in exec_start, exec_start
+    unit_text = manager.systemctl("cat", service).stdout
+    assert "ConditionUser=!root" in unit_text and "ConditionGroup=qubes" in unit_text, conditions
+
+
+def test_the_daemon_serves_what_was_applied_not_the_yaml(manager: UserManager) -> None:
+    """An edited but unapplied manifest, valid or broken, changes nothing: the unit runs the spec."""
+    applied_text = MANIFEST.read_text()
+    try:
+        for edit in (applied_text.replace("e2e.Added", "e2e.Unapplied"), "daemons: [broken\n"):
+            MANIFEST.write_text(edit)
+            pid = main_pid(manager)
+            manager.systemctl("restart", unit(MAIN, "service"))
+            assert call("e2e.Added", b"new") == b"NEW"
+            assert main_pid(manager) not in (0, pid)
+            assert call("e2e.Echo", b"kept") == b"kept"
+    finally:
+        MANIFEST.write_text(applied_text)
 
 
 # --- remove, reinstall, purge -----------------------------------------------------------
