@@ -165,11 +165,13 @@ def call(service: str, data: bytes = b"", source: str = "work", link: str | None
 
 
 def generated_paths() -> list[Path]:
-    return [*RPC_DIR.glob("e2e.*"), *RPC_CONFIG_DIR.glob("e2e.*"), *UNIT_DIR.glob("qubes-socksvc-e2e*")]
+    return [*RPC_DIR.glob("e2e.*"), *RPC_CONFIG_DIR.glob("e2e.*"), *UNIT_DIR.glob("qubes-socksvc-e2e*"),
+            *(STATE_DIR / "daemons").glob("e2e*.json")]
 
 
 def local_paths() -> list[Path]:
-    return [*LOCAL_RPC_DIR.glob("e2e.*"), *LOCAL_UNIT_DIR.glob("qubes-socksvc-e2e*")]
+    return [*LOCAL_RPC_DIR.glob("e2e.*"), *LOCAL_UNIT_DIR.glob("qubes-socksvc-e2e*"),
+            *(LOCAL_STATE_DIR / "daemons").glob("e2e*.json")]
 
 
 # --- fixtures ------------------------------------------------------------------------
@@ -339,7 +341,7 @@ def test_first_call_socket_activates_the_daemon(manager: UserManager) -> None:
     if pid:  # unless it already idled out
         assert os.stat(f"/proc/{pid}").st_uid == pwd.getpwnam(USER).pw_uid
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        assert cmdline[:5] == [b"/usr/bin/python3", b"-m", b"qubes_socksvc", b"serve", MAIN.encode()]
+        assert cmdline[:6] == [b"/usr/bin/python3", b"-P", b"-m", b"qubes_socksvc", b"serve", MAIN.encode()]
 
 
 def test_every_service_through_its_qubes_rpc_link(manager: UserManager) -> None:
@@ -535,7 +537,7 @@ def test_reinstall_applies_the_kept_manifest_and_the_local_one(packages: Built, 
     assert re.search(r"^create +/etc/qubes-rpc/e2e\.Added ", result.stdout, re.M), result.stdout
     assert re.search(r"^create +/usr/local/etc/qubes-rpc/e2e\.Local ", result.stdout, re.M), result.stdout
     local_service = (LOCAL_UNIT_DIR / unit(LOCAL, "service")).read_text()
-    assert f" serve {LOCAL} -c /usr/local/etc/qubes-socksvc.yaml\n" in local_service
+    assert f" serve {LOCAL} --spec /usr/local/var/lib/qubes-socksvc/daemons/{LOCAL}.json\n" in local_service
     assert (LOCAL_STATE_DIR / "owned.json").is_file()
     manager.systemctl("daemon-reload")
     manager.systemctl("try-restart", unit(MAIN, "service"))
