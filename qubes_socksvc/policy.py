@@ -149,8 +149,11 @@ def _rules(name: str, argument: str, policy: Policy, qube: str) -> Iterator[_Lin
 
 
 def _closing(name: str, argument: str, general: Policy, qube: str) -> Iterator[_Line]:
-    """Deny, for ``NAME+ARG``, the callers that ``NAME``'s broader lines below would let in."""
-    for source in general.grants():
+    """Deny, for ``NAME+ARG``, the callers that ``NAME``'s broader lines below would let in
+    (one line for everyone, where they let everyone in)."""
+    grants = general.grants()
+    everyone = [source for source in grants if _source_kind(source)[0] == _EVERYONE]
+    for source in everyone[:1] or grants:
         yield _Line(name, argument, source, qube, "deny")
         if general.default_target:
             yield _Line(name, argument, source, "@default", "deny")
@@ -172,7 +175,8 @@ def lines(manifest: Manifest, qube: str, origin: str = "") -> list[str]:
         entries[key] = (service.policy, f"handler {service.handler} (daemon {daemon.name})")
     for key, forward in manifest.forwards.items():
         what = f"forward to {forward.target}"
-        if qrexec.is_tcp_link(forward.link_target) and forward.link_target.count("/") < 4:  # no /PORT
+        takes = qrexec.is_tcp_link(forward.link_target) and forward.link_target.count("/") < 4  # no /PORT
+        if takes and "+" not in key:
             picks = "host and port" if forward.link_target == qrexec.TCP_LINK else "port"
             what += f"; the argument picks the {picks}: a * line allows any, policy.arguments lists some"
         entries[key] = (forward.policy, what)

@@ -433,4 +433,5 @@ def test_tcp_rules_are_qrexecs() -> None:
     assert qrexec.tcp_address("/dev/tcp", "fe80++1+22") == ("fe80::1", "22")  # split at the last +
     with pytest.raises(ValueError, match="invalid port ''"):
         qrexec.tcp_address("/dev/tcp/10.0.0.1/", None)  # "/dev/tcp/HOST/": an empty port, not none
-    assert [p for p in ("1", "65535", "65536", "0", "01", "１", "22 ", "") if qrexec.valid_port(p)] == ["1", "65535"]
+    ports = ("1", "65535", "65536", "0", "01", "\uff11", "22 ", "")  # \uff11: a digit to isdigit(), not to C
+    assert [p for p in ports if qrexec.valid_port(p)] == ["1", "65535"]
