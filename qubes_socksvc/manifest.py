@@ -317,7 +317,7 @@ def _policy_entry(node: yaml.Node, key: str, problems: _Problems, schema: dict[s
     return Policy(**values)
 
 
-def _policy_arguments(node: yaml.Node, key: str, problems: _Problems) -> dict[str, Policy] | None:
+def _policy_arguments(node: yaml.Node, key: str, problems: _Problems) -> tuple[tuple[str, Policy], ...]:
     problems.marks[key] = node
     arguments: dict[str, Policy] = {}
     for argument, (key_node, value_node) in _mapping(node, key, problems).items():
@@ -328,7 +328,7 @@ def _policy_arguments(node: yaml.Node, key: str, problems: _Problems) -> dict[st
         entry = _policy_entry(value_node, f"{key}.{argument}", problems, ARGUMENT_POLICY_FIELDS)
         if entry is not None:
             arguments[argument] = entry
-    return arguments
+    return tuple(arguments.items())
 
 
 def _policy(node: yaml.Node, key: str, problems: _Problems) -> Policy | None:
@@ -567,7 +567,7 @@ def _forward(node: yaml.Node, key: str, problems: _Problems, full_name: str) -> 
     _, argument = qrexec.split_service(full_name)
     calls = {f"{key}.target": argument} if argument is not None else {}
     if forward.policy is not None:
-        calls.update({f"{key}.policy.arguments.{a}": a for a in forward.policy.arguments})
+        calls.update({f"{key}.policy.arguments.{a}": a for a, _ in forward.policy.arguments})
     for where, call_argument in calls.items():
         problem = tcp_call_problem(forward.link_target, call_argument)
         if problem:
@@ -593,7 +593,7 @@ def _check_across(daemons: dict[str, Daemon], forwards: dict[str, Forward], prob
             problems.add(problems.marks[key], key, f"only a NAME key has per-argument rules; {name} serves "
                          "one argument: put them in its policy")
             continue
-        for argument in policy.arguments:
+        for argument, _ in policy.arguments:
             if f"{name}+{argument}" in entries:
                 problems.add(problems.marks[f"{key}.{argument}"], f"{key}.{argument}",
                              f"{name}+{argument} is declared as {where[name + '+' + argument]}: "

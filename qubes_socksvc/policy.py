@@ -14,7 +14,7 @@ from __future__ import annotations
 import os.path
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from . import qrexec
@@ -55,8 +55,8 @@ class Policy:
     """``autostart=``: start this qube for a call (qrexec's default: yes)."""
     notify: bool | None = None
     """``notify=``: a notification for each allowed call (qrexec's default: no; for deny: yes)."""
-    arguments: dict[str, Policy] = field(default_factory=dict)
-    """Per argument (``NAME`` keys only): rules tried before the key's own, for ``NAME+ARG`` calls."""
+    arguments: tuple[tuple[str, Policy], ...] = ()
+    """(ARG, rules) per argument (``NAME`` keys only): tried before the key's own, for ``NAME+ARG`` calls."""
 
     def grants(self) -> tuple[str, ...]:
         """The callers some line lets in (ask or allow)."""
@@ -194,7 +194,7 @@ def lines(manifest: Manifest, qube: str, origin: str = "") -> list[str]:
         general = entries.get(name, (None, ""))[0] if argument != "*" else None
         text += ["", f"# {key}: {what}"]
         if policy is not None and (policy.grants() or policy.deny or policy.arguments):
-            for arg, sub in policy.arguments.items():
+            for arg, sub in policy.arguments:
                 text += _rules(name, f"+{arg}", sub, target)
             text += _rules(name, argument, policy, target)
         else:

@@ -377,6 +377,14 @@ def test_policy_arguments_belong_to_name_keys() -> None:
     ]
 
 
+def test_policy_entries_are_frozen_values() -> None:
+    """Services and forwards stay hashable values with a policy, arguments included."""
+    parsed = manifest.parse(EVERYTHING, "/m.yaml")
+    service = parsed.services()["my.Notes"][1]
+    assert service.policy is not None and dict(service.policy.arguments)["list"].notify is True
+    assert len({service, *parsed.forwards.values()}) == 1 + len(parsed.forwards)
+
+
 def test_policy_source_tokens_match_the_grammar() -> None:
     """Every caller the manifest accepts is a Source token to qrexec's parser."""
     accepted = ["work", "@anyvm", "@adminvm", "*", "@tag:a", "@type:AppVM", "@dispvm:dvm", "@dispvm:@tag:t",
