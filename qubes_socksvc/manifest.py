@@ -537,7 +537,7 @@ def tcp_call_problem(link_target: str, argument: str | None) -> str | None:
     except ValueError as e:
         return str(e)
     if not qrexec.is_numeric_host(host):
-        return f"{host!r} is not a numeric address (libqrexec/exec.c: qubes_tcp_connect)"
+        return f"{host!r} is not a numeric address, and qubes_tcp_connect does no name lookup"
     return None
 
 
@@ -568,12 +568,13 @@ def _forward(node: yaml.Node, key: str, problems: _Problems, full_name: str) -> 
     calls = {f"{key}.target": argument} if argument is not None else {}
     if forward.policy is not None:
         calls.update({f"{key}.policy.arguments.{a}": a for a, _ in forward.policy.arguments})
+    name = qrexec.split_service(full_name)[0]
     for where, call_argument in calls.items():
         problem = tcp_call_problem(forward.link_target, call_argument)
         if problem:
-            problems.add(problems.marks[where], where, f"qrexec would fail every call of "
-                         f"{qrexec.split_service(full_name)[0]}+{call_argument} through {forward.link_target}: "
-                         f"{problem} (libqrexec/exec.c: find_qrexec_service)")
+            fix = "change the key or the target" if where.endswith(".target") else "remove that argument"
+            problems.add(problems.marks[where], where, f"qrexec would fail every call of {name}+{call_argument} "
+                         f"through {forward.link_target} ({problem}; libqrexec/exec.c: find_qrexec_service): {fix}")
     return forward if len(problems.items) == before else None
 
 
@@ -619,8 +620,9 @@ def _claim_socket(path: str, node: yaml.Node, key: str, problems: _Problems, cla
     return True
 
 
-#: Deeper than any manifest needs (it needs 5).  Deeper input is refused before it
-#: is composed: libyaml's composer recurses, and ~50 000 levels overflow the C stack.
+#: Deeper than any manifest needs (it needs 9: a policy argument's list of callers).  Deeper
+#: input is refused before it is composed: libyaml's composer recurses, and ~50 000 levels
+#: overflow the C stack.
 MAX_DEPTH = 32
 
 
@@ -633,7 +635,7 @@ def _check_depth(text: str, path: str, loader: type) -> None:
             if depth > MAX_DEPTH:
                 mark = event.start_mark
                 where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
-                raise ManifestError([f"{where}: nested deeper than {MAX_DEPTH} levels; a manifest needs at most 5"])
+                raise ManifestError([f"{where}: nested deeper than {MAX_DEPTH} levels; a manifest needs at most 9"])
         elif isinstance(event, yaml.CollectionEndEvent):
             depth -= 1
 
