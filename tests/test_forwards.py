@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -213,6 +214,7 @@ def unix_server() -> Iterator[tuple[Server, str]]:
     server = Server(sock)
     yield server, path
     server.close()
+    shutil.rmtree(directory)
 
 
 def apply_text(tmp_path: Path, text: str) -> Path:
@@ -264,13 +266,21 @@ def test_a_qubes_aware_forward_gets_the_descriptor(tmp_path: Path, unix_server: 
     assert server.received == [b"my.Aware+arg work\0data"]
 
 
-def test_dead_targets_exit_like_qrexec(tmp_path: Path) -> None:
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A directory with a short path for sockets (sun_path holds 107 bytes; tmp_path is long)."""
+    directory = world_dir("socksvc-dead-")
+    yield directory
+    shutil.rmtree(directory)
+
+
+def test_dead_targets_exit_like_qrexec(tmp_path: Path, short_dir: Path) -> None:
     """Nobody listening: 125 (libqrexec/exec.c: qubes_tcp_connect / qubes_connect fail, -2 ->
     QREXEC_EXIT_PROBLEM); a socket file that is gone: the link dangles, find_file skips it: 127."""
     free = socket.create_server(("127.0.0.1", 0))
     port = free.getsockname()[1]
     free.close()
-    directory = world_dir("socksvc-dead-")
+    directory = short_dir
     stale = directory / "stale.sock"
     bound = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     bound.bind(str(stale))  # a socket file, never listened on
