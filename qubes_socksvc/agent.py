@@ -52,34 +52,13 @@ def resolve(service: str, search_path: Sequence[str] = qrexec.RPC_SEARCH_PATH) -
     return entry
 
 
-def _valid_port(port: str) -> bool:
-    """libqrexec/exec.c: validate_port: decimal 1-65535, no leading zero."""
-    return port.isascii() and port.isdigit() and not port.startswith("0") and int(port) <= 65535
-
-
 def tcp_address(link_target: str, service: str) -> tuple[str, str]:
     """(host, port) of a ``/dev/tcp[/HOST[/PORT]]`` service for this call
-    (libqrexec/exec.c: find_qrexec_service, TCP branch)."""
-    _, argument = qrexec.split_service(service)
-    address = link_target.removeprefix("/dev/tcp")
-    host, _, port = address.removeprefix("/").partition("/") if address else ("", "", "")
-    if port:
-        if argument:
-            raise CallError(f"{link_target} takes no argument; call it without one (got {argument!r})")
-    elif not argument:
-        raise CallError(f"{link_target} needs the {'port' if host else 'host+port'} as the call's argument")
-    elif host:
-        port = argument
-    else:
-        host, plus, port = argument.rpartition("+")
-        if not plus:
-            raise CallError(f"no port in the argument {argument!r}; {link_target} takes HOST+PORT")
-        if "_" in host:
-            raise CallError(f"underscore not allowed in the host {host!r}")
-        host = host.replace("+", ":")
-    if not _valid_port(port):
-        raise CallError(f"invalid port {port!r}: a decimal 1-65535 without leading zeros")
-    return host, port
+    (libqrexec/exec.c: find_qrexec_service, TCP branch; see qrexec.tcp_address)."""
+    try:
+        return qrexec.tcp_address(link_target, qrexec.split_service(service)[1])
+    except ValueError as e:
+        raise CallError(str(e)) from e
 
 
 def connect(entry: lookup.Entry, service: str) -> socket.socket:
@@ -91,13 +70,10 @@ def connect(entry: lookup.Entry, service: str) -> socket.socket:
     else:
         assert entry.link_target is not None
         host, port = tcp_address(entry.link_target, service)
-        ipv6 = ":" in host or "%" in host
         try:
-            infos = socket.getaddrinfo(host, port, socket.AF_INET6 if ipv6 else socket.AF_UNSPEC, socket.SOCK_STREAM,
-                                       socket.IPPROTO_TCP, socket.AI_NUMERICHOST | socket.AI_NUMERICSERV)
-        except socket.gaierror as e:
-            raise CallError(f"{entry.path} -> {host} port {port}: {e.strerror} (a numeric address is required)") from e
-        family, _, _, _, address = infos[0]
+            family, address = qrexec.tcp_sockaddr(host, port)
+        except ValueError as e:
+            raise CallError(f"{entry.path} -> {e}") from e
         sock = socket.socket(family, socket.SOCK_STREAM)
         hint = ""
     try:

@@ -1,6 +1,6 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
 # Copyright (C) 2026 qubes-socksvc developers
-"""``qubes-socksvc``: check, apply, list/status, call, serve.
+"""``qubes-socksvc``: check, apply, list/status, call, policy, serve.
 
 Each verb imports only the wing it needs: ``serve`` and ``call`` never load
 Jinja2, and ``serve`` pays for nothing but the runtime.
@@ -45,7 +45,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"{manifest.path}: valid, but apply would refuse it: calls would not get what it declares",
               file=sys.stderr)
         return EXIT_FAILED
-    print(f"{manifest.path}: OK, {len(manifest.daemons)} daemons, {services} services")
+    print(f"{manifest.path}: OK, {len(manifest.daemons)} daemons, {services} services, "
+          f"{len(manifest.forwards)} forwards")
     return EXIT_OK
 
 
@@ -125,6 +126,25 @@ def cmd_call(args: argparse.Namespace) -> int:
             agent.call(sock, None if skip else desc.encode(), stdin, sys.stdout.buffer)
     else:
         agent.call(sock, None if skip else desc.encode(), sys.stdin.buffer, sys.stdout.buffer)
+    return EXIT_OK
+
+
+def cmd_policy(args: argparse.Namespace) -> int:
+    from . import policy
+
+    manifest = _load(args.config)
+    if args.qube is not None:
+        qube, origin = args.qube, ""
+    else:
+        qube, origin = policy.default_qube()
+        if origin != "qubesdb-read /name":
+            print(f"qubes-socksvc policy: no qubesdb-read here; using the host name {qube!r} as this qube's "
+                  "name (pass --qube NAME to be sure)", file=sys.stderr)
+    try:
+        text = policy.lines(manifest, qube, origin)
+    except ValueError as e:
+        raise SocksvcError(f"{e}; pass --qube NAME") from e
+    print("\n".join(text))
     return EXIT_OK
 
 
@@ -245,6 +265,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--rpc-config-dir", action="append", metavar="DIR",
                      help="search this rpc-config directory instead (repeatable)")
     sub.set_defaults(func=cmd_call)
+
+    sub = add("policy", "print dom0's qrexec policy lines for every declared service and forward")
+    config(sub)
+    sub.add_argument("--qube", metavar="NAME",
+                     help="this qube's name, the lines' target (default: qubesdb-read /name, else the host name; "
+                     "dom0 -> @adminvm)")
+    sub.set_defaults(func=cmd_policy)
 
     sub = add("serve", "run the shared daemon for one manifest daemon (started by systemd)")
     sub.add_argument("daemon", metavar="DAEMON")

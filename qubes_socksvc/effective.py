@@ -63,7 +63,11 @@ class _View:
         return lookup.read_config(self._real(path))
 
     def probe_service(self, path: str) -> tuple[lookup.Kind, str | None] | None:
-        if path in self.ours:  # our link: its socket exists once the user's socket unit runs
+        artifact = self.ours.get(path)
+        if artifact is not None:  # our link: assume its socket (or port) is up
+            target = artifact.link_target
+            if target is not None and qrexec.is_tcp_link(target):
+                return lookup.Kind.TCP, target
             return lookup.Kind.SOCKET, None
         return None if path in self.removed else lookup.probe_service(self._real(path))
 
@@ -93,16 +97,17 @@ def _calls(key: str) -> list[str]:
 def settle(manifest: Manifest, layout: Layout, artifacts: list[Artifact], root: str = "/",
            owned: dict[str, list[str]] | None = None) -> tuple[list[Artifact], list[Finding]]:
     """The artifacts with explicit rpc-config files added where inheritance would change a
-    declared service's meaning, and what remains wrong or shadowed (see module doc)."""
+    declared service's or forward's meaning, and what remains wrong or shadowed (see module doc)."""
     if owned is None:
         owned = install.load_state(root, layout)
     artifacts = list(artifacts)
     view = _View(root, artifacts, owned)
     findings: list[Finding] = []
     source = os.path.abspath(manifest.path)
-    declared = manifest.services()
-    for key, (_, service) in declared.items():
-        want = rpcconfig.Config.from_options(service.rpc_config())
+    declared = {key: service.rpc_config() for key, (_, service) in manifest.services().items()}
+    declared.update({key: forward.rpc_config() for key, forward in manifest.forwards.items()})
+    for key, declared_options in declared.items():
+        want = rpcconfig.Config.from_options(declared_options)
         calls = _calls(key)
         for call in calls:
             try:
@@ -111,7 +116,7 @@ def settle(manifest: Manifest, layout: Layout, artifacts: list[Artifact], root: 
                 own = f"{layout.rpc_config_dir}/{key}"
                 if got != want and own not in view.ours:
                     options = {**{k: getattr(want, k.replace("-", "_")) for k in want.differences(got)},
-                               **service.rpc_config()}
+                               **declared_options}
                     note = (f"Explicit: without this file qrexec would apply {path or 'no rpc-config'} "
                             f"to {key} too ({', '.join(want.differences(got))}).")
                     pinned = Artifact(own, content=rpcconfig.render(options, source, note))

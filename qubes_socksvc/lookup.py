@@ -67,18 +67,13 @@ def find_file(directories: Sequence[str], keys: Sequence[str], probe: Callable[[
     return None
 
 
-def _is_tcp_target(target: str) -> bool:
-    """libqrexec/exec.c: find_file treats ``/dev/tcp`` and ``/dev/tcp/...`` links as TCP services."""
-    return target == "/dev/tcp" or target.startswith("/dev/tcp/")
-
-
 def probe_service(path: str) -> tuple[Kind, str | None] | None:
     """What find_file and find_qrexec_service make of one qubes-rpc path."""
     try:
         st = os.lstat(path)
         if stat.S_ISLNK(st.st_mode):
             target = os.readlink(path)
-            if _is_tcp_target(target):
+            if qrexec.is_tcp_link(target):
                 if target == "/dev/tcp/":
                     raise LookupFailed(f"{path} -> /dev/tcp/ is not followed by a host")
                 return Kind.TCP, target

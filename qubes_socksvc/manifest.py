@@ -12,7 +12,7 @@ import hashlib
 import os.path
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
@@ -20,6 +20,7 @@ import yaml
 from . import qrexec
 from .errors import SocksvcError
 from .model import Daemon, Service
+from .policy import Policy, source_problem
 
 DEFAULT_PATH = "/etc/qubes-socksvc.yaml"
 LOCAL_PATH = "/usr/local/etc/qubes-socksvc.yaml"
@@ -50,9 +51,43 @@ class ManifestError(SocksvcError):
 
 
 @dataclass(frozen=True)
+class Forward:
+    """A qubes-rpc link straight to an existing Unix socket or TCP port: no daemon, no process.
+
+    ``target`` is ``unix:/PATH``, ``tcp:HOST:PORT``, ``tcp:HOST`` (the call's argument is
+    the port) or ``tcp:`` (the argument is ``HOST+PORT``); IPv6 hosts in brackets.
+    """
+
+    full_name: str
+    target: str
+    service_descriptor: bool = False
+    """A server that is not Qubes-aware gets no descriptor (skip-service-descriptor=true)."""
+    wait_for_session: bool | None = None
+    exit_on_client_eof: bool | None = None
+    exit_on_service_eof: bool | None = None
+    policy: Policy | None = None
+
+    @property
+    def link_target(self) -> str:
+        """What the qubes-rpc symlink points to: the socket path or ``/dev/tcp[/HOST[/PORT]]``."""
+        return forward_link(self.target)
+
+    def rpc_config(self) -> dict[str, bool | str]:
+        """The rpc-config keys this forward sets, in qrexec's spelling."""
+        options = {"wait-for-session": self.wait_for_session,
+                   "skip-service-descriptor": None if self.service_descriptor else True,
+                   "exit-on-client-eof": self.exit_on_client_eof, "exit-on-service-eof": self.exit_on_service_eof}
+        return {key: value for key, value in options.items() if value is not None}
+
+
+@dataclass(frozen=True)
 class Manifest:
     path: str
     daemons: dict[str, Daemon]
+    forwards: dict[str, Forward] = field(default_factory=dict)
+    policies: dict[str, Policy] = field(default_factory=dict)
+    """The services' ``policy:`` entries by key (dom0's business, not the daemon's: kept out of
+    the runtime model and its compiled spec)."""
     sha256: str = ""
     """Of the manifest's text: recorded in each compiled spec."""
 
@@ -76,6 +111,8 @@ class _Problems:
     def __init__(self, path: str) -> None:
         self.path = path
         self.items: list[str] = []
+        #: Where a dotted key was written, for checks made once everything is read.
+        self.marks: dict[str, yaml.Node] = {}
 
     def add(self, node: yaml.Node, key: str, message: str) -> None:
         mark = node.start_mark
@@ -140,8 +177,10 @@ def _mapping(node: yaml.Node, key: str, problems: _Problems) -> dict[str, tuple[
 
 @dataclass(frozen=True)
 class _Field:
-    kind: str  # "str", "bool", "int", "number"
+    kind: str  # "str", "bool", "int", "number"; "node": ``parse`` reads the node
     check: Callable[[Any], str | None] | None = None
+    parse: Callable[[yaml.Node, str, _Problems], Any] | None = None
+    """For a value that is not a scalar: node, dotted key, problems -> value (None: invalid)."""
 
 
 def _check_mode(value: str) -> str | None:
@@ -202,6 +241,69 @@ DAEMON_FIELDS: dict[str, _Field] = {
     "max_connections": _Field("int", _at_least(1)),
     "descriptor_timeout": _Field("number", _at_least(0.1)),
 }
+# --- policy: (see policy.py) ---------------------------------------------------------
+
+
+def _callers(node: yaml.Node, key: str, problems: _Problems) -> tuple[str, ...] | None:
+    """A caller or a list of callers, each a token of a policy line's source column."""
+    items = node.value if isinstance(node, yaml.SequenceNode) else [node]
+    callers: list[str] = []
+    for item in items:
+        value = _scalar(item)
+        if not isinstance(value, str):
+            problems.add(item, key, f"expected a qube name or a keyword such as @anyvm, got {_type_name(value)}")
+            return None
+        problem = source_problem(value)
+        if problem:
+            problems.add(item, key, f"{value!r}: {problem}")
+            return None
+        callers.append(value)
+    return tuple(callers)
+
+
+def _policy_entry(node: yaml.Node, key: str, problems: _Problems, schema: dict[str, _Field]) -> Policy | None:
+    before = len(problems.items)
+    values = _fields(_mapping(node, key, problems), key, schema, problems)
+    if len(problems.items) != before:
+        return None
+    seen: dict[str, str] = {}
+    for verb in ("allow", "ask", "deny"):
+        for caller in values.get(verb, ()):
+            if caller in seen:
+                problems.add(node, f"{key}.{verb}", f"{caller} is also listed under {seen[caller]}; list it once")
+                return None
+            seen[caller] = verb
+    return Policy(**values)
+
+
+def _policy_arguments(node: yaml.Node, key: str, problems: _Problems) -> tuple[tuple[str, Policy], ...]:
+    problems.marks[key] = node
+    arguments: dict[str, Policy] = {}
+    for argument, (key_node, value_node) in _mapping(node, key, problems).items():
+        if not argument or not qrexec.ARGUMENT_RE.match(argument):
+            problems.add(key_node, f"{key}.{argument}", "expected an argument of [A-Za-z0-9_.+-] (without the +)")
+            continue
+        problems.marks[f"{key}.{argument}"] = key_node
+        entry = _policy_entry(value_node, f"{key}.{argument}", problems, ARGUMENT_POLICY_FIELDS)
+        if entry is not None:
+            arguments[argument] = entry
+    return tuple(arguments.items())
+
+
+def _policy(node: yaml.Node, key: str, problems: _Problems) -> Policy | None:
+    return _policy_entry(node, key, problems, POLICY_FIELDS)
+
+
+#: An argument's own rules: the same, but no deeper ``arguments``.
+ARGUMENT_POLICY_FIELDS: dict[str, _Field] = {
+    "allow": _Field("node", parse=_callers),
+    "ask": _Field("node", parse=_callers),
+    "deny": _Field("node", parse=_callers),
+    "default_target": _Field("bool"),
+    "autostart": _Field("bool"),
+    "notify": _Field("bool"),
+}
+POLICY_FIELDS: dict[str, _Field] = {**ARGUMENT_POLICY_FIELDS, "arguments": _Field("node", parse=_policy_arguments)}
 SERVICE_FIELDS: dict[str, _Field] = {
     "handler": _Field("str", _pattern(HANDLER_RE, '"module:callable", e.g. "mypkg.handlers:echo"')),
     "wait_for_session": _Field("bool"),
@@ -212,6 +314,7 @@ SERVICE_FIELDS: dict[str, _Field] = {
     "socket": _Field("str", _check_socket),
     "max_input": _Field("int", _at_least(0)),
     "timeout": _Field("number", _at_least(0)),
+    "policy": _Field("node", parse=_policy),
 }
 _KINDS: dict[str, tuple[tuple[type, ...], str]] = {
     "str": ((str,), "a string"),
@@ -233,6 +336,11 @@ def _fields(
         if spec is None:
             known = ", ".join(sorted((*schema, *skip)))
             problems.add(key_node, f"{key}.{name}", f"unknown key; expected one of: {known}")
+            continue
+        if spec.parse is not None:
+            parsed = spec.parse(value_node, f"{key}.{name}", problems)
+            if parsed is not None:
+                values[name] = parsed
             continue
         value = _scalar(value_node)
         types, expected = _KINDS[spec.kind]
@@ -258,9 +366,12 @@ def service_key_problem(key: str) -> str | None:
     return None
 
 
-def _service(node: yaml.Node, key: str, problems: _Problems, full_name: str) -> Service | None:
+def _service(node: yaml.Node, key: str, problems: _Problems, full_name: str,
+             policies: dict[str, Policy]) -> Service | None:
+    """Validate one service; its ``policy:`` entry, if any, goes to ``policies``."""
     before = len(problems.items)
     values = _fields(_mapping(node, key, problems), key, SERVICE_FIELDS, problems)
+    policy = values.pop("policy", None)
     if "handler" not in values and len(problems.items) == before:
         problems.add(node, key, 'missing "handler: module:callable"')
     if len(problems.items) != before:
@@ -283,11 +394,14 @@ def _service(node: yaml.Node, key: str, problems: _Problems, full_name: str) -> 
             problems.add(node, f"{key}.socket", f"the default socket {values['socket']} is {message}; "
                          "set socket: to a shorter path")
             return None
+    if policy is not None:
+        policies[full_name] = policy
     return Service(full_name=full_name, **values)
 
 
 def _daemon(
-    name: str, node: yaml.Node, key: str, problems: _Problems, claimed: dict[str, str]
+    name: str, node: yaml.Node, key: str, problems: _Problems, claimed: dict[str, str],
+    policies: dict[str, Policy],
 ) -> Daemon | None:
     """Validate one daemon; ``claimed`` maps services and sockets already declared to their owner."""
     before = len(problems.items)
@@ -312,7 +426,7 @@ def _daemon(
                 owner = claimed[full_name]
                 problems.add(key_node, service_key, f"service already declared by {owner}; declare it once")
                 continue
-            service = _service(value_node, service_key, problems, full_name)
+            service = _service(value_node, service_key, problems, full_name, policies)
             if service is not None:
                 services[full_name] = service
                 claimed[full_name] = f"daemons.{name}"
@@ -323,6 +437,140 @@ def _daemon(
         return None
     values.setdefault("description", f"qubes-socksvc daemon {name}")
     return Daemon(name=name, services=services, **values)
+
+
+# --- forwards ---------------------------------------------------------------------------
+
+_TARGET_FORMS = 'expected "unix:/PATH", "tcp:HOST:PORT", "tcp:HOST" or "tcp:" (IPv6 in brackets: "tcp:[::1]:22")'
+
+
+def forward_link(target: str) -> str:
+    """A forward's ``target:`` -> what its qubes-rpc symlink points to; ValueError says why not.
+
+    ``unix:/PATH`` -> PATH, absolute and normalised, at most 107 bytes (sun_path: no
+    server can listen at a longer path); ``tcp:HOST:PORT`` -> ``/dev/tcp/HOST/PORT``,
+    ``tcp:HOST`` -> ``/dev/tcp/HOST``, ``tcp:`` -> ``/dev/tcp`` (libqrexec/exec.c:
+    find_file, find_qrexec_service), HOST numeric (qubes_tcp_connect), PORT as
+    validate_port takes it.
+    """
+    scheme, colon, rest = target.partition(":")
+    if colon and scheme == "unix":
+        if not os.path.isabs(rest) or os.path.normpath(rest) != rest or rest.startswith("//"):
+            raise ValueError("expected unix: and an absolute, normalised path")
+        if any(c.isspace() or not c.isprintable() for c in rest):
+            raise ValueError("the socket path must not contain spaces or control characters")
+        if len(rest.encode()) > MAX_SOCKET_PATH:
+            raise ValueError(f"the socket path is longer than {MAX_SOCKET_PATH} bytes, "
+                             "the most a Unix socket address holds")
+        return rest
+    if not colon or scheme != "tcp":
+        raise ValueError(_TARGET_FORMS)
+    if not rest:
+        return qrexec.TCP_LINK
+    if rest.startswith("["):
+        host, bracket, after = rest[1:].partition("]")
+        if not bracket or ":" not in host or (after and not after.startswith(":")):
+            raise ValueError('expected tcp:[IPv6]:PORT or tcp:[IPv6], e.g. "tcp:[::1]:22"')
+        port: str | None = after[1:] if after else None
+    else:
+        host, colon, port = rest.partition(":")
+        if ":" in port:
+            raise ValueError('an IPv6 address goes in brackets, e.g. "tcp:[::1]:22"')
+        port = port if colon else None
+    if not qrexec.is_numeric_host(host):
+        raise ValueError(f"{host!r} is not a numeric IPv4 or IPv6 address; qrexec connects without "
+                         "a name lookup (libqrexec/exec.c: qubes_tcp_connect, AI_NUMERICHOST)")
+    if port is not None and not qrexec.valid_port(port):
+        raise ValueError(f"invalid port {port!r}: expected 1-65535 without leading zeros "
+                         "(libqrexec/exec.c: validate_port)")
+    return f"{qrexec.TCP_LINK}/{host}" + (f"/{port}" if port is not None else "")
+
+
+def _check_forward_target(value: str) -> str | None:
+    try:
+        forward_link(value)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def tcp_call_problem(link_target: str, argument: str | None) -> str | None:
+    """Why qrexec fails every call with ``argument`` through a ``/dev/tcp`` link, or None
+    (libqrexec/exec.c: find_qrexec_service, validate_port, qubes_tcp_connect)."""
+    try:
+        host, _ = qrexec.tcp_address(link_target, argument)
+    except ValueError as e:
+        return str(e)
+    if not qrexec.is_numeric_host(host):
+        return f"{host!r} is not a numeric address, and qubes_tcp_connect does no name lookup"
+    return None
+
+
+FORWARD_FIELDS: dict[str, _Field] = {
+    "target": _Field("str", _check_forward_target),
+    "service_descriptor": _Field("bool"),
+    "wait_for_session": _Field("bool"),
+    "exit_on_client_eof": _Field("bool"),
+    "exit_on_service_eof": _Field("bool"),
+    "policy": _Field("node", parse=_policy),
+}
+
+
+def _forward(node: yaml.Node, key: str, problems: _Problems, full_name: str) -> Forward | None:
+    before = len(problems.items)
+    mapping = _mapping(node, key, problems)
+    values = _fields(mapping, key, FORWARD_FIELDS, problems)
+    if "target" not in values and len(problems.items) == before:
+        problems.add(node, key, 'missing "target: unix:/PATH" or "target: tcp:HOST:PORT"')
+    if len(problems.items) != before:
+        return None
+    forward = Forward(full_name=full_name, **values)
+    problems.marks[f"{key}.target"] = mapping["target"][1]
+    if not qrexec.is_tcp_link(forward.link_target):
+        return forward
+    # The key fixes the argument of every call it serves (NAME+ARG); policy arguments name others.
+    _, argument = qrexec.split_service(full_name)
+    calls = {f"{key}.target": argument} if argument is not None else {}
+    if forward.policy is not None:
+        calls.update({f"{key}.policy.arguments.{a}": a for a, _ in forward.policy.arguments})
+    name = qrexec.split_service(full_name)[0]
+    for where, call_argument in calls.items():
+        problem = tcp_call_problem(forward.link_target, call_argument)
+        if problem:
+            fix = "change the key or the target" if where.endswith(".target") else "remove that argument"
+            problems.add(problems.marks[where], where, f"qrexec would fail every call of {name}+{call_argument} "
+                         f"through {forward.link_target} ({problem}; libqrexec/exec.c: find_qrexec_service): {fix}")
+    return forward if len(problems.items) == before else None
+
+
+def _check_across(daemons: dict[str, Daemon], forwards: dict[str, Forward], policies: dict[str, Policy],
+                  problems: _Problems) -> None:
+    """Rules between entries: a ``NAME`` key's policy arguments are not declared ``NAME+ARG``
+    keys (those have policies of their own) and only ``NAME`` keys have them; a forward
+    does not point at a socket a daemon of this manifest listens on."""
+    where = {name: f"daemons.{d.name}.services.{name}" for d in daemons.values() for name in d.services}
+    where.update({name: f"forwards.{name}" for name in forwards})
+    entries = {**{name: policies.get(name) for d in daemons.values() for name in d.services},
+               **{name: f.policy for name, f in forwards.items()}}
+    for name, policy in entries.items():
+        if policy is None or not policy.arguments:
+            continue
+        key = f"{where[name]}.policy.arguments"
+        if "+" in name:
+            problems.add(problems.marks[key], key, f"only a NAME key has per-argument rules; {name} serves "
+                         "one argument: put them in its policy")
+            continue
+        for argument, _ in policy.arguments:
+            if f"{name}+{argument}" in entries:
+                problems.add(problems.marks[f"{key}.{argument}"], f"{key}.{argument}",
+                             f"{name}+{argument} is declared as {where[name + '+' + argument]}: "
+                             "put its rules in that entry's policy")
+    sockets = {path: f"daemons.{d.name}" for d in daemons.values() for path in d.sockets()}
+    for name, forward in forwards.items():
+        if forward.link_target in sockets:
+            key = f"forwards.{name}.target"
+            problems.add(problems.marks[key], key, f"{forward.link_target} is the socket of "
+                         f"{sockets[forward.link_target]}; declare {name} as a service there")
 
 
 def _claim_socket(path: str, node: yaml.Node, key: str, problems: _Problems, claimed: dict[str, str]) -> bool:
@@ -338,8 +586,9 @@ def _claim_socket(path: str, node: yaml.Node, key: str, problems: _Problems, cla
     return True
 
 
-#: Deeper than any manifest needs (it needs 5).  Deeper input is refused before it
-#: is composed: libyaml's composer recurses, and ~50 000 levels overflow the C stack.
+#: Deeper than any manifest needs (it needs 9: a policy argument's list of callers).  Deeper
+#: input is refused before it is composed: libyaml's composer recurses, and ~50 000 levels
+#: overflow the C stack.
 MAX_DEPTH = 32
 
 
@@ -352,7 +601,7 @@ def _check_depth(text: str, path: str, loader: type) -> None:
             if depth > MAX_DEPTH:
                 mark = event.start_mark
                 where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
-                raise ManifestError([f"{where}: nested deeper than {MAX_DEPTH} levels; a manifest needs at most 5"])
+                raise ManifestError([f"{where}: nested deeper than {MAX_DEPTH} levels; a manifest needs at most 9"])
         elif isinstance(event, yaml.CollectionEndEvent):
             depth -= 1
 
@@ -377,6 +626,8 @@ def parse(text: str, path: str) -> Manifest:
         raise ManifestError([f"{path}:1:1: manifest is empty; expected \"version: 1\" and \"daemons:\""])
     top = _mapping(root, "(top level)", problems)
     daemons: dict[str, Daemon] = {}
+    forwards: dict[str, Forward] = {}
+    policies: dict[str, Policy] = {}
     claimed: dict[str, str] = {}
     for name, (key_node, value_node) in top.items():
         if name == "version":
@@ -390,16 +641,33 @@ def parse(text: str, path: str) -> Manifest:
                 if not DAEMON_NAME_RE.match(daemon_name):
                     problems.add(dkey, key, "invalid daemon name; expected [a-z0-9][a-z0-9_-]*, at most 64 characters")
                     continue
-                daemon = _daemon(daemon_name, dnode, key, problems, claimed)
+                daemon = _daemon(daemon_name, dnode, key, problems, claimed, policies)
                 if daemon is not None:
                     daemons[daemon_name] = daemon
+        elif name == "forwards":
+            if _scalar(value_node) is None:
+                continue
+            for full_name, (fkey, fnode) in _mapping(value_node, "forwards", problems).items():
+                key = f"forwards.{full_name}"
+                problem = service_key_problem(full_name)
+                if problem:
+                    problems.add(fkey, key, problem)
+                elif full_name in claimed:
+                    problems.add(fkey, key, f"service already declared by {claimed[full_name]}; declare it once")
+                else:
+                    claimed[full_name] = "forwards"
+                    forward = _forward(fnode, key, problems, full_name)
+                    if forward is not None:
+                        forwards[full_name] = forward
         else:
-            problems.add(key_node, name, "unknown key; expected one of: daemons, version")
+            problems.add(key_node, name, "unknown key; expected one of: daemons, forwards, version")
     if isinstance(root, yaml.MappingNode) and "version" not in top:
         problems.add(root, "version", 'missing "version: 1"')
+    _check_across(daemons, forwards, policies, problems)
     if problems.items:
         raise ManifestError(problems.items)
-    return Manifest(path=path, daemons=daemons, sha256=hashlib.sha256(text.encode()).hexdigest())
+    return Manifest(path=path, daemons=daemons, forwards=forwards, policies=policies,
+                    sha256=hashlib.sha256(text.encode()).hexdigest())
 
 
 def load(path: str) -> Manifest:

@@ -10,6 +10,7 @@ heavy: the daemon's start-up pays for it.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 #: qubes-rpc directories, searched in this order (``/run`` since 4.3.5;
 #: libqrexec/exec.c: find_qrexec_service, QREXEC_SERVICE_PATH).
@@ -100,3 +101,84 @@ def is_source(name: str) -> bool:
 def is_target(name: str) -> bool:
     """A requested target in dom0's descriptor (keywords arrive without their ``@``)."""
     return len(name) <= MAX_TARGET_LEN and bool(TARGET_RE.match(name))
+
+
+# --- TCP services: qubes-rpc links to /dev/tcp[/HOST[/PORT]] (qrexec >= 4.2.19) ----------
+
+#: A qubes-rpc symlink to this, or to ``/dev/tcp/...``, is a TCP service
+#: (libqrexec/exec.c: find_file; ``/dev/tcp/`` alone fails the call).
+TCP_LINK = "/dev/tcp"
+#: Interface names as a ``%scope`` of an IPv6 address in a link (the kernel's IFNAMSIZ - 1).
+_SCOPE_RE = re.compile(r"[A-Za-z0-9_.:-]{1,15}\Z")
+
+
+def is_tcp_link(target: str) -> bool:
+    """libqrexec/exec.c: find_file treats ``/dev/tcp`` and ``/dev/tcp/...`` links as TCP services."""
+    return target == TCP_LINK or target.startswith(TCP_LINK + "/")
+
+
+def valid_port(port: str) -> bool:
+    """libqrexec/exec.c: validate_port: decimal 1-65535 without a leading zero."""
+    return port.isascii() and port.isdigit() and not port.startswith("0") and int(port) <= 65535
+
+
+def tcp_address(link_target: str, argument: str | None) -> tuple[str, str]:
+    """(host, port) a call with ``argument`` connects to through a ``/dev/tcp[/HOST[/PORT]]``
+    link, or ValueError with the reason qrexec fails the call (125).
+
+    libqrexec/exec.c: find_qrexec_service, TCP branch: ``/dev/tcp/HOST/PORT`` takes no
+    argument; ``/dev/tcp/HOST`` takes the port as the argument; ``/dev/tcp`` takes
+    ``HOST+PORT``, split at the *last* ``+``, with ``+`` in HOST standing for ``:``
+    and no ``_``.  The port then goes through validate_port.
+    """
+    address = link_target.removeprefix(TCP_LINK)
+    host, slash, port = address[1:].partition("/") if address else ("", "", "")
+    has_host, has_port = bool(address), bool(slash)  # "/dev/tcp/HOST/" has an empty port
+    if has_port:
+        if argument:
+            raise ValueError(f"{link_target} takes no argument; call it without one (got {argument!r})")
+    elif not argument:
+        raise ValueError(f"{link_target} needs the {'port' if has_host else 'host+port'} as the call's argument")
+    elif has_host:
+        port = argument
+    else:
+        host, plus, port = argument.rpartition("+")
+        if not plus:
+            raise ValueError(f"no port in the argument {argument!r}; {link_target} takes HOST+PORT")
+        if "_" in host:
+            raise ValueError(f"underscore not allowed in the host {host!r}")
+        host = host.replace("+", ":")
+    if not valid_port(port):
+        raise ValueError(f"invalid port {port!r}: a decimal 1-65535 without leading zeros")
+    return host, port
+
+
+def tcp_sockaddr(host: str, port: str) -> tuple[int, tuple[Any, ...]]:
+    """(family, socket address) qrexec connects to, or ValueError: getaddrinfo with
+    AI_NUMERICHOST | AI_NUMERICSERV, AF_INET6 when the host holds ``:`` or ``%``, no
+    name lookup (libqrexec/exec.c: qubes_tcp_connect)."""
+    import socket  # only the TCP paths need it
+
+    ipv6 = ":" in host or "%" in host
+    try:
+        infos = socket.getaddrinfo(host, port, socket.AF_INET6 if ipv6 else socket.AF_UNSPEC, socket.SOCK_STREAM,
+                                   socket.IPPROTO_TCP, socket.AI_NUMERICHOST | socket.AI_NUMERICSERV)
+    except (socket.gaierror, UnicodeError, ValueError) as e:
+        reason = e.strerror if isinstance(e, socket.gaierror) else str(e)
+        raise ValueError(f"{host} port {port}: {reason}; a numeric address is required (IPv4 or IPv6)") from e
+    family, _, _, _, address = infos[0]
+    return family, address
+
+
+def is_numeric_host(host: str) -> bool:
+    """A host qubes_tcp_connect accepts on any machine: a numeric address, and for IPv6
+    an optional ``%scope`` (an interface name or index, which only the machine can
+    resolve, so only its syntax is checked here)."""
+    address, percent, scope = host.partition("%")
+    if percent and (":" not in address or not _SCOPE_RE.match(scope)):
+        return False
+    try:
+        tcp_sockaddr(address, "1")
+    except ValueError:
+        return False
+    return True

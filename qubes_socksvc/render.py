@@ -121,11 +121,16 @@ def render(manifest: Manifest, layout: Layout, exec_start: list[str] | None = No
             text = env.get_template(f"{kind}.j2").render(context)
             artifacts.append(Artifact(f"{layout.unit_dir}/{daemon.unit}.{kind}", content=text))
         for full_name, service in daemon.services.items():
-            socket = service.socket or daemon.socket
-            artifacts.append(Artifact(f"{layout.rpc_dir}/{full_name}", link_target=socket))
-            options = service.rpc_config()
-            if options:
-                artifacts.append(
-                    Artifact(f"{layout.rpc_config_dir}/{full_name}", content=rpcconfig.render(options, source))
-                )
+            artifacts += _rpc_entry(layout, full_name, service.socket or daemon.socket, service.rpc_config(), source)
+    for full_name, forward in manifest.forwards.items():  # a link and a config: no unit, no daemon
+        artifacts += _rpc_entry(layout, full_name, forward.link_target, forward.rpc_config(), source)
     return sorted(artifacts, key=lambda a: a.path)
+
+
+def _rpc_entry(layout: Layout, full_name: str, link_target: str, options: dict[str, bool | str],
+               source: str) -> list[Artifact]:
+    """One declared key's qubes-rpc symlink, and its rpc-config file when it sets an option."""
+    link = Artifact(f"{layout.rpc_dir}/{full_name}", link_target=link_target)
+    if not options:
+        return [link]
+    return [link, Artifact(f"{layout.rpc_config_dir}/{full_name}", content=rpcconfig.render(options, source))]

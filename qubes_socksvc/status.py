@@ -2,17 +2,21 @@
 # Copyright (C) 2026 qubes-socksvc developers
 """``list``/``status``: what is declared, rendered, listening and enabled.
 
-Reads the file system and ``/proc/net/unix`` only: looking must never connect
-to a socket, since a connection would socket-activate the daemon.
+Reads the file system and ``/proc/net/{unix,tcp,tcp6}`` only: looking must never
+connect to a socket, since a connection would socket-activate the daemon (or
+whatever a forward points at).
 """
 
 from __future__ import annotations
 
 import glob
+import ipaddress
 import os
+import socket
+import struct
 
-from . import effective, install, render
-from .manifest import Manifest
+from . import effective, install, qrexec, render
+from .manifest import Forward, Manifest
 
 
 def listening_paths() -> set[str]:
@@ -28,6 +32,73 @@ def listening_paths() -> set[str]:
     except OSError:
         pass
     return paths
+
+
+#: /proc/net/tcp{,6}: state 0A is TCP_LISTEN.
+_TCP_TABLES = {"/proc/net/tcp": socket.AF_INET, "/proc/net/tcp6": socket.AF_INET6}
+_TCP_LISTEN = "0A"
+
+
+def listening_tcp() -> set[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]]:
+    """(address, port) of every listening TCP socket in this network namespace.
+
+    ``local_address`` is ``ADDR:PORT`` in hex: ADDR the raw bytes of the address as
+    32-bit words in host byte order, PORT big-endian (net/ipv4/tcp_ipv4.c: get_tcp4_sock).
+    """
+    listening: set[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]] = set()
+    for table in _TCP_TABLES:
+        try:
+            with open(table, encoding="ascii", errors="replace") as f:
+                next(f, None)
+                for line in f:
+                    fields = line.split()
+                    if len(fields) < 4 or fields[3] != _TCP_LISTEN:
+                        continue
+                    address, _, port = fields[1].partition(":")
+                    try:
+                        raw = b"".join(struct.pack("=I", int(address[i:i + 8], 16)) for i in range(0, len(address), 8))
+                        listening.add((ipaddress.ip_address(raw), int(port, 16)))
+                    except ValueError:
+                        continue
+        except OSError:
+            continue
+    return listening
+
+
+def _serves(listener: ipaddress.IPv4Address | ipaddress.IPv6Address,
+            wanted: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Whether a socket listening on ``listener`` takes connections to ``wanted``: the same
+    address, the wildcard of its family, or ``::`` for IPv4 too (dual-stack, the default)."""
+    if isinstance(listener, ipaddress.IPv6Address) and listener.ipv4_mapped is not None:
+        listener = listener.ipv4_mapped
+    if listener == wanted or (listener.is_unspecified and listener.version == wanted.version):
+        return True
+    return listener.is_unspecified and listener.version == 6
+
+
+def forward_state(forward: Forward, unix: set[str],
+                  tcp: set[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]]) -> str:
+    """Whether the forward's target is reachable, judged from listening sockets (never by connecting)."""
+    link = forward.link_target
+    if not qrexec.is_tcp_link(link):
+        return "listening" if link in unix else f"not listening (no server on {link})"
+    _, argument = qrexec.split_service(forward.full_name)  # a NAME+ARG key fixes the argument
+    if argument is None and link == qrexec.TCP_LINK:
+        return "host and port come from each call's argument"
+    try:
+        if argument is None and link.count("/") == 3:  # /dev/tcp/HOST: the argument is the port
+            host, port = link.removeprefix(qrexec.TCP_LINK + "/"), ""
+        else:
+            host, port = qrexec.tcp_address(link, argument)
+        _, sockaddr = qrexec.tcp_sockaddr(host, port or "1")
+        wanted = ipaddress.ip_address(sockaddr[0].partition("%")[0])
+    except ValueError as e:
+        return f"unreachable: {e}"
+    ports = sorted({p for address, p in tcp if _serves(address, wanted)})
+    if not port:
+        listed = ", ".join(map(str, ports)) or "none"
+        return f"the port comes from each call's argument; listening on {host}: {listed}"
+    return "listening" if int(port) in ports else f"not listening (nothing on {host} port {port})"
 
 
 def _artifact_state(root: str, artifact: render.Artifact, owned: dict[str, list[str]]) -> str:
@@ -57,7 +128,7 @@ def report(manifest: Manifest, root: str = "/") -> str:
     settled, findings = effective.settle(manifest, layout, render.render(manifest, layout), root, owned)
     artifacts = {a.path: a for a in settled}
     listening = listening_paths()
-    lines = [f"manifest {manifest.path}: {len(manifest.daemons)} daemons"]
+    lines = [f"manifest {manifest.path}: {len(manifest.daemons)} daemons, {len(manifest.forwards)} forwards"]
     for daemon in manifest.daemons.values():
         lines.append(f"daemon {daemon.name}: {daemon.description} [{_enabled(root, daemon.unit)}]")
         for kind in ("socket", "service"):
@@ -67,11 +138,21 @@ def report(manifest: Manifest, root: str = "/") -> str:
             state = "listening" if socket_path in listening else "not listening"
             lines.append(f"  socket {socket_path}: {state}")
         for full_name, service in daemon.services.items():
-            link = f"{layout.rpc_dir}/{full_name}"
             lines.append(f"  service {full_name} -> {service.handler}")
-            lines.append(f"    link {link}: {_artifact_state(root, artifacts[link], owned)}")
-            config = f"{layout.rpc_config_dir}/{full_name}"
-            if config in artifacts:
-                lines.append(f"    rpc-config {config}: {_artifact_state(root, artifacts[config], owned)}")
-            lines += [f"    {finding}" for finding in findings if finding.key == full_name]
+            lines += _entry_lines(full_name, "    ", layout, artifacts, findings, root, owned)
+    tcp = listening_tcp() if manifest.forwards else set()
+    for full_name, forward in manifest.forwards.items():
+        lines.append(f"forward {full_name} -> {forward.target}: {forward_state(forward, listening, tcp)}")
+        lines += _entry_lines(full_name, "  ", layout, artifacts, findings, root, owned)
     return "\n".join(lines) + "\n"
+
+
+def _entry_lines(full_name: str, indent: str, layout: render.Layout, artifacts: dict[str, render.Artifact],
+                 findings: list[effective.Finding], root: str, owned: dict[str, list[str]]) -> list[str]:
+    """A declared key's link, rpc-config and findings."""
+    link = f"{layout.rpc_dir}/{full_name}"
+    lines = [f"{indent}link {link}: {_artifact_state(root, artifacts[link], owned)}"]
+    config = f"{layout.rpc_config_dir}/{full_name}"
+    if config in artifacts:
+        lines.append(f"{indent}rpc-config {config}: {_artifact_state(root, artifacts[config], owned)}")
+    return lines + [f"{indent}{finding}" for finding in findings if finding.key == full_name]

@@ -133,6 +133,8 @@ def test_call_tcp_service_like_the_agent(tmp_path: Path, tcp_echo: int, link: st
     ("/dev/tcp/127.0.0.1", "x.Tcp+022", "invalid port '022'"),
     ("/dev/tcp/127.0.0.1", "x.Tcp+65536", "invalid port '65536'"),
     ("/dev/tcp/localhost/22", "x.Tcp", "a numeric address is required"),
+    ("/dev/tcp/127.0.0.1/", "x.Tcp+22", "takes no argument"),  # an empty port is a port, not none
+    ("/dev/tcp/127.0.0.1/", "x.Tcp", "invalid port ''"),
 ])
 def test_call_tcp_refuses_what_the_agent_refuses(tmp_path: Path, link: str, service: str, words: str) -> None:
     """libqrexec/exec.c: find_qrexec_service and validate_port, qubes_tcp_connect (AI_NUMERICHOST)."""

@@ -171,4 +171,4 @@ def test_check_summary(tmp_path: Path) -> None:
     path = tmp_path / "m.yaml"
     path.write_text(GOOD)
     result = run_cli("check", "-c", str(path), check=True)
-    assert result.stdout == f"{path}: OK, 1 daemons, 1 services\n"
+    assert result.stdout == f"{path}: OK, 1 daemons, 1 services, 0 forwards\n"

@@ -1,0 +1,239 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (C) 2026 qubes-socksvc developers
+"""dom0's qrexec policy for what a manifest declares: ``qubes-socksvc policy``.
+
+The lines are in qrexec's current policy format (qubes-core-qrexec 4.4,
+``qrexec/policy/parser.py``: ``Rule.from_line`` splits ``SERVICE +ARGUMENT SOURCE
+TARGET ACTION [PARAM=VALUE ...]`` on whitespace; the first matching line wins).
+Nothing is allowed that the manifest does not say: a key without ``policy:`` gets
+a commented-out ``deny`` line, and a ``NAME`` key's rules never reach a declared
+``NAME+ARG`` key (closing ``deny`` lines in between).  Imports nothing heavy; the
+manifest validates ``policy:`` entries with :func:`source_problem`.
+"""
+
+from __future__ import annotations
+
+import os.path
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+from . import qrexec
+
+if TYPE_CHECKING:
+    from .manifest import Manifest
+
+#: The actions of a policy line (qrexec/policy/parser.py: class Action).
+Verb = Literal["deny", "ask", "allow"]
+VERBS: tuple[Verb, ...] = ("deny", "ask", "allow")
+
+#: Values after ``@tag:``, ``@type:`` (and tag names in ``@dispvm:@tag:``): the parser
+#: takes any non-empty word not starting with ``@`` (VMToken.__new__); we keep to
+#: what Qubes names are made of, so that no line can be split or mis-read.
+_WORD_RE = re.compile(r"[A-Za-z0-9_.-]+\Z")
+_UUID_RE = re.compile(r"uuid:[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
+#: qrexec/policy/parser.py: the Source tokens (WildcardVM, AdminVM, AnyVM) ...
+_SOURCE_EXACT = ("*", "@adminvm", "@anyvm")
+#: ... and prefixed ones (TypeVM, TagVM, DispVMTag, DispVMTemplate: longest prefix first).
+_SOURCE_PREFIXES = ("@type:", "@tag:", "@dispvm:@tag:", "@dispvm:")
+#: First-match order among callers: a named qube before a group, a group before everyone.
+_NAMED, _GROUP, _EVERYONE = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A service's or forward's ``policy:`` entry: who may call it, from which qubes."""
+
+    allow: tuple[str, ...] = ()
+    """Callers allowed without asking."""
+    ask: tuple[str, ...] = ()
+    """Callers for whom dom0 asks the user each time (this qube preselected)."""
+    deny: tuple[str, ...] = ()
+    """Callers refused outright (where a broader allow or ask would let them in)."""
+    default_target: bool = False
+    """Also route calls that name no target (``@default``) to this qube."""
+    autostart: bool | None = None
+    """``autostart=``: start this qube for a call (qrexec's default: yes)."""
+    notify: bool | None = None
+    """``notify=``: a notification for each allowed call (qrexec's default: no; for deny: yes)."""
+    arguments: tuple[tuple[str, Policy], ...] = ()
+    """(ARG, rules) per argument (``NAME`` keys only): tried before the key's own, for ``NAME+ARG`` calls."""
+
+    def grants(self) -> tuple[str, ...]:
+        """The callers some line lets in (ask or allow)."""
+        return (*self.ask, *self.allow)
+
+
+def _source_kind(token: str) -> tuple[int, str | None]:
+    """(first-match rank, why the token is no Source) for one caller token."""
+    if token in ("*", "@anyvm"):
+        return _EVERYONE, None
+    if token == "@adminvm":
+        return _NAMED, None
+    for prefix in _SOURCE_PREFIXES:
+        if token.startswith(prefix):
+            value = token[len(prefix):]
+            if prefix == "@dispvm:":
+                return _NAMED, None if qrexec.is_source(value) else "expected @dispvm:TEMPLATE, a qube name"
+            return _GROUP, None if _WORD_RE.match(value) else f"expected {prefix}NAME, NAME of [A-Za-z0-9_.-]"
+    if token.startswith("@"):
+        return _NAMED, ("not a caller keyword; expected a qube name, uuid:UUID, @anyvm, @adminvm, *, "
+                        "@tag:TAG, @type:TYPE, @dispvm:TEMPLATE or @dispvm:@tag:TAG (@default and @dispvm "
+                        "name targets, not callers)")
+    if token.startswith("uuid:"):
+        return _NAMED, None if _UUID_RE.match(token) else "expected uuid: and a lower-case UUID"
+    if qrexec.is_source(token):
+        return _NAMED, None
+    return _NAMED, f"expected a qube name of [A-Za-z0-9_.-], at most {qrexec.MAX_SOURCE_LEN} characters"
+
+
+def source_problem(token: str) -> str | None:
+    """Why ``token`` cannot stand in a policy line's source column, or None
+    (qrexec/policy/parser.py: Source and its subclasses; VMToken.__new__)."""
+    return _source_kind(token)[1]
+
+
+def this_qube(name: str) -> str:
+    """This qube as a policy target: a qube name, or ``@adminvm`` for dom0
+    (qrexec/policy/parser.py: is_dom0 treats ``dom0`` and ``@adminvm`` alike)."""
+    if name in ("dom0", "@adminvm"):
+        return "@adminvm"
+    if not qrexec.is_source(name):
+        raise ValueError(f"invalid qube name {name!r}: expected [A-Za-z0-9_.-], at most "
+                         f"{qrexec.MAX_SOURCE_LEN} characters, or dom0")
+    return name
+
+
+# --- the lines ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Line:
+    service: str
+    argument: str
+    source: str
+    target: str
+    action: Verb
+    params: tuple[str, ...] = ()
+    commented: bool = False
+
+    def columns(self) -> list[str]:
+        return [("#" if self.commented else "") + self.service, self.argument, self.source, self.target,
+                self.action, *self.params]
+
+
+def _params(policy: Policy, verb: Verb, redirect: str | None, qube: str) -> tuple[str, ...]:
+    """``target=``/``default_target=``/``autostart=``/``notify=`` as each action takes them
+    (qrexec/policy/parser.py: Allow, Ask and Deny's keyword arguments)."""
+    params: list[str] = []
+    if verb != "deny":
+        if redirect is not None:
+            params.append(f"target={redirect}")
+        if verb == "ask":
+            params.append(f"default_target={qube}")
+        if policy.autostart is not None:
+            params.append(f"autostart={'yes' if policy.autostart else 'no'}")
+    if policy.notify is not None:
+        params.append(f"notify={'yes' if policy.notify else 'no'}")
+    return tuple(params)
+
+
+def _rules(name: str, argument: str, policy: Policy, qube: str) -> Iterator[_Line]:
+    """The lines of one policy entry: callers from the most specific to everyone,
+    deny before ask before allow among equally specific ones."""
+    callers = sorted(((_source_kind(s)[0], VERBS.index(verb), s, verb)
+                      for verb in VERBS for s in getattr(policy, verb)), key=lambda c: c[:2])
+    for _, _, source, verb in callers:
+        yield _Line(name, argument, source, qube, verb, _params(policy, verb, None, qube))
+        if policy.default_target and verb != "deny":
+            yield _Line(name, argument, source, "@default", verb, _params(policy, verb, qube, qube))
+
+
+def _closing(name: str, argument: str, general: Policy, qube: str) -> Iterator[_Line]:
+    """Deny, for ``NAME+ARG``, the callers that ``NAME``'s broader lines below would let in
+    (one line for everyone, where they let everyone in)."""
+    grants = general.grants()
+    everyone = [source for source in grants if _source_kind(source)[0] == _EVERYONE]
+    for source in everyone[:1] or grants:
+        yield _Line(name, argument, source, qube, "deny")
+        if general.default_target:
+            yield _Line(name, argument, source, "@default", "deny")
+
+
+def _column(key: str) -> tuple[str, str]:
+    """(service, argument column) of a declared key: ``NAME`` -> ``*`` (every argument),
+    ``NAME+`` -> ``+``, ``NAME+ARG`` -> ``+ARG`` (parse_service_and_argument's form)."""
+    name, argument = qrexec.split_service(key)
+    return name, "*" if argument is None else f"+{argument}"
+
+
+def lines(manifest: Manifest, qube: str, origin: str = "") -> list[str]:
+    """The policy text for ``manifest``'s services and forwards, served by ``qube``
+    (``origin`` says where the name came from, for the header)."""
+    target = this_qube(qube)
+    entries: dict[str, tuple[Policy | None, str]] = {}
+    for key, (daemon, service) in manifest.services().items():
+        entries[key] = (manifest.policies.get(key), f"handler {service.handler} (daemon {daemon.name})")
+    for key, forward in manifest.forwards.items():
+        what = f"forward to {forward.target}"
+        takes = qrexec.is_tcp_link(forward.link_target) and forward.link_target.count("/") < 4  # no /PORT
+        if takes and "+" not in key:
+            picks = "host and port" if forward.link_target == qrexec.TCP_LINK else "port"
+            what += f"; the argument picks the {picks}: a * line allows any, policy.arguments lists some"
+        entries[key] = (forward.policy, what)
+    source = os.path.abspath(manifest.path)
+    text: list[str | _Line] = [
+        f"# qrexec policy for the services of qube {qube}{f' ({origin})' if origin else ''}, from {source}",
+        "# (generated by qubes-socksvc policy).",
+        f"# Review it, then install it in dom0, e.g. as /etc/qubes/policy.d/30-socksvc-{qube.lstrip('@')}.policy;",
+        "# the first matching line wins, so place it before any broader rules for these services.",
+    ]
+    # NAME+ARG keys before NAME, so that their lines come first.
+    for key in sorted(entries, key=lambda k: (qrexec.split_service(k)[0], "+" not in k, k)):
+        policy, what = entries[key]
+        name, argument = _column(key)
+        general = entries.get(name, (None, ""))[0] if argument != "*" else None
+        text += ["", f"# {key}: {what}"]
+        if policy is not None and (policy.grants() or policy.deny or policy.arguments):
+            for arg, sub in policy.arguments:
+                text += _rules(name, f"+{arg}", sub, target)
+            text += _rules(name, argument, policy, target)
+        else:
+            text.append(f"# no policy: in the manifest, so no line allows {key}")
+            if general is None or not general.grants():
+                text.append(_Line(name, argument, "@anyvm", target, "deny", commented=True))
+        if general is not None and general.grants():
+            text.append(f"# not {name}'s callers, unless allowed above:")
+            text += _closing(name, argument, general, target)
+    return _aligned(text)
+
+
+def _aligned(text: list[str | _Line]) -> list[str]:
+    rows = [item.columns() for item in text if isinstance(item, _Line)]
+    widths = [max((len(r[i]) for r in rows if len(r) > i), default=0) for i in range(5)]
+    out = []
+    for item in text:
+        if isinstance(item, str):
+            out.append(item)
+            continue
+        columns = item.columns()
+        out.append("  ".join([*(c.ljust(w) for c, w in zip(columns[:5], widths, strict=True)), *columns[5:]]).rstrip())
+    return out
+
+
+def default_qube() -> tuple[str, str]:
+    """(this qube's name, where it came from): ``qubesdb-read /name`` in a qube,
+    else the host name (which Qubes sets to the qube's name)."""
+    import shutil
+    import socket
+    import subprocess
+
+    if shutil.which("qubesdb-read"):
+        try:
+            result = subprocess.run(["qubesdb-read", "/name"], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            result = None
+        if result is not None and result.returncode == 0 and result.stdout.strip():
+            return result.stdout.strip(), "qubesdb-read /name"
+    return socket.gethostname().partition(".")[0], "the host name"
