@@ -109,3 +109,42 @@ async def lingering_reply(request: Request) -> bytes:
     """More than a Unix socket's buffer takes, less than the daemon's high-water mark beyond it:
     the call ends normally while part of its output still waits for the caller."""
     return b"r" * (int(request.argument or "262144"))
+
+
+# --- careless handlers (issue 11) ---
+
+
+def plain_floods(request: Request) -> None:
+    """A plain function writing 64 KiB blocks in a loop, whether the caller reads or not
+    (``+N``: N blocks, 4096 = 256 MiB by default)."""
+    for i in range(int(request.argument or "4096")):
+        request.write(b"%65535d\n" % i)  # a new object each time, as real output is
+
+
+async def blocks_the_loop(request: Request) -> str:
+    """An async handler that blocks the event loop (``+SECONDS``): every other call waits."""
+    time.sleep(float(request.argument or "1"))
+    return "woke\n"
+
+
+async def writes_without_drain(request: Request) -> None:
+    """Writes small pieces in a loop without ever draining, yielding to the loop in between,
+    long after its caller has gone (``+N`` writes)."""
+    for _ in range(int(request.argument or "100000")):
+        request.write(b"w" * 1024)
+        await asyncio.sleep(0)
+
+
+async def writes_with_drain(request: Request) -> None:
+    """Writes and drains in a loop (``+N`` writes of 64 KiB), the way a handler should."""
+    block = b"d" * 65536
+    for _ in range(int(request.argument or "100000")):
+        request.write(block)
+        await request.drain()
+
+
+def plain_writes_after_timeout(request: Request) -> None:
+    """Outlives its timeout, then writes to the call that has ended (``+N`` writes)."""
+    time.sleep(1)
+    for _ in range(int(request.argument or "1000")):
+        request.write(b"late\n")
