@@ -121,13 +121,13 @@ def bind_sockets(daemon: Daemon, bind_dir: str | None = None, owned: list[OwnedS
                 st = os.lstat(path)
                 if owned is not None:
                     owned.append(OwnedSocket(path, st.st_dev, st.st_ino))
-            os.chmod(path, mode)
-            if gid is not None:
-                try:
-                    os.chown(path, -1, gid)
-                except PermissionError:
-                    log.warning("cannot give %s to group %s: not a member", path, daemon.socket_group)
-            sock.listen(socket.SOMAXCONN)
+                os.chmod(path, mode)
+                if gid is not None:
+                    try:
+                        os.chown(path, -1, gid)
+                    except PermissionError:
+                        log.warning("cannot give %s to group %s: not a member", path, daemon.socket_group)
+                sock.listen(socket.SOMAXCONN)  # before the lock is released: bound but not listening looks stale
             sock.setblocking(False)
     except BaseException:
         for sock, _ in listeners:

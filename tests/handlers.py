@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sys
 import time
@@ -148,3 +149,14 @@ def plain_writes_after_timeout(request: Request) -> None:
     time.sleep(1)
     for _ in range(int(request.argument or "1000")):
         request.write(b"late\n")
+
+
+async def logs_itself(request: Request) -> str:
+    """Logs through the standard logging module, as a service author would."""
+    logging.getLogger("my.service").warning("handler's own line")
+    return "logged\n"
+
+
+def plain_logs_itself(request: Request) -> str:
+    logging.getLogger("my.service").warning("plain handler's own line")
+    return "logged\n"
