@@ -99,17 +99,17 @@ def watch_stalls(coro: Coroutine[Any, Any, T], on_stall: Callable[[float], None]
     call of the daemon, and this names it.  Costs two clock reads per step.
     """
     clock = time.perf_counter
+    send, throw = coro.send, coro.throw
     value: Any = None
     error: BaseException | None = None
     while True:
         start = clock()
         try:
-            step = coro.send(value) if error is None else coro.throw(error)
+            step = send(value) if error is None else throw(error)
         except StopIteration as done:
             return done.value  # type: ignore[no-any-return]
         finally:
-            held = clock() - start
-            if held >= threshold:
+            if (held := clock() - start) >= threshold:
                 on_stall(held)
         try:
             value, error = (yield step), None

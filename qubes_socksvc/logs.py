@@ -29,9 +29,12 @@ class CallFields(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         fields = call_fields.get()
         if fields is not None:
-            for key, value in fields.items():
-                if not hasattr(record, key):
-                    setattr(record, key, value)
+            missing = record.__dict__.keys().isdisjoint  # the usual case: none of them set yet
+            if missing(fields):
+                record.__dict__.update(fields)
+            else:
+                for key, value in fields.items():
+                    record.__dict__.setdefault(key, value)
         return True
 
 

@@ -39,6 +39,7 @@ class Request:
         "_reader",
         "_received",
         "_thread",
+        "_transport",
         "_writer",
         "argument",
         "input",
@@ -70,6 +71,7 @@ class Request:
         """For plain (non-async) handlers: the whole input, read before the call."""
         self._reader = reader
         self._writer = writer
+        self._transport = writer.transport
         self._max_input = max_input
         self._received = 0
         self._loop = asyncio.get_running_loop()
@@ -135,8 +137,8 @@ class Request:
         # Once the transport closes (the caller went away, or the call ended), a write would be
         # logged by asyncio's loop ("socket.send() raised exception.") or raise RuntimeError on
         # uvloop's, on every call: drop it instead; drain() reports the lost caller once.
-        if not self._writer.transport.is_closing():
-            self._writer.write(data)
+        if not self._transport.is_closing():
+            self._transport.write(data)
 
     async def _write_and_drain(self, data: bytes) -> None:
         self._queue(data)

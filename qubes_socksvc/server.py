@@ -16,6 +16,7 @@ import resource
 import signal
 import socket
 import stat
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -206,31 +207,30 @@ class _CallProtocol(asyncio.StreamReaderProtocol):
     in the socket's receive queue.
     """
 
-    def __init__(self, reader: asyncio.StreamReader, loop: asyncio.AbstractEventLoop, sock: socket.socket,
-                 expects_descriptor: bool) -> None:
-        super().__init__(reader, loop=loop)
-        self._sock = sock
-        self.nul_arrived = not expects_descriptor
-        self.cut = False
-        """The deadline cut this connection: no handler may run for it."""
+    nul_arrived = False
+    """A NUL has been received: the descriptor is complete, or the caller sent no descriptor."""
+    cut = False
+    """The deadline cut this connection: no handler may run for it."""
 
     def data_received(self, data: bytes) -> None:
         if not self.nul_arrived and b"\0" in data:
             self.nul_arrived = True
         super().data_received(data)
 
-    def descriptor_deadline(self, transport: asyncio.WriteTransport) -> None:
-        if self.nul_arrived or self._nul_queued():
+    def descriptor_deadline(self, transport: asyncio.WriteTransport, sock: socket.socket) -> None:
+        if self.nul_arrived or _nul_queued(sock):
             return  # in time: readuntil() gets it as soon as the loop reads the socket
         self.cut = True
         transport.abort()
 
-    def _nul_queued(self) -> bool:
-        try:
-            queued = self._sock.recv(qrexec.MAX_DESCRIPTOR_LEN + 1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-        except OSError:  # nothing queued, or the connection is gone
-            return False
-        return b"\0" in queued
+
+def _nul_queued(sock: socket.socket) -> bool:
+    """A NUL waits in the socket's receive queue (looked at, not read)."""
+    try:
+        queued = sock.recv(qrexec.MAX_DESCRIPTOR_LEN + 1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except OSError:  # nothing queued, or the connection is gone
+        return False
+    return b"\0" in queued
 
 
 class Server:
@@ -354,7 +354,9 @@ class Server:
     async def _connection(self, conn: socket.socket, bound: Service | None) -> None:
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=qrexec.MAX_DESCRIPTOR_LEN, loop=loop)
-        protocol = _CallProtocol(reader, loop, conn, bound is None)
+        protocol = _CallProtocol(reader, loop=loop)
+        if bound is not None:
+            protocol.nul_arrived = True  # no descriptor to wait for: its data goes straight through
         try:
             transport, _ = await loop.connect_accepted_socket(lambda: protocol, sock=conn)
         except OSError:
@@ -363,7 +365,7 @@ class Server:
         writer = asyncio.StreamWriter(transport, protocol, reader, loop)
         clean = False
         try:
-            clean = await self._call(reader, writer, protocol, bound)
+            clean = await self._call(reader, writer, protocol, conn, bound)
         except ConnectionError:  # BrokenPipeError and resets too
             log.info("caller went away")
         except asyncio.CancelledError:
@@ -396,13 +398,14 @@ class Server:
             raise
 
     async def _call(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, protocol: _CallProtocol,
-                    bound: Service | None) -> bool:
+                    conn: socket.socket, bound: Service | None) -> bool:
         """Serve one call; True when it ended normally (output may be flushed)."""
         if bound is None:
             # A timer that cuts the connection, rather than asyncio.timeout(): the same limit at a
             # third of the cost on every call.  The cut ends readuntil() with IncompleteReadError.
             loop = asyncio.get_running_loop()
-            deadline = loop.call_later(self.daemon.descriptor_timeout, protocol.descriptor_deadline, writer.transport)
+            deadline = loop.call_later(self.daemon.descriptor_timeout, protocol.descriptor_deadline,
+                                       writer.transport, conn)
             try:
                 untrusted_descriptor = await reader.readuntil(b"\0")
             except asyncio.IncompleteReadError as e:
@@ -439,7 +442,7 @@ class Server:
         # From here on, every line logged in this call's context carries its journal fields.
         logs.call_fields.set({"SERVICE": request.service, "SOURCE": request.source or "",
                               "TARGET": request.target or "", "TARGET_TYPE": request.target_type or ""})
-        log.info("call %s from %s%s", request.service, request.source or "(no descriptor)",
+        _log_info("call %s from %s%s", request.service, request.source or "(no descriptor)",
                  f" to {request.target_type} {request.target}" if request.target else "")
 
         def stalled(seconds: float) -> None:
@@ -466,7 +469,10 @@ class Server:
         except TimeoutError:
             log.warning("call %s timed out after %ss", request.service, service.timeout)
             return False
-        except ConnectionError:  # BrokenPipeError and resets too
+        except ConnectionError as e:  # BrokenPipeError and resets too
+            if not writer.transport.is_closing():  # not the caller's connection: one of the handler's own
+                self._handler_raised(request, service, e)
+                return False
             log.info("call %s: caller went away", request.service)
             return False
         except asyncio.CancelledError as e:
@@ -512,6 +518,16 @@ class Server:
             if service is not None and service.service_descriptor:
                 return service
         return None
+
+
+def _log_info(msg: str, *args: object) -> None:
+    """``log.info()`` without findCaller()'s walk up the stack: the same record (the caller's
+    file, line and function) for 3-4 µs less, 3% of a warm call's CPU in the daemon (measured
+    with bench/ pieces, same run).  For the line every call logs."""
+    if log.isEnabledFor(logging.INFO):
+        frame = sys._getframe(1)
+        log.handle(log.makeRecord(log.name, logging.INFO, frame.f_code.co_filename, frame.f_lineno, msg, args,
+                                  None, frame.f_code.co_name))
 
 
 def notify(status: str) -> None:

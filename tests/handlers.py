@@ -160,3 +160,8 @@ async def logs_itself(request: Request) -> str:
 def plain_logs_itself(request: Request) -> str:
     logging.getLogger("my.service").warning("plain handler's own line")
     return "logged\n"
+
+
+async def backend_down(request: Request) -> None:
+    """The handler's own connection fails: its fault, not the caller's."""
+    raise ConnectionRefusedError("backend down")

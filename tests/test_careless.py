@@ -54,6 +54,8 @@ CARELESS_MANIFEST = HOSTILE_MANIFEST + """\
         timeout: 0.3
       h.Concurrency:
         handler: handlers:concurrency
+      h.BackendDown:
+        handler: handlers:backend_down
 """
 
 #: What the log must never hold after a careless handler or a vanished caller.
@@ -228,6 +230,22 @@ def test_plain_handler_writing_after_its_timeout_is_silent(careless: tuple[Runni
     time.sleep(1.5)  # the threads wake after 1 s and write
     assert daemon.log_text().count("h.PlainLate") == 6  # "call ... from work" and "timed out", 3 times
     assert_quiet(daemon)
+    assert_recovered(daemon, base)
+
+
+def test_a_handlers_own_connection_error_is_its_fault_not_the_callers(
+        careless: tuple[RunningDaemon, Baseline]) -> None:
+    """A ConnectionError from the handler's own connection (its backend) while the caller is still
+    there is the handler's fault, with its traceback: "caller went away" would send the operator
+    looking in the wrong place."""
+    daemon, base = careless
+    for _ in range(3):
+        assert daemon.call(b"h.BackendDown work\0") == b""
+    wait_for_log(daemon, "call h.BackendDown from work", 3)
+    wait_for_log(daemon, "ConnectionRefusedError: backend down")
+    assert "ERROR: call h.BackendDown: handler handlers:backend_down raised" in daemon.log_text()
+    assert "caller went away" not in daemon.log_text()
+    assert daemon.log_text().count("Traceback") == 1  # the same fault again: counted, not logged
     assert_recovered(daemon, base)
 
 
