@@ -116,8 +116,8 @@ class Request:
         In a coroutine, ``await request.drain()`` afterwards waits for a slow caller.  From a
         plain handler's thread, ``write()`` itself waits while the caller is behind (more than
         the transport's high-water mark queued), so output is bounded either way, and it raises
-        ``ConnectionResetError`` once the caller has gone or the call has ended.  Output queued
-        after that is dropped: there is nobody left to read it.
+        ``ConnectionError`` once the caller has gone or the call has ended.  Output queued after
+        that is dropped: there is nobody left to read it.
         """
         if isinstance(data, str):
             data = data.encode()
@@ -146,5 +146,5 @@ class Request:
 
     async def drain(self) -> None:
         """Wait until the caller has taken enough output (backpressure); raises
-        ``ConnectionResetError`` when the caller has gone."""
+        ``ConnectionError`` when the caller has gone."""
         await self._writer.drain()

@@ -165,3 +165,13 @@ def plain_logs_itself(request: Request) -> str:
 async def backend_down(request: Request) -> None:
     """The handler's own connection fails: its fault, not the caller's."""
     raise ConnectionRefusedError("backend down")
+
+
+def _failing_callback() -> None:
+    raise ValueError("a callback of the handler failed")
+
+
+async def schedules_a_failing_callback(request: Request) -> str:
+    """Leaves the event loop a callback that raises: the loop reports it, the daemon logs it."""
+    asyncio.get_running_loop().call_soon(_failing_callback)
+    return "scheduled\n"

@@ -56,6 +56,8 @@ CARELESS_MANIFEST = HOSTILE_MANIFEST + """\
         handler: handlers:concurrency
       h.BackendDown:
         handler: handlers:backend_down
+      h.FailingCallback:
+        handler: handlers:schedules_a_failing_callback
 """
 
 #: What the log must never hold after a careless handler or a vanished caller.
@@ -246,6 +248,19 @@ def test_a_handlers_own_connection_error_is_its_fault_not_the_callers(
     assert "ERROR: call h.BackendDown: handler handlers:backend_down raised" in daemon.log_text()
     assert "caller went away" not in daemon.log_text()
     assert daemon.log_text().count("Traceback") == 1  # the same fault again: counted, not logged
+    assert_recovered(daemon, base)
+
+
+def test_the_loops_own_reports_are_limited_too(careless: tuple[RunningDaemon, Baseline]) -> None:
+    """A handler leaves the loop a callback that raises, on every call: asyncio reports each; the
+    daemon logs the first with its traceback and holds back the repeats."""
+    daemon, base = careless
+    for _ in range(5):
+        assert daemon.call(b"h.FailingCallback work\0") == b"scheduled\n"
+    wait_for_log(daemon, "ValueError: a callback of the handler failed")
+    time.sleep(0.3)
+    assert daemon.log_text().count("Exception in callback") == 1
+    assert daemon.log_text().count("Traceback") == 1
     assert_recovered(daemon, base)
 
 
