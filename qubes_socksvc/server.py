@@ -201,36 +201,29 @@ def fd_budget(max_connections: int) -> int:
 class _CallProtocol(asyncio.StreamReaderProtocol):
     """A connection's protocol, which also measures ``descriptor_timeout`` honestly.
 
-    The deadline is a timer; when it fires late because a handler held the event loop, the
-    caller's descriptor may have arrived in time and still wait unread.  So the timer cuts the
-    connection only when no NUL has arrived at all: not through :meth:`data_received`, and not
-    in the socket's receive queue.
+    The deadline is a timer.  When a handler held the event loop past it, the timer fires once
+    the loop is free again, and by then the caller's descriptor may have arrived in time: both
+    loops read the sockets that became readable during a stall before they run the timers that
+    expired during it (asyncio's queues I/O callbacks first; libuv compares timers with the time
+    cached when the iteration began), so the NUL is in the StreamReader, but the task that reads
+    it has only been woken, not run.  So the timer cuts the connection one loop turn later, and
+    only if the descriptor has still not been received: callbacks run in the order they were
+    scheduled, so every task woken before the timer fired has run by then.
     """
 
-    nul_arrived = False
-    """A NUL has been received: the descriptor is complete, or the caller sent no descriptor."""
+    received = False
+    """The whole descriptor has been read (set by the reading task)."""
     cut = False
     """The deadline cut this connection: no handler may run for it."""
 
-    def data_received(self, data: bytes) -> None:
-        if not self.nul_arrived and b"\0" in data:
-            self.nul_arrived = True
-        super().data_received(data)
+    def descriptor_deadline(self, transport: asyncio.WriteTransport) -> None:
+        if not self.received:
+            asyncio.get_running_loop().call_soon(self._cut_unless_received, transport)
 
-    def descriptor_deadline(self, transport: asyncio.WriteTransport, sock: socket.socket) -> None:
-        if self.nul_arrived or _nul_queued(sock):
-            return  # in time: readuntil() gets it as soon as the loop reads the socket
-        self.cut = True
-        transport.abort()
-
-
-def _nul_queued(sock: socket.socket) -> bool:
-    """A NUL waits in the socket's receive queue (looked at, not read)."""
-    try:
-        queued = sock.recv(qrexec.MAX_DESCRIPTOR_LEN + 1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-    except OSError:  # nothing queued, or the connection is gone
-        return False
-    return b"\0" in queued
+    def _cut_unless_received(self, transport: asyncio.WriteTransport) -> None:
+        if not self.received:
+            self.cut = True
+            transport.abort()
 
 
 class Server:
@@ -355,8 +348,6 @@ class Server:
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=qrexec.MAX_DESCRIPTOR_LEN, loop=loop)
         protocol = _CallProtocol(reader, loop=loop)
-        if bound is not None:
-            protocol.nul_arrived = True  # no descriptor to wait for: its data goes straight through
         try:
             transport, _ = await loop.connect_accepted_socket(lambda: protocol, sock=conn)
         except OSError:
@@ -365,7 +356,7 @@ class Server:
         writer = asyncio.StreamWriter(transport, protocol, reader, loop)
         clean = False
         try:
-            clean = await self._call(reader, writer, protocol, conn, bound)
+            clean = await self._call(reader, writer, protocol, bound)
         except ConnectionError:  # BrokenPipeError and resets too
             log.info("caller went away")
         except asyncio.CancelledError:
@@ -398,14 +389,13 @@ class Server:
             raise
 
     async def _call(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, protocol: _CallProtocol,
-                    conn: socket.socket, bound: Service | None) -> bool:
+                    bound: Service | None) -> bool:
         """Serve one call; True when it ended normally (output may be flushed)."""
         if bound is None:
             # A timer that cuts the connection, rather than asyncio.timeout(): the same limit at a
             # third of the cost on every call.  The cut ends readuntil() with IncompleteReadError.
             loop = asyncio.get_running_loop()
-            deadline = loop.call_later(self.daemon.descriptor_timeout, protocol.descriptor_deadline,
-                                       writer.transport, conn)
+            deadline = loop.call_later(self.daemon.descriptor_timeout, protocol.descriptor_deadline, writer.transport)
             try:
                 untrusted_descriptor = await reader.readuntil(b"\0")
             except asyncio.IncompleteReadError as e:
@@ -422,6 +412,7 @@ class Server:
                 return False
             finally:
                 deadline.cancel()
+            protocol.received = True
             if protocol.cut:  # never serve a connection the deadline has cut
                 return False
             try:

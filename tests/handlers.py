@@ -175,3 +175,9 @@ async def schedules_a_failing_callback(request: Request) -> str:
     """Leaves the event loop a callback that raises: the loop reports it, the daemon logs it."""
     asyncio.get_running_loop().call_soon(_failing_callback)
     return "scheduled\n"
+
+
+async def blocks_the_loop_later(request: Request) -> str:
+    """Leaves the loop a callback that blocks it (``+SECONDS``), in 50 ms: not in a handler's step."""
+    asyncio.get_running_loop().call_later(0.05, time.sleep, float(request.argument or "1"))
+    return "later\n"
