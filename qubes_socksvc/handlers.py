@@ -4,23 +4,31 @@
 
 Handlers are imported on their first call, so a daemon starts without paying for
 (or failing on) handlers nobody calls.  Plain functions run in a thread of
-their own with the whole input already read into ``request.input``.
+their own with the whole input already read into ``request.input``; coroutines
+run on the event loop, watched for steps that hold it (:func:`watch_stalls`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import importlib
 import inspect
 import threading
-from collections.abc import Awaitable, Callable
-from typing import Any
+import time
+import types
+from collections.abc import Callable, Coroutine, Generator
+from typing import Any, TypeVar
 
 from .request import Request
 
 Result = bytes | str | None
-Handler = Callable[[Request], Awaitable[Result]]
+Handler = Callable[[Request], Coroutine[Any, Any, Result]]
+T = TypeVar("T")
+
+#: Seconds a handler may hold the event loop in one step before it is reported.
+STALL_THRESHOLD = 0.1
 
 
 class HandlerError(Exception):
@@ -72,13 +80,46 @@ def _threaded(function: Callable[[Request], Any]) -> Handler:
             with contextlib.suppress(RuntimeError):  # the loop is gone: the daemon stopped
                 loop.call_soon_threadsafe(settle, *outcome)
 
-        threading.Thread(target=target, name=f"handler {request.service}", daemon=True).start()
+        # In a copy of the call's context: the handler's own log lines carry the call's fields.
+        context = contextvars.copy_context()
+        threading.Thread(target=context.run, args=(target,), name=f"handler {request.service}", daemon=True).start()
         result = await future
         if inspect.isawaitable(result):
             result = await result
         return result  # type: ignore[no-any-return]
 
     return run
+
+
+@types.coroutine
+def watch_stalls(coro: Coroutine[Any, Any, T], on_stall: Callable[[float], None],
+                 threshold: float = STALL_THRESHOLD) -> Generator[Any, Any, T]:
+    """Await ``coro``, timing each of its steps: a step is the time it holds the event loop.
+
+    ``on_stall(seconds)`` is called after each step that took ``threshold`` or longer: a
+    handler that blocks (``time.sleep``, blocking I/O, long computation) delays every other
+    call of the daemon, and this names it.  Costs two clock reads per step.
+    """
+    clock = time.perf_counter
+    send, throw = coro.send, coro.throw
+    value: Any = None
+    error: BaseException | None = None
+    while True:
+        start = clock()
+        try:
+            step = send(value) if error is None else throw(error)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+        finally:
+            if (held := clock() - start) >= threshold:
+                on_stall(held)
+        try:
+            value, error = (yield step), None
+        except GeneratorExit:
+            coro.close()
+            raise
+        except BaseException as e:  # cancellation and timeouts go to the handler, as without us
+            value, error = None, e
 
 
 class Registry:

@@ -5,13 +5,15 @@
 A handler is ``async def handler(request)`` or a plain ``def handler(request)``
 (run in a worker thread).  It reads the caller's stdin with :meth:`Request.read`
 or ``async for chunk in request``, writes the caller's stdout with
-:meth:`Request.write` (then ``await request.drain()`` for backpressure), and may
-return ``bytes`` or ``str``, written before the connection is closed.
+:meth:`Request.write` (then ``await request.drain()`` for backpressure; from a
+plain handler's thread, ``write()`` waits by itself), and may return ``bytes``
+or ``str``, written before the connection is closed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 from collections.abc import AsyncIterator
 
@@ -39,6 +41,7 @@ class Request:
         "_reader",
         "_received",
         "_thread",
+        "_transport",
         "_writer",
         "argument",
         "input",
@@ -70,6 +73,7 @@ class Request:
         """For plain (non-async) handlers: the whole input, read before the call."""
         self._reader = reader
         self._writer = writer
+        self._transport = writer.transport
         self._max_input = max_input
         self._received = 0
         self._loop = asyncio.get_running_loop()
@@ -109,14 +113,40 @@ class Request:
             raise InputTooLarge(f"input exceeds max_input ({self._max_input} bytes)")
 
     def write(self, data: bytes | str) -> None:
-        """Queue output for the caller; safe from a plain handler's thread too."""
+        """Queue output for the caller.
+
+        In a coroutine, ``await request.drain()`` afterwards waits for a slow caller.  From a
+        plain handler's thread, ``write()`` itself waits while the caller is behind (more than
+        the transport's high-water mark queued), so output is bounded either way, and it raises
+        ``ConnectionError`` once the caller has gone or the call has ended.  Output queued after
+        that is dropped: there is nobody left to read it.
+        """
         if isinstance(data, str):
             data = data.encode()
         if threading.get_ident() == self._thread:
-            self._writer.write(data)
-        else:
-            self._loop.call_soon_threadsafe(self._writer.write, data)
+            self._queue(data)
+            return
+        try:
+            future = asyncio.run_coroutine_threadsafe(self._write_and_drain(data), self._loop)
+        except RuntimeError as e:  # the loop is closed: the daemon has stopped
+            raise ConnectionResetError("the daemon has stopped") from e
+        try:
+            future.result()
+        except concurrent.futures.CancelledError as e:  # the daemon stopped while we waited
+            raise ConnectionResetError("the daemon has stopped") from e
+
+    def _queue(self, data: bytes) -> None:
+        # Once the transport closes (the caller went away, or the call ended), a write would be
+        # logged by asyncio's loop ("socket.send() raised exception.") or raise RuntimeError on
+        # uvloop's, on every call: drop it instead; drain() reports the lost caller once.
+        if not self._transport.is_closing():
+            self._transport.write(data)
+
+    async def _write_and_drain(self, data: bytes) -> None:
+        self._queue(data)
+        await self.drain()
 
     async def drain(self) -> None:
-        """Wait until the caller has taken enough output (backpressure)."""
+        """Wait until the caller has taken enough output (backpressure); raises
+        ``ConnectionError`` when the caller has gone."""
         await self._writer.drain()

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sys
 import time
@@ -125,3 +126,74 @@ def _via(entry: str) -> object:
 via_name = _via("NAME")
 via_empty = _via("NAME+")
 via_argument = _via("NAME+ARG")
+
+
+# --- careless handlers (issue 11) ---
+
+
+def plain_floods(request: Request) -> None:
+    """A plain function writing 64 KiB blocks in a loop, whether the caller reads or not
+    (``+N``: N blocks, 4096 = 256 MiB by default)."""
+    for i in range(int(request.argument or "4096")):
+        request.write(b"%65535d\n" % i)  # a new object each time, as real output is
+
+
+async def blocks_the_loop(request: Request) -> str:
+    """An async handler that blocks the event loop (``+SECONDS``): every other call waits."""
+    time.sleep(float(request.argument or "1"))
+    return "woke\n"
+
+
+async def writes_without_drain(request: Request) -> None:
+    """Writes small pieces in a loop without ever draining, yielding to the loop in between,
+    long after its caller has gone (``+N`` writes)."""
+    for _ in range(int(request.argument or "100000")):
+        request.write(b"w" * 1024)
+        await asyncio.sleep(0)
+
+
+async def writes_with_drain(request: Request) -> None:
+    """Writes and drains in a loop (``+N`` writes of 64 KiB), the way a handler should."""
+    block = b"d" * 65536
+    for _ in range(int(request.argument or "100000")):
+        request.write(block)
+        await request.drain()
+
+
+def plain_writes_after_timeout(request: Request) -> None:
+    """Outlives its timeout, then writes to the call that has ended (``+N`` writes)."""
+    time.sleep(1)
+    for _ in range(int(request.argument or "1000")):
+        request.write(b"late\n")
+
+
+async def logs_itself(request: Request) -> str:
+    """Logs through the standard logging module, as a service author would."""
+    logging.getLogger("my.service").warning("handler's own line")
+    return "logged\n"
+
+
+def plain_logs_itself(request: Request) -> str:
+    logging.getLogger("my.service").warning("plain handler's own line")
+    return "logged\n"
+
+
+async def backend_down(request: Request) -> None:
+    """The handler's own connection fails: its fault, not the caller's."""
+    raise ConnectionRefusedError("backend down")
+
+
+def _failing_callback() -> None:
+    raise ValueError("a callback of the handler failed")
+
+
+async def schedules_a_failing_callback(request: Request) -> str:
+    """Leaves the event loop a callback that raises: the loop reports it, the daemon logs it."""
+    asyncio.get_running_loop().call_soon(_failing_callback)
+    return "scheduled\n"
+
+
+async def blocks_the_loop_later(request: Request) -> str:
+    """Leaves the loop a callback that blocks it (``+SECONDS``), in 50 ms: not in a handler's step."""
+    asyncio.get_running_loop().call_later(0.05, time.sleep, float(request.argument or "1"))
+    return "later\n"

@@ -536,13 +536,18 @@ def test_idle_listeners_hold_no_slots(start_daemon: type[RunningDaemon]) -> None
     ("h.Exits", "SystemExit: 3"),
     ("h.PlainExits", "SystemExit: 4"),
     ("h.KeyboardInterrupt", "KeyboardInterrupt"),
-    ("h.CancelsItself", "call cancelled"),
+    ("h.CancelsItself", "CancelledError"),
 ])
 def test_handler_that_raises_or_exits(hostile: tuple[RunningDaemon, Baseline], service: str, logged: str) -> None:
+    """Each call fails and is logged; the traceback of a fault that repeats on every call is logged
+    once a minute, not once a call (issue 11: a careless handler must not flood the journal)."""
     daemon, base = hostile
     for _ in range(20):
         assert daemon.call(f"{service} work\0".encode()) == b""
     wait_for_log(daemon, logged)
+    wait_for_log(daemon, f"call {service} from work", 20)
+    assert daemon.log_text().count("Traceback") == 1, daemon.log_text()[-3000:]
+    assert daemon.log_text().count(f"call {service}: handler") == 1
     assert_recovered(daemon, base)
 
 

@@ -8,13 +8,16 @@ by a recorder: what is checked is what the daemon hands to python-systemd.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from qubes_socksvc import cli, server
+from qubes_socksvc import cli, logs, manifest, server
 
 
 @pytest.fixture
@@ -32,16 +35,89 @@ def journal(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[dict[str, Any]]]:
     root.handlers, root.level = saved[0], saved[1]
 
 
-def test_call_lines_carry_service_source_and_target_fields(journal: list[dict[str, Any]]) -> None:
-    fields = {"SERVICE": "my.Service+arg", "SOURCE": "work", "TARGET": "dom0", "TARGET_TYPE": "name"}
-    server._log_info("call %s from %s%s", "my.Service+arg", "work", " to name dom0", extra=fields)
-    assert len(journal) == 1
-    entry = journal[0]
-    assert entry["MESSAGE"] == "call my.Service+arg from work to name dom0"
-    assert {k: entry[k] for k in fields} == fields
-    assert entry["SYSLOG_IDENTIFIER"] == "qubes-socksvc" and entry["DAEMON"] == "mydaemon"
-    assert entry["PRIORITY"] == str(6)  # LOG_INFO
-    assert entry["CODE_FUNC"] == "test_call_lines_carry_service_source_and_target_fields"
+FIELDS_MANIFEST = """\
+version: 1
+daemons:
+  t:
+    idle_exit: 0
+    services:
+      t.Echo:
+        handler: qubes_socksvc.examples:echo
+      t.Raises:
+        handler: tests.handlers:raises
+      t.Logs:
+        handler: tests.handlers:logs_itself
+      t.PlainLogs:
+        handler: tests.handlers:plain_logs_itself
+      t.Blocks:
+        handler: tests.handlers:blocks_the_loop
+      t.Slow:
+        handler: tests.handlers:slow
+        timeout: 0.2
+"""
+
+
+async def _call(path: str, wire: bytes) -> bytes:
+    reader, writer = await asyncio.open_unix_connection(path)
+    writer.write(wire)
+    writer.write_eof()
+    try:
+        return await reader.read()
+    finally:
+        writer.close()
+
+
+def test_every_line_of_a_call_carries_its_fields(journal: list[dict[str, Any]], tmp_path: Path) -> None:
+    """The daemon's lines (the call, a fault, a stall, a timeout) and the handler's own, from a
+    coroutine or a plain handler's thread, all carry SERVICE/SOURCE/TARGET/TARGET_TYPE: one
+    journalctl SERVICE=... query shows everything about a service."""
+    daemon = manifest.parse(FIELDS_MANIFEST, str(tmp_path / "m.yaml")).daemons["t"]
+    calls = {
+        b"t.Echo+x work\0hi": "t.Echo+x", b"t.Raises sys-net name dom0\0": "t.Raises",
+        b"t.Logs work\0": "t.Logs", b"t.PlainLogs work\0": "t.PlainLogs", b"t.Blocks+0.15 work\0": "t.Blocks+0.15",
+        b"t.Slow+5 work\0": "t.Slow+5",
+    }
+
+    async def scenario() -> None:
+        listeners = server.bind_sockets(daemon, str(tmp_path))
+        serving = server.Server(daemon)
+        running = asyncio.create_task(serving.run(listeners))
+        path = str(tmp_path / "socksvc-t.sock")
+        for wire in calls:
+            await _call(path, wire)
+        serving.stop()
+        await running
+
+    logs.tag_log_handlers()
+    asyncio.run(scenario())
+    by_service: dict[str, list[dict[str, Any]]] = {}
+    for entry in journal:
+        if "SERVICE" in entry:
+            by_service.setdefault(entry["SERVICE"], []).append(entry)
+    assert set(by_service) == set(calls.values()), [e["MESSAGE"] for e in journal]
+    for service, entries in by_service.items():
+        assert entries[0]["MESSAGE"].startswith(f"call {service} from ")
+        assert all(e["SOURCE"] in ("work", "sys-net") for e in entries)
+    assert by_service["t.Raises"][0]["TARGET"] == "dom0" and by_service["t.Raises"][0]["TARGET_TYPE"] == "name"
+    assert "RuntimeError: handler failure on purpose" in by_service["t.Raises"][1]["MESSAGE"]
+    assert by_service["t.Logs"][1]["MESSAGE"] == "handler's own line"
+    assert by_service["t.PlainLogs"][1]["MESSAGE"] == "plain handler's own line"
+    assert "held the event loop for 0.1" in by_service["t.Blocks+0.15"][1]["MESSAGE"]
+    assert "timed out after 0.2s" in by_service["t.Slow+5"][1]["MESSAGE"]
+    assert by_service["t.Echo+x"][0]["CODE_FUNC"] == "_call"  # the record names the daemon's own code
+    assert by_service["t.Echo+x"][0]["PRIORITY"] == str(6)  # LOG_INFO
+    assert by_service["t.Echo+x"][0]["SYSLOG_IDENTIFIER"] == "qubes-socksvc"
+    assert by_service["t.Echo+x"][0]["DAEMON"] == "mydaemon"
+
+
+def test_repeated_faults_are_counted_then_logged_once_per_interval() -> None:
+    repeats = logs.Repeats(interval=0.2)
+    assert repeats.check("a") == 0
+    assert [repeats.check("a") for _ in range(3)] == [None, None, None]
+    assert repeats.check("b") == 0  # another fault is not held back by the first
+    time.sleep(0.25)
+    assert repeats.check("a") == 3  # logged again, saying how many were held back
+    assert repeats.check("a") is None
 
 
 def test_handler_tracebacks_reach_the_journal(journal: list[dict[str, Any]]) -> None:

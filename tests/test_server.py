@@ -270,6 +270,10 @@ def test_socket_activation_with_systemd_socket_activate(qubes_run_dir: Path) -> 
         text = (work / "log").read_text()
         assert "serving 2 services on 2 sockets" in text, text
         assert "cannot" not in text and "ignoring socket" not in text, text
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0
+        # The sockets are systemd's (here systemd-socket-activate's): the daemon unlinks nothing.
+        assert main_socket.is_socket() and raw_socket.is_socket()
     finally:
         proc.terminate()
         proc.wait(timeout=30)

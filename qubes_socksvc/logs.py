@@ -1,0 +1,71 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (C) 2026 qubes-socksvc developers
+"""The daemon's log: every line of a call carries the call's journal fields, and a fault that
+repeats on every call is logged once a minute, not once a call.
+
+The fields live in a context variable: asyncio runs each connection's task in a context of its
+own (and handlers.py gives a plain handler's thread a copy), so whatever logs during a call, the
+daemon, asyncio or the handler's own ``logging`` calls, is tagged with SERVICE, SOURCE, TARGET
+and TARGET_TYPE without passing them around.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import time
+from collections.abc import Hashable, Mapping
+
+#: The journal fields of the call being served in this context (None outside a call).
+call_fields: contextvars.ContextVar[Mapping[str, str] | None] = contextvars.ContextVar("call_fields", default=None)
+
+#: Seconds during which a repeated fault is counted rather than logged.
+REPEAT_INTERVAL = 60.0
+#: Distinct faults remembered at once; beyond that, the oldest are forgotten (logged again).
+REPEAT_KEYS = 1024
+
+
+class CallFields(logging.Filter):
+    """Adds the current call's fields to every record that does not set them itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        fields = call_fields.get()
+        if fields is not None:
+            missing = record.__dict__.keys().isdisjoint  # the usual case: none of them set yet
+            if missing(fields):
+                record.__dict__.update(fields)
+            else:
+                for key, value in fields.items():
+                    record.__dict__.setdefault(key, value)
+        return True
+
+
+def tag_log_handlers(logger: logging.Logger | None = None) -> None:
+    """Install :class:`CallFields` on the handlers of ``logger`` (the root logger by default)."""
+    for handler in (logger or logging.getLogger()).handlers:
+        if not any(isinstance(f, CallFields) for f in handler.filters):
+            handler.addFilter(CallFields())
+
+
+class Repeats:
+    """Counts repeats of a fault: the first of each REPEAT_INTERVAL is logged, the rest counted.
+
+    ``check(key)`` returns None when the fault must not be logged now, else the number of
+    repeats held back since it was last logged (0 the first time).
+    """
+
+    def __init__(self, interval: float = REPEAT_INTERVAL) -> None:
+        self.interval = interval
+        self._seen: dict[Hashable, tuple[float, int]] = {}
+
+    def check(self, key: Hashable) -> int | None:
+        now = time.monotonic()
+        seen = self._seen.get(key)
+        if seen is not None and now - seen[0] < self.interval:
+            self._seen[key] = (seen[0], seen[1] + 1)
+            return None
+        self._seen.pop(key, None)
+        if len(self._seen) >= REPEAT_KEYS:
+            del self._seen[next(iter(self._seen))]  # dicts keep insertion order: the oldest
+        self._seen[key] = (now, 0)
+        return 0 if seen is None else seen[1]
