@@ -158,21 +158,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         if args.spec is not None:
-            spec = model.load(args.spec)
-            daemon = spec.daemon
-            if daemon.name != args.daemon:
-                raise model.SpecError(f"{args.spec} is the spec of daemon {daemon.name}, not {args.daemon}")
+            spec_path = args.spec
+
+            def load() -> tuple[model.Daemon, str]:
+                spec = model.load(spec_path)
+                if spec.daemon.name != args.daemon:
+                    raise model.SpecError(f"{spec_path} is the spec of daemon {spec.daemon.name}, not {args.daemon}")
+                return spec.daemon, spec.sha256[:12]
+
+            source = server.Source(load, watch=spec_path)
         elif args.config is not None:  # development: validate the YAML here (imports PyYAML)
-            manifest = _load(args.config)
-            found = manifest.daemons.get(args.daemon)
-            if found is None:
-                raise model.SpecError(f"{manifest.path}: no daemon {args.daemon!r}; declared: "
-                                      f"{', '.join(manifest.daemons) or 'none'}")
-            daemon = found
+            manifest_path = args.config
+
+            def load() -> tuple[model.Daemon, str]:
+                manifest = _load(manifest_path)
+                found = manifest.daemons.get(args.daemon)
+                if found is None:
+                    raise model.SpecError(f"{manifest.path}: no daemon {args.daemon!r}; declared: "
+                                          f"{', '.join(manifest.daemons) or 'none'}")
+                return found, f"manifest {manifest.sha256[:12]}"
+
+            source = server.Source(load, watch=os.path.abspath(manifest_path))
         else:
             raise model.SpecError("give --spec SPEC (what the unit runs, written by apply) "
                                   "or -c MANIFEST (development)")
-        server.serve(daemon, bind_dir=args.bind_dir)
+        daemon, spec_id = source.load()
+        server.serve(daemon, bind_dir=args.bind_dir, source=source, spec_id=spec_id)
     except (model.SpecError, server.ServeError) as e:
         logging.error("%s", e)
         return EXIT_FAILED

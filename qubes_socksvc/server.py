@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import fcntl
 import grp
 import logging
@@ -31,6 +32,8 @@ from .request import InputTooLarge, Request
 log = logging.getLogger("qubes_socksvc.server")
 _NO_TIMEOUT = contextlib.nullcontext()  # for services without timeout: cheaper than asyncio.timeout(None)
 
+#: Seconds between STATUS= updates (only when a counter or the spec changed).
+STATUS_INTERVAL = 2.0
 #: Seconds in-flight calls get to finish after SIGTERM.
 STOP_TIMEOUT = 20.0
 #: Seconds a finished call's unread output may linger before the connection is cut.
@@ -228,12 +231,52 @@ class _CallProtocol(asyncio.StreamReaderProtocol):
             transport.abort()
 
 
-class Server:
-    """Serves one daemon's listeners until stopped, idle or SIGTERM."""
+class Outcome(enum.Enum):
+    """How a call ended: what STATUS= counts, and whether its output may still be flushed."""
 
-    def __init__(self, daemon: Daemon, registry: Registry | None = None) -> None:
+    SERVED = "served"
+    REJECTED = "rejected"
+    """Refused before any handler ran: a bad or late descriptor, an unknown service."""
+    FAILED = "failed"
+    """The handler raised, timed out, exceeded max_input, or its caller went away."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where the daemon's spec comes from, so that it can be loaded again (live reload).
+
+    ``load`` returns the daemon and a short id of what it loaded (the spec's hash); ``watch``
+    is the file whose change (a new inode, mtime or size: ``apply`` renames a new spec into
+    place) triggers a reload at the next call, or None.
+    """
+
+    load: Callable[[], tuple[Daemon, str]]
+    watch: str | None = None
+
+
+def _stamp(path: str | None) -> tuple[int, int, int] | None:
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+class Server:
+    """Serves one daemon's listeners until stopped, idle or SIGTERM; reloads its spec on SIGHUP
+    and when the spec file changes, for every call that starts afterwards."""
+
+    def __init__(self, daemon: Daemon, registry: Registry | None = None, source: Source | None = None,
+                 spec_id: str = "") -> None:
         self.daemon = daemon
+        self.spec_id = spec_id
         self.registry = registry or Registry()
+        self.source = source
+        self._stamp = _stamp(source.watch) if source is not None else None
+        self.counts = dict.fromkeys(Outcome, 0)
+        self._reported: tuple[object, ...] = ()
         self._free = daemon.max_connections
         self._listeners: list[Listener] = []
         self._accepting = False
@@ -241,35 +284,107 @@ class Server:
         self._stopping = asyncio.Event()
         self._last_activity = 0.0
         self._repeats = logs.Repeats()
+        self._watchdog: asyncio.Task[None] | None = None
+        self._on_status: Callable[[str], None] | None = None
 
     # --- lifecycle -------------------------------------------------------
 
-    async def run(self, listeners: list[Listener], on_ready: Callable[[str], None] | None = None) -> None:
+    async def run(self, listeners: list[Listener], on_ready: Callable[[str], None] | None = None,
+                  on_status: Callable[[str], None] | None = None) -> None:
+        """Serve until stopped.  ``on_ready`` gets the first status line (READY=1), ``on_status``
+        every later one (STATUS=: the spec served and the call counters, at most every
+        STATUS_INTERVAL seconds)."""
         loop = asyncio.get_running_loop()
         self._free = fd_budget(self.daemon.max_connections)
         loop.set_exception_handler(self._loop_exception)
         self._last_activity = loop.time()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stop)
+        if self.source is not None:
+            loop.add_signal_handler(signal.SIGHUP, self.reload)
         self._listeners = listeners
+        self._on_status = on_status
         self._watch_listeners()
-        watchdog = loop.create_task(self._idle_watch()) if self.daemon.idle_exit > 0 else None
-        status = f"serving {len(self.daemon.services)} services on {len(listeners)} sockets"
-        log.info("daemon %s %s (%s event loop)", self.daemon.name, status, type(loop).__module__.partition(".")[0])
+        self._restart_watchdog()
+        reporter = loop.create_task(self._report_status()) if on_status is not None else None
+        log.info("daemon %s serving %d services on %d sockets%s (%s event loop)", self.daemon.name,
+                 len(self.daemon.services), len(listeners), f", spec {self.spec_id}" if self.spec_id else "",
+                 type(loop).__module__.partition(".")[0])
         if on_ready is not None:
-            on_ready(status)
+            on_ready(self.status())
         try:
             await self._stopping.wait()
         finally:
             self._pause_accepting()
             self._listeners = []
-            if watchdog is not None:
-                watchdog.cancel()
+            for task in (self._watchdog, reporter):
+                if task is not None:
+                    task.cancel()
             for sock, _ in listeners:
                 sock.close()
             await self._finish_in_flight()
-            for signum in (signal.SIGTERM, signal.SIGINT):
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(signum)
+
+    def status(self) -> str:
+        """The STATUS= line ``systemctl --user status`` shows, and ``list`` reads."""
+        counts = ", ".join(f"{self.counts[o]} {o.value}" for o in Outcome)
+        return f"spec {self.spec_id or '(none)'}: {len(self.daemon.services)} services; calls: {counts}"
+
+    async def _report_status(self) -> None:
+        assert self._on_status is not None
+        while True:
+            await asyncio.sleep(STATUS_INTERVAL)
+            current = (self.spec_id, *self.counts.values())
+            if current != self._reported:
+                self._reported = current
+                self._on_status(self.status())
+
+    # --- live reload -----------------------------------------------------
+
+    def reload(self) -> None:
+        """Load the spec again (SIGHUP, or its file changed); calls already running keep theirs.
+
+        A spec that fails to load is logged, and the daemon goes on serving the one it has.
+        Sockets cannot change here: they are systemd's (or bound at start).
+        """
+        if self.source is None:
+            return
+        self._stamp = _stamp(self.source.watch)
+        try:
+            new, spec_id = self.source.load()
+        except Exception as e:  # a broken spec must never stop the daemon
+            log.error("reload failed, still serving spec %s: %s", self.spec_id, e)
+            return
+        old = self.daemon
+        if new.name != old.name:
+            log.error("reload failed, still serving spec %s: the new spec is for daemon %s", self.spec_id, new.name)
+            return
+        if set(new.sockets()) != set(old.sockets()):
+            log.warning("daemon %s: its sockets changed in the new spec; they take effect only after "
+                        "'systemctl --user daemon-reload' and 'systemctl --user restart %s.socket' "
+                        "(every other change takes effect now)", new.name, new.unit)
+        self._free += new.max_connections - old.max_connections
+        self.daemon, self.spec_id = new, spec_id
+        if new.idle_exit != old.idle_exit:
+            self._restart_watchdog()
+        if self._free > 0:
+            self._resume_accepting()
+        log.info("reloaded: serving spec %s (%d services)", spec_id, len(new.services))
+        if self._on_status is not None:
+            self._on_status(self.status())
+
+    def _reload_if_changed(self) -> None:
+        """One stat() per call: a spec that ``apply`` renamed into place is served from the next call."""
+        if self.source is not None and self.source.watch is not None and _stamp(self.source.watch) != self._stamp:
+            self.reload()
+
+    def _restart_watchdog(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        self._watchdog = None
+        if self.daemon.idle_exit > 0:
+            self._watchdog = asyncio.get_running_loop().create_task(self._idle_watch())
 
     def stop(self) -> None:
         self._stopping.set()
@@ -287,7 +402,7 @@ class Server:
 
     async def _idle_watch(self) -> None:
         loop = asyncio.get_running_loop()
-        idle = self.daemon.idle_exit
+        idle = self.daemon.idle_exit  # a reload that changes it starts a new watch
         while True:
             remaining = self._last_activity + idle - loop.time()
             if remaining <= 0 and not self._tasks:
@@ -347,6 +462,8 @@ class Server:
             self._resume_accepting()
 
     async def _connection(self, conn: socket.socket, bound: Service | None) -> None:
+        self._reload_if_changed()
+        daemon = self.daemon  # the spec this call starts with is the one it finishes with
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=qrexec.MAX_DESCRIPTOR_LEN, loop=loop)
         protocol = _CallProtocol(reader, loop=loop)
@@ -356,9 +473,9 @@ class Server:
             conn.close()
             return
         writer = asyncio.StreamWriter(transport, protocol, reader, loop)
-        clean = False
+        outcome = Outcome.FAILED
         try:
-            clean = await self._call(reader, writer, protocol, bound)
+            outcome = await self._call(daemon, reader, writer, protocol, bound)
         except ConnectionError:  # BrokenPipeError and resets too
             log.info("caller went away")
         except asyncio.CancelledError:
@@ -367,7 +484,8 @@ class Server:
         except BaseException:  # a handler's SystemExit must not end the daemon
             log.exception("internal error while serving a call")
         finally:
-            if clean:
+            self.counts[outcome] += 1
+            if outcome is Outcome.SERVED:
                 transport.close()
                 if transport.get_write_buffer_size():
                     await self._linger(writer)
@@ -390,46 +508,51 @@ class Server:
             writer.transport.abort()
             raise
 
-    async def _call(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, protocol: _CallProtocol,
-                    bound: Service | None) -> bool:
-        """Serve one call; True when it ended normally (output may be flushed)."""
+    async def _call(self, daemon: Daemon, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    protocol: _CallProtocol, bound: Service | None) -> Outcome:
+        """Serve one call with ``daemon``'s spec; only a SERVED call's output is flushed (a rejected
+        or failed one is aborted: the caller sees the connection reset, not a clean end)."""
         if bound is None:
             # A timer that cuts the connection, rather than asyncio.timeout(): the same limit at a
             # third of the cost on every call.  The cut ends readuntil() with IncompleteReadError.
             loop = asyncio.get_running_loop()
-            deadline = loop.call_later(self.daemon.descriptor_timeout, protocol.descriptor_deadline, writer.transport)
+            deadline = loop.call_later(daemon.descriptor_timeout, protocol.descriptor_deadline, writer.transport)
             try:
                 untrusted_descriptor = await reader.readuntil(b"\0")
             except asyncio.IncompleteReadError as e:
                 if protocol.cut:
-                    log.warning("rejected call: no descriptor within %ss", self.daemon.descriptor_timeout)
+                    log.warning("rejected call: no descriptor within %ss", daemon.descriptor_timeout)
                 elif e.partial:
                     log.warning("rejected call: connection closed before the descriptor's NUL (%d bytes)",
                                 len(e.partial))
                 else:  # a connect and nothing else: a probe, e.g. a second 'serve' checking the socket
                     log.info("rejected call: connection closed before sending anything")
-                return False
+                return Outcome.REJECTED
             except asyncio.LimitOverrunError:
                 log.warning("rejected call: descriptor longer than %d bytes", qrexec.MAX_DESCRIPTOR_LEN)
-                return False
+                return Outcome.REJECTED
             finally:
                 deadline.cancel()
             protocol.received = True
             if protocol.cut:  # never serve a connection the deadline has cut
-                return False
+                return Outcome.REJECTED
             try:
                 desc = descriptor.parse(untrusted_descriptor[:-1])
             except descriptor.DescriptorError as e:
                 log.warning("rejected call: %s", e)
-                return False
-            service = self._lookup(desc.service)
+                return Outcome.REJECTED
+            service = _lookup(daemon, desc.service)
             if service is None:
-                log.warning("rejected call: service %s is not handled by daemon %s", desc.service, self.daemon.name)
-                return False
+                log.warning("rejected call: service %s is not handled by daemon %s", desc.service, daemon.name)
+                return Outcome.REJECTED
             request = Request(reader, writer, desc.name, desc.argument, desc.source,
                               desc.target_type, desc.target, service.max_input)
         else:
-            service = bound
+            current = daemon.services.get(bound.full_name)
+            if current is None or current.socket != bound.socket:  # removed (or moved) by a reload
+                log.warning("rejected call: service %s on %s is no longer declared", bound.full_name, bound.socket)
+                return Outcome.REJECTED
+            service = current
             name, argument = qrexec.split_service(service.full_name)
             request = Request(reader, writer, name, argument, None, max_input=service.max_input)
         # From here on, every line logged in this call's context carries its journal fields.
@@ -455,29 +578,29 @@ class Server:
                 await writer.drain()
         except HandlerError as e:
             self._fault(("load", service.handler), logging.ERROR, "call %s failed: %s", request.service, e)
-            return False
+            return Outcome.FAILED
         except InputTooLarge as e:
             log.warning("call %s rejected: %s", request.service, e)
-            return False
+            return Outcome.FAILED
         except TimeoutError:
             log.warning("call %s timed out after %ss", request.service, service.timeout)
-            return False
+            return Outcome.FAILED
         except ConnectionError as e:  # BrokenPipeError and resets too
             if not writer.transport.is_closing():  # not the caller's connection: one of the handler's own
                 self._handler_raised(request, service, e)
-                return False
+                return Outcome.FAILED
             log.info("call %s: caller went away", request.service)
-            return False
+            return Outcome.FAILED
         except asyncio.CancelledError as e:
             task = asyncio.current_task()
             if task is not None and task.cancelling():  # the daemon is stopping: _connection logs it
                 raise
             self._handler_raised(request, service, e)  # the handler's own CancelledError
-            return False
+            return Outcome.FAILED
         except (Exception, SystemExit, KeyboardInterrupt) as e:
             self._handler_raised(request, service, e)
-            return False
-        return True
+            return Outcome.FAILED
+        return Outcome.SERVED
 
     def _handler_raised(self, request: Request, service: Service, e: BaseException) -> None:
         self._fault(("raised", service.handler, type(e), str(e)), logging.ERROR, "call %s: handler %s raised",
@@ -504,20 +627,20 @@ class Server:
         error = exc if isinstance(exc, BaseException) else None
         self._fault(("loop", message, type(exc), str(exc)), logging.ERROR, "%s", message, exc_info=error)
 
-    def _lookup(self, service: str) -> Service | None:
-        """The declared service whose qubes-rpc link qrexec matched for this call.
+def _lookup(daemon: Daemon, service: str) -> Service | None:
+    """The declared service whose qubes-rpc link qrexec matched for this call.
 
-        qrexec tries key 1 (the service as called, ``+`` appended if it has none), then
-        NAME, and stops at the first file it finds (libqrexec/exec.c: find_qrexec_service).
-        The first declared key is therefore the one whose link brought the call here; a
-        ``service_descriptor: false`` service found that way listens on its own socket,
-        so a descriptor naming it on this one is refused, never passed on to NAME.
-        """
-        for key in qrexec.lookup_keys(service):
-            found = self.daemon.services.get(key)
-            if found is not None:
-                return found if found.service_descriptor else None
-        return None
+    qrexec tries key 1 (the service as called, ``+`` appended if it has none), then
+    NAME, and stops at the first file it finds (libqrexec/exec.c: find_qrexec_service).
+    The first declared key is therefore the one whose link brought the call here; a
+    ``service_descriptor: false`` service found that way listens on its own socket,
+    so a descriptor naming it on this one is refused, never passed on to NAME.
+    """
+    for key in qrexec.lookup_keys(service):
+        found = daemon.services.get(key)
+        if found is not None:
+            return found if found.service_descriptor else None
+    return None
 
 
 def _log_info(msg: str, *args: object) -> None:
@@ -530,16 +653,20 @@ def _log_info(msg: str, *args: object) -> None:
                                   None, frame.f_code.co_name))
 
 
-def notify(status: str) -> None:
-    """READY=1 to systemd when it asked for it (Type=notify)."""
+def notify(status: str, ready: bool = True) -> None:
+    """READY=1 (once) and STATUS= to systemd when it asked for them (Type=notify)."""
     if "NOTIFY_SOCKET" not in os.environ:
         return
     from systemd.daemon import notify as sd_notify
 
-    sd_notify(f"READY=1\nSTATUS={status}")
+    sd_notify(f"READY=1\nSTATUS={status}" if ready else f"STATUS={status}")
 
 
-def serve(daemon: Daemon, bind_dir: str | None = None) -> None:
+def notify_status(status: str) -> None:
+    notify(status, ready=False)
+
+
+def serve(daemon: Daemon, bind_dir: str | None = None, source: Source | None = None, spec_id: str = "") -> None:
     """Run the daemon until idle exit or SIGTERM.
 
     Socket-activated, it unlinks nothing (the sockets are systemd's); started by hand, it removes
@@ -551,9 +678,10 @@ def serve(daemon: Daemon, bind_dir: str | None = None) -> None:
     try:
         if listeners is None:
             listeners = bind_sockets(daemon, bind_dir, owned)
-        server = Server(daemon)
+        server = Server(daemon, source=source, spec_id=spec_id)
+        on_status = notify_status if "NOTIFY_SOCKET" in os.environ else None
         with contextlib.suppress(KeyboardInterrupt), asyncio.Runner(loop_factory=_loop_factory()) as runner:
-            runner.run(server.run(listeners, on_ready=notify))
+            runner.run(server.run(listeners, on_ready=notify, on_status=on_status))
     finally:
         for sock in owned:
             sock.remove()
