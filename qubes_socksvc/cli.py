@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from .errors import SocksvcError
 
 if TYPE_CHECKING:
+    from . import install, render
     from .manifest import Manifest
 
 DEFAULT_MANIFEST = "/etc/qubes-socksvc.yaml"
@@ -72,6 +73,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
             print(f"dry run: {len(plan.changes)} changes not made" if plan.changes
                   else f"{manifest.path}: up to date, nothing to do")
             return EXIT_OK
+        notes = _reload_notes(manifest, layout, root, plan)
         install.execute(plan)  # with no change, it only narrows a record an interrupted apply left wide
     if not plan.changes:
         print(f"{manifest.path}: up to date, nothing to do")
@@ -79,9 +81,31 @@ def cmd_apply(args: argparse.Namespace) -> int:
     print(f"{manifest.path}: applied {len(plan.changes)} changes")
     if any(a.path.startswith(layout.unit_dir + "/") for a in plan.changes):
         print("units changed: users run 'systemctl --user daemon-reload' (or log in again)")
-    print("running daemons serve the new manifest after their idle exit, "
-          "or now with 'systemctl --user try-restart qubes-socksvc-NAME.service'")
+    for note in notes:
+        print(note)
     return EXIT_OK
+
+
+def _reload_notes(manifest: Manifest, layout: render.Layout, root: str, plan: install.Plan) -> list[str]:
+    """Per daemon whose spec changes: running daemons reload it at their next call, except for
+    their sockets, which are systemd's (compared with the spec on disk before the write)."""
+    from . import install, model
+
+    notes = []
+    for action in plan.changes:
+        name = os.path.basename(action.path).removesuffix(".json")
+        if os.path.dirname(action.path) != layout.spec_dir or name not in manifest.daemons:
+            continue
+        daemon = manifest.daemons[name]
+        notes.append(f"daemon {name}: running daemons pick the new spec up at their next call")
+        try:
+            old = model.load(install.real_path(root, action.path)).daemon
+        except model.SpecError:
+            continue  # a new daemon, or a spec no daemon could have loaded
+        if set(old.sockets()) != set(daemon.sockets()):
+            notes.append(f"daemon {name}: its sockets changed: users run 'systemctl --user daemon-reload && "
+                         f"systemctl --user restart {daemon.unit}.socket'")
+    return notes
 
 
 def cmd_list(args: argparse.Namespace) -> int:

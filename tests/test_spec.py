@@ -39,13 +39,13 @@ daemons:
 class SpecDaemon:
     """``serve s --spec SPEC --bind-dir DIR`` as the daemon's user: what the unit runs."""
 
-    def __init__(self, spec: Path, bind_dir: Path) -> None:
+    def __init__(self, spec: Path, bind_dir: Path, name: str = "s") -> None:
         pw = pwd.getpwnam(DAEMON_USER)
         self.bind_dir = bind_dir
-        self.log = bind_dir.parent / "daemon.log"
+        self.log = bind_dir / "daemon.log"
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-P", "-m", "qubes_socksvc", "serve", "s", "--spec", str(spec),
+                [sys.executable, "-P", "-m", "qubes_socksvc", "serve", name, "--spec", str(spec),
                  "--bind-dir", str(bind_dir)],
                 env={"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{REPO}:{TESTS}", "HOME": "/tmp"},
                 stdout=log, stderr=subprocess.STDOUT, user=pw.pw_uid, group=pw.pw_gid, extra_groups=[], cwd="/")
@@ -53,9 +53,10 @@ class SpecDaemon:
         while "serving" not in self.log.read_text():
             assert self.proc.poll() is None and time.monotonic() < deadline, self.log.read_text()
             time.sleep(0.02)
+        self.socket = str(bind_dir / f"socksvc-{name}.sock")
 
     def call(self, payload: bytes) -> bytes:
-        return raw_call(str(self.bind_dir / "socksvc-s.sock"), payload)
+        return raw_call(self.socket, payload)
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
