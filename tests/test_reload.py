@@ -136,7 +136,7 @@ def test_sighup_reloads_what_the_file_stamp_did_not_show(world: tuple[Path, Path
 
 
 def test_a_broken_spec_leaves_the_old_one_serving(world: tuple[Path, Path, SpecDaemon]) -> None:
-    root, manifest, daemon = world
+    root, _, daemon = world
     spec = root / "var/lib/qubes-socksvc/daemons/r.json"
     good = spec.read_text()
     for broken in ("{not json", '{"version": 99}', ""):
