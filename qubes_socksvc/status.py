@@ -14,6 +14,7 @@ import ipaddress
 import os
 import socket
 import struct
+import subprocess
 
 from . import effective, install, qrexec, render
 from .manifest import Forward, Manifest
@@ -122,6 +123,36 @@ def _enabled(root: str, unit: str) -> str:
     return f"enabled for {', '.join(users)}" if users else "not enabled"
 
 
+def running_state(unit: str, spec_path: str) -> str:
+    """Whether this user's daemon runs, which spec it serves (its STATUS=), and whether that is the
+    applied one: asked of the user manager (``systemctl --user show`` starts nothing)."""
+    from . import model
+
+    if os.geteuid() == 0 or not os.environ.get("XDG_RUNTIME_DIR"):
+        return "(run 'qubes-socksvc list' as a user to see that user's daemon)"
+    try:
+        shown = subprocess.run(["systemctl", "--user", "show", "-p", "ActiveState,MainPID,StatusText,NeedDaemonReload",
+                                f"{unit}.service"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"unknown (systemctl --user: {e})"
+    if shown.returncode != 0:
+        return f"unknown (no user manager: {shown.stderr.strip()[:100]})"
+    props = dict(line.partition("=")[::2] for line in shown.stdout.splitlines())
+    reload_units = "; units changed: run 'systemctl --user daemon-reload'" if props.get("NeedDaemonReload") == "yes" \
+        else ""
+    if props.get("ActiveState") != "active":
+        return f"no ({props.get('ActiveState', 'unknown')}; it starts on the next call){reload_units}"
+    serving = props.get("StatusText", "").partition(":")[0].removeprefix("spec ")
+    try:
+        applied = model.load(spec_path).sha256[:12]
+    except model.SpecError:
+        applied = ""
+    verdict = ("the applied one" if serving == applied else
+               f"not the applied {applied or '(none)'}: it reloads at its next call, or now with "
+               f"'systemctl --user reload {unit}.service'")
+    return f"yes (pid {props.get('MainPID')}), serving spec {serving or '(unknown)'}, {verdict}{reload_units}"
+
+
 def report(manifest: Manifest, root: str = "/") -> str:
     layout = render.Layout.for_manifest(manifest)
     owned = install.load_state(root, layout)
@@ -137,6 +168,7 @@ def report(manifest: Manifest, root: str = "/") -> str:
         for socket_path in daemon.sockets():
             state = "listening" if socket_path in listening else "not listening"
             lines.append(f"  socket {socket_path}: {state}")
+        lines.append(f"  running: {running_state(daemon.unit, install.real_path(root, layout.spec(daemon.name)))}")
         for full_name, service in daemon.services.items():
             lines.append(f"  service {full_name} -> {service.handler}")
             lines += _entry_lines(full_name, "    ", layout, artifacts, findings, root, owned)

@@ -32,6 +32,7 @@ from pathlib import Path
 import pytest
 
 from tests.packages import Built, build, missing_tools
+from tests.test_reload import Stream
 from tests.usermanager import (
     Unavailable,
     UserManager,
@@ -110,6 +111,11 @@ daemons:
 EDITED_TEXT = (MANIFEST_TEXT
                .replace("      e2e.Hello+friend:\n        handler: qubes_socksvc.examples:hello\n", "")
                .replace("      e2e.Upper:\n", "      e2e.Added:\n"))
+
+#: From EDITED_TEXT: e2e.Added removed, e2e.Reloaded added, e2e.Echo given a 1 s timeout.
+RELOADED_TEXT = (EDITED_TEXT.replace("      e2e.Added:\n", "      e2e.Reloaded:\n")
+                 .replace("        max_input: 0\n        wait_for_session: true\n",
+                          "        max_input: 0\n        wait_for_session: true\n        timeout: 1\n", 1))
 
 
 def unit(daemon: str, kind: str) -> str:
@@ -506,6 +512,86 @@ def test_the_daemon_serves_what_was_applied_not_the_yaml(manager: UserManager) -
             assert call("e2e.Echo", b"kept") == b"kept"
     finally:
         MANIFEST.write_text(applied_text)
+
+
+def slow_echo(data: bytes = b"slow", pause: float = 2) -> bytes:
+    """An e2e.Echo call whose caller takes ``pause`` seconds between two writes."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(30)
+        sock.connect(str(RPC_DIR / "e2e.Echo"))
+        sock.sendall(b"e2e.Echo+ work\0" + data[:1])
+        time.sleep(pause)
+        with contextlib.suppress(OSError):
+            sock.sendall(data[1:])
+            sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        with contextlib.suppress(OSError):
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def test_apply_reaches_the_running_daemon_without_a_restart(manager: UserManager) -> None:
+    """A long streaming call is in flight while apply adds a service, removes one and gives
+    e2e.Echo a timeout: the stream, started without one, completes byte-exact; the next calls get
+    the new spec; the daemon's PID is unchanged; STATUS= and list name the applied spec."""
+    assert call("e2e.Echo", b"warm") == b"warm"
+    assert slow_echo() == b"slow"  # no timeout yet
+    pid = main_pid(manager)
+    stream = Stream(str(RPC_DIR / "e2e.Echo"), b"e2e.Echo+ work\0")
+    time.sleep(0.5)
+    MANIFEST.write_text(RELOADED_TEXT)
+    try:
+        output = system("qubes-socksvc", "apply").stdout
+        assert f"daemon {MAIN}: running daemons pick the new spec up at their next call" in output, output
+        assert call("e2e.Reloaded", b"new") == b"NEW"
+        assert call("e2e.Added", b"gone", link="e2e.Echo") == b""
+        assert stream.writer.is_alive(), "the stream ended before the reload: it proves nothing"
+        assert slow_echo() == b"s"  # cut by the new 1 s timeout
+        received = stream.finish()
+        assert hashlib.sha256(received).digest() == hashlib.sha256(stream.data).digest()
+        assert main_pid(manager) == pid
+        spec_id = hashlib.sha256((STATE_DIR / "daemons" / f"{MAIN}.json").read_bytes()).hexdigest()[:12]
+        wait_for("STATUS= to name the new spec", lambda: manager.show(unit(MAIN, "service"), "StatusText")
+                 .startswith(f"spec {spec_id}: "))
+        assert " served" in manager.show(unit(MAIN, "service"), "StatusText")
+        listing = manager.run("qubes-socksvc", "list").stdout
+        assert f"running: yes (pid {pid}), serving spec {spec_id}, the applied one" in listing, listing
+    finally:
+        MANIFEST.write_text(EDITED_TEXT)
+        system("qubes-socksvc", "apply")
+    listing = manager.run("qubes-socksvc", "list").stdout
+    assert f"serving spec {spec_id}, not the applied" in listing, listing  # stale until its next call
+    assert call("e2e.Added", b"back") == b"BACK"
+    assert main_pid(manager) == pid
+
+
+def test_systemctl_reload_reloads_the_spec(manager: UserManager) -> None:
+    """ExecReload= sends SIGHUP: the daemon loads its spec again, same PID.  The spec is rewritten
+    in place with the same size and mtime (e2e.Echo gets a 1 s timeout), which the per-call check
+    cannot see: only the reload makes the timeout take effect."""
+    spec = STATE_DIR / "daemons" / f"{MAIN}.json"
+    original = spec.read_text()
+    echo = original.index('"e2e.Echo": {')
+    at = original.index('"timeout": 0', echo)
+    rewritten = original[:at] + '"timeout": 1' + original[at + len('"timeout": 0'):]
+    before = spec.stat()
+    assert slow_echo() == b"slow"
+    pid = main_pid(manager)
+    try:
+        with open(spec, "r+") as f:
+            f.write(rewritten)
+        os.utime(spec, ns=(before.st_atime_ns, before.st_mtime_ns))
+        assert slow_echo() == b"slow"  # not reloaded yet
+        manager.systemctl("reload", unit(MAIN, "service"))
+        assert slow_echo() == b"s"  # the spec read again: cut by the 1 s timeout
+        assert main_pid(manager) == pid
+    finally:
+        fresh = spec.with_name("restore.tmp")
+        fresh.write_text(original)
+        fresh.chmod(0o644)
+        fresh.rename(spec)  # a new inode: the next call reloads it
+    assert slow_echo() == b"slow" and main_pid(manager) == pid
 
 
 # --- remove, reinstall, purge -----------------------------------------------------------

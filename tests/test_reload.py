@@ -60,12 +60,12 @@ def apply(root: Path, manifest: Path, text: str) -> str:
 class Stream:
     """A long streaming call through r.Echo: 8 MiB sent over ~5 s, read back in full."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, descriptor: bytes = b"r.Echo+ work\0") -> None:
         self.data = os.urandom(8 << 20)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(60)
         self.sock.connect(path)
-        self.sock.sendall(b"r.Echo+ work\0")
+        self.sock.sendall(descriptor)
         self.received: list[bytes] = []
         self.reader = threading.Thread(target=self._read)
         self.reader.start()
