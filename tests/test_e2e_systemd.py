@@ -170,6 +170,17 @@ def call(service: str, data: bytes = b"", source: str = "work", link: str | None
     return qrexec_call(str(RPC_DIR / (link or service)), f"{service} {source}\0".encode() + data)
 
 
+@contextlib.contextmanager
+def keep_running() -> Iterator[None]:
+    """An e2e.Echo call held open: the daemon cannot idle out (IDLE_EXIT is short) while a test
+    compares PIDs across a reload."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(str(RPC_DIR / "e2e.Echo"))
+        sock.sendall(b"e2e.Echo+ work\0")
+        yield
+        sock.shutdown(socket.SHUT_WR)
+
+
 def generated_paths() -> list[Path]:
     return [*RPC_DIR.glob("e2e.*"), *RPC_CONFIG_DIR.glob("e2e.*"), *UNIT_DIR.glob("qubes-socksvc-e2e*"),
             *(STATE_DIR / "daemons").glob("e2e*.json")]
@@ -466,23 +477,25 @@ def test_idle_exit_stops_the_daemon_and_the_next_call_starts_it(manager: UserMan
 
 
 def test_manifest_edit_adds_and_removes_services(manager: UserManager) -> None:
-    MANIFEST.write_text(EDITED_TEXT)
-    output = system("qubes-socksvc", "apply").stdout
-    assert re.search(r"^create +/etc/qubes-rpc/e2e\.Added ", output, re.M), output
-    assert re.search(r"^remove +/etc/qubes-rpc/e2e\.Upper$", output, re.M), output
-    assert re.search(r"^remove +/etc/qubes-rpc/e2e\.Hello\+friend$", output, re.M), output
-    assert (RPC_DIR / "e2e.Added").is_symlink()
-    assert not (RPC_DIR / "e2e.Upper").exists() and not (RPC_DIR / "e2e.Upper").is_symlink()
-    pid = main_pid(manager)
-    assert pid  # running: the next call reloads its spec, no restart
-    assert call("e2e.Added", b"new") == b"NEW"
-    assert main_pid(manager) == pid
-    assert "argument=friend" in call("e2e.Hello+friend", link="e2e.Hello").decode()  # falls back to e2e.Hello
-    assert call("e2e.Upper", b"gone", link="e2e.Echo") == b""  # refused by the daemon
-    gone = subprocess.run(["qubes-socksvc", "call", "e2e.Upper"], input=b"", env=SYSTEM_ENV,
-                          capture_output=True, timeout=60, cwd="/")
-    assert gone.returncode != 0 and b"e2e.Upper" in gone.stderr
-    assert call("e2e.Echo", b"still") == b"still"
+    """apply adds and removes services; the running daemon serves them from its next call."""
+    with keep_running():
+        MANIFEST.write_text(EDITED_TEXT)
+        output = system("qubes-socksvc", "apply").stdout
+        assert re.search(r"^create +/etc/qubes-rpc/e2e\.Added ", output, re.M), output
+        assert re.search(r"^remove +/etc/qubes-rpc/e2e\.Upper$", output, re.M), output
+        assert re.search(r"^remove +/etc/qubes-rpc/e2e\.Hello\+friend$", output, re.M), output
+        assert (RPC_DIR / "e2e.Added").is_symlink()
+        assert not (RPC_DIR / "e2e.Upper").exists() and not (RPC_DIR / "e2e.Upper").is_symlink()
+        pid = main_pid(manager)
+        assert pid  # running: the next call reloads its spec, no restart
+        assert call("e2e.Added", b"new") == b"NEW"
+        assert main_pid(manager) == pid
+        assert "argument=friend" in call("e2e.Hello+friend", link="e2e.Hello").decode()  # falls back to e2e.Hello
+        assert call("e2e.Upper", b"gone", link="e2e.Echo") == b""  # refused by the daemon
+        gone = subprocess.run(["qubes-socksvc", "call", "e2e.Upper"], input=b"", env=SYSTEM_ENV,
+                              capture_output=True, timeout=60, cwd="/")
+        assert gone.returncode != 0 and b"e2e.Upper" in gone.stderr
+        assert call("e2e.Echo", b"still") == b"still"
 
 
 def test_systemd_reads_the_declared_values_back(manager: UserManager) -> None:
@@ -535,63 +548,65 @@ def test_apply_reaches_the_running_daemon_without_a_restart(manager: UserManager
     """A long streaming call is in flight while apply adds a service, removes one and gives
     e2e.Echo a timeout: the stream, started without one, completes byte-exact; the next calls get
     the new spec; the daemon's PID is unchanged; STATUS= and list name the applied spec."""
-    assert call("e2e.Echo", b"warm") == b"warm"
-    assert slow_echo() == b"slow"  # no timeout yet
-    pid = main_pid(manager)
-    stream = Stream(str(RPC_DIR / "e2e.Echo"), b"e2e.Echo+ work\0")
-    time.sleep(0.5)
-    MANIFEST.write_text(RELOADED_TEXT)
-    try:
-        output = system("qubes-socksvc", "apply").stdout
-        assert f"daemon {MAIN}: running daemons pick the new spec up at their next call" in output, output
-        assert call("e2e.Reloaded", b"new") == b"NEW"
-        assert call("e2e.Added", b"gone", link="e2e.Echo") == b""
-        assert stream.writer.is_alive(), "the stream ended before the reload: it proves nothing"
-        assert slow_echo() == b"s"  # cut by the new 1 s timeout
-        received = stream.finish()
-        assert hashlib.sha256(received).digest() == hashlib.sha256(stream.data).digest()
-        assert main_pid(manager) == pid
-        spec_id = hashlib.sha256((STATE_DIR / "daemons" / f"{MAIN}.json").read_bytes()).hexdigest()[:12]
-        wait_for("STATUS= to name the new spec", lambda: manager.show(unit(MAIN, "service"), "StatusText")
-                 .startswith(f"spec {spec_id}: "))
-        assert " served" in manager.show(unit(MAIN, "service"), "StatusText")
+    with keep_running():
+        assert call("e2e.Echo", b"warm") == b"warm"
+        assert slow_echo() == b"slow"  # no timeout yet
+        pid = main_pid(manager)
+        stream = Stream(str(RPC_DIR / "e2e.Echo"), b"e2e.Echo+ work\0")
+        time.sleep(0.5)
+        MANIFEST.write_text(RELOADED_TEXT)
+        try:
+            output = system("qubes-socksvc", "apply").stdout
+            assert f"daemon {MAIN}: running daemons pick the new spec up at their next call" in output, output
+            assert call("e2e.Reloaded", b"new") == b"NEW"
+            assert call("e2e.Added", b"gone", link="e2e.Echo") == b""
+            assert stream.writer.is_alive(), "the stream ended before the reload: it proves nothing"
+            assert slow_echo() == b"s"  # cut by the new 1 s timeout
+            received = stream.finish()
+            assert hashlib.sha256(received).digest() == hashlib.sha256(stream.data).digest()
+            assert main_pid(manager) == pid
+            spec_id = hashlib.sha256((STATE_DIR / "daemons" / f"{MAIN}.json").read_bytes()).hexdigest()[:12]
+            wait_for("STATUS= to name the new spec", lambda: manager.show(unit(MAIN, "service"), "StatusText")
+                     .startswith(f"spec {spec_id}: "))
+            assert " served" in manager.show(unit(MAIN, "service"), "StatusText")
+            listing = manager.run("qubes-socksvc", "list").stdout
+            assert f"running: yes (pid {pid}), serving spec {spec_id}, the applied one" in listing, listing
+        finally:
+            MANIFEST.write_text(EDITED_TEXT)
+            system("qubes-socksvc", "apply")
         listing = manager.run("qubes-socksvc", "list").stdout
-        assert f"running: yes (pid {pid}), serving spec {spec_id}, the applied one" in listing, listing
-    finally:
-        MANIFEST.write_text(EDITED_TEXT)
-        system("qubes-socksvc", "apply")
-    listing = manager.run("qubes-socksvc", "list").stdout
-    assert f"serving spec {spec_id}, not the applied" in listing, listing  # stale until its next call
-    assert call("e2e.Added", b"back") == b"BACK"
-    assert main_pid(manager) == pid
+        assert f"serving spec {spec_id}, not the applied" in listing, listing  # stale until its next call
+        assert call("e2e.Added", b"back") == b"BACK"
+        assert main_pid(manager) == pid
 
 
 def test_systemctl_reload_reloads_the_spec(manager: UserManager) -> None:
     """ExecReload= sends SIGHUP: the daemon loads its spec again, same PID.  The spec is rewritten
     in place with the same size and mtime (e2e.Echo gets a 1 s timeout), which the per-call check
     cannot see: only the reload makes the timeout take effect."""
-    spec = STATE_DIR / "daemons" / f"{MAIN}.json"
-    original = spec.read_text()
-    echo = original.index('"e2e.Echo": {')
-    at = original.index('"timeout": 0', echo)
-    rewritten = original[:at] + '"timeout": 1' + original[at + len('"timeout": 0'):]
-    before = spec.stat()
-    assert slow_echo() == b"slow"
-    pid = main_pid(manager)
-    try:
-        with open(spec, "r+") as f:
-            f.write(rewritten)
-        os.utime(spec, ns=(before.st_atime_ns, before.st_mtime_ns))
-        assert slow_echo() == b"slow"  # not reloaded yet
-        manager.systemctl("reload", unit(MAIN, "service"))
-        assert slow_echo() == b"s"  # the spec read again: cut by the 1 s timeout
-        assert main_pid(manager) == pid
-    finally:
-        fresh = spec.with_name("restore.tmp")
-        fresh.write_text(original)
-        fresh.chmod(0o644)
-        fresh.rename(spec)  # a new inode: the next call reloads it
-    assert slow_echo() == b"slow" and main_pid(manager) == pid
+    with keep_running():
+        spec = STATE_DIR / "daemons" / f"{MAIN}.json"
+        original = spec.read_text()
+        echo = original.index('"e2e.Echo": {')
+        at = original.index('"timeout": 0', echo)
+        rewritten = original[:at] + '"timeout": 1' + original[at + len('"timeout": 0'):]
+        before = spec.stat()
+        assert slow_echo() == b"slow"
+        pid = main_pid(manager)
+        try:
+            with open(spec, "r+") as f:
+                f.write(rewritten)
+            os.utime(spec, ns=(before.st_atime_ns, before.st_mtime_ns))
+            assert slow_echo() == b"slow"  # not reloaded yet
+            manager.systemctl("reload", unit(MAIN, "service"))
+            assert slow_echo() == b"s"  # the spec read again: cut by the 1 s timeout
+            assert main_pid(manager) == pid
+        finally:
+            fresh = spec.with_name("restore.tmp")
+            fresh.write_text(original)
+            fresh.chmod(0o644)
+            fresh.rename(spec)  # a new inode: the next call reloads it
+        assert slow_echo() == b"slow" and main_pid(manager) == pid
 
 
 # --- remove, reinstall, purge -----------------------------------------------------------
