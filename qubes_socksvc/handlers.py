@@ -19,7 +19,7 @@ import threading
 import time
 import types
 from collections.abc import Callable, Coroutine, Generator
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from .request import Request
 
@@ -44,11 +44,35 @@ def load(spec: str) -> Handler:
             target = getattr(target, attr)
     except Exception as e:  # an import can raise anything
         raise HandlerError(f"handler {spec!r} cannot be loaded: {e!r}") from e
+    return adapt(target, spec)
+
+
+def adapt(target: object, name: str = "") -> Handler:
+    """A callable as the daemon runs it: a coroutine function as it is, a plain one in a thread."""
     if not callable(target):
-        raise HandlerError(f"handler {spec!r} is not callable")
+        raise HandlerError(f"handler {name or target!r} is not callable")
     if inspect.iscoroutinefunction(target):
-        return target  # type: ignore[no-any-return]
+        return cast(Handler, target)
     return _threaded(target)
+
+
+#: For services without timeout: cheaper than asyncio.timeout(None).
+_NO_TIMEOUT = contextlib.nullcontext()
+
+
+async def invoke(handler: Handler, request: Request, timeout: float = 0,
+                 on_stall: Callable[[float], None] | None = None) -> None:
+    """One call of an adapted handler, as the daemon makes it: within ``timeout`` (0: none),
+    a returned ``bytes``/``str`` written, the output drained.  Raises what the handler
+    raised, TimeoutError, or TypeError for a result of another type."""
+    async with asyncio.timeout(timeout) if timeout else _NO_TIMEOUT:
+        call = handler(request)
+        result = await (watch_stalls(call, on_stall) if on_stall is not None else call)
+        if result is not None:
+            if not isinstance(result, (bytes, str)):
+                raise TypeError(f"handler returned {type(result).__name__}, expected bytes, str or None")
+            request.write(result)
+        await request.drain()
 
 
 def _threaded(function: Callable[[Request], Any]) -> Handler:

@@ -30,7 +30,6 @@ from .model import Daemon, Service
 from .request import InputTooLarge, Request
 
 log = logging.getLogger("qubes_socksvc.server")
-_NO_TIMEOUT = contextlib.nullcontext()  # for services without timeout: cheaper than asyncio.timeout(None)
 
 #: Seconds between STATUS= updates (only when a counter or the spec changed).
 STATUS_INTERVAL = 2.0
@@ -568,14 +567,7 @@ class Server:
                         request.service, service.handler, seconds)
 
         try:
-            handler = self.registry.get(service.handler)
-            async with asyncio.timeout(service.timeout) if service.timeout else _NO_TIMEOUT:
-                result = await handlers.watch_stalls(handler(request), stalled)
-                if result is not None:
-                    if not isinstance(result, (bytes, str)):
-                        raise TypeError(f"handler returned {type(result).__name__}, expected bytes, str or None")
-                    request.write(result)
-                await writer.drain()
+            await handlers.invoke(self.registry.get(service.handler), request, service.timeout, stalled)
         except HandlerError as e:
             self._fault(("load", service.handler), logging.ERROR, "call %s failed: %s", request.service, e)
             return Outcome.FAILED

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import socket
 from collections.abc import AsyncGenerator, Callable
 from typing import Any, TypedDict, Unpack
@@ -173,13 +172,7 @@ def _descriptor_fields(
 
 def _adapt(handler: HandlerLike) -> Handler:
     """What ``handlers.load`` does, for a spec or for the function itself."""
-    if isinstance(handler, str):
-        return handlers.load(handler)
-    if not callable(handler):
-        raise HandlerError(f"handler {handler!r} is not callable")
-    if inspect.iscoroutinefunction(handler):
-        return handler
-    return handlers._threaded(handler)  # the same adaptation load() applies
+    return handlers.load(handler) if isinstance(handler, str) else handlers.adapt(handler)
 
 
 async def _daemon_streams(
@@ -202,13 +195,7 @@ async def _run(
     must not escape through the event loop, in the daemon or here.
     """
     try:
-        async with asyncio.timeout(timeout) if timeout else contextlib.nullcontext():
-            result = await handler(request)
-            if result is not None:
-                if not isinstance(result, (bytes, str)):
-                    raise TypeError(f"handler returned {type(result).__name__}, expected bytes, str or None")
-                request.write(result)
-            await writer.drain()
+        await handlers.invoke(handler, request, timeout)
     except (Exception, SystemExit, KeyboardInterrupt) as e:
         writer.transport.abort()
         return e
