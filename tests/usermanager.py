@@ -19,10 +19,13 @@ systemd runs a user manager happily without being PID 1 when three things hold:
 session bus, so no ``dbus-daemon`` is involved (``dbus.socket`` still listens
 on ``$XDG_RUNTIME_DIR/bus`` when dbus-user-session is installed, for tools
 that need the bus).  With no journald on such a machine, the manager is started
-with ``--default-standard-output=inherit``: units' output goes to
-``UserManager.log``.  The manager's own messages are lost (a user manager logs
-to the journal or to ``/dev/console``, which it cannot open): ``systemctl
---user status`` and ``show`` report unit results instead.
+with ``--default-standard-output=inherit``, so that units do not try the
+journal.  ``inherit`` duplicates a unit's standard input (``/dev/null``), so a
+daemon's log lines are lost (seen here: a SIGHUP reload's "reloaded" line
+never reached ``UserManager.log``), and so are the manager's own messages (a
+user manager logs to the journal or to ``/dev/console``, which it cannot
+open): tests observe units through ``systemctl --user show`` (``MainPID``,
+``StatusText``, ``Result``) and through calls.
 
 On a machine booted with systemd the same class uses ``user@UID.service``.
 Stopping kills whatever is left in the manager's cgroups, so no process
