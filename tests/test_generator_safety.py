@@ -314,13 +314,13 @@ def test_concurrent_applies_are_serialised(world: Callable[[str], tuple[Path, Pa
     assert artifact_states(final) in (artifact_states(ref_a), artifact_states(ref_b)), "a mixed tree"
     assert apply(manifest_a, root).returncode == 0
     assert artifact_states(relative(snapshot(root), root)) == artifact_states(ref_a)
-    assert not [p for p in final if p.endswith(".socksvc-tmp")]
+    assert not [p for p in final if install.TEMP_RE.match(os.path.basename(p))]
 
 
 # --- crashes -------------------------------------------------------------------------------
 
 #: The file-system operations apply makes; the crash comes just before the k-th of them.
-CRASH_POINTS = ("rename", "symlink", "unlink", "write", "fsync", "makedirs")
+CRASH_POINTS = ("rename", "symlink", "unlink", "write", "fsync", "mkdir")
 
 
 def crash_apply(manifest: Path, root: Path, k: int) -> bool:
@@ -370,7 +370,7 @@ def crash_apply(manifest: Path, root: Path, k: int) -> bool:
 def artifact_states(snap: Snapshot) -> dict[str, tuple[str, ...]]:
     """The artifact paths of a relative snapshot (no directories, no temporary files, no record)."""
     return {k: v for k, v in snap.items()
-            if v[0] != "dir" and not k.endswith(".socksvc-tmp") and k != RECORD}
+            if v[0] != "dir" and not install.TEMP_RE.match(os.path.basename(k)) and k != RECORD}
 
 
 def record(root: Path) -> dict[str, list[str]]:
