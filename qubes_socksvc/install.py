@@ -170,9 +170,9 @@ def _write_problem(real: str) -> str | None:
     name = os.path.basename(real)
     if len(os.fsencode(name)) > NAME_MAX:
         return f"its name is longer than {NAME_MAX} bytes (NAME_MAX); rename the service"
-    if len(os.fsencode(real)) >= PATH_MAX:
-        return f"the path is longer than {PATH_MAX - 1} bytes (PATH_MAX); use a shorter --root"
     tmp = _temp_for(real)
+    if max(len(os.fsencode(real)), len(os.fsencode(tmp))) >= PATH_MAX:
+        return f"the path or its temporary name is longer than {PATH_MAX - 1} bytes (PATH_MAX); use a shorter --root"
     if os.path.isdir(tmp) and not os.path.islink(tmp):
         return f"{tmp} is in the way (a directory with the name of qubes-socksvc's temporary file); remove it"
     if os.path.isfile(real) and not os.path.islink(real) and not os.access(real, os.W_OK, effective_ids=True):
