@@ -789,3 +789,36 @@ def test_a_dry_run_as_a_user_needs_no_lock_and_an_apply_refuses_cleanly() -> Non
         assert snapshot(top) == before
     finally:
         shutil.rmtree(top)
+
+
+# --- bounded inputs: the ownership record (issue 10) ------------------------------------------
+
+def sparse_record(path: Path) -> None:
+    path.write_text('{"owned": {}}')
+    os.truncate(path, install.MAX_STATE_SIZE + 1)
+
+
+RECORDS: dict[str, tuple[Callable[[Path], None], str]] = {
+    # name: (how to plant it, words expected)
+    "a FIFO": (os.mkfifo, "the ownership record is a FIFO, not a regular file"),
+    "a directory": (lambda p: p.mkdir(), "the ownership record is a directory, not a regular file"),
+    "larger than the cap": (sparse_record, f"larger than {install.MAX_STATE_SIZE} bytes"),
+    "deeply nested JSON": (lambda p: p.write_text('{"owned": ' + "[" * 200_000 + "]" * 200_000 + "}"),
+                           "unreadable ownership record (nested too deeply)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RECORDS))
+@pytest.mark.parametrize("verb", ["apply", "check", "list"])
+def test_a_hostile_record_is_refused_at_once_and_nothing_is_written(
+        world: Callable[[str], tuple[Path, Path, Path]], case: str, verb: str) -> None:
+    how, words = RECORDS[case]
+    manifest, root, outside = world(A)
+    root.mkdir()
+    plant(root, RECORD, how)
+    before = snapshot(root, outside)
+    result = subprocess.run([sys.executable, "-m", "qubes_socksvc", verb, "-c", str(manifest), "--root", str(root)],
+                            capture_output=True, text=True, timeout=20,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    assert_refused(result, before, root, outside, words=words)
+    assert f"{root / RECORD}: " in result.stderr and "restore or delete it, then apply again" in result.stderr
