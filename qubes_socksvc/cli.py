@@ -214,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = add("apply", "render units, qubes-rpc symlinks and rpc-config files, atomically")
     config(sub)
     sub.add_argument("--root", default="/", metavar="DIR", help="write into this staging tree instead of /")
-    sub.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    sub.add_argument("--dry-run", action="store_true",
+                     help="print the plan, change nothing (not root: without the apply lock)")
     sub.add_argument("-v", "--verbose", action="store_true", help="also list unchanged paths")
     sub.set_defaults(func=cmd_apply)
 

@@ -173,8 +173,9 @@ def _write_problem(real: str) -> str | None:
     tmp = _temp_for(real)
     if max(len(os.fsencode(real)), len(os.fsencode(tmp))) >= PATH_MAX:
         return f"the path or its temporary name is longer than {PATH_MAX - 1} bytes (PATH_MAX); use a shorter --root"
-    if os.path.isdir(tmp) and not os.path.islink(tmp):
-        return f"{tmp} is in the way (a directory with the name of qubes-socksvc's temporary file); remove it"
+    with contextlib.suppress(FileNotFoundError):
+        if not stat.S_ISREG(os.lstat(tmp).st_mode) and not os.path.islink(tmp):  # files and links are swept
+            return f"{tmp} is in the way (not a file, with the name of qubes-socksvc's temporary file); remove it"
     if os.path.isfile(real) and not os.path.islink(real) and not os.access(real, os.W_OK, effective_ids=True):
         return "the file cannot be replaced or removed (immutable, or not ours to write)"
     return None
@@ -292,14 +293,14 @@ def locked(lock_file: str = LOCK_FILE, *, optional: bool = False) -> Iterator[bo
 
     With ``optional`` (a dry run), a caller that cannot open the lock (not root) goes on without it.
     """
+    fd: int | None = None
     try:
         fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     except OSError as e:
         if not optional:
             raise ApplyError(f"{lock_file}: cannot take the apply lock ({e.strerror}); apply writes as root: "
                              "run it as root, or with --dry-run to see the plan") from e
-        fd = -1
-    if fd < 0:
+    if fd is None:
         yield False
         return
     try:

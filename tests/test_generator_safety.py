@@ -556,6 +556,9 @@ IN_THE_WAY: dict[str, tuple[str, Callable[[Path], None], str]] = {
     "a directory named like the record's temporary file": (
         f"var/lib/qubes-socksvc/{os.path.basename(install._temp_for(RECORD))}", lambda p: p.mkdir(),
         "is in the way"),
+    "a FIFO named like a unit's temporary file": (
+        f"etc/systemd/user/{os.path.basename(install._temp_for('/etc/systemd/user/qubes-socksvc-beta.socket'))}",
+        os.mkfifo, "is in the way"),
 }
 
 
