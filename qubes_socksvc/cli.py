@@ -57,7 +57,10 @@ def cmd_apply(args: argparse.Namespace) -> int:
     manifest = _load(args.config)
     layout = render.Layout.for_manifest(manifest)
     root = os.path.abspath(args.root)
-    with install.locked():
+    with install.locked(optional=args.dry_run) as held:
+        if not held:
+            print(f"dry run without the apply lock (only root can take {install.LOCK_FILE}): "
+                  "an apply running meanwhile may change what this plan shows", file=sys.stderr)
         artifacts, findings = effective.settle(manifest, layout, render.render(manifest, layout), root)
         plan = install.plan(artifacts, layout, root)
         for action in plan.actions:
@@ -69,14 +72,16 @@ def cmd_apply(args: argparse.Namespace) -> int:
         if conflicts:
             print(f"{manifest.path}: {conflicts} conflicts; nothing was changed", file=sys.stderr)
             return EXIT_FAILED
+        pending = len(plan.changes) + len(plan.sweeps)
         if args.dry_run:
-            print(f"dry run: {len(plan.changes)} changes not made" if plan.changes
+            print(f"dry run: {pending} changes not made" if pending
                   else f"{manifest.path}: up to date, nothing to do")
             return EXIT_OK
         notes = _reload_notes(manifest, layout, root, plan)
-        install.execute(plan)  # with no change, it only narrows a record an interrupted apply left wide
+        install.execute(plan)  # with no change, it only cleans up after an interrupted apply
     if not plan.changes:
-        print(f"{manifest.path}: up to date, nothing to do")
+        print(f"{manifest.path}: up to date, "
+              + (f"{len(plan.sweeps)} leftovers swept" if plan.sweeps else "nothing to do"))
         return EXIT_OK
     print(f"{manifest.path}: applied {len(plan.changes)} changes")
     if any(a.path.startswith(layout.unit_dir + "/") for a in plan.changes):
@@ -278,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = add("apply", "render units, qubes-rpc symlinks and rpc-config files, atomically")
     config(sub)
     sub.add_argument("--root", default="/", metavar="DIR", help="write into this staging tree instead of /")
-    sub.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    sub.add_argument("--dry-run", action="store_true",
+                     help="print the plan, change nothing (not root: without the apply lock)")
     sub.add_argument("-v", "--verbose", action="store_true", help="also list unchanged paths")
     sub.set_defaults(func=cmd_apply)
 

@@ -5,9 +5,12 @@
 What we own is recorded in a state file (JSON: path -> accepted SHA-256 of the
 file, or of ``symlink:TARGET``).  A path we did not record, or that changed
 since we wrote it, is never touched: that is a conflict, and a plan with a
-conflict changes nothing.  Before writing, the record is widened to accept both
-the old and the new state of every path in the plan, so a crash between two
-writes leaves a state the next ``apply`` recognises and repairs.
+conflict changes nothing.  Everything a write needs (real directories, room for
+the name, write permission) is checked in the plan, so a refused apply writes
+nothing.  Before writing, the record is widened to accept exactly the old and the
+new state of every path in the plan, so a crash between two writes leaves a state
+the next ``apply`` recognises and repairs; temporary files such a crash leaves are
+swept by the next apply.
 """
 
 from __future__ import annotations
@@ -17,14 +20,28 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from . import files
 from .errors import SocksvcError
+from .qrexec import NAME_MAX
 from .render import Artifact, Layout
 
 STATE_VERSION = 1
+#: The record holds two digests per path at most; 16 MiB is far beyond any manifest.
+MAX_STATE_SIZE = 16 << 20
+#: What we write are units and rpc-config files of a few KiB: a larger file is never ours.
+MAX_ARTIFACT_SIZE = 1 << 20
+#: Linux's PATH_MAX, its NUL included.
+PATH_MAX = 4096
+#: A temporary name has a fixed length whatever the final name (a 255-byte service name
+#: must fit NAME_MAX): a dot, ``socksvc-``, 16 hex digits of the final name's SHA-256, ``.tmp``.
+TEMP_RE = re.compile(r"\.socksvc-[0-9a-f]{16}\.tmp\Z")
+#: The temporary names of earlier versions (``.NAME.socksvc-tmp``), swept too.
+OLD_TEMP_RE = re.compile(r"\..+\.socksvc-tmp\Z", re.DOTALL)
 
 
 class ApplyError(SocksvcError):
@@ -33,10 +50,12 @@ class ApplyError(SocksvcError):
 
 @dataclass(frozen=True)
 class Action:
-    verb: str  # "create", "update", "remove", "unchanged", "conflict"
+    verb: str  # "create", "update", "remove", "unchanged", "conflict", "sweep"
     path: str  # absolute on the target system
     artifact: Artifact | None = None
     reason: str = ""
+    current: str | None = None
+    """For "update" and "remove": the fingerprint of what is there now (one the record accepts)."""
 
     def __str__(self) -> str:
         text = f"{self.verb:9} {self.path}"
@@ -59,6 +78,11 @@ class Plan:
     def conflicts(self) -> list[Action]:
         return [a for a in self.actions if a.verb == "conflict"]
 
+    @property
+    def sweeps(self) -> list[Action]:
+        """Temporary files an interrupted apply left behind."""
+        return [a for a in self.actions if a.verb == "sweep"]
+
 
 def fingerprint(artifact: Artifact) -> str:
     if artifact.link_target is not None:
@@ -77,34 +101,117 @@ def current_fingerprint(real_path: str) -> str | None:
         return None
     if stat.S_ISLNK(st.st_mode):
         return hashlib.sha256(b"symlink:" + os.readlink(real_path).encode()).hexdigest()
-    if stat.S_ISREG(st.st_mode):
-        with open(real_path, "rb") as f:
-            return hashlib.sha256(f.read()).hexdigest()
-    return ""  # a directory, socket, device...: never ours
+    if stat.S_ISREG(st.st_mode) and st.st_size <= MAX_ARTIFACT_SIZE:
+        return hashlib.sha256(files.read_regular(real_path, MAX_ARTIFACT_SIZE, "file")).hexdigest()
+    return ""  # a directory, socket, device, a huge file...: never ours
 
 
 def real_path(root: str, path: str) -> str:
     return os.path.join(root, path.lstrip("/")) if root != "/" else path
 
 
-def _symlinked_parent(root: str, path: str) -> str | None:
-    """The first directory between ``root`` and ``path`` that is a symlink, if any."""
-    current = root.rstrip("/") or "/"
-    for part in os.path.dirname(path).strip("/").split("/"):
-        current = os.path.join(current, part)
-        if os.path.islink(current):
-            return current
+def _artifact_dirs(layout: Layout) -> tuple[str, ...]:
+    """The directories artifacts live in (a record naming any other is refused)."""
+    return (layout.unit_dir, layout.rpc_dir, layout.rpc_config_dir, layout.spec_dir)
+
+
+def _written_dirs(layout: Layout) -> tuple[str, ...]:
+    """Every directory apply writes in: the artifacts' and the record's."""
+    return tuple(dict.fromkeys((*_artifact_dirs(layout), os.path.dirname(layout.state_file))))
+
+
+@dataclass(frozen=True)
+class _DirCheck:
+    """What the file system says about one target directory, before any write."""
+
+    problem: str | None
+    """Why nothing in it can be judged or written (a symlink or a non-directory on the way)."""
+    unwritable: str | None
+    """Why nothing in it can be written (a read-only or immutable directory, no permission)."""
+    exists: bool
+
+
+def _check_dir(root: str, directory: str) -> _DirCheck:
+    """Walk from ``root`` to ``directory`` as apply's makedirs and renames would."""
+    top = root.rstrip("/") or "/"
+    deepest = top  # the deepest directory that exists: where a write or a makedirs happens
+    while not os.path.lexists(deepest):  # a --root still to be created
+        deepest = os.path.dirname(deepest)
+    if not os.path.isdir(deepest):
+        return _DirCheck(f"{deepest} is not a directory; move it away", None, False)
+    path, exists = top, deepest == top
+    for part in directory.strip("/").split("/") if exists else ():
+        path = os.path.join(path, part)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            exists = False
+            break
+        except OSError as e:
+            return _DirCheck(f"{path}: {e.strerror}", None, False)
+        if stat.S_ISLNK(st.st_mode):
+            return _DirCheck(f"{path} is a symlink; refusing to write through it", None, False)
+        if not stat.S_ISDIR(st.st_mode):
+            return _DirCheck(f"{path} is not a directory; move it away", None, False)
+        deepest = path
+    unwritable = None
+    if not os.access(deepest, os.W_OK | os.X_OK, effective_ids=True):
+        unwritable = (f"{deepest} is not writable by this user; apply writes as root" if os.geteuid() != 0
+                      else f"{deepest} is not writable (a read-only file system, or an immutable directory)")
+    return _DirCheck(None, unwritable, exists)
+
+
+def _temp_for(real: str) -> str:
+    """The temporary name a write of ``real`` goes through before its rename."""
+    directory, name = os.path.split(real)
+    return os.path.join(directory, f".socksvc-{hashlib.sha256(os.fsencode(name)).hexdigest()[:16]}.tmp")
+
+
+def _write_problem(real: str) -> str | None:
+    """Why a write or removal of ``real`` (in a sound directory) would fail half-way, if it would."""
+    name = os.path.basename(real)
+    if len(os.fsencode(name)) > NAME_MAX:
+        return f"its name is longer than {NAME_MAX} bytes (NAME_MAX); rename the service"
+    tmp = _temp_for(real)
+    if max(len(os.fsencode(real)), len(os.fsencode(tmp))) >= PATH_MAX:
+        return f"the path or its temporary name is longer than {PATH_MAX - 1} bytes (PATH_MAX); use a shorter --root"
+    with contextlib.suppress(FileNotFoundError):
+        if not stat.S_ISREG(os.lstat(tmp).st_mode) and not os.path.islink(tmp):  # files and links are swept
+            return f"{tmp} is in the way (not a file, with the name of qubes-socksvc's temporary file); remove it"
+    if os.path.isfile(real) and not os.path.islink(real) and not os.access(real, os.W_OK, effective_ids=True):
+        return "the file cannot be replaced or removed (immutable, or not ours to write)"
     return None
 
 
+def _leftovers(root: str, layout: Layout, checks: dict[str, _DirCheck]) -> list[Action]:
+    """Temporary files (ours by name, files or symlinks) an interrupted apply left behind."""
+    actions = []
+    for directory in _written_dirs(layout):
+        check = checks[directory]
+        if check.problem is not None or check.unwritable is not None or not check.exists:
+            continue
+        try:
+            entries = list(os.scandir(real_path(root, directory)))
+        except OSError:
+            continue  # nothing we could sweep; writes there are refused as unwritable
+        for entry in entries:
+            if ((TEMP_RE.match(entry.name) or OLD_TEMP_RE.match(entry.name))
+                    and (entry.is_symlink() or entry.is_file(follow_symlinks=False))):
+                actions.append(Action("sweep", f"{directory}/{entry.name}", None, "left by an interrupted apply"))
+    return sorted(actions, key=lambda a: a.path)
+
+
 def load_state(root: str, layout: Layout) -> dict[str, list[str]]:
-    try:
-        with open(real_path(root, layout.state_file), encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
+    path = real_path(root, layout.state_file)
+    if not os.path.lexists(path):
         return {}
-    except (OSError, ValueError) as e:
-        raise ApplyError(f"{real_path(root, layout.state_file)}: unreadable ownership record ({e}); "
+    try:
+        data = json.loads(files.read_regular(path, MAX_STATE_SIZE, "ownership record"))
+    except files.FileRefused as e:
+        raise ApplyError(f"{e}; restore or delete it, then apply again") from e
+    except (ValueError, RecursionError) as e:  # RecursionError: JSON nested deeper than the stack
+        reason = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise ApplyError(f"{path}: unreadable ownership record ({reason}); "
                          "restore or delete it, then apply again") from e
     owned = data.get("owned") if isinstance(data, dict) else None
     if not isinstance(owned, dict) or not all(
@@ -119,102 +226,150 @@ def _in_layout(layout: Layout, path: str) -> bool:
     """A path apply may write: directly inside one of the layout's directories."""
     directory, name = os.path.split(path)
     return (os.path.normpath(path) == path and name not in ("", ".", "..")
-            and directory in (layout.unit_dir, layout.rpc_dir, layout.rpc_config_dir, layout.spec_dir))
+            and directory in _artifact_dirs(layout))
 
 
 def plan(artifacts: list[Artifact], layout: Layout, root: str = "/") -> Plan:
     owned = load_state(root, layout)
     actions: list[Action] = []
     wanted = {a.path: a for a in artifacts}
-    symlinked = _symlinked_parent(root, layout.state_file)
-    if symlinked is not None:  # the record is written too
-        actions.append(Action("conflict", layout.state_file, None,
-                              f"{symlinked} is a symlink; refusing to write through it"))
+    checks = {d: _check_dir(root, d) for d in _written_dirs(layout)}
     for path in sorted(set(wanted) | set(owned)):
         artifact = wanted.get(path)
         if not _in_layout(layout, path):  # only an edited record can name one
             actions.append(Action("conflict", path, artifact, "the ownership record names a path outside "
                                   f"qubes-socksvc's directories; remove it from {layout.state_file}"))
             continue
+        check = checks[os.path.dirname(path)]
+        if check.problem is not None:
+            actions.append(Action("conflict", path, artifact, check.problem))
+            continue
         real = real_path(root, path)
-        symlinked = _symlinked_parent(root, path)
-        current = current_fingerprint(real) if symlinked is None else ""
+        current = current_fingerprint(real)
         mine = path in owned and current in owned[path]
-        if symlinked is not None:
-            reason = f"{symlinked} is a symlink; refusing to write through it"
-            actions.append(Action("conflict", path, artifact, reason))
-        elif artifact is None:
+        if artifact is None:
             if current is None:
                 continue  # already gone
-            actions.append(Action("remove", path) if mine else Action(
+            actions.append(Action("remove", path, current=current) if mine else Action(
                 "conflict", path, None, "changed since qubes-socksvc wrote it; remove it by hand"))
         elif current is None:
             actions.append(Action("create", path, artifact))
         elif current == fingerprint(artifact) and (mine or path not in owned):
             actions.append(Action("unchanged", path, artifact))
         elif mine:
-            actions.append(Action("update", path, artifact))
+            actions.append(Action("update", path, artifact, current=current))
         elif path in owned:
             actions.append(Action("conflict", path, artifact,
                                   "changed since qubes-socksvc wrote it; remove it or restore it"))
         else:
             actions.append(Action("conflict", path, artifact,
                                   "exists and is not owned by qubes-socksvc; remove it or rename the service"))
-    return Plan(actions, layout, root)
+    actions = [_refused_if_unwritable(a, root, checks) for a in actions]
+    record_dir = checks[os.path.dirname(layout.state_file)]
+    if record_dir.problem is not None:  # the record is written too
+        actions.append(Action("conflict", layout.state_file, None, record_dir.problem))
+    elif any(a.verb in ("create", "update", "remove") for a in actions):
+        problem = record_dir.unwritable or _write_problem(real_path(root, layout.state_file))
+        if problem is not None:
+            actions.append(Action("conflict", layout.state_file, None, problem))
+    return Plan(_leftovers(root, layout, checks) + actions, layout, root)
 
 
-#: Outside every target tree, so that taking the lock changes nothing there.
-LOCK_FILE = "/run/lock/qubes-socksvc-apply.lock"
+def _refused_if_unwritable(action: Action, root: str, checks: dict[str, _DirCheck]) -> Action:
+    """A change that would fail half-way (see _write_problem) as a conflict, before any write."""
+    if action.verb not in ("create", "update", "remove"):
+        return action
+    problem = checks[os.path.dirname(action.path)].unwritable or _write_problem(real_path(root, action.path))
+    return action if problem is None else Action("conflict", action.path, action.artifact, problem)
+
+
+#: Only root can create files in /run (0755), so no user can hold this lock and hang
+#: ``postinst`` (/run/lock is world-writable); outside every target tree, so taking
+#: it changes nothing there.
+LOCK_FILE = "/run/qubes-socksvc-apply.lock"
 
 
 @contextlib.contextmanager
-def locked(lock_file: str = LOCK_FILE) -> Iterator[None]:
-    """Serialise concurrent applies (one lock for every target tree)."""
-    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+def locked(lock_file: str = LOCK_FILE, *, optional: bool = False) -> Iterator[bool]:
+    """Serialise concurrent applies (one lock for every target tree); yields whether it is held.
+
+    With ``optional`` (a dry run), a caller that cannot open the lock (not root) goes on without it.
+    """
+    fd: int | None = None
+    try:
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    except OSError as e:
+        if not optional:
+            raise ApplyError(f"{lock_file}: cannot take the apply lock ({e.strerror}); apply writes as root: "
+                             "run it as root, or with --dry-run to see the plan") from e
+    if fd is None:
+        yield False
+        return
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+        yield True
     finally:
         os.close(fd)
 
 
-def _temp_beside(real: str) -> str:
-    """The temporary name a write of ``real`` goes through before its rename."""
-    directory, name = os.path.split(real)
-    return os.path.join(directory, f".{name}.socksvc-tmp")
-
-
-def _fresh_temp_beside(real: str) -> str:
-    os.makedirs(os.path.dirname(real), mode=0o755, exist_ok=True)
-    tmp = _temp_beside(real)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp)  # left by an interrupted apply
-    return tmp
+@contextlib.contextmanager
+def _umask(mask: int) -> Iterator[None]:
+    """Created directories and files get exactly the modes asked for, whatever the caller's umask."""
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
 
 
 def _write_file(real: str, content: bytes, mode: int = 0o644) -> None:
-    tmp = _fresh_temp_beside(real)
+    """Write ``real`` whole or not at all: a temporary file, fsynced, renamed; removed on failure."""
+    os.makedirs(os.path.dirname(real), mode=0o755, exist_ok=True)
+    tmp = _temp_for(real)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     try:
-        view = memoryview(content)
-        while view:  # write() may take less than asked (a full disk, a signal)
-            view = view[os.write(fd, view):]
-        os.fchmod(fd, mode)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, real)
+        try:
+            view = memoryview(content)
+            while view:  # write() may take less than asked (a full disk, a signal)
+                view = view[os.write(fd, view):]
+            os.fchmod(fd, mode)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, real)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def _write_symlink(real: str, target: str) -> None:
-    tmp = _fresh_temp_beside(real)
+    os.makedirs(os.path.dirname(real), mode=0o755, exist_ok=True)
+    tmp = _temp_for(real)
     os.symlink(target, tmp)
-    os.rename(tmp, real)
+    try:
+        os.rename(tmp, real)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def _save_state(root: str, layout: Layout, owned: dict[str, list[str]]) -> None:
     data = {"version": STATE_VERSION, "owned": dict(sorted(owned.items()))}
     _write_file(real_path(root, layout.state_file), (json.dumps(data, indent=1) + "\n").encode())
+
+
+def _widened(plan_: Plan) -> dict[str, list[str]]:
+    """The record while the plan is carried out: each path's state now and after, nothing more
+    (repeated interrupted applies never make it grow)."""
+    owned = {}
+    for action in plan_.actions:
+        new = fingerprint(action.artifact) if action.artifact is not None and action.verb != "remove" else None
+        states = [h for h in (action.current, new) if h is not None]
+        if states:
+            owned[action.path] = states
+    return owned
 
 
 def execute(plan_: Plan) -> None:
@@ -224,27 +379,27 @@ def execute(plan_: Plan) -> None:
     root, layout = plan_.root, plan_.layout
     final = {a.path: [fingerprint(a.artifact)] for a in plan_.actions
              if a.artifact is not None and a.verb in ("create", "update", "unchanged")}
-    owned = load_state(root, layout)
-    if not plan_.changes:
-        # An apply interrupted after its last write left the record wide (or half-saved).
-        if owned != final or os.path.lexists(_temp_beside(real_path(root, layout.state_file))):
-            _save_state(root, layout, final)
-        return
-    # Accept old and new states while we work, so an interrupted apply is repairable.
-    for action in plan_.changes:
-        if action.artifact is not None:
-            owned.setdefault(action.path, []).append(fingerprint(action.artifact))
-    _save_state(root, layout, owned)
-    for action in plan_.changes:
-        real = real_path(root, action.path)
-        if action.verb == "remove":
-            os.unlink(real)
-            continue
-        artifact = action.artifact
-        assert artifact is not None
-        if artifact.link_target is not None:
-            _write_symlink(real, artifact.link_target)
-        else:
-            assert artifact.content is not None
-            _write_file(real, artifact.content.encode())
-    _save_state(root, layout, final)
+    with _umask(0o022):
+        for action in plan_.sweeps:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(real_path(root, action.path))
+        if not plan_.changes:
+            # An apply interrupted after its last write left the record wide.
+            if load_state(root, layout) != final:
+                _save_state(root, layout, final)
+            return
+        # Accept old and new states while we work, so an interrupted apply is repairable.
+        _save_state(root, layout, _widened(plan_))
+        for action in plan_.changes:
+            real = real_path(root, action.path)
+            if action.verb == "remove":
+                os.unlink(real)
+                continue
+            artifact = action.artifact
+            assert artifact is not None
+            if artifact.link_target is not None:
+                _write_symlink(real, artifact.link_target)
+            else:
+                assert artifact.content is not None
+                _write_file(real, artifact.content.encode())
+        _save_state(root, layout, final)

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-from . import qrexec, rpcconfig
+from . import files, qrexec, rpcconfig
 from .errors import SocksvcError
 
 T = TypeVar("T")
@@ -125,19 +125,9 @@ def read_config(path: str) -> rpcconfig.Config:
     MAX_CONFIG_SIZE bytes.  Raises LookupFailed where qrexec would fail the call.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
-    except OSError as e:
-        raise LookupFailed(f"{path}: {e.strerror}") from e
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise LookupFailed(f"{path}: not a regular file; an rpc-config must be one")
-        data = os.read(fd, MAX_CONFIG_SIZE + 1)
-    except OSError as e:
-        raise LookupFailed(f"{path}: {e.strerror}") from e
-    finally:
-        os.close(fd)
-    if len(data) > MAX_CONFIG_SIZE:
-        raise LookupFailed(f"{path}: larger than {MAX_CONFIG_SIZE} bytes; not an rpc-config")
+        data = files.read_regular(path, MAX_CONFIG_SIZE, "rpc-config")
+    except files.FileRefused as e:
+        raise LookupFailed(str(e)) from e
     try:
         return rpcconfig.Config.from_options(rpcconfig.parse(data.decode("latin-1")))
     except rpcconfig.RpcConfigError as e:

@@ -14,11 +14,14 @@ apply produces, ownership record included.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
 import os
+import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -29,7 +32,7 @@ from typing import Any
 import pytest
 
 from qubes_socksvc import cli, install
-from tests.conftest import run_cli
+from tests.conftest import run_cli, world_dir
 
 A = """\
 version: 1
@@ -316,13 +319,13 @@ def test_concurrent_applies_are_serialised(world: Callable[[str], tuple[Path, Pa
     assert artifact_states(final) in (artifact_states(ref_a), artifact_states(ref_b)), "a mixed tree"
     assert apply(manifest_a, root).returncode == 0
     assert artifact_states(relative(snapshot(root), root)) == artifact_states(ref_a)
-    assert not [p for p in final if p.endswith(".socksvc-tmp")]
+    assert not [p for p in final if install.TEMP_RE.match(os.path.basename(p))]
 
 
 # --- crashes -------------------------------------------------------------------------------
 
 #: The file-system operations apply makes; the crash comes just before the k-th of them.
-CRASH_POINTS = ("rename", "symlink", "unlink", "write", "fsync", "makedirs")
+CRASH_POINTS = ("rename", "symlink", "unlink", "write", "fsync", "mkdir")
 
 
 def crash_apply(manifest: Path, root: Path, k: int) -> bool:
@@ -372,7 +375,7 @@ def crash_apply(manifest: Path, root: Path, k: int) -> bool:
 def artifact_states(snap: Snapshot) -> dict[str, tuple[str, ...]]:
     """The artifact paths of a relative snapshot (no directories, no temporary files, no record)."""
     return {k: v for k, v in snap.items()
-            if v[0] != "dir" and not k.endswith(".socksvc-tmp") and k != RECORD}
+            if v[0] != "dir" and not install.TEMP_RE.match(os.path.basename(k)) and k != RECORD}
 
 
 def record(root: Path) -> dict[str, list[str]]:
@@ -493,3 +496,334 @@ def test_short_writes_never_install_a_truncated_file(
     monkeypatch.setattr(os, "write", real_write)
     assert code == 0, output
     assert relative(snapshot(root), root) == reference(manifest, A)[0]
+
+
+# --- an apply that cannot half-happen (issue 10) --------------------------------------------
+
+def long_name_manifest(length: int) -> str:
+    """A service NAME of ``length`` bytes (qrexec allows up to NAME_MAX, 255), with an rpc-config."""
+    name = "long." + "x" * (length - 5)
+    return A + f"""\
+  long:
+    services:
+      {name}:
+        handler: qubes_socksvc.examples:echo
+        wait_for_session: true
+"""
+
+
+@pytest.mark.parametrize("length", [250, 255])
+def test_longest_service_name_applies_whole(world: Callable[[str], tuple[Path, Path, Path]], length: int) -> None:
+    """Was: the temporary name ``.NAME.socksvc-tmp`` passed NAME_MAX, and apply failed after
+    writing the record and part of the tree."""
+    manifest, root, _ = world(long_name_manifest(length))
+    result = apply(manifest, root)
+    assert result.returncode == 0, result.stdout + result.stderr
+    name = "long." + "x" * (length - 5)
+    assert os.readlink(root / RPC / name) == "/run/qubes/socksvc-long.sock"
+    assert (root / "etc/qubes/rpc-config" / name).read_text().endswith("wait-for-session=true\n")
+    assert f"/{RPC}/{name}" in record(root)
+    assert not [p for p in snapshot(root) if install.TEMP_RE.match(os.path.basename(p))]
+    assert apply(manifest, root).stdout.endswith("up to date, nothing to do\n")
+
+
+def test_temporary_names_have_a_fixed_length() -> None:
+    for name in ("a", "x" * 255):
+        temp = os.path.basename(install._temp_for(f"/etc/qubes-rpc/{name}"))
+        assert install.TEMP_RE.match(temp) and len(temp) == 29
+
+
+@contextlib.contextmanager
+def immutable(path: Path) -> Iterator[None]:
+    """chattr +i: even root cannot write there (the case of a read-only file system too)."""
+    if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i does not work here")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+IN_THE_WAY: dict[str, tuple[str, Callable[[Path], None], str]] = {
+    # name: (where, how, words expected in the refusal)
+    "a file instead of the qubes-rpc directory": (RPC, lambda p: p.write_text("x"), "is not a directory"),
+    "a file instead of /etc/qubes": ("etc/qubes", lambda p: p.write_text("x"), "is not a directory"),
+    "a file instead of the unit directory's parent": ("etc/systemd", lambda p: p.write_text("x"),
+                                                      "is not a directory"),
+    "a file instead of the record's directory": ("var/lib/qubes-socksvc", lambda p: p.write_text("x"),
+                                                 "is not a directory"),
+    "a directory named like our temporary file": (
+        f"{RPC}/{os.path.basename(install._temp_for('/etc/qubes-rpc/alpha.Echo'))}", lambda p: p.mkdir(),
+        "is in the way"),
+    "a directory named like the record's temporary file": (
+        f"var/lib/qubes-socksvc/{os.path.basename(install._temp_for(RECORD))}", lambda p: p.mkdir(),
+        "is in the way"),
+    "a FIFO named like a unit's temporary file": (
+        f"etc/systemd/user/{os.path.basename(install._temp_for('/etc/systemd/user/qubes-socksvc-beta.socket'))}",
+        os.mkfifo, "is in the way"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(IN_THE_WAY))
+def test_what_would_fail_mid_way_is_refused_before_the_first_write(
+        world: Callable[[str], tuple[Path, Path, Path]], case: str) -> None:
+    where, how, words = IN_THE_WAY[case]
+    manifest, root, outside = world(A)
+    root.mkdir()
+    plant(root, where, how)
+    before = snapshot(root, outside)
+    assert_refused(apply(manifest, root), before, root, outside, words=words)
+    assert_refused(apply(manifest, root, "--dry-run"), before, root, outside, words=words)
+
+
+def test_a_root_that_is_a_file_is_refused(world: Callable[[str], tuple[Path, Path, Path]]) -> None:
+    manifest, root, _ = world(A)
+    root.write_text("not a tree\n")
+    before = snapshot(root.parent)
+    assert_refused(apply(manifest, root), before, root.parent, words="is not a directory")
+
+
+@pytest.mark.parametrize("where", ["etc/systemd/user", RPC, "var/lib/qubes-socksvc",
+                                   "etc/systemd/user/qubes-socksvc-alpha.service"])
+def test_an_unwritable_directory_or_file_is_refused_before_the_first_write(
+        world: Callable[[str], tuple[Path, Path, Path]], where: str) -> None:
+    """Was: the record and the qubes-rpc links were written, then the unit write failed (EPERM)."""
+    manifest, root, outside = world(A)
+    assert apply(manifest, root).returncode == 0
+    manifest.write_text(B)
+    before = snapshot(root, outside)
+    with immutable(root / where):
+        result = apply(manifest, root)
+        assert_refused(result, before, root, outside, words="not writable" if "." not in where
+                       else "cannot be replaced")
+    assert apply(manifest, root).returncode == 0
+    assert relative(snapshot(root), root) == reference(manifest, A, B)[0]
+
+
+def test_a_path_longer_than_path_max_is_refused_before_the_first_write(tmp_path: Path) -> None:
+    """A root of 4046 bytes: the record and the qubes-rpc links fitted PATH_MAX under the
+    old temporary names and the units did not, so apply failed half-way (ENAMETOOLONG)."""
+    deep = tmp_path
+    while len(str(deep)) < 4044:
+        deep = deep / ("d" * min(200, 4044 - len(str(deep)) - 1))
+    deep.mkdir(parents=True)
+    root = deep / "r"
+    assert len(str(root)) == 4046
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(A)
+    before = snapshot(tmp_path)
+    assert_refused(apply(manifest, root), before, tmp_path, words="PATH_MAX")
+
+
+def test_a_refused_apply_leaves_leftovers_alone_and_a_dry_run_only_lists_them(
+        world: Callable[[str], tuple[Path, Path, Path]]) -> None:
+    manifest, root, outside = world(A)
+    assert apply(manifest, root).returncode == 0
+    leftover = root / RPC / ".socksvc-0123456789abcdef.tmp"
+    leftover.write_text("half a file")
+    result = apply(manifest, root, "--dry-run")
+    assert result.returncode == 0 and "sweep     /etc/qubes-rpc/.socksvc-0123456789abcdef.tmp" in result.stdout
+    assert "dry run: 1 changes not made" in result.stdout
+    assert leftover.exists()
+    plant(root, f"{RPC}/alpha.New", lambda p: p.write_text("#!/bin/sh\n"))  # B would conflict here
+    manifest.write_text(B)
+    before = snapshot(root, outside)
+    assert_refused(apply(manifest, root), before, root, outside, words="not owned")
+
+
+def test_leftovers_in_every_directory_are_swept_and_nothing_else(
+        world: Callable[[str], tuple[Path, Path, Path]]) -> None:
+    manifest, root, _ = world(A)
+    assert apply(manifest, root).returncode == 0
+    expected = relative(snapshot(root), root)
+    ours, theirs = [], []
+    for directory in ("etc/systemd/user", RPC, "etc/qubes/rpc-config", "var/lib/qubes-socksvc"):
+        ours += [root / directory / ".socksvc-0123456789abcdef.tmp",  # a file cut short by a kill
+                 root / directory / ".alpha.Echo.socksvc-tmp"]  # an earlier version's temporary name
+        (root / directory / ".socksvc-fedcba9876543210.tmp").symlink_to("/run/qubes/socksvc-alpha.sock")
+        ours.append(root / directory / ".socksvc-fedcba9876543210.tmp")
+        theirs += [root / directory / ".socksvc-notours.tmp", root / directory / "alpha.socksvc-tmp.bak"]
+    for path in ours[:] + theirs:
+        if not path.is_symlink():
+            path.write_text("x")
+    (root / RPC / ".socksvc-aaaaaaaaaaaaaaaa.tmp").mkdir()  # a directory is never swept
+    theirs.append(root / RPC / ".socksvc-aaaaaaaaaaaaaaaa.tmp")
+    result = apply(manifest, root)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("sweep ") == len(ours) and "up to date, 12 leftovers swept" in result.stdout
+    assert not [p for p in ours if os.path.lexists(p)]
+    assert all(p.exists() for p in theirs)
+    for p in theirs:
+        p.rmdir() if p.is_dir() else p.unlink()
+    assert relative(snapshot(root), root) == expected
+
+
+@contextlib.contextmanager
+def enospc_after(calls: int) -> Iterator[list[int]]:
+    """os.write writes half of what it is given, and fails with ENOSPC from the ``calls``-th call on.
+    Yields the list of file descriptors a write failed on."""
+    real = os.write
+    count = 0
+    failed: list[int] = []
+
+    def write(fd: int, data: Any) -> int:
+        nonlocal count
+        count += 1
+        if count >= calls:
+            failed.append(fd)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, bytes(data[:max(1, len(data) // 2)]))
+
+    os.write = write  # type: ignore[assignment]
+    try:
+        yield failed
+    finally:
+        os.write = real
+
+
+@pytest.mark.parametrize("calls", [1, 2, 3, 5, 8, 13])
+def test_a_full_disk_leaves_no_partial_file_and_the_next_apply_repairs(
+        world: Callable[[str], tuple[Path, Path, Path]], calls: int) -> None:
+    manifest, root, _ = world(A)
+    assert apply(manifest, root).returncode == 0
+    old = artifact_states(relative(snapshot(root), root))
+    manifest.write_text(B)
+    new = artifact_states(reference(manifest, A, B)[0])
+    with enospc_after(calls) as failed:
+        code, output = apply_in_process(manifest, root)
+    assert failed, "ENOSPC was never injected"
+    assert code == 1 and "No space left on device" in output and "Traceback" not in output, output
+    now = relative(snapshot(root), root)
+    assert not [p for p in now if install.TEMP_RE.match(os.path.basename(p))], "a partial temporary file stayed"
+    for path, state in artifact_states(now).items():
+        assert state in (old.get(path), new.get(path)), f"{path} is half-written"
+    code, output = apply_in_process(manifest, root)
+    assert code == 0, output
+    assert relative(snapshot(root), root) == reference(manifest, A, B)[0]
+
+
+def test_a_crash_at_every_point_is_swept_even_when_the_next_manifest_differs(
+        world: Callable[[str], tuple[Path, Path, Path]], tmp_path: Path) -> None:
+    """Killed while applying B over A, then A is applied again: B's new paths are never written
+    again, so only the sweep removes their temporary files."""
+    manifest = world(B)[0]
+    _, start = reference(manifest, A)
+    expected = reference(manifest, A)[0]
+    crashes = 0
+    for k in range(1, 500):
+        root = tmp_path / f"crash{k}"
+        subprocess.run(["cp", "-a", str(start), str(root)], check=True)
+        manifest.write_text(B)
+        if not crash_apply(manifest, root, k):
+            break
+        crashes += 1
+        manifest.write_text(A)
+        code, output = apply_in_process(manifest, root)
+        assert code == 0, f"crash at {k}: the next apply failed:\n{output}"
+        assert relative(snapshot(root), root) == expected, f"crash at {k}: leftovers:\n{output}"
+        subprocess.run(["rm", "-rf", str(root)], check=True)
+    assert crashes >= 10
+
+
+def test_repeated_interrupted_applies_never_grow_the_record(
+        world: Callable[[str], tuple[Path, Path, Path]]) -> None:
+    """Was: every interrupted apply appended its fingerprints again ([a, b, b, b, ...])."""
+    manifest, root, _ = world(A)
+    assert apply(manifest, root).returncode == 0
+    for round_, k in enumerate([2, 2, 2, 5, 9, 3, 7, 2, 11, 4]):
+        manifest.write_text(B if round_ % 3 else A)
+        crash_apply(manifest, root, k)
+        for path, states in record(root).items():
+            assert len(states) == len(set(states)) <= 2, f"round {round_}: {path}: {states}"
+    manifest.write_text(B)
+    assert apply_in_process(manifest, root)[0] == 0
+    assert relative(snapshot(root), root) == reference(manifest, A, B)[0]
+
+
+def test_modes_are_explicit_whatever_the_umask(world: Callable[[str], tuple[Path, Path, Path]]) -> None:
+    """Was: under umask 077 the unit directory was 0700, unreadable by every user manager."""
+    manifest, root, _ = world(A)
+    old = os.umask(0o077)
+    try:
+        result = apply(manifest, root)
+    finally:
+        os.umask(old)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for path, state in relative(snapshot(root), root).items():
+        if state[0] == "dir":
+            assert state[1] == oct(0o40755), path
+        elif state[0] == "file":
+            assert state[1] == oct(0o100644), path
+    assert oct(root.stat().st_mode) == oct(0o40755)
+
+
+def test_the_lock_lives_where_only_root_creates_files() -> None:
+    """/run/lock is world-writable: any user could create and hold the lock, and hang postinst."""
+    lock = Path(install.LOCK_FILE)
+    for directory in lock.parents:
+        st = directory.stat()
+        assert st.st_uid == 0 and not st.st_mode & 0o022, f"{directory} is writable by others"
+    with install.locked():
+        st = lock.lstat()
+        assert stat.S_ISREG(st.st_mode) and st.st_uid == 0 and stat.S_IMODE(st.st_mode) & 0o077 == 0
+
+
+def run_as_nobody(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "qubes_socksvc", *args], capture_output=True, text=True,
+                          env={"PYTHONPATH": str(Path(__file__).resolve().parent.parent), "PATH": "/usr/bin:/bin"},
+                          user="nobody", group="nogroup", extra_groups=[], cwd="/", timeout=60)
+
+
+def test_a_dry_run_as_a_user_needs_no_lock_and_an_apply_refuses_cleanly() -> None:
+    """Even while root holds the lock, a user's dry run answers at once; a user's apply says why not."""
+    top = world_dir("socksvc-nobody-")
+    try:
+        manifest, root = top / "m.yaml", top / "root"
+        manifest.write_text(A)
+        manifest.chmod(0o644)
+        before = snapshot(top)
+        with install.locked():
+            result = run_as_nobody("apply", "-c", str(manifest), "--root", str(root), "--dry-run")
+            assert result.returncode == 0, result.stdout + result.stderr
+            assert "create    /etc/qubes-rpc/alpha.Echo" in result.stdout and "dry run: " in result.stdout
+            assert f"dry run without the apply lock (only root can take {install.LOCK_FILE})" in result.stderr
+            result = run_as_nobody("apply", "-c", str(manifest), "--root", str(root))
+            assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+            assert f"{install.LOCK_FILE}: cannot take the apply lock" in result.stderr
+            assert "--dry-run" in result.stderr
+        assert snapshot(top) == before
+    finally:
+        shutil.rmtree(top)
+
+
+# --- bounded inputs: the ownership record (issue 10) ------------------------------------------
+
+def sparse_record(path: Path) -> None:
+    path.write_text('{"owned": {}}')
+    os.truncate(path, install.MAX_STATE_SIZE + 1)
+
+
+RECORDS: dict[str, tuple[Callable[[Path], None], str]] = {
+    # name: (how to plant it, words expected)
+    "a FIFO": (os.mkfifo, "the ownership record is a FIFO, not a regular file"),
+    "a directory": (lambda p: p.mkdir(), "the ownership record is a directory, not a regular file"),
+    "larger than the cap": (sparse_record, f"larger than {install.MAX_STATE_SIZE} bytes"),
+    "deeply nested JSON": (lambda p: p.write_text('{"owned": ' + "[" * 200_000 + "]" * 200_000 + "}"),
+                           "unreadable ownership record (nested too deeply)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RECORDS))
+@pytest.mark.parametrize("verb", ["apply", "check", "list"])
+def test_a_hostile_record_is_refused_at_once_and_nothing_is_written(
+        world: Callable[[str], tuple[Path, Path, Path]], case: str, verb: str) -> None:
+    how, words = RECORDS[case]
+    manifest, root, outside = world(A)
+    root.mkdir()
+    plant(root, RECORD, how)
+    before = snapshot(root, outside)
+    result = subprocess.run([sys.executable, "-m", "qubes_socksvc", verb, "-c", str(manifest), "--root", str(root)],
+                            capture_output=True, text=True, timeout=20,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    assert_refused(result, before, root, outside, words=words)
+    assert f"{root / RECORD}: " in result.stderr and "restore or delete it, then apply again" in result.stderr

@@ -1,0 +1,131 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (C) 2026 qubes-socksvc developers
+"""Bounded inputs (issue 10): the manifest, the ownership record and rpc-config files are read
+only if they are regular files (a FIFO or device is refused at once, never blocks), and only
+up to a size cap, with an error that names the file, the cap and the fix."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from qubes_socksvc import files, lookup, manifest
+from tests.conftest import REPO, run_cli
+from tests.test_manifest import GOOD
+
+#: A FIFO nobody writes to: reading it the ordinary way blocks forever. Every test that
+#: touches one runs in a subprocess with this timeout, so a regression fails instead of hanging.
+HANG = 20
+
+
+def in_subprocess(code: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=HANG,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def test_read_regular_refuses_a_fifo_at_once(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    start = time.monotonic()
+    result = in_subprocess("import sys\nfrom qubes_socksvc import files\n"
+                           "try:\n    files.read_regular(sys.argv[1], 100, 'thing')\n"
+                           "except files.FileRefused as e:\n    print(e)\n", str(fifo))
+    assert result.stdout == f"{fifo}: the thing is a FIFO, not a regular file; name a regular file (nothing was read)\n"
+    assert time.monotonic() - start < HANG / 2
+
+
+@pytest.mark.parametrize("path, kind", [("/dev/zero", "a character device"), ("/dev/null", "a character device"),
+                                        ("/", "a directory")])
+def test_read_regular_refuses_devices_and_directories(path: str, kind: str) -> None:
+    with pytest.raises(files.FileRefused, match=f"^{path}: the thing is {kind}, not a regular file"):
+        files.read_regular(path, 100, "thing")
+
+
+def test_read_regular_reads_up_to_its_limit_and_not_a_byte_more(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(b"x" * 4096)
+    assert files.read_regular(str(path), 4096, "thing") == b"x" * 4096
+    with pytest.raises(files.FileRefused) as caught:
+        files.read_regular(str(path), 4095, "thing")
+    assert str(caught.value) == (f"{path}: the thing is larger than 4095 bytes, the most qubes-socksvc reads; "
+                                 "check that this is the right file, or make it smaller")
+    with pytest.raises(files.FileRefused, match="cannot read thing: No such file or directory"):
+        files.read_regular(str(tmp_path / "missing"), 10, "thing")
+
+
+@pytest.mark.parametrize("verb", ["check", "apply", "list"])
+def test_a_fifo_manifest_is_refused_at_once(tmp_path: Path, verb: str) -> None:
+    fifo = tmp_path / "m.yaml"
+    os.mkfifo(fifo)
+    result = subprocess.run([sys.executable, "-m", "qubes_socksvc", verb, "-c", str(fifo), "--root",
+                             str(tmp_path / "root")], capture_output=True, text=True, timeout=HANG,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 1
+    assert f"{fifo}: the manifest is a FIFO, not a regular file" in result.stderr
+    assert not (tmp_path / "root").exists()
+
+
+def test_a_huge_manifest_is_refused_quickly(tmp_path: Path) -> None:
+    """Was: a 50 MB manifest took 55 s and 2.8 GB before its first error."""
+    big = tmp_path / "big.yaml"
+    with open(big, "wb") as f:
+        f.write(GOOD.encode())
+        f.truncate(50 << 20)
+    start = time.monotonic()
+    result = run_cli("apply", "-c", str(big), "--root", str(tmp_path / "root"))
+    elapsed = time.monotonic() - start
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"{big}: the manifest is larger than {manifest.MAX_MANIFEST_SIZE} bytes" in result.stderr
+    assert elapsed < 10, f"took {elapsed:.1f} s"
+    assert not (tmp_path / "root").exists()
+
+
+def test_the_manifest_cap_is_one_mib_exactly(tmp_path: Path) -> None:
+    path = tmp_path / "m.yaml"
+    padding = manifest.MAX_MANIFEST_SIZE - len(GOOD.encode())
+    path.write_bytes(GOOD.encode() + b"#" * (padding - 1) + b"\n")
+    assert os.path.getsize(path) == manifest.MAX_MANIFEST_SIZE
+    assert run_cli("check", "-c", str(path)).returncode == 0
+    path.write_bytes(GOOD.encode() + b"#" * padding + b"\n")
+    result = run_cli("check", "-c", str(path))
+    assert result.returncode == 1 and f"{path}: the manifest is larger than 1048576 bytes" in result.stderr
+
+
+def test_a_manifest_that_is_not_utf8_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "m.yaml"
+    path.write_bytes(GOOD.encode() + b"# \xff\n")
+    result = run_cli("check", "-c", str(path))
+    assert result.returncode == 1 and f"{path}: cannot read manifest: not UTF-8" in result.stderr
+
+
+def test_read_config_keeps_qrexecs_125(tmp_path: Path) -> None:
+    """An rpc-config qrexec would fail on fails the call (exit 125): now through files.read_regular."""
+    big = tmp_path / "big"
+    big.write_text("wait-for-session=true\n" + "#" * lookup.MAX_CONFIG_SIZE + "\n")
+    with pytest.raises(lookup.LookupFailed, match=f"larger than {lookup.MAX_CONFIG_SIZE} bytes") as caught:
+        lookup.read_config(str(big))
+    assert caught.value.exit_code == 125
+    with pytest.raises(lookup.LookupFailed, match="a directory, not a regular file"):
+        lookup.read_config(str(tmp_path))
+
+
+def test_a_manifest_at_the_cap_is_checked_in_seconds(tmp_path: Path) -> None:
+    """The cap bounds the time too: 1 MiB of services (about 16,800) took 371 s to check while
+    effective.settle listed the rpc-config directories once per service; now about 2 s."""
+    path = tmp_path / "m.yaml"
+    with open(path, "w") as f:
+        f.write("version: 1\ndaemons:\n  d:\n    services:\n")
+        number = 0
+        while f.tell() < manifest.MAX_MANIFEST_SIZE - 100:
+            f.write(f"      svc.N{number}:\n        handler: qubes_socksvc.examples:echo\n")
+            number += 1
+    start = time.monotonic()
+    result = run_cli("check", "-c", str(path))
+    elapsed = time.monotonic() - start
+    assert result.returncode == 0 and f"{number} services" in result.stdout, result.stderr
+    assert elapsed < 60, f"took {elapsed:.0f} s"
