@@ -19,6 +19,7 @@ import yaml
 
 from . import qrexec
 from .errors import SocksvcError
+from .files import FileRefused, read_regular
 from .model import Daemon, Service
 from .policy import Policy, source_problem
 
@@ -677,7 +678,6 @@ MAX_MANIFEST_SIZE = 1 << 20
 
 def load(path: str) -> Manifest:
     """Read and validate the manifest at ``path`` (a regular file of at most MAX_MANIFEST_SIZE)."""
-    from .files import FileRefused, read_regular
 
     try:
         text = read_regular(path, MAX_MANIFEST_SIZE, "manifest").decode("utf-8")

@@ -5,7 +5,8 @@
 #   1. check + apply examples/qubes-socksvc.yaml into a staging root (units, qubes-rpc links, rpc-config);
 #   2. verify the units with systemd-analyze;
 #   3. listen on the declared sockets in /run/qubes with the real systemd-socket-activate, which starts
-#      the daemon (as nobody: it refuses root) on the first call, as a user manager would;
+#      the daemon from the spec apply compiled (as nobody: it refuses root) on the first call, as a
+#      user manager would;
 #   4. call every example service through its staged qubes-rpc symlink, like qrexec does;
 #   5. the worked example of README.md (examples/notes.yaml): a notes qube called from two qubes
 #      with qubes_socksvc.client, under the README's dom0 policy (tests/standin plays qrexec-client-vm).
@@ -55,7 +56,8 @@ activate() {  # DAEMON SOCKET...
     for s in "$@"; do args+=(-l "$s"); done
     systemd-socket-activate "${args[@]}" -E PYTHONPATH -E QUBES_SOCKSVC_NOTES_DIR \
         setpriv --reuid=nobody --regid=nogroup --clear-groups \
-        "$PYTHON" -m qubes_socksvc serve "$daemon" -c "$MANIFEST" &
+        "$PYTHON" -P -m qubes_socksvc serve "$daemon" \
+        --spec "${SPECS:-$ROOT/var/lib/qubes-socksvc/daemons}/$daemon.json" &
     pids+=($!)
 }
 export PYTHONPATH=$REPO
@@ -103,7 +105,7 @@ step "apply it in the notes qube (staged in $NOTES_ROOT) and listen on its socke
 socksvc apply -c "$NOTES_MANIFEST" --root "$NOTES_ROOT"
 export QUBES_SOCKSVC_NOTES_DIR=$ROOT/notes-data
 install -d -m 0700 -o nobody -g nogroup "$QUBES_SOCKSVC_NOTES_DIR"
-MANIFEST=$NOTES_MANIFEST activate notes /run/qubes/socksvc-notes.sock
+SPECS=$NOTES_ROOT/var/lib/qubes-socksvc/daemons activate notes /run/qubes/socksvc-notes.sock
 for _ in $(seq 50); do [ -S /run/qubes/socksvc-notes.sock ] && break; sleep 0.1; done
 step "dom0's policy for it, as README.md gives it"
 grep -E '^my\.Notes\s' README.md | tee "$ROOT/30-user.policy"
