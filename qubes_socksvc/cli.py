@@ -193,7 +193,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 spec = model.load(spec_path)
                 if spec.daemon.name != args.daemon:
                     raise model.SpecError(f"{spec_path} is the spec of daemon {spec.daemon.name}, not {args.daemon}")
-                return spec.daemon, spec.sha256[:12]
+                return spec.daemon, spec.id
 
             source = server.Source(load, watch=spec_path)
         elif args.config is not None:  # development: validate the YAML here (imports PyYAML)
@@ -205,7 +205,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 if found is None:
                     raise model.SpecError(f"{manifest.path}: no daemon {args.daemon!r}; declared: "
                                           f"{', '.join(manifest.daemons) or 'none'}")
-                return found, f"manifest {manifest.sha256[:12]}"
+                return found, manifest.sha256[:12]
 
             source = server.Source(load, watch=os.path.abspath(manifest_path))
         else:

@@ -91,19 +91,17 @@ class Daemon:
 
 @dataclass(frozen=True)
 class Spec:
-    """A compiled spec: one daemon, where it came from, and the hash ``list`` compares."""
+    """A compiled spec: one daemon and the manifest it came from."""
 
     daemon: Daemon
     manifest: str
     manifest_sha256: str
-    text: str
 
     @property
-    def sha256(self) -> str:
-        """Of the spec file's own text (hashlib loads only when asked: start-up time)."""
-        import hashlib
-
-        return hashlib.sha256(self.text.encode()).hexdigest()
+    def id(self) -> str:
+        """What STATUS= and ``list`` name the spec by: its manifest's hash, short (apply renders a
+        manifest to the same spec every time; and the daemon hashes nothing at start-up)."""
+        return self.manifest_sha256[:12]
 
 
 def dump(daemon: Daemon, manifest: str, manifest_sha256: str) -> str:
@@ -155,7 +153,7 @@ def parse(text: str, path: str) -> Spec:
     manifest, manifest_sha256 = data.get("manifest"), data.get("manifest_sha256")
     if not isinstance(manifest, str) or not isinstance(manifest_sha256, str):
         raise SpecError(f"{path}: no manifest recorded in the spec; {fix}")
-    return Spec(daemon, manifest, manifest_sha256, text)
+    return Spec(daemon, manifest, manifest_sha256)
 
 
 def load(path: str) -> Spec:

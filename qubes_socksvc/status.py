@@ -144,7 +144,7 @@ def running_state(unit: str, spec_path: str) -> str:
         return f"no ({props.get('ActiveState', 'unknown')}; it starts on the next call){reload_units}"
     serving = props.get("StatusText", "").partition(":")[0].removeprefix("spec ")
     try:
-        applied = model.load(spec_path).sha256[:12]
+        applied = model.load(spec_path).id
     except model.SpecError:
         applied = ""
     verdict = ("the applied one" if serving == applied else

@@ -565,7 +565,7 @@ def test_apply_reaches_the_running_daemon_without_a_restart(manager: UserManager
             received = stream.finish()
             assert hashlib.sha256(received).digest() == hashlib.sha256(stream.data).digest()
             assert main_pid(manager) == pid
-            spec_id = hashlib.sha256((STATE_DIR / "daemons" / f"{MAIN}.json").read_bytes()).hexdigest()[:12]
+            spec_id = json.loads((STATE_DIR / "daemons" / f"{MAIN}.json").read_text())["manifest_sha256"][:12]
             wait_for("STATUS= to name the new spec", lambda: manager.show(unit(MAIN, "service"), "StatusText")
                      .startswith(f"spec {spec_id}: "))
             assert " served" in manager.show(unit(MAIN, "service"), "StatusText")
