@@ -195,3 +195,29 @@ def test_a_manifest_path_that_would_inject_into_comments_is_refused(tmp_path: Pa
     result = run_cli("apply", "-c", str(path), "--root", str(tmp_path / "root"))
     assert result.returncode == 1 and "a manifest path must be printable" in result.stderr
     assert not (tmp_path / "root").exists()
+
+
+@pytest.mark.parametrize("safe_path", [True, False])
+def test_the_unit_never_imports_from_the_working_directory(applied: tuple[Path, Path], safe_path: bool) -> None:
+    """A user's ~/asyncio.py must not run inside the daemon: the unit runs python3 -P (and in /).
+    Without -P, `python3 -m` puts the working directory first on sys.path: the check can fail."""
+    root, _ = applied
+    home = world_dir("socksvc-home-")
+    marker = home / "imported"
+    (home / "asyncio.py").write_text(f"open({str(marker)!r}, 'w').close()\nraise SystemExit('hijacked')\n")
+    (home / "asyncio.py").chmod(0o644)
+    pw = pwd.getpwnam(DAEMON_USER)
+    argv = [sys.executable, *(["-P"] if safe_path else []), "-m", "qubes_socksvc", "serve", "s", "--spec",
+            str(root / "var/lib/qubes-socksvc/daemons/s.json"), "--bind-dir", str(home)]
+    proc = subprocess.Popen(argv, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "HOME": str(home)},
+                            cwd=home, user=pw.pw_uid, group=pw.pw_gid, extra_groups=[],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 15
+        while not (home / "socksvc-s.sock").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.exists() != safe_path
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        shutil.rmtree(home, ignore_errors=True)
