@@ -169,6 +169,10 @@ async def stream(target: str, service: str, input: Input = b"", *, timeout: floa
         if process.returncode is None:  # abandoned or failed early: end the call
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
+            # wait() also waits for the pipes to close, and a stdout paused by backpressure would
+            # never see its EOF: read (and drop) the rest so that it does.
+            while await process.stdout.read(CHUNK_SIZE):
+                pass
             await process.wait()
         for task in (sender, stderr):
             task.cancel()
