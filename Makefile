@@ -22,7 +22,7 @@ RUNTIME_DEBS := python3 python3-venv python3-systemd python3-jinja2 python3-yaml
 TEST_DEBS := $(RUNTIME_DEBS) python3-uvloop systemd-container dbus-user-session debhelper dh-python python3-all \
 	python3-setuptools python3-pip pybuild-plugin-pyproject python3-build python3-installer python3-wheel \
 	python3-docutils build-essential dpkg-dev devscripts lintian rpm rpmlint socat procps util-linux passwd \
-	man-db git make
+	man-db e2fsprogs git make
 # Every apt-get waits for another apt (unattended-upgrades, a parallel job) instead of failing at once.
 APT_GET := DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600
 
