@@ -12,12 +12,11 @@ module to load.
 from __future__ import annotations
 
 import json
-import os
-import stat
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .errors import SocksvcError
+from .files import FileRefused, read_regular
 
 #: The spec's format; a daemon refuses a spec of another version (run apply again).
 SPEC_VERSION = 1
@@ -159,18 +158,9 @@ def parse(text: str, path: str) -> Spec:
 def load(path: str) -> Spec:
     """Read and validate the spec at ``path`` (a regular file, bounded)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise SpecError(f"{path}: not a regular file")
-            data = os.read(fd, MAX_SPEC_SIZE + 1)
-        finally:
-            os.close(fd)
-    except OSError as e:
-        raise SpecError(f"{path}: cannot read the daemon's spec: {e.strerror}; "
-                        "run 'qubes-socksvc apply' as root, then 'systemctl --user daemon-reload'") from e
-    if len(data) > MAX_SPEC_SIZE:
-        raise SpecError(f"{path}: larger than {MAX_SPEC_SIZE} bytes; not a spec apply wrote")
+        data = read_regular(path, MAX_SPEC_SIZE, "daemon's spec")
+    except FileRefused as e:
+        raise SpecError(f"{e}; run 'qubes-socksvc apply' as root, then 'systemctl --user daemon-reload'") from e
     try:
         return parse(data.decode("utf-8"), path)
     except UnicodeDecodeError as e:
