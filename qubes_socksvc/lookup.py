@@ -121,8 +121,10 @@ def find_config(service: str, directories: Sequence[str] = qrexec.RPC_CONFIG_SEA
 def read_config(path: str) -> rpcconfig.Config:
     """Read and parse an rpc-config file without ever blocking on it.
 
-    Only a regular file is read (a FIFO or device is refused at once), at most
-    MAX_CONFIG_SIZE bytes.  Raises LookupFailed where qrexec would fail the call.
+    Only a regular file is read (a FIFO or device is refused at once: it would block the
+    agent's fopen() too), at most MAX_CONFIG_SIZE bytes (a limit of ours: the agent reads any
+    size line by line).  Raises LookupFailed where qrexec would fail the call, or where we
+    will not read the file.
     """
     try:
         data = files.read_regular(path, MAX_CONFIG_SIZE, "rpc-config")
