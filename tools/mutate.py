@@ -5,7 +5,8 @@
 
 Each mutant is one small change to one module (a flipped comparison, a dropped
 call or ``raise``, a constant off by one, ``\\Z`` -> ``$``, ``and``/``or``,
-``True``/``False``, a flag dropped from ``A | B``, ``return X`` -> ``return None``),
+``True``/``False``, a flag dropped from ``A | B``, ``return X`` -> ``return None``,
+one member of the module's own Enum for another, ``continue``/``break``),
 run against the tests that exercise that module (MODULES below) in a
 world-readable copy of the checkout under /tmp (the daemon runs as "nobody"), never
 in the checkout itself.  A mutant is killed when the tests fail, timed out when
@@ -24,6 +25,7 @@ import difflib
 import os
 import queue
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -79,10 +81,18 @@ class Mutant:
                                             f"a/{PKG}/{self.module}", f"b/{PKG}/{self.module}", n=1))
 
 
-def _replacements(node: ast.AST) -> list[tuple[str, ast.AST | str]]:
+def _enums(tree: ast.Module) -> dict[str, list[str]]:
+    """The module's own Enum classes and their members' names."""
+    return {c.name: [t.id for a in c.body if isinstance(a, ast.Assign) for t in a.targets if isinstance(t, ast.Name)]
+            for c in tree.body if isinstance(c, ast.ClassDef) and any("Enum" in ast.unparse(b) for b in c.bases)}
+
+
+def _replacements(node: ast.AST, enums: dict[str, list[str]]) -> list[tuple[str, ast.AST | str]]:
     """(kind, replacement node or source) for every mutation of this one node."""
     out: list[tuple[str, ast.AST | str]] = []
-    if isinstance(node, ast.Compare):
+    if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in enums:
+        out += [("enum", ast.Attribute(node.value, other)) for other in enums[node.value.id] if other != node.attr]
+    elif isinstance(node, ast.Compare):
         for i, op in enumerate(node.ops):
             if type(op) in FLIP:
                 ops = list(node.ops)
@@ -137,6 +147,7 @@ def mutants(module: str, functions: tuple[str, ...] | None) -> list[Mutant]:
     for line in source.splitlines(True):
         offsets.append(offsets[-1] + len(line))
     skip = _skipped(tree)
+    enums = _enums(tree)
     roots: list[ast.AST] = [tree]
     if functions is not None:
         roots = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
@@ -148,7 +159,7 @@ def mutants(module: str, functions: tuple[str, ...] | None) -> list[Mutant]:
             if id(node) in skip or id(node) in seen or not hasattr(node, "end_col_offset"):
                 continue
             seen.add(id(node))
-            for kind, repl in _replacements(node):
+            for kind, repl in _replacements(node, enums):
                 start = offsets[node.lineno - 1] + node.col_offset
                 end = offsets[node.end_lineno - 1] + node.end_col_offset  # type: ignore[attr-defined]
                 segment = repl if isinstance(repl, str) else f"({ast.unparse(repl)})"
@@ -218,6 +229,9 @@ def main() -> int:
     parser.add_argument("--only", nargs="*", default=None, help="modules (e.g. request.py)")
     parser.add_argument("--list", action="store_true", help="list the mutants, run nothing")
     args = parser.parse_args()
+    # Started in the background by a shell, SIGINT is ignored, and children inherit that: the
+    # tests that interrupt a child with SIGINT would fail for a reason no mutant caused.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     chosen = args.only or list(MODULES)
     known = load_equivalent()
     work: list[tuple[Mutant, tuple[str, ...]]] = []
@@ -250,7 +264,7 @@ def main() -> int:
     trees.put(tree)
     with tempfile.TemporaryFile() as log:
         if run_tests(tree, everything, args.timeout * 4, log.fileno()) != "survived" and (
-                log.truncate(0) or run_tests(tree, everything, args.timeout * 4, log.fileno()) != "survived"):
+                log.seek(0) or log.truncate(0) or run_tests(tree, everything, args.timeout * 4, log.fileno()) != "survived"):
             log.seek(0)
             print(log.read().decode(errors="replace")[-4000:])
             print(f"the tests fail without any mutant (python: {sys.executable}): {' '.join(everything)}")
