@@ -125,6 +125,39 @@ def test_max_input_default_is_the_manifests() -> None:
     assert len(call_handler(echo, b"x" * (DEFAULT_MAX_INPUT + 1), max_input=0)) == DEFAULT_MAX_INPUT + 1
 
 
+def test_read_n_returns_at_most_n_bytes_and_read_0_none() -> None:
+    """Request.read(n) is StreamReader.read(n): up to n bytes, b"" for n == 0 without consuming
+    input; read() and text() take the rest, whole."""
+    async def reads(request: Request) -> str:
+        parts = [await request.read(0), await request.read(3), await request.read(0)]
+        return repr(parts) + await request.text()
+
+    assert call_handler(reads, b"abcdef") == b"[b'', b'abc', b'']def"
+
+
+def test_max_input_bounds_whole_reads_to_the_byte() -> None:
+    """max_input counts every byte however it is read: read(), text(), read(n), async for and a
+    plain handler's request.input; max_input bytes pass, one more fails the call."""
+    async def whole(request: Request) -> bytes:
+        return await request.read()
+
+    async def text(request: Request) -> str:
+        return await request.text()
+
+    async def pieces(request: Request) -> bytes:
+        return b"".join([chunk async for chunk in request])
+
+    def plain(request: Request) -> bytes:
+        assert request.input is not None
+        return request.input
+
+    for handler in (whole, text, pieces, plain):
+        data = b"y" * 70_000  # more than one CHUNK_SIZE read
+        assert call_handler(handler, [data[:100], data[100:]], max_input=len(data)) == data, handler
+        with pytest.raises(InputTooLarge):
+            call_handler(handler, [data, b"y"], max_input=len(data))
+
+
 def test_timeout_raises_timeout_error() -> None:
     with pytest.raises(TimeoutError):
         call_handler("tests.handlers:hangs", timeout=0.2)

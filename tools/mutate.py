@@ -50,8 +50,9 @@ MODULES: dict[str, tuple[tuple[str, ...] | None, tuple[str, ...]]] = {
                             "tests/test_call.py")),
     "handlers.py": (None, ("tests/test_testing.py", "tests/test_server.py", "tests/test_spec.py")),
     "server.py": (("_call", "_connection", "_accept", "_lookup"),
-                  ("tests/test_call_endings.py", "tests/test_server.py", "tests/test_conformance.py",
-                   "tests/test_hostile.py", "tests/test_careless.py")),
+                  ("tests/test_call_endings.py", "tests/test_logging.py", "tests/test_server.py",
+                   "tests/test_conformance.py", "tests/test_reload.py", "tests/test_hostile.py",
+                   "tests/test_careless.py")),
     "install.py": (None, ("tests/test_apply.py", "tests/test_generator_safety.py", "tests/test_files.py",
                           "tests/test_render.py")),
     "lookup.py": (None, ("tests/test_call.py", "tests/test_conformance.py", "tests/test_forwards.py")),
@@ -179,7 +180,7 @@ def load_equivalent() -> dict[str, str]:
     if EQUIVALENT.exists():
         for raw in EQUIVALENT.read_text().splitlines():
             if raw.strip() and not raw.startswith("#"):
-                key, _, reason = raw.partition(" # ")
+                key, _, reason = raw.rpartition(" # ")
                 known[key.strip()] = reason.strip()
     return known
 
