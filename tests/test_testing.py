@@ -158,6 +158,23 @@ def test_max_input_bounds_whole_reads_to_the_byte() -> None:
             call_handler(handler, [data, b"y"], max_input=len(data))
 
 
+def test_an_endless_caller_is_cut_off_once_past_max_input() -> None:
+    """read() and text() count chunk by chunk: a caller that never stops sending fails the call
+    as soon as it passes max_input, instead of filling memory first (the wait is bounded)."""
+    def endless() -> Iterator[bytes]:
+        while True:
+            yield b"z" * 65536
+
+    async def whole(request: Request) -> bytes:
+        return await request.read()
+
+    async def run() -> bytes:
+        return await asyncio.wait_for(async_call_handler(whole, endless(), max_input=1 << 20), 20)
+
+    with pytest.raises(InputTooLarge):
+        asyncio.run(run())
+
+
 def test_timeout_raises_timeout_error() -> None:
     with pytest.raises(TimeoutError):
         call_handler("tests.handlers:hangs", timeout=0.2)
