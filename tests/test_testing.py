@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import sys
 import threading
+import time
 import tracemalloc
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -277,6 +278,69 @@ def test_output_waits_for_a_slow_consumer() -> None:
         return held_at
 
     assert asyncio.run(run()) < 4 << 20
+
+
+def test_plain_handler_writes_reach_the_caller_in_order() -> None:
+    """request.write() from a plain handler's thread: every piece arrives, in order, before what
+    it returns."""
+    def plain(request: Request) -> str:
+        for i in range(100):
+            request.write(f"{i},")
+        request.write(b"bytes too;")
+        return "returned"
+
+    assert call_handler(plain) == ("".join(f"{i}," for i in range(100)) + "bytes too;returned").encode()
+
+
+def test_plain_handler_write_waits_for_a_slow_consumer() -> None:
+    """From a thread, write() itself waits while the caller is behind: output stays bounded."""
+    written = 0
+
+    def producer(request: Request) -> None:
+        nonlocal written
+        for _ in range(1024):  # 64 MiB if nothing held it back
+            request.write(b"p" * 65536)
+            written += 65536
+
+    async def run() -> int:
+        calls = stream_handler(producer)
+        assert await calls.__anext__()
+        await asyncio.sleep(0.3)
+        held_at = written
+        await calls.aclose()
+        return held_at
+
+    assert asyncio.run(run()) < 4 << 20
+
+
+def test_plain_handler_write_once_the_call_has_ended_raises() -> None:
+    """A plain handler outliving its call (here, its timeout) gets ConnectionError from its writes
+    once the call has ended, and after the event loop has closed too: it learns to stop."""
+    errors: list[BaseException] = []
+    finished = threading.Event()
+
+    def producer(request: Request) -> None:
+        try:
+            for _ in range(1024):  # nobody reads: the buffers fill, and a write blocks
+                request.write(b"p" * 65536)
+        except ConnectionError as e:
+            errors.append(e)
+        try:
+            time.sleep(0.5)  # the event loop has closed meanwhile
+            request.write(b"after the end")
+        except ConnectionError as e:
+            errors.append(e)
+        finished.set()
+
+    async def run() -> None:
+        calls = stream_handler(producer, timeout=0.5)
+        await calls.__anext__()
+        await asyncio.sleep(1)  # read nothing more: the call times out meanwhile
+        await calls.aclose()
+
+    asyncio.run(run())
+    assert finished.wait(10), "the plain handler's write never returned, or raised something else"
+    assert len(errors) == 2, errors
 
 
 def test_async_call_handler_inside_a_running_loop() -> None:
