@@ -239,3 +239,12 @@ def test_rpc_config_parses_like_qrexec(text: str, expected: dict[str, object] | 
             rpcconfig.parse(text)
     else:
         assert rpcconfig.parse(text) == expected, source
+
+
+@pytest.mark.parametrize(("service", "keys", "source"), [
+    ("a" * 250 + "+bcde", ("a" * 250 + "+bcde", "a" * 250), "exec.c find_file: a key of 255 bytes is looked up"),
+    ("a" * 250 + "+bcdef", ("a" * 250,), "exec.c find_file: a key of 256 bytes cannot exist; NAME is tried"),
+    ("conf.A", ("conf.A+", "conf.A"), "exec.c parse_qubes_rpc_command: a bare call tries NAME+ first"),
+])
+def test_lookup_keys_at_the_name_max_boundary(service: str, keys: tuple[str, ...], source: str) -> None:
+    assert qrexec.lookup_keys(service) == keys, source
