@@ -12,6 +12,7 @@ world-readable copy of the checkout under /tmp (the daemon runs as "nobody"), ne
 in the checkout itself.  A mutant is killed when the tests fail, timed out when
 they run past the timeout, survived when they pass.  Mutants listed in
 tools/mutation-equivalent.txt (reviewed: no caller can tell) are counted apart.
+The unmutated tests must pass first.  Ctrl-C prints the table of the mutants run so far.
 
     python3 tools/mutate.py [--jobs 2] [--timeout 120] [--only MODULE ...] [--list]
 """
