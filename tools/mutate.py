@@ -14,7 +14,7 @@ they run past the timeout, survived when they pass.  Mutants listed in
 tools/mutation-equivalent.txt (reviewed: no caller can tell) are counted apart.
 The unmutated tests must pass first.  Ctrl-C prints the table of the mutants run so far.
 
-    python3 tools/mutate.py [--jobs 2] [--timeout 120] [--only MODULE ...] [--list]
+    python3 tools/mutate.py [--jobs 2] [--timeout 180] [--only MODULE ...] [--list] [--again]
 """
 
 from __future__ import annotations
@@ -233,6 +233,7 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=180, help="seconds per mutant's test run")
     parser.add_argument("--only", nargs="*", default=None, help="modules (e.g. request.py)")
     parser.add_argument("--list", action="store_true", help="list the mutants, run nothing")
+    parser.add_argument("--again", action="store_true", help=f"only the survivors of the last run ({SURVIVORS})")
     args = parser.parse_args()
     # Started in the background by a shell, SIGINT is ignored, and children inherit that: the
     # tests that interrupt a child with SIGINT would fail for a reason no mutant caused.
@@ -243,6 +244,10 @@ def main() -> int:
     for module in chosen:
         functions, tests = MODULES[module]
         work += [(m, tests) for m in mutants(module, functions)]
+    if args.again:
+        last = {line[2:] for line in SURVIVORS.read_text().splitlines()
+                if line.startswith("# ") and not line.startswith("# equivalent-list key: ")}
+        work = [(m, tests) for m, tests in work if m.ident in last]
     if args.list:
         for m, _ in work:
             print(m.ident)
