@@ -231,6 +231,8 @@ def test_manifest_keys_are_qubes_rpc_file_names(key: str, accepted: bool, source
     ("[section]\n", None, "toml.c: section headers not supported"),
     ("force-user='user'\nexit-on-client-eof=true\n", None, "exec.c load_service_config_v2"),
     ("unknown=bare\n", None, "toml.c: an unknown key's value must still parse"),
+    ("unknown=9\n", {}, "toml.c parse_toml_value: any decimal integer parses (then the key is ignored)"),
+    ("force-user='user\n", None, "toml.c parse_toml_value: unterminated string"),
     ("wait-for-session=falsex\n", None, "toml.c: junk after a boolean"),
     ("wait-for-session=truex\n", None, "toml.c: junk after a boolean"),
     ("unknown=18446744073709551615\n", {}, "toml.c parse_toml_value: strtoull takes up to 2^64 - 1"),
