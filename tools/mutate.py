@@ -316,8 +316,9 @@ def main() -> int:
         score = 100.0 * (r["killed"] + r["timed out"]) / live if live else 100.0
         ran, planned = live + r["equivalent"], sum(m.module == module for m, _ in work)
         worst = min(worst, score if ran == planned else 0.0)
+        shown = f"{score:.1f} %" if ran else "not run"
         print(f"| {module} | {ran if ran == planned else f'{ran} of {planned} (interrupted)'} | {r['killed']} "
-              f"| {r['timed out']} | {r['survived']} | {r['equivalent']} | {score:.1f} % |")
+              f"| {r['timed out']} | {r['survived']} | {r['equivalent']} | {shown} |")
     stale = {k for k in known if k.split(":")[0] in chosen} - used_equivalent
     for key in sorted(stale):
         print(f"note: equivalent-list entry matched no surviving mutant: {key}")
