@@ -4,6 +4,7 @@
 #   make demo    set up, then run the bundled example end to end (root, Debian 12)
 #   make check   set up, then run the whole test suite (what .ci/run calls)
 #   make bench   set up, then print the benchmark table
+#   make mutation  set up, then mutation-test the trust boundary (tools/mutate.py; minutes; not in check)
 #   make install DESTDIR=... PREFIX=/usr    what debian/rules and the RPM spec call
 #   make deb / make rpm   the packages (lintian-checked .deb; .rpm with Debian's rpmbuild or Fedora's)
 #   make trixie  the proof on Debian 13: debootstrap, install the .deb, run the suite (downloads; not in check)
@@ -27,7 +28,7 @@ TEST_DEBS := $(RUNTIME_DEBS) python3-uvloop systemd-container dbus-user-session 
 APT_GET := DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600
 
 .PHONY: all setup setup-test check check-here test demo demo-here bench bench-here install install-python \
-	install-data wheel man check-built deb rpm trixie clean
+	install-data wheel man check-built deb rpm trixie clean mutation
 
 all:
 	@echo "targets: demo check bench install deb rpm man trixie clean"
@@ -64,6 +65,11 @@ test: check
 
 bench-here: setup-test
 	$(VPY) -m bench
+
+# Each mutant runs in its own world-readable copy under /tmp (the daemon runs as nobody):
+# no reachable.sh needed.  MUTATION_ARGS="--only request.py" for one module.
+mutation: setup-test
+	$(VPY) tools/mutate.py $(MUTATION_ARGS)
 
 # Debian 13 in a scratch chroot (tools/trixie.sh); needs root and a mirror.
 trixie:

@@ -5,8 +5,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import resource
 import sys
 import time
 
@@ -197,3 +199,40 @@ async def blocks_the_loop_later(request: Request) -> str:
     """Leaves the loop a callback that blocks it (``+SECONDS``), in 50 ms: not in a handler's step."""
     asyncio.get_running_loop().call_later(0.05, time.sleep, float(request.argument or "1"))
     return "later\n"
+
+
+#: What writes_then queues before it ends (far more than a socket's buffer holds).
+QUEUED_OUTPUT = 4 << 20
+
+
+async def writes_then(request: Request) -> None:
+    """Queues QUEUED_OUTPUT bytes without draining, then ends as its argument says: ``return``,
+    ``raise``, ``hang`` (past its timeout) or ``read`` (the whole input, past its max_input)."""
+    request.write(b"o" * QUEUED_OUTPUT)
+    if request.argument == "raise":
+        raise RuntimeError("failed after writing")
+    if request.argument == "hang":
+        await asyncio.Event().wait()
+    if request.argument == "read":
+        await request.read()
+
+
+async def exhausts_fds(request: Request) -> str:
+    """Leaves the daemon no free file descriptor for ``+SECONDS``, then keeps the call open 3 s
+    more: callers meanwhile are accepted only if the daemon retries accept() by itself."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    fillers = []
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(int(fd) for fd in os.listdir("/proc/self/fd")) + 1, hard))
+    try:
+        with contextlib.suppress(OSError):  # fill the holes below the new limit: EMFILE from here on
+            while True:
+                fillers.append(os.open("/dev/null", os.O_RDONLY))
+        request.write(b"exhausted\n")
+        await request.drain()
+        await asyncio.sleep(float(request.argument or "1"))
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    await asyncio.sleep(3)
+    return "released\n"

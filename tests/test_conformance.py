@@ -63,6 +63,9 @@ ROWS = [
     (b"+a work", None, None, "qrexec-daemon.c validate_service_name: no leading '+'"),
     (b"conf.A+a/b work", None, None, "qrexec-daemon.c sanitize_name(service, \"+\"): no '/' in an argument"),
     (b"conf.A+a\n work", None, None, "qrexec-daemon.c sanitize_name: no newline, even trailing"),
+    (b"conf.A\n work", None, None, "qrexec-daemon.c sanitize_name: no trailing newline in NAME"),
+    (b"conf.A+a work\n", None, None, "qrexec-daemon.c: the source is a qube name, no trailing newline"),
+    (b"conf.A+a dom0 name work\n", None, None, "qrexec-daemon.c: the target is a qube name, no trailing newline"),
     (b"conf.A+x " + b"w" * 31, "NAME+ARG", "'x'", "policy: qube names up to 31 characters"),
     (b"conf.A+x " + b"w" * 32, None, None, "policy: a source longer than 31 characters is no qube"),
     (b"conf.A+x @adminvm", None, None, "qrexec-daemon.c: the source is a qube name, never a keyword"),
@@ -228,6 +231,12 @@ def test_manifest_keys_are_qubes_rpc_file_names(key: str, accepted: bool, source
     ("[section]\n", None, "toml.c: section headers not supported"),
     ("force-user='user'\nexit-on-client-eof=true\n", None, "exec.c load_service_config_v2"),
     ("unknown=bare\n", None, "toml.c: an unknown key's value must still parse"),
+    ("unknown=9\n", {}, "toml.c parse_toml_value: any decimal integer parses (then the key is ignored)"),
+    ("force-user='user\n", None, "toml.c parse_toml_value: unterminated string"),
+    ("wait-for-session=falsex\n", None, "toml.c: junk after a boolean"),
+    ("wait-for-session=truex\n", None, "toml.c: junk after a boolean"),
+    ("unknown=18446744073709551615\n", {}, "toml.c parse_toml_value: strtoull takes up to 2^64 - 1"),
+    ("unknown=18446744073709551616\n", None, "toml.c parse_toml_value: ERANGE beyond 2^64 - 1 fails the file"),
     ("wait-for-session=true\0\n", None, "toml.c: NUL byte in line"),
 ])
 def test_rpc_config_parses_like_qrexec(text: str, expected: dict[str, object] | None, source: str) -> None:
@@ -236,3 +245,12 @@ def test_rpc_config_parses_like_qrexec(text: str, expected: dict[str, object] | 
             rpcconfig.parse(text)
     else:
         assert rpcconfig.parse(text) == expected, source
+
+
+@pytest.mark.parametrize(("service", "keys", "source"), [
+    ("a" * 250 + "+bcde", ("a" * 250 + "+bcde", "a" * 250), "exec.c find_file: a key of 255 bytes is looked up"),
+    ("a" * 250 + "+bcdef", ("a" * 250,), "exec.c find_file: a key of 256 bytes cannot exist; NAME is tried"),
+    ("conf.A", ("conf.A+", "conf.A"), "exec.c parse_qubes_rpc_command: a bare call tries NAME+ first"),
+])
+def test_lookup_keys_at_the_name_max_boundary(service: str, keys: tuple[str, ...], source: str) -> None:
+    assert qrexec.lookup_keys(service) == keys, source

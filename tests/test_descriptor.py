@@ -63,3 +63,13 @@ def test_longest_allowed_service_name() -> None:
     """NAME_MAX for NAME, MAX_SERVICE_NAME_LEN for the whole (libqrexec/exec.c: parse_qubes_rpc_command)."""
     name = "a" * 255 + "+" + "b" * (65000 - 256)
     assert parse(name.encode() + b" work").service == name
+
+
+def test_a_validated_descriptor_cannot_be_altered() -> None:
+    """What the sanitize block validated is what every later use sees: the fields are read-only."""
+    import dataclasses
+
+    desc = parse(b"my.Service+arg work")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        desc.source = "dom0"  # type: ignore[misc]
+    assert desc.source == "work"

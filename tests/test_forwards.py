@@ -447,3 +447,13 @@ def test_tcp_rules_are_qrexecs() -> None:
         qrexec.tcp_address("/dev/tcp/10.0.0.1/", None)  # "/dev/tcp/HOST/": an empty port, not none
     ports = ("1", "65535", "65536", "0", "01", "\uff11", "22 ", "")  # \uff11: a digit to isdigit(), not to C
     assert [p for p in ports if qrexec.valid_port(p)] == ["1", "65535"]
+
+
+@pytest.mark.parametrize(("host", "accepted"), [
+    ("fe80::1%eth0", True), ("fe80::1%" + "e" * 15, True), ("fe80::1%" + "e" * 16, False),
+    ("fe80::1%eth0\n", False), ("fe80::1%", False), ("10.0.0.1%eth0", False),
+])
+def test_an_ipv6_scope_is_an_interface_name(host: str, accepted: bool) -> None:
+    """libqrexec/exec.c: qubes_tcp_connect hands HOST to getaddrinfo; a %scope is an interface name
+    (at most IFNAMSIZ - 1 = 15 characters) on an IPv6 address, with nothing after it."""
+    assert qrexec.is_numeric_host(host) == accepted

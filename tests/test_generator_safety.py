@@ -265,6 +265,27 @@ def test_edited_ownership_record_cannot_point_outside(world: Callable[[str], tup
     assert_refused(result, before, root, outside, words="ownership record")
 
 
+@pytest.mark.parametrize("path", ["/etc/qubes-rpc/sub/x", "/etc/qubes-rpcX/y", "/etc/qubes-rpc/./x",
+                                  "/etc/qubes-rpc/"])
+def test_edited_ownership_record_names_only_files_directly_in_the_layout(
+        world: Callable[[str], tuple[Path, Path, Path]], path: str) -> None:
+    """install._in_layout: a recorded path is trusted only as a file directly inside one of the
+    layout's directories, spelled plainly: not in a subdirectory, not in a directory whose name
+    merely starts like one (/etc/qubes-rpcX), not through '.'."""
+    manifest, root, outside = world(A)
+    assert apply(manifest, root).returncode == 0
+    record_path = root / RECORD
+    record = json.loads(record_path.read_text())
+    record["owned"][path] = [hashlib.sha256(b"").hexdigest()]
+    if not path.endswith("/"):
+        plant(root, path.lstrip("/"), lambda p: p.write_text(""))
+    record_path.write_text(json.dumps(record))
+    before = snapshot(root, outside)
+    result = apply(manifest, root)
+    assert (root / path.lstrip("/")).exists()
+    assert_refused(result, before, root, outside, words="ownership record")
+
+
 def test_unreadable_or_foreign_record_is_refused(world: Callable[[str], tuple[Path, Path, Path]]) -> None:
     manifest, root, outside = world(A)
     for text in ("not json", "[]", '{"owned": 3}', '{"owned": {"/etc/qubes-rpc/x": 5}}'):
@@ -766,6 +787,16 @@ def test_the_lock_lives_where_only_root_creates_files() -> None:
     with install.locked():
         st = lock.lstat()
         assert stat.S_ISREG(st.st_mode) and st.st_uid == 0 and stat.S_IMODE(st.st_mode) & 0o077 == 0
+
+
+def test_the_lock_is_never_taken_through_a_symlink(tmp_path: Path) -> None:
+    """Were its directory ever writable by someone else, a symlink planted as the lock must not make
+    apply create or lock a file of the attacker's choosing (install.locked: O_NOFOLLOW)."""
+    lock, victim = tmp_path / "apply.lock", tmp_path / "victim"
+    lock.symlink_to(victim)
+    with pytest.raises(install.ApplyError, match="cannot take the apply lock"), install.locked(str(lock)):
+        pass
+    assert not victim.exists()
 
 
 def run_as_nobody(*args: str) -> subprocess.CompletedProcess[str]:

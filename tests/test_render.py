@@ -136,3 +136,18 @@ def test_every_option_maps_to_rpc_config() -> None:
 
 def test_rpc_config_checker_accepts_comments_and_blank_lines() -> None:
     assert rpcconfig.parse("# c\n\nwait-for-session=true\n") == {"wait-for-session": True}
+
+
+@pytest.mark.parametrize("value", ["it's", "a\nwait-for-session=true", "tab\there", "nul\0"])
+def test_rpc_config_refuses_a_value_it_cannot_write_in_single_quotes(value: str) -> None:
+    """libqrexec/toml.c: parse_toml_value knows only '...' strings, without escapes: a quote or a
+    control character would end the value early or inject a line, so nothing is written."""
+    with pytest.raises(rpcconfig.RpcConfigError, match="force-user: value cannot be written in single quotes"):
+        rpcconfig.render({"force-user": value}, "m")
+
+
+def test_rpc_config_is_never_written_unless_qrexec_reads_it_back_the_same() -> None:
+    """An option qrexec would ignore (toml.c: unknown keys are skipped) is refused, not written."""
+    with pytest.raises(rpcconfig.RpcConfigError, match="does not read back as written"):
+        rpcconfig.render({"wait-for-sesion": True}, "m")
+    assert rpcconfig.render({"force-user": "user"}, "m", note="n").splitlines()[1:] == ["# n", "force-user='user'"]

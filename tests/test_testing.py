@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import sys
 import threading
+import time
 import tracemalloc
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -125,6 +126,56 @@ def test_max_input_default_is_the_manifests() -> None:
     assert len(call_handler(echo, b"x" * (DEFAULT_MAX_INPUT + 1), max_input=0)) == DEFAULT_MAX_INPUT + 1
 
 
+def test_read_n_returns_at_most_n_bytes_and_read_0_none() -> None:
+    """Request.read(n) is StreamReader.read(n): up to n bytes, b"" for n == 0 without consuming
+    input; read() and text() take the rest, whole."""
+    async def reads(request: Request) -> str:
+        parts = [await request.read(0), await request.read(3), await request.read(0)]
+        return repr(parts) + await request.text()
+
+    assert call_handler(reads, b"abcdef") == b"[b'', b'abc', b'']def"
+
+
+def test_max_input_bounds_whole_reads_to_the_byte() -> None:
+    """max_input counts every byte however it is read: read(), text(), read(n), async for and a
+    plain handler's request.input; max_input bytes pass, one more fails the call."""
+    async def whole(request: Request) -> bytes:
+        return await request.read()
+
+    async def text(request: Request) -> str:
+        return await request.text()
+
+    async def pieces(request: Request) -> bytes:
+        return b"".join([chunk async for chunk in request])
+
+    def plain(request: Request) -> bytes:
+        assert request.input is not None
+        return request.input
+
+    for handler in (whole, text, pieces, plain):
+        data = b"y" * 70_000  # more than one CHUNK_SIZE read
+        assert call_handler(handler, [data[:100], data[100:]], max_input=len(data)) == data, handler
+        with pytest.raises(InputTooLarge):
+            call_handler(handler, [data, b"y"], max_input=len(data))
+
+
+def test_an_endless_caller_is_cut_off_once_past_max_input() -> None:
+    """read() and text() count chunk by chunk: a caller that never stops sending fails the call
+    as soon as it passes max_input, instead of filling memory first (the wait is bounded)."""
+    def endless() -> Iterator[bytes]:
+        while True:
+            yield b"z" * 65536
+
+    async def whole(request: Request) -> bytes:
+        return await request.read()
+
+    async def run() -> bytes:
+        return await asyncio.wait_for(async_call_handler(whole, endless(), max_input=1 << 20), 20)
+
+    with pytest.raises(InputTooLarge):
+        asyncio.run(run())
+
+
 def test_timeout_raises_timeout_error() -> None:
     with pytest.raises(TimeoutError):
         call_handler("tests.handlers:hangs", timeout=0.2)
@@ -227,6 +278,69 @@ def test_output_waits_for_a_slow_consumer() -> None:
         return held_at
 
     assert asyncio.run(run()) < 4 << 20
+
+
+def test_plain_handler_writes_reach_the_caller_in_order() -> None:
+    """request.write() from a plain handler's thread: every piece arrives, in order, before what
+    it returns."""
+    def plain(request: Request) -> str:
+        for i in range(100):
+            request.write(f"{i},")
+        request.write(b"bytes too;")
+        return "returned"
+
+    assert call_handler(plain) == ("".join(f"{i}," for i in range(100)) + "bytes too;returned").encode()
+
+
+def test_plain_handler_write_waits_for_a_slow_consumer() -> None:
+    """From a thread, write() itself waits while the caller is behind: output stays bounded."""
+    written = 0
+
+    def producer(request: Request) -> None:
+        nonlocal written
+        for _ in range(1024):  # 64 MiB if nothing held it back
+            request.write(b"p" * 65536)
+            written += 65536
+
+    async def run() -> int:
+        calls = stream_handler(producer)
+        assert await calls.__anext__()
+        await asyncio.sleep(0.3)
+        held_at = written
+        await calls.aclose()
+        return held_at
+
+    assert asyncio.run(run()) < 4 << 20
+
+
+def test_plain_handler_write_once_the_call_has_ended_raises() -> None:
+    """A plain handler outliving its call (here, its timeout) gets ConnectionError from its writes
+    once the call has ended, and after the event loop has closed too: it learns to stop."""
+    errors: list[BaseException] = []
+    finished = threading.Event()
+
+    def producer(request: Request) -> None:
+        try:
+            for _ in range(1024):  # nobody reads: the buffers fill, and a write blocks
+                request.write(b"p" * 65536)
+        except ConnectionError as e:
+            errors.append(e)
+        try:
+            time.sleep(0.5)  # the event loop has closed meanwhile
+            request.write(b"after the end")
+        except ConnectionError as e:
+            errors.append(e)
+        finished.set()
+
+    async def run() -> None:
+        calls = stream_handler(producer, timeout=0.5)
+        await calls.__anext__()
+        await asyncio.sleep(1)  # read nothing more: the call times out meanwhile
+        await calls.aclose()
+
+    asyncio.run(run())
+    assert finished.wait(10), "the plain handler's write never returned, or raised something else"
+    assert len(errors) == 2, errors
 
 
 def test_async_call_handler_inside_a_running_loop() -> None:

@@ -1,0 +1,190 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (C) 2026 qubes-socksvc developers
+"""How a call ends (flushed, or cut off), what STATUS= counts, and how a busy daemon waits.
+
+A served call's output reaches its caller in full before the connection closes; a call that
+failed (the handler raised, timed out or overran ``max_input``) is aborted: output it had
+queued is dropped, so a caller never mistakes a failed call's partial output for a whole reply.
+With every ``max_connections`` slot taken, or no file descriptor left, the daemon stops
+watching its sockets (callers wait in the backlog) instead of spinning, and tries again by itself.
+Every wait here is bounded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import RunningDaemon, world_dir
+from tests.handlers import QUEUED_OUTPUT
+
+MANIFEST = """\
+version: 1
+daemons:
+  e:
+    idle_exit: 0
+    max_connections: 2
+    descriptor_timeout: 1
+    services:
+      e.Writes:
+        handler: handlers:writes_then
+        timeout: 0.5
+        max_input: 1024
+      e.Slow:
+        handler: handlers:slow
+      e.Echo:
+        handler: qubes_socksvc.examples:echo
+      e.Exhaust:
+        handler: handlers:exhausts_fds
+"""
+
+
+def connect(daemon: RunningDaemon, timeout: float = 10) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    sock.connect(daemon.socket())
+    return sock
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    chunks = []
+    with contextlib.suppress(ConnectionResetError):
+        while data := sock.recv(65536):
+            chunks.append(data)
+    return b"".join(chunks)
+
+
+def wait_for_log(daemon: RunningDaemon, text: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in daemon.log_text() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert text in daemon.log_text(), f"{text!r} not logged:\n{daemon.log_text()[-3000:]}"
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (/proc/PID/stat fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.fixture
+def daemon(start_daemon: type[RunningDaemon]) -> RunningDaemon:
+    return start_daemon(MANIFEST, "e")
+
+
+@pytest.mark.parametrize(("ending", "data", "complete"), [
+    ("return", b"", True),
+    ("raise", b"", False),
+    ("hang", b"", False),             # past its timeout
+    ("read", b"x" * 5000, False),     # past its max_input
+])
+def test_only_a_served_call_delivers_its_queued_output(daemon: RunningDaemon, ending: str, data: bytes,
+                                                       complete: bool) -> None:
+    """The caller reads nothing until the call has ended, then everything there is: all the output
+    of a served call, a cut-off part of a failed one's (Server._connection: abort unless SERVED)."""
+    with connect(daemon) as sock:
+        sock.sendall(f"e.Writes+{ending} work\0".encode() + data)
+        sock.shutdown(socket.SHUT_WR)
+        wait_for_log(daemon, "call e.Writes+" + ending + {"return": " from work", "raise": ": handler",
+                                                          "hang": " timed out", "read": " rejected"}[ending])
+        time.sleep(0.3)  # the daemon has closed or aborted the connection by now
+        received = read_until_closed(sock)
+    if complete:
+        assert received == b"o" * QUEUED_OUTPUT
+    else:
+        assert len(received) < QUEUED_OUTPUT, f"a failed call ({ending}) delivered all its output"
+
+
+def test_status_counts_each_kind_of_call(start_daemon: type[RunningDaemon]) -> None:
+    """STATUS= (what ``systemctl --user status`` and ``list`` show) counts served calls, calls
+    rejected before any handler ran, and calls whose handler failed, each apart."""
+    notify_dir = world_dir("socksvc-notify-")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(str(notify_dir / "notify"))
+        (notify_dir / "notify").chmod(0o777)
+        notify.settimeout(10)
+        daemon = start_daemon(MANIFEST, "e", extra_env={"NOTIFY_SOCKET": str(notify_dir / "notify")})
+        assert daemon.call(b"e.Echo work\0", b"hi", timeout=10) == b"hi"
+        for wire in (b"e.Echo bad qube\0", b"e.Nothing work\0"):  # a bad descriptor, an unknown service
+            assert daemon.call(wire, timeout=10) == b""
+        for wire in (b"e.Writes+raise work\0", b"e.Writes+hang work\0", b"e.Writes+read work\0" + b"x" * 5000):
+            daemon.call(wire, timeout=10)
+        expected = "calls: 1 served, 2 rejected, 3 failed"
+        statuses = []
+        deadline = time.monotonic() + 10
+        while not any(expected in s for s in statuses) and time.monotonic() < deadline:
+            with contextlib.suppress(TimeoutError):
+                statuses.append(notify.recv(4096).decode())
+        assert expected in statuses[-1], statuses
+    os.unlink(notify_dir / "notify")
+    notify_dir.rmdir()
+
+
+def test_saturated_daemon_accepts_no_more_and_does_not_spin(daemon: RunningDaemon) -> None:
+    """With both slots busy, three more callers wait in the kernel's backlog: the daemon holds no
+    more connections (its fd count stays put) and burns no CPU while it waits (Server._accept
+    unwatches its listeners); once a slot frees, the waiting callers are served."""
+    busy = [connect(daemon) for _ in range(2)]
+    for sock in busy:
+        sock.sendall(b"e.Slow+2.5 work\0")
+    wait_for_log(daemon, "call e.Slow+2.5 from work")
+    time.sleep(0.2)
+    fds = daemon.fd_count()
+    waiting = [connect(daemon) for _ in range(3)]
+    for sock in waiting:
+        sock.sendall(b"e.Echo work\0queued")
+        sock.shutdown(socket.SHUT_WR)
+    time.sleep(0.2)
+    before = cpu_seconds(daemon.proc.pid)
+    time.sleep(1.5)
+    spent = cpu_seconds(daemon.proc.pid) - before
+    assert daemon.fd_count() == fds, "the daemon accepted callers beyond max_connections"
+    assert spent < 0.3, f"the saturated daemon used {spent:.2f}s of CPU in 1.5s: it spins"
+    assert [read_until_closed(sock) for sock in busy] == [b"done\n", b"done\n"]
+    assert [read_until_closed(sock) for sock in waiting] == [b"queued"] * 3
+    for sock in busy + waiting:
+        sock.close()
+
+
+@pytest.fixture
+def exhausted(daemon: RunningDaemon) -> Iterator[socket.socket]:
+    """A call that leaves the daemon without file descriptors for 0.5 s, then holds on 3 s more."""
+    with connect(daemon) as hog:
+        hog.sendall(b"e.Exhaust+0.5 work\0")
+        hog.shutdown(socket.SHUT_WR)
+        assert hog.recv(100) == b"exhausted\n"
+        yield hog
+
+
+def test_accept_failing_for_want_of_fds_is_retried_without_flooding(daemon: RunningDaemon,
+                                                                    exhausted: socket.socket) -> None:
+    """accept() failing with EMFILE pauses the listeners and retries 0.1 s later (Server._accept):
+    the caller who arrived meanwhile is served as soon as descriptors are free again, long before
+    any call ends, and the failure is logged a few times, not once per loop turn."""
+    start = time.monotonic()
+    assert daemon.call(b"e.Echo work\0", b"patient caller", timeout=10) == b"patient caller"
+    assert time.monotonic() - start < 2.5, "served only when a call ended: accept() was never retried"
+    failures = daemon.log_text().count("accept failed: [Errno 24] Too many open files")
+    assert 1 <= failures <= 15, f"{failures} accept failures logged in about 0.5 s"
+    assert read_until_closed(exhausted) == b"released\n"
+    assert daemon.proc.poll() is None
+    assert daemon.call(b"e.Echo work\0", b"after", timeout=10) == b"after"
+
+
+def test_waiting_callers_are_served_in_turn_by_a_saturated_daemon(daemon: RunningDaemon) -> None:
+    """Ten callers for two slots: every one answered, none refused."""
+    replies: list[bytes] = []
+    threads = [threading.Thread(target=lambda: replies.append(daemon.call(b"e.Slow+0.2 work\0", timeout=15)))
+               for _ in range(10)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    assert replies == [b"done\n"] * 10
