@@ -145,6 +145,8 @@ class Request:
     async def _write_and_drain(self, data: bytes) -> None:
         self._queue(data)
         await self.drain()
+        if self._transport.is_closing():  # woken by the end of the call, not by the caller reading
+            raise ConnectionResetError("the call has ended: its output is dropped")
 
     async def drain(self) -> None:
         """Wait until the caller has taken enough output (backpressure); raises

@@ -169,6 +169,19 @@ def plain_writes_after_timeout(request: Request) -> None:
         request.write(b"late\n")
 
 
+def plain_write_when_the_call_ends(request: Request) -> None:
+    """Writes 64 KiB blocks to a caller that never reads, until a write raises; logs how many
+    writes returned after its 1 s timeout had ended the call (there should be none)."""
+    start = time.monotonic()
+    late = 0
+    try:
+        for i in range(100000):
+            request.write(b"%65535d\n" % i)
+            late += time.monotonic() - start >= 1.0
+    except ConnectionError as e:
+        logging.getLogger("my.service").warning("writes ended: %s after %d late returns", type(e).__name__, late)
+
+
 async def logs_itself(request: Request) -> str:
     """Logs through the standard logging module, as a service author would."""
     logging.getLogger("my.service").warning("handler's own line")

@@ -56,6 +56,9 @@ CARELESS_MANIFEST = HOSTILE_MANIFEST + """\
       h.PlainLate:
         handler: handlers:plain_writes_after_timeout
         timeout: 0.3
+      h.PlainBlocked:
+        handler: handlers:plain_write_when_the_call_ends
+        timeout: 1
       h.Concurrency:
         handler: handlers:concurrency
       h.BackendDown:
@@ -115,6 +118,20 @@ def test_plain_handler_writing_to_a_non_reader_is_held_back(careless: tuple[Runn
         wait_for_log(daemon, "call h.PlainFloods timed out after 3s")
     assert peak <= base.rss_kib + 8 * 1024, f"RSS {peak} KiB with a non-reader, baseline {base.rss_kib}"
     assert_quiet(daemon)
+    assert_recovered(daemon, base)
+
+
+def test_a_plain_handlers_blocked_write_raises_when_the_call_ends(
+        careless: tuple[RunningDaemon, Baseline]) -> None:
+    """A plain handler blocked in write() for a caller that does not read learns at once that its
+    timeout ended the call: that write() raises ConnectionError, it does not return as if the
+    data had been taken."""
+    daemon, base = careless
+    with connect(daemon) as sock:
+        sock.sendall(b"h.PlainBlocked work\0")
+        sock.shutdown(socket.SHUT_WR)
+        wait_for_log(daemon, "writes ended: ")
+    assert "writes ended: ConnectionResetError after 0 late returns" in daemon.log_text(), daemon.log_text()
     assert_recovered(daemon, base)
 
 
