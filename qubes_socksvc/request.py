@@ -126,9 +126,11 @@ class Request:
         if threading.get_ident() == self._thread:
             self._queue(data)
             return
+        write = self._write_and_drain(data)
         try:
-            future = asyncio.run_coroutine_threadsafe(self._write_and_drain(data), self._loop)
+            future = asyncio.run_coroutine_threadsafe(write, self._loop)
         except RuntimeError as e:  # the loop is closed: the daemon has stopped
+            write.close()  # never to run: not "never awaited"
             raise ConnectionResetError("the daemon has stopped") from e
         try:
             future.result()
