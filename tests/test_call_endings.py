@@ -24,6 +24,7 @@ import pytest
 
 from tests.conftest import RunningDaemon, world_dir
 from tests.handlers import QUEUED_OUTPUT
+from tests.test_hostile import connect, read_until_closed, wait_for_log
 
 MANIFEST = """\
 version: 1
@@ -44,28 +45,6 @@ daemons:
       e.Exhaust:
         handler: handlers:exhausts_fds
 """
-
-
-def connect(daemon: RunningDaemon, timeout: float = 10) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
-    sock.connect(daemon.socket())
-    return sock
-
-
-def read_until_closed(sock: socket.socket) -> bytes:
-    chunks = []
-    with contextlib.suppress(ConnectionResetError):
-        while data := sock.recv(65536):
-            chunks.append(data)
-    return b"".join(chunks)
-
-
-def wait_for_log(daemon: RunningDaemon, text: str, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while text not in daemon.log_text() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert text in daemon.log_text(), f"{text!r} not logged:\n{daemon.log_text()[-3000:]}"
 
 
 def cpu_seconds(pid: int) -> float:
