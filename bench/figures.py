@@ -34,6 +34,7 @@ from .processes import (
     compile_spec,
     drop_privileges_argv,
     serve_argv,
+    start_activated_daemon,
     start_daemon,
     start_floor,
     start_socat,
@@ -48,12 +49,16 @@ DESCRIPTOR = b"example.Echo dom0\0"
 SMALL_INPUT = b"a small request: one line of text, as most qrexec calls carry.\n" * 2
 
 #: The bundled example handlers (as in examples/qubes-socksvc.yaml) on a socket of the bench's own.
+# socket_group names a group in /etc/group, as the default "qubes" is in every Qubes VM: a group
+# glibc's "files" cannot answer makes it load libnss_systemd (0.4 MiB of RSS) for --bind-dir's
+# chown, which no Qubes VM pays.
 MANIFEST = """\
 version: 1
 daemons:
   {daemon}:
     description: qubes-socksvc benchmark (the bundled example handlers)
     socket: {socket}
+    socket_group: nogroup
     idle_exit: 0
     max_connections: 256
     services:
@@ -386,38 +391,59 @@ class Bench:
     # --- 5: idle memory -------------------------------------------------------------
 
     def idle_rss(self) -> list[Row]:
-        """RSS once listening (no call yet), and after a call (the handler's module loaded)."""
+        """RSS once listening (no call yet), and after a call (the handler's module loaded), of the
+        daemon as its unit runs it: the unit's command line, the socket passed as systemd passes it
+        (so python-systemd's listen_fds and libsystemd are loaded, as in every real start)."""
+        if not as_root():
+            return [Row("5", "idle daemon RSS", "n/a", f"needs root: the manifest's socket lives in {SOCKET_DIR}",
+                        "", "≤ 1.15x floor", VOID)]
+        created = not os.path.isdir(SOCKET_DIR)
+        if created:
+            os.makedirs(SOCKET_DIR, mode=0o755)
         idle: dict[str, list[int]] = {v.mark: [] for v in self.variants}
         after: dict[str, list[int]] = {v.mark: [] for v in self.variants}
         f_idle: list[int] = []
         f_after: list[int] = []
-        for _ in range(self.sizes.rss_rounds):
-            daemons = [self.daemon(v) for v in self.variants]
-            floor = self.floor()
-            try:
-                time.sleep(0.2)
-                for v, d in zip(self.variants, daemons, strict=True):
-                    idle[v.mark].append(d.rss_kib())
-                f_idle.append(floor.rss_kib())
-                for p in (*daemons, floor):
-                    client.sequential(p.socket, DESCRIPTOR + SMALL_INPUT, SMALL_INPUT, 3)
-                time.sleep(0.2)
-                for v, d in zip(self.variants, daemons, strict=True):
-                    after[v.mark].append(d.rss_kib())
-                f_after.append(floor.rss_kib())
-            finally:
-                for p in (*daemons, floor):
-                    p.stop()
+        try:
+            for r in range(self.sizes.rss_rounds):
+                floor = self.floor()
+                try:
+                    time.sleep(0.2)
+                    f_idle.append(floor.rss_kib())
+                    client.sequential(floor.socket, DESCRIPTOR + SMALL_INPUT, SMALL_INPUT, 3)
+                    time.sleep(0.2)
+                    f_after.append(floor.rss_kib())
+                    for v in _rotated(self.variants, r):  # one at a time: they share the manifest's socket
+                        d = start_activated_daemon(self.work, self.spec, DAEMON, self.activation_socket, self._tag(),
+                                                   pythonpath=v.pythonpath, name=f"qubes-socksvc{v.mark}")
+                        try:
+                            time.sleep(0.2)
+                            idle[v.mark].append(d.rss_kib())
+                            client.sequential(d.socket, DESCRIPTOR + SMALL_INPUT, SMALL_INPUT, 3)
+                            time.sleep(0.2)
+                            after[v.mark].append(d.rss_kib())
+                        finally:
+                            d.stop()
+                            self._check_log(d)
+                finally:
+                    floor.stop()
+        finally:
+            if os.path.exists(self.activation_socket):
+                os.unlink(self.activation_socket)
+            if created:
+                with contextlib.suppress(OSError):
+                    os.rmdir(SOCKET_DIR)
         rows = []
         for v in self.variants:
             r_idle = median([a / b for a, b in zip(idle[v.mark], f_idle, strict=True)])
             r_after = median([a / b for a, b in zip(after[v.mark], f_after, strict=True)])
             rows += [
-                Row(f"5a{v.mark}", v.label("idle daemon RSS (listening, no call yet)"), mib(median(idle[v.mark])),
-                    f"floor {mib(median(f_idle))}", ratio(r_idle), "≤ 1.3x floor", judge(r_idle <= 1.3)),
+                Row(f"5a{v.mark}", v.label("idle daemon RSS, socket-activated (no call yet)"),
+                    mib(median(idle[v.mark])), f"floor {mib(median(f_idle))}", ratio(r_idle), "≤ 1.15x floor",
+                    judge(r_idle <= 1.15)),
                 Row(f"5b{v.mark}", v.label("idle daemon RSS after a call (handler loaded)"),
-                    mib(median(after[v.mark])), f"floor {mib(median(f_after))}", ratio(r_after), "≤ 1.3x floor",
-                    judge(r_after <= 1.3)),
+                    mib(median(after[v.mark])), f"floor {mib(median(f_after))}", ratio(r_after), "≤ 1.15x floor",
+                    judge(r_after <= 1.15)),
             ]
         return rows
 

@@ -15,9 +15,11 @@ import os
 import pwd
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -106,7 +108,7 @@ class Process:
     """A server under test: its pid, its log, and its memory from /proc."""
 
     def __init__(self, name: str, argv: Sequence[str], socket_path: str, log: Path,
-                 drop: bool = True, env: dict[str, str] | None = None) -> None:
+                 drop: bool = True, env: dict[str, str] | None = None, pass_fds: Sequence[int] = ()) -> None:
         self.name = name
         self.socket = socket_path
         self.log = log
@@ -117,7 +119,7 @@ class Process:
             privileges = {"user": uid, "group": gid, "extra_groups": []}
         self.proc: subprocess.Popen[bytes] = subprocess.Popen(
             list(argv), env=env or child_env(), stdin=subprocess.DEVNULL, stdout=self._log_file,
-            stderr=subprocess.STDOUT, cwd="/", **privileges)  # type: ignore[call-overload]
+            stderr=subprocess.STDOUT, cwd="/", pass_fds=pass_fds, **privileges)  # type: ignore[call-overload]
         self.pid = self.proc.pid
 
     def wait_listening(self) -> Process:
@@ -125,6 +127,16 @@ class Process:
             wait_listening(self.socket, alive=lambda: self.proc.poll() is None)
         except BenchError as e:
             raise BenchError(f"{self.name}: {e}\n{self.log_text()}") from e
+        return self
+
+    def wait_logged(self, words: str, timeout: float = 30) -> Process:
+        """Until the server's log says ``words`` (a socket-activated daemon: a probe connection
+        would be its first call)."""
+        deadline = time.monotonic() + timeout
+        while words not in self.log_text():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise BenchError(f"{self.name}: never logged {words!r}\n{self.log_text()}")
+            time.sleep(0.01)
         return self
 
     def log_text(self) -> str:
@@ -206,3 +218,30 @@ def start_socat(work: Workdir, tag: str, block: int, forward_to: str) -> Process
     path = str(work.path / f"socat-{tag}.sock")
     argv = [socat, "-b", str(block), f"UNIX-LISTEN:{path}", f"UNIX-CONNECT:{forward_to}"]
     return Process("socat", argv, path, work.path / f"socat-{tag}.log").wait_listening()
+
+
+#: Execs the rest with the socket on fd 3 and LISTEN_PID/LISTEN_FDS/LISTEN_FDNAMES set, as systemd
+#: does for a .socket unit (the same pid after exec, so LISTEN_PID holds).
+_AS_SYSTEMD_DOES = ("import os, sys; fd = int(sys.argv[1]); os.dup2(fd, 3); os.close(fd); "
+                    "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1', LISTEN_FDNAMES=sys.argv[2]); "
+                    "os.execv(sys.argv[3], sys.argv[3:])")
+
+
+def start_activated_daemon(work: Workdir, spec: Path, daemon: str, socket_path: str, tag: str,
+                           pythonpath: str = str(REPO), name: str = "qubes-socksvc") -> Process:
+    """The daemon exactly as its unit runs it (``serve DAEMON --spec SPEC``), handed a listening
+    socket at the manifest's path the way systemd hands it: already listening before it starts."""
+    if os.path.exists(socket_path):
+        os.unlink(socket_path)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(socket_path)
+        os.chmod(socket_path, 0o666)
+        listener.listen(socket.SOMAXCONN)
+        argv = [SYSTEM_PYTHON, "-c", _AS_SYSTEMD_DOES, str(listener.fileno()), f"socksvc-{daemon}",
+                *serve_argv(daemon, spec)]
+        proc = Process(name, argv, socket_path, work.path / f"daemon-{tag}.log",
+                       env=child_env(PYTHONPATH=pythonpath), pass_fds=(listener.fileno(),))
+    finally:
+        listener.close()
+    return proc.wait_logged("serving")

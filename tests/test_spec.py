@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qubes_socksvc import manifest, model, render
+from qubes_socksvc import cli, manifest, model, render
 from tests.conftest import DAEMON_USER, REPO, TESTS, raw_call, run_cli, world_dir
 
 MANIFEST = """\
@@ -221,3 +221,41 @@ def test_the_unit_never_imports_from_the_working_directory(applied: tuple[Path, 
         proc.terminate()
         proc.wait(timeout=30)
         shutil.rmtree(home, ignore_errors=True)
+
+
+_WORDS = st.sampled_from(["serve", "--spec", "-c", "--config", "--bind-dir", "-h", "--", "-", "", "s", "a b",
+                          "/var/lib/qubes-socksvc/daemons/s.json", "--spec=x", "-1", "check", "serve2"])
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(st.tuples(st.just("serve"), st.text(max_size=8) | _WORDS, st.just("--spec"),
+                           st.text(max_size=8) | _WORDS).map(list),
+                 st.lists(_WORDS, max_size=5)))
+def test_the_units_command_line_is_parsed_as_argparse_parses_it(argv: list[str]) -> None:
+    """cli.unit_command reads 'serve DAEMON --spec SPEC' without importing argparse: whatever it
+    accepts, argparse gives the very same arguments."""
+    fast = cli.unit_command(argv)
+    if fast is not None:
+        assert vars(fast) == vars(cli.build_parser().parse_args(argv))
+
+
+def test_every_unit_apply_writes_starts_the_daemon_without_argparse(applied: tuple[Path, Path]) -> None:
+    """The ExecStart= apply renders takes the short path; argparse is not imported on it (and is,
+    on any other command line: the check can fail)."""
+    root, _ = applied
+    unit = (root / "etc/systemd/user/qubes-socksvc-s.service").read_text()
+    exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart=")).split()
+    assert exec_start[1:4] == ["-P", "-m", "qubes_socksvc"]
+    assert cli.unit_command(exec_start[4:]) is not None
+
+    pw = pwd.getpwnam(DAEMON_USER)
+
+    def imported(*args: str) -> str:
+        proc = subprocess.run([sys.executable, "-P", "-X", "importtime", "-m", "qubes_socksvc", *args],
+                              capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)},
+                              user=pw.pw_uid, group=pw.pw_gid, extra_groups=[], cwd="/", timeout=60)
+        assert proc.returncode == 1 and "no such file" in proc.stderr.lower(), proc.stderr[-2000:]
+        return proc.stderr
+
+    assert "| argparse" not in imported("serve", "s", "--spec", "/nonexistent/s.json")
+    assert "| argparse" in imported("serve", "s", "--spec", "/nonexistent/s.json", "--bind-dir", "/tmp")

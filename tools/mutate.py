@@ -59,6 +59,7 @@ MODULES: dict[str, tuple[tuple[str, ...] | None, tuple[str, ...]]] = {
     "lookup.py": (None, ("tests/test_call.py", "tests/test_conformance.py", "tests/test_forwards.py")),
     "agent.py": (None, ("tests/test_call.py", "tests/test_forwards.py", "tests/test_client_lib.py")),
     "model.py": (None, ("tests/test_spec.py", "tests/test_testing.py", "tests/test_server.py")),
+    "client.py": (None, ("tests/test_client_lib.py",)),
 }
 
 FLIP: dict[type[ast.cmpop], type[ast.cmpop]] = {
