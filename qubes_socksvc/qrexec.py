@@ -90,7 +90,9 @@ def lookup_keys(service: str) -> tuple[str, ...]:
     """
     name, argument = split_service(service)
     first = service if argument is not None else service + "+"
-    return tuple(key for key in (first, name) if len(key) <= NAME_MAX)
+    if len(first) <= NAME_MAX:  # NAME is a prefix of key 1: never longer
+        return first, name
+    return (name,) if len(name) <= NAME_MAX else ()
 
 
 def is_source(name: str) -> bool:

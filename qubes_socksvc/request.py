@@ -60,7 +60,8 @@ class Request:
         source: str | None,
         target_type: str | None = None,
         target: str | None = None,
-        max_input: int = 0,
+        *,
+        max_input: int,
     ) -> None:
         self.name = name
         """The service name without argument, e.g. ``qubes.Filecopy``."""

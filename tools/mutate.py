@@ -42,7 +42,8 @@ SURVIVORS = REPO / "build" / "mutation-survivors.txt"
 
 # module -> (functions to mutate, or None for all; the tests that exercise it)
 MODULES: dict[str, tuple[tuple[str, ...] | None, tuple[str, ...]]] = {
-    "request.py": (None, ("tests/test_testing.py", "tests/test_call_endings.py", "tests/test_server.py")),
+    "request.py": (None, ("tests/test_testing.py", "tests/test_call_endings.py", "tests/test_server.py",
+                          "tests/test_careless.py")),
     "descriptor.py": (None, ("tests/test_descriptor.py", "tests/test_conformance.py", "tests/test_fuzz.py")),
     "qrexec.py": (None, ("tests/test_descriptor.py", "tests/test_conformance.py", "tests/test_manifest.py",
                          "tests/test_fuzz.py", "tests/test_call.py", "tests/test_forwards.py",
