@@ -7,9 +7,11 @@ Each mutant is one small change to one module (a flipped comparison, a dropped
 call or ``raise``, a constant off by one, ``\\Z`` -> ``$``, ``and``/``or``,
 ``True``/``False``, a flag dropped from ``A | B``, ``return X`` -> ``return None``,
 one member of the module's own Enum for another, ``continue``/``break``),
-run against the tests that exercise that module (MODULES below) in a
-world-readable copy of the checkout under /tmp (the daemon runs as "nobody"), never
-in the checkout itself.  A mutant is killed when the tests fail, timed out when
+run against the test files that execute its line in a world-readable copy of the
+checkout under /tmp (the daemon runs as "nobody"), never in the checkout itself.
+Which files execute which line is measured first, with coverage, in every process
+a test starts (the daemons too): a mutant runs only those files, fastest first, and
+a mutant on a line no test executes survives without a run.  A mutant is killed when the tests fail, timed out when
 they run past the timeout, survived when they pass.  Mutants listed in
 tools/mutation-equivalent.txt (reviewed: no caller can tell) are counted apart.
 The unmutated tests must pass first.  Ctrl-C prints the table of the mutants run so far.
@@ -73,6 +75,7 @@ FLIP: dict[type[ast.cmpop], type[ast.cmpop]] = {
 class Mutant:
     module: str
     line: int
+    end_line: int
     kind: str
     old: str          # the source line as written
     new: str          # the mutated line(s)
@@ -173,7 +176,7 @@ def mutants(module: str, functions: tuple[str, ...] | None) -> list[Mutant]:
                 text = source[:start] + segment + source[end:]
                 first = source.splitlines()[node.lineno - 1]
                 new_line = text.splitlines()[node.lineno - 1]
-                result.append(Mutant(module, node.lineno, kind, first, new_line, text))
+                result.append(Mutant(module, node.lineno, node.end_lineno, kind, first, new_line, text))
     return sorted(result, key=lambda m: (m.line, m.kind, m.new))
 
 
@@ -202,10 +205,12 @@ def make_copy() -> Path:
     return copy / "tree"
 
 
-def run_tests(tree: Path, tests: tuple[str, ...], timeout: float, log: int = subprocess.DEVNULL) -> str:
+def run_tests(tree: Path, tests: tuple[str, ...], timeout: float, log: int = subprocess.DEVNULL,
+              stop_at_first: bool = True) -> str:
     """killed (the tests failed), survived (they passed) or timed out."""
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPATH": str(tree)}
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-m", "not slow", "-p", "no:cacheprovider", *tests]
+    cmd = [sys.executable, "-m", "pytest", *(["-x"] if stop_at_first else []), "-q", "-m", "not slow",
+           "-p", "no:cacheprovider", *tests]
     proc = subprocess.Popen(cmd, cwd=tree, env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:
@@ -217,6 +222,82 @@ def run_tests(tree: Path, tests: tuple[str, ...], timeout: float, log: int = sub
             os.killpg(proc.pid, 9)
             proc.wait()
     return "survived" if rc == 0 else "killed"
+
+
+#: Starts coverage in every Python process of the copy while the rc file exists: the test run
+#: itself and each daemon or CLI it starts (as "nobody" too), whatever environment a test gives it.
+SITECUSTOMIZE = """\
+import os as _os
+_rc = _os.path.join(_os.path.dirname(_os.path.abspath(__file__)), ".mutation-coveragerc")
+if _os.path.exists(_rc):
+    try:
+        import atexit as _atexit
+        import coverage as _coverage
+    except ImportError:
+        pass
+    else:
+        _cov = _coverage.Coverage(config_file=_rc, data_suffix=True)
+        _cov.start()
+        _atexit.register(lambda: (_cov.stop(), _cov.save()))
+"""
+
+
+@dataclass
+class CoverageMap:
+    """Which test files execute which line of each module, and how long each file takes."""
+
+    lines: dict[tuple[str, int], set[str]]
+    seconds: dict[str, float]
+
+    def tests_for(self, m: Mutant) -> tuple[str, ...]:
+        files: set[str] = set()
+        for line in range(m.line, m.end_line + 1):
+            files |= self.lines.get((m.module, line), set())
+        return tuple(sorted(files, key=lambda f: self.seconds.get(f, 0.0)))
+
+
+def measure_coverage(trees: list[Path], tests: tuple[str, ...], timeout: float) -> CoverageMap:
+    """Run each test file once under coverage (in its own data directory), in parallel trees."""
+    import coverage  # requirements-test.txt
+
+    def one(test: str) -> tuple[str, float, dict[tuple[str, int], None]]:
+        tree = free.get()
+        data = Path(tempfile.mkdtemp(prefix="socksvc-mutation-cov-", dir="/tmp"))
+        try:
+            data.chmod(0o1777)
+            (tree / ".mutation-coveragerc").write_text(
+                f"[run]\ndata_file = {data}/.coverage\nparallel = True\nsource = {tree / PKG}\n")
+            started = time.monotonic()
+            run_tests(tree, (test,), timeout, stop_at_first=False)
+            took = time.monotonic() - started
+            combined = coverage.Coverage(data_file=str(data / ".coverage"))
+            combined.combine([str(data)], keep=False)
+            found = combined.get_data()
+            lines: dict[tuple[str, int], None] = {}
+            for filename in found.measured_files():
+                for line in found.lines(filename) or ():
+                    lines[(Path(filename).name, line)] = None
+            return test, took, lines
+        finally:
+            (tree / ".mutation-coveragerc").unlink(missing_ok=True)
+            shutil.rmtree(data, ignore_errors=True)
+            free.put(tree)
+
+    free: queue.Queue[Path] = queue.Queue()
+    for tree in trees:
+        (tree / "sitecustomize.py").write_text(SITECUSTOMIZE)
+        subprocess.run(["chmod", "-R", "a+rX", str(tree)], check=True)
+        free.put(tree)
+    result = CoverageMap({}, {})
+    with concurrent.futures.ThreadPoolExecutor(len(trees)) as pool:
+        for test, took, lines in pool.map(one, tests):
+            result.seconds[test] = took
+            for key in lines:
+                result.lines.setdefault(key, set()).add(test)
+            print(f"coverage: {test} ({took:.0f}s)", flush=True)
+    for tree in trees:
+        (tree / "sitecustomize.py").unlink()
+    return result
 
 
 def run_mutant(tree: Path, m: Mutant, tests: tuple[str, ...], timeout: float) -> str:
@@ -263,10 +344,16 @@ def main() -> int:
     used_equivalent: set[str] = set()
 
     def one(item: tuple[Mutant, tuple[str, ...]]) -> tuple[Mutant, str]:
-        m, tests = item
+        m, _ = item
+        tests = covered.tests_for(m)
+        if not tests:  # no test executes the line: nothing can fail
+            uncovered.add(m.ident)
+            return m, "survived"
+        # Generous: the files' times were measured under coverage, on a loaded machine.
+        timeout = min(args.timeout, max(60.0, 3 * sum(covered.seconds[t] for t in tests)))
         tree = trees.get()
         try:
-            return m, run_mutant(tree, m, tests, args.timeout)
+            return m, run_mutant(tree, m, tests, timeout)
         finally:
             trees.put(tree)
 
@@ -284,6 +371,12 @@ def main() -> int:
         print(f"{failure}\nthe tests fail without any mutant (python: {sys.executable}): {' '.join(everything)}")
         return 2
     print(f"unmutated: {' '.join(everything)} pass ({time.monotonic() - started:.0f}s)", flush=True)
+    copies = [trees.get() for _ in range(args.jobs)]
+    covered = measure_coverage(copies, everything, args.timeout * 4)
+    for copy in copies:
+        trees.put(copy)
+    uncovered: set[str] = set()
+    print(f"coverage measured ({time.monotonic() - started:.0f}s)", flush=True)
     done = 0
     pool = concurrent.futures.ThreadPoolExecutor(args.jobs)
     try:
@@ -295,7 +388,8 @@ def main() -> int:
             results[m.module][verdict] += 1
             if verdict == "survived":
                 survivors.append(m)
-            print(f"[{done}/{len(work)} {time.monotonic() - started:.0f}s] {verdict:9} {m.ident}", flush=True)
+            unrun = " (no test executes the line)" if m.ident in uncovered else ""
+            print(f"[{done}/{len(work)} {time.monotonic() - started:.0f}s] {verdict:9} {m.ident}{unrun}", flush=True)
     except KeyboardInterrupt:  # the table of what has run so far
         print(f"interrupted after {done} of {len(work)} mutants; waiting for the running ones")
     finally:
@@ -306,6 +400,8 @@ def main() -> int:
     SURVIVORS.parent.mkdir(exist_ok=True)
     with SURVIVORS.open("w") as out:
         for m in survivors:
+            if m.ident in uncovered:
+                out.write("# (no test executes this line)\n")
             out.write(f"# {m.ident}\n# equivalent-list key: {equivalent_key(m)}\n"
                       f"{m.diff((REPO / PKG / m.module).read_text())}\n")
     print(f"\nmutation run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
