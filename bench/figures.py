@@ -395,8 +395,8 @@ class Bench:
         daemon as its unit runs it: the unit's command line, the socket passed as systemd passes it
         (so python-systemd's listen_fds and libsystemd are loaded, as in every real start)."""
         if not as_root():
-            return [Row("5", "idle daemon RSS", "n/a", f"needs root: the manifest's socket lives in {SOCKET_DIR}",
-                        "", "≤ 1.15x floor", VOID)]
+            return [Row(f"5{x}", "idle daemon RSS", "n/a", f"needs root: the manifest's socket lives in {SOCKET_DIR}",
+                        "", "≤ 1.15x floor", VOID) for x in "ab"]
         created = not os.path.isdir(SOCKET_DIR)
         if created:
             os.makedirs(SOCKET_DIR, mode=0o755)

@@ -23,3 +23,15 @@ def test_bench_quick_prints_every_row() -> None:
         assert row in rows, f"row {row} missing:\n{output}"
         assert "| VOID" not in rows[row] or "needs root" in rows[row], output
     assert "jinja2 not imported" in result.stdout or "needs root" in rows["4"], output
+
+
+def test_bench_against_compares_side_by_side_and_leaves_no_worktree() -> None:
+    result = subprocess.run([sys.executable, "-m", "bench.against", "HEAD", "--rounds", "2", "--calls", "5"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"median latency +this \d+ µs +HEAD \d+ µs +floor \d+ µs +this/HEAD \d\.\d{3}$",
+                     result.stdout, re.MULTILINE), result.stdout
+    assert re.search(r"daemon CPU/call +this [\d.]+ µs +HEAD [\d.]+ µs +this/HEAD \d\.\d{3}$",
+                     result.stdout, re.MULTILINE), result.stdout
+    worktrees = subprocess.run(["git", "-C", str(REPO), "worktree", "list"], capture_output=True, text=True).stdout
+    assert "socksvc-against-" not in worktrees, worktrees
