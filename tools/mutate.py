@@ -248,6 +248,8 @@ class CoverageMap:
 
     lines: dict[tuple[str, int], set[str]]
     seconds: dict[str, float]
+    failed: set[str]
+    """Test files that failed without any mutant (under coverage: perhaps only slowed down)."""
 
     def tests_for(self, m: Mutant) -> tuple[str, ...]:
         files: set[str] = set()
@@ -260,7 +262,7 @@ def measure_coverage(trees: list[Path], tests: tuple[str, ...], timeout: float) 
     """Run each test file once under coverage (in its own data directory), in parallel trees."""
     import coverage  # requirements-test.txt
 
-    def one(test: str) -> tuple[str, float, dict[tuple[str, int], None]]:
+    def one(test: str) -> tuple[str, float, bool, dict[tuple[str, int], None]]:
         tree = free.get()
         data = Path(tempfile.mkdtemp(prefix="socksvc-mutation-cov-", dir="/tmp"))
         try:
@@ -268,7 +270,7 @@ def measure_coverage(trees: list[Path], tests: tuple[str, ...], timeout: float) 
             (tree / ".mutation-coveragerc").write_text(
                 f"[run]\ndata_file = {data}/.coverage\nparallel = True\nsource = {tree / PKG}\n")
             started = time.monotonic()
-            run_tests(tree, (test,), timeout, stop_at_first=False)
+            passed = run_tests(tree, (test,), timeout, stop_at_first=False) == "survived"
             took = time.monotonic() - started
             combined = coverage.Coverage(data_file=str(data / ".coverage"))
             combined.combine([str(data)], keep=False)
@@ -277,7 +279,7 @@ def measure_coverage(trees: list[Path], tests: tuple[str, ...], timeout: float) 
             for filename in found.measured_files():
                 for line in found.lines(filename) or ():
                     lines[(Path(filename).name, line)] = None
-            return test, took, lines
+            return test, took, passed, lines
         finally:
             (tree / ".mutation-coveragerc").unlink(missing_ok=True)
             shutil.rmtree(data, ignore_errors=True)
@@ -288,10 +290,12 @@ def measure_coverage(trees: list[Path], tests: tuple[str, ...], timeout: float) 
         (tree / "sitecustomize.py").write_text(SITECUSTOMIZE)
         subprocess.run(["chmod", "-R", "a+rX", str(tree)], check=True)
         free.put(tree)
-    result = CoverageMap({}, {})
+    result = CoverageMap({}, {}, set())
     with concurrent.futures.ThreadPoolExecutor(len(trees)) as pool:
-        for test, took, lines in pool.map(one, tests):
+        for test, took, passed, lines in pool.map(one, tests):
             result.seconds[test] = took
+            if not passed:
+                result.failed.add(test)
             for key in lines:
                 result.lines.setdefault(key, set()).add(test)
             print(f"coverage: {test} ({took:.0f}s)", flush=True)
@@ -359,22 +363,25 @@ def main() -> int:
 
     started = time.monotonic()
     everything = tuple(sorted({t for module in chosen for t in MODULES[module][1]}))
-    tree = trees.get()
-    trees.put(tree)
-    for _attempt in range(2):  # the suite has timing-sensitive tests: one retry before giving up
-        with tempfile.TemporaryFile() as log:
-            if run_tests(tree, everything, args.timeout * 4, log.fileno()) == "survived":
-                break
-            log.seek(0)
-            failure = log.read().decode(errors="replace")[-4000:]
-    else:
-        print(f"{failure}\nthe tests fail without any mutant (python: {sys.executable}): {' '.join(everything)}")
-        return 2
-    print(f"unmutated: {' '.join(everything)} pass ({time.monotonic() - started:.0f}s)", flush=True)
+    # Every file once, unmutated, under coverage: which lines it executes, and that it passes.
     copies = [trees.get() for _ in range(args.jobs)]
     covered = measure_coverage(copies, everything, args.timeout * 4)
     for copy in copies:
         trees.put(copy)
+    tree = trees.get()
+    trees.put(tree)
+    for test in sorted(covered.failed):  # the suite has timing-sensitive tests: retried without coverage
+        for _attempt in range(2):
+            with tempfile.TemporaryFile() as log:
+                if run_tests(tree, (test,), args.timeout * 4, log.fileno()) == "survived":
+                    break
+                log.seek(0)
+                failure = log.read().decode(errors="replace")[-4000:]
+        else:
+            print(f"{failure}\nthe tests fail without any mutant (python: {sys.executable}): {test}")
+            return 2
+    print(f"unmutated: {' '.join(everything)} pass; coverage measured ({time.monotonic() - started:.0f}s)",
+          flush=True)
     uncovered: set[str] = set()
     print(f"coverage measured ({time.monotonic() - started:.0f}s)", flush=True)
     done = 0
