@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import tempfile
@@ -70,6 +71,7 @@ def compare(rev: str, rounds: int, calls: int, stock_loop: bool) -> list[str]:
                 server.stop()
     finally:
         subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(old)], check=False)
+        shutil.rmtree(old.parent, ignore_errors=True)
         work.cleanup()
 
     def ratio(values: dict[str, list[float]]) -> float:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 from tests.conftest import REPO
 
@@ -35,3 +36,4 @@ def test_bench_against_compares_side_by_side_and_leaves_no_worktree() -> None:
                      result.stdout, re.MULTILINE), result.stdout
     worktrees = subprocess.run(["git", "-C", str(REPO), "worktree", "list"], capture_output=True, text=True).stdout
     assert "socksvc-against-" not in worktrees, worktrees
+    assert not list(Path("/tmp").glob("socksvc-against-*")), "bench.against left its directory behind"
