@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import pwd
 import shutil
@@ -49,10 +50,17 @@ def raw_call(path: str, payload: bytes, *, half_close: bool = True, timeout: flo
         return b"".join(chunks)
 
 
+_WORLD_DIRS: list[Path] = []
+
+
 def world_dir(prefix: str) -> Path:
-    """A temporary directory the daemon's user can use (pytest's tmp_path is root-only)."""
+    """A temporary directory the daemon's user can use (pytest's tmp_path is root-only),
+    removed when the test run ends."""
     path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
     path.chmod(0o777)
+    if not _WORLD_DIRS:
+        atexit.register(lambda: [shutil.rmtree(d, ignore_errors=True) for d in _WORLD_DIRS])
+    _WORLD_DIRS.append(path)
     return path
 
 
