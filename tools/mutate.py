@@ -387,7 +387,6 @@ def main() -> int:
     print(f"unmutated: {' '.join(everything)} pass; coverage measured ({time.monotonic() - started:.0f}s)",
           flush=True)
     uncovered: set[str] = set()
-    print(f"coverage measured ({time.monotonic() - started:.0f}s)", flush=True)
     done = 0
     pool = concurrent.futures.ThreadPoolExecutor(args.jobs)
     try:
