@@ -83,7 +83,9 @@ def _value(line: str, number: int) -> tuple[bool | int | str, str]:
         value, rest = True, line[4:]
     elif line.startswith("false"):
         value, rest = False, line[5:]
-    elif first == "'" and not line.startswith("'''"):
+    elif line.startswith("'''"):
+        raise RpcConfigError(f"line {number}: triple-quoted strings are not supported")
+    elif first == "'":
         end = line.find("'", 1)
         if end < 0:
             raise RpcConfigError(f"line {number}: unterminated quoted string")

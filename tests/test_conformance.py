@@ -11,6 +11,7 @@ staging tree and let ``qubes-socksvc call`` resolve it like the agent does.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -220,37 +221,61 @@ def test_manifest_keys_are_qubes_rpc_file_names(key: str, accepted: bool, source
     ("force-user='user'\nskip-service-descriptor=false\n", {"force-user": "user", "skip-service-descriptor": False},
      "exec.c load_service_config_v2: force-user conflicts only with true"),
     ("wait-for-session=true\r\n", {"wait-for-session": True}, "toml.c: CR before LF is chopped"),
-    (" wait-for-session=true\n", None, "toml.c: whitespace at the start of a line"),
-    ("wait-for-session=2\n", None, "toml.c: integer > 1 for a boolean"),
-    ("wait-for-session=01\n", None, "toml.c: junk after integer"),
-    ('force-user="user"\n', None, "toml.c: double-quoted strings not implemented"),
-    ("wait-for-session=true\nwait-for-session=false\n", None, "toml.c: key already seen"),
-    ("skip-service-descriptor=1\n", None, "toml.c: Integer not valid for skip-service-descriptor"),
-    ("force-user=true\n", None, "toml.c: Boolean not valid for user name or user ID"),
-    ("wait-for-session=yes\n", None, "toml.c: unsupported start of value"),
-    ("[section]\n", None, "toml.c: section headers not supported"),
-    ("force-user='user'\nexit-on-client-eof=true\n", None, "exec.c load_service_config_v2"),
-    ("unknown=bare\n", None, "toml.c: an unknown key's value must still parse"),
+    (" wait-for-session=true\n", "expected a key at the start of the line", "toml.c: whitespace at the start of a line"),
+    ("wait-for-session=2\n", "wait-for-session takes true, false, 0 or 1", "toml.c: integer > 1 for a boolean"),
+    ("wait-for-session=01\n", "unexpected text after the value", "toml.c: junk after integer"),
+    ('force-user="user"\n', "a 'single-quoted string'", "toml.c: double-quoted strings not implemented"),
+    ("wait-for-session=true\nwait-for-session=false\n", "key wait-for-session already seen", "toml.c: key already seen"),
+    ("skip-service-descriptor=1\n", "skip-service-descriptor takes true or false", "toml.c: Integer not valid for skip-service-descriptor"),
+    ("force-user=true\n", "force-user takes a 'single-quoted' user name", "toml.c: Boolean not valid for user name or user ID"),
+    ("wait-for-session=yes\n", "expected true, false, a decimal integer", "toml.c: unsupported start of value"),
+    ("[section]\n", "expected a key at the start of the line", "toml.c: section headers not supported"),
+    ("force-user='user'\nexit-on-client-eof=true\n", "force-user conflicts with exit-on-client-eof=true", "exec.c load_service_config_v2"),
+    ("unknown=bare\n", "expected true, false, a decimal integer", "toml.c: an unknown key's value must still parse"),
     ("unknown=9\n", {}, "toml.c parse_toml_value: any decimal integer parses (then the key is ignored)"),
-    ("force-user='user\n", None, "toml.c parse_toml_value: unterminated string"),
-    ("wait-for-session=falsex\n", None, "toml.c: junk after a boolean"),
-    ("wait-for-session=truex\n", None, "toml.c: junk after a boolean"),
+    ("force-user='user\n", "unterminated quoted string", "toml.c parse_toml_value: unterminated string"),
+    ("wait-for-session=falsex\n", "unexpected text after the value", "toml.c: junk after a boolean"),
+    ("wait-for-session=truex\n", "unexpected text after the value", "toml.c: junk after a boolean"),
     ("unknown=18446744073709551615\n", {}, "toml.c parse_toml_value: strtoull takes up to 2^64 - 1"),
-    ("unknown=18446744073709551616\n", None, "toml.c parse_toml_value: ERANGE beyond 2^64 - 1 fails the file"),
-    ("wait-for-session=true\0\n", None, "toml.c: NUL byte in line"),
+    ("unknown=18446744073709551616\n", "integer out of range", "toml.c parse_toml_value: ERANGE beyond 2^64 - 1 fails the file"),
+    ("wait-for-session=true\0\n", "NUL byte in line", "toml.c: NUL byte in line"),
+    ("force-user='user'#no space\n", {"force-user": "user"}, "toml.c parse_toml_value: '#' right after the quote"),
+    ("force-user='user'x\n", "unexpected text after the value", "toml.c parse_toml_value: junk after the quote"),
+    ("force-user=''\n", {"force-user": ""}, "toml.c parse_toml_value: '' is empty (strchr from the byte after the quote)"),
+    ("force-user='''user'''\n", "triple-quoted strings are not supported",
+     "toml.c parse_toml_value: Triple-quoted strings not implemented"),
 ])
-def test_rpc_config_parses_like_qrexec(text: str, expected: dict[str, object] | None, source: str) -> None:
-    if expected is None:
-        with pytest.raises(rpcconfig.RpcConfigError):
+def test_rpc_config_parses_like_qrexec(text: str, expected: dict[str, object] | str, source: str) -> None:
+    """A file qrexec refuses is refused for toml.c's reason (check and list report it to the admin)."""
+    if isinstance(expected, str):
+        with pytest.raises(rpcconfig.RpcConfigError, match=re.escape(expected)):
             rpcconfig.parse(text)
     else:
         assert rpcconfig.parse(text) == expected, source
+
+
+@pytest.mark.parametrize("option", ["wait_for_session", "exit_on_client_eof", "exit_on_service_eof"])
+def test_an_argument_service_keeps_qrexecs_default_against_its_names_option(option: str) -> None:
+    """exec.c load_service_config_raw: pin.A+x, with no rpc-config of its own, would take pin.A's.
+    Declared without the option, it must get qrexec's default, false (load_service_config_v2), so
+    apply writes pin.A+x's file with the option set to false."""
+    manifest = (f"version: 1\ndaemons:\n  p:\n    services:\n      pin.A:\n        handler: handlers:fields\n"
+                f"        {option}: true\n      pin.A+x:\n        handler: handlers:fields\n")
+    root, code, err = staged(manifest)
+    try:
+        assert code == 0, err
+        key = option.replace("_", "-")
+        assert rpcconfig.parse((root / "etc/qubes/rpc-config/pin.A").read_text()) == {key: True}
+        assert rpcconfig.parse((root / "etc/qubes/rpc-config/pin.A+x").read_text()) == {key: False}
+    finally:
+        shutil.rmtree(root)
 
 
 @pytest.mark.parametrize(("service", "keys", "source"), [
     ("a" * 250 + "+bcde", ("a" * 250 + "+bcde", "a" * 250), "exec.c find_file: a key of 255 bytes is looked up"),
     ("a" * 250 + "+bcdef", ("a" * 250,), "exec.c find_file: a key of 256 bytes cannot exist; NAME is tried"),
     ("conf.A", ("conf.A+", "conf.A"), "exec.c parse_qubes_rpc_command: a bare call tries NAME+ first"),
+    ("a" * 255, ("a" * 255,), "exec.c find_file: a bare call of a 255-byte NAME: NAME+ (256 bytes) cannot exist"),
 ])
 def test_lookup_keys_at_the_name_max_boundary(service: str, keys: tuple[str, ...], source: str) -> None:
     assert qrexec.lookup_keys(service) == keys, source
