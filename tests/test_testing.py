@@ -9,7 +9,6 @@ import gc
 import hashlib
 import sys
 import threading
-import time
 import tracemalloc
 import warnings
 from collections.abc import AsyncIterator, Iterator
@@ -320,6 +319,7 @@ def test_plain_handler_write_once_the_call_has_ended_raises() -> None:
     once the call has ended, and after the event loop has closed too: it learns to stop."""
     errors: list[BaseException] = []
     finished = threading.Event()
+    loop_closed = threading.Event()
 
     def producer(request: Request) -> None:
         try:
@@ -328,7 +328,7 @@ def test_plain_handler_write_once_the_call_has_ended_raises() -> None:
         except ConnectionError as e:
             errors.append(e)
         try:
-            time.sleep(0.5)  # the event loop has closed meanwhile
+            loop_closed.wait(10)
             request.write(b"after the end")
         except ConnectionError as e:
             errors.append(e)
@@ -343,6 +343,7 @@ def test_plain_handler_write_once_the_call_has_ended_raises() -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         asyncio.run(run())
+        loop_closed.set()
         assert finished.wait(10), "the plain handler's write never returned, or raised something else"
         assert len(errors) == 2, errors
         errors.clear()  # their tracebacks hold the writes' frames
