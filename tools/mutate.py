@@ -254,7 +254,7 @@ class CoverageMap:
     def tests_for(self, m: Mutant) -> tuple[str, ...]:
         """The module's own test files (MODULES) that execute the mutated line, fastest first;
         else any file that does.  A module's top level runs on import, in every file."""
-        files: set[str] = set()
+        files = set(self.failed)  # a file that failed under coverage may have stopped short: it may run any line
         for line in range(m.line, m.end_line + 1):
             files |= self.lines.get((m.module, line), set())
         own = files & set(MODULES[m.module][1])
@@ -301,7 +301,8 @@ def measure_coverage(trees: list[Path], tests: tuple[str, ...], timeout: float) 
                 result.failed.add(test)
             for key in lines:
                 result.lines.setdefault(key, set()).add(test)
-            print(f"coverage: {test} ({took:.0f}s)", flush=True)
+            failed = "" if passed else "; it failed under coverage: taken to execute every line"
+            print(f"coverage: {test} ({took:.0f}s{failed})", flush=True)
     for tree in trees:
         (tree / "sitecustomize.py").unlink()
     return result
