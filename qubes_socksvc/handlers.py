@@ -19,12 +19,13 @@ import threading
 import time
 import types
 from collections.abc import Callable, Coroutine, Generator
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from .request import Request
 
-Result = bytes | str | None
-Handler = Callable[[Request], Coroutine[Any, Any, Result]]
+if TYPE_CHECKING:  # what mypy checks handlers against; nothing at run time
+    Result = bytes | str | None
+    Handler = Callable[[Request], Coroutine[Any, Any, Result]]
 T = TypeVar("T")
 
 #: Seconds a handler may hold the event loop in one step before it is reported.
@@ -52,11 +53,11 @@ def adapt(target: object, name: str = "") -> Handler:
     if not callable(target):
         raise HandlerError(f"handler {name or target!r} is not callable")
     if inspect.iscoroutinefunction(target):
-        return cast(Handler, target)
+        return cast("Handler", target)
     return _threaded(target)
 
 
-async def invoke(handler: Handler, request: Request, timeout: float = 0,
+async def invoke(handler: Handler, request: Request, timeout: float,
                  on_stall: Callable[[float], None] | None = None) -> None:
     """One call of an adapted handler, as the daemon makes it: within ``timeout`` (0: none),
     a returned ``bytes``/``str`` written, the output drained.  Raises what the handler

@@ -98,12 +98,12 @@ def _value(line: str, number: int) -> tuple[bool | int | str, str]:
     return value, rest
 
 
-def parse(text: str, unknown: list[str] | None = None) -> dict[str, bool | str]:
+def parse(text: str) -> dict[str, bool | str]:
     """Parse like libqrexec/toml.c: qubes_toml_config_parse, refusing what it refuses.
 
-    Returns the known keys that are set; unknown keys (which qrexec logs and ignores)
-    are appended to ``unknown`` when given.  ``text`` is the file decoded as latin-1,
-    so every byte maps to one character, as in C.
+    Returns the known keys that are set; unknown keys are ignored, as qrexec ignores them
+    (after their values parse).  ``text`` is the file decoded as latin-1, so every byte
+    maps to one character, as in C.
     """
     options: dict[str, bool | str] = {}
     lines = text.split("\n")
@@ -124,8 +124,6 @@ def parse(text: str, unknown: list[str] | None = None) -> dict[str, bool | str]:
             raise RpcConfigError(f"line {number}: missing '=' after key {key}")
         value, _ = _value(rest[1:].lstrip(_SPACE), number)
         if key not in BOOLEAN_KEYS and key not in STRING_KEYS:
-            if unknown is not None:
-                unknown.append(key)
             continue
         if key in options:
             raise RpcConfigError(f"line {number}: key {key} already seen")

@@ -23,15 +23,18 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import AsyncGenerator, Callable
-from typing import Any, TypedDict, Unpack
+from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 
 from . import descriptor, handlers, qrexec
 from .chunks import Input, chunks
-from .handlers import Handler, HandlerError
+from .handlers import HandlerError
 from .manifest import Manifest, ManifestError
 from .manifest import load as load_manifest
 from .model import Service
 from .request import CHUNK_SIZE, Request
+
+if TYPE_CHECKING:
+    from .handlers import Handler
 
 __all__ = [
     "DEFAULT_MAX_INPUT",

@@ -245,6 +245,8 @@ def test_manifest_keys_are_qubes_rpc_file_names(key: str, accepted: bool, source
     ("unknown=18446744073709551616\n", "integer out of range",
      "toml.c parse_toml_value: ERANGE beyond 2^64 - 1 fails the file"),
     ("wait-for-session=true\0\n", "NUL byte in line", "toml.c: NUL byte in line"),
+    ("unknown=1\nwait-for-session=true\n", {"wait-for-session": True}, "toml.c: the lines after an unknown key count"),
+    ("wait-for-session true\n", "missing '=' after key wait-for-session", "toml.c: Missing '=' after key"),
     ("wait-for-session=true\r", "unexpected text after the value",
      "toml.c qubes_toml_config_parse: CR is chopped only before LF; a last line without one keeps it"),
     ("wait-for-session=true\n  \n", "expected a key at the start of the line",
