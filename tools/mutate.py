@@ -53,7 +53,7 @@ MODULES: dict[str, tuple[tuple[str, ...] | None, tuple[str, ...]]] = {
     "rpcconfig.py": (None, ("tests/test_render.py", "tests/test_conformance.py", "tests/test_generator_safety.py",
                             "tests/test_call.py")),
     "handlers.py": (None, ("tests/test_testing.py", "tests/test_server.py", "tests/test_spec.py",
-                           "tests/test_careless.py")),
+                           "tests/test_careless.py", "tests/test_hostile.py")),
     "server.py": (("_call", "_connection", "_accept", "_lookup"),
                   ("tests/test_call_endings.py", "tests/test_logging.py", "tests/test_server.py",
                    "tests/test_conformance.py", "tests/test_reload.py", "tests/test_hostile.py",
