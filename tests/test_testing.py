@@ -10,13 +10,14 @@ import hashlib
 import sys
 import threading
 import tracemalloc
+import types
 import warnings
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Generator, Iterator
 from pathlib import Path
 
 import pytest
 
-from qubes_socksvc import InputTooLarge, Request
+from qubes_socksvc import InputTooLarge, Request, handlers
 from qubes_socksvc.handlers import HandlerError
 from qubes_socksvc.manifest import ManifestError
 from qubes_socksvc.testing import (
@@ -396,3 +397,25 @@ def test_the_module_imports_nothing_heavy() -> None:
     result = subprocess.run([sys.executable, "-c", "import sys, qubes_socksvc.testing; print('jinja2' in sys.modules)"],
                             cwd=REPO, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_closing_a_watched_call_closes_the_handler() -> None:
+    """handlers.watch_stalls: when the call is closed while the handler waits (the loop dropped
+    it), the handler's coroutine is closed too: its finally blocks run, nothing is left unawaited."""
+    cleaned: list[str] = []
+
+    @types.coroutine
+    def suspend() -> Generator[None, None, None]:
+        yield
+
+    async def handler() -> None:
+        try:
+            await suspend()
+        finally:
+            cleaned.append("finally ran")
+
+    call = handler()  # held, as handlers.invoke holds it
+    watched = handlers.watch_stalls(call, lambda seconds: None)
+    watched.send(None)  # the handler is now waiting
+    watched.close()
+    assert cleaned == ["finally ran"]
