@@ -461,7 +461,7 @@ class Server:
             task = loop.create_task(self._connection(conn, service))
             self._tasks.add(task)
             task.add_done_callback(self._done)
-            if lone and self._free > 0:
+            if lone:  # with no slot left, the next caller's turn finds none and pauses accepting
                 return
         self._pause_accepting()
 
