@@ -128,3 +128,28 @@ def test_handler_tracebacks_reach_the_journal(journal: list[dict[str, Any]]) -> 
     entry = journal[0]
     assert entry["SERVICE"] == "my.Service" and entry["PRIORITY"] == str(3)
     assert "RuntimeError: boom" in entry["MESSAGE"]
+
+
+def test_stopping_cuts_a_call_that_outlives_the_stop_timeout(journal: list[dict[str, Any]], tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Server.stop: running calls get STOP_TIMEOUT to finish; one still running then is cancelled,
+    the log says why, the caller's connection is cut, and the daemon's run() ends."""
+    monkeypatch.setattr(server, "STOP_TIMEOUT", 0.3)
+    text = FIELDS_MANIFEST.replace("        timeout: 0.2\n", "")  # t.Slow without its timeout
+    daemon = manifest.parse(text, str(tmp_path / "m.yaml")).daemons["t"]
+
+    async def scenario() -> bytes:
+        listeners = server.bind_sockets(daemon, str(tmp_path))
+        serving = server.Server(daemon)
+        running = asyncio.create_task(serving.run(listeners))
+        call = asyncio.create_task(_call(str(tmp_path / "socksvc-t.sock"), b"t.Slow+30 work\0"))
+        await asyncio.sleep(0.3)  # the call is running
+        serving.stop()
+        await asyncio.wait_for(running, 10)
+        return await asyncio.wait_for(call, 10)
+
+    logs.tag_log_handlers()
+    assert asyncio.run(scenario()) == b""  # cut, not "done"
+    messages = [entry["MESSAGE"] for entry in journal]
+    assert "call cancelled: the daemon is stopping" in messages, messages
+    assert "stopping: cancelled 1 calls still running" in messages, messages

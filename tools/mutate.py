@@ -93,7 +93,8 @@ class Mutant:
 
 def _enums(tree: ast.Module) -> dict[str, list[str]]:
     """The module's own Enum classes and their members' names."""
-    return {c.name: [t.id for a in c.body if isinstance(a, ast.Assign) for t in a.targets if isinstance(t, ast.Name)]
+    return {c.name: [t.id for a in c.body if isinstance(a, ast.Assign) for t in a.targets
+                     if isinstance(t, ast.Name) and not t.id.startswith("_")]  # members, not __hash__
             for c in tree.body if isinstance(c, ast.ClassDef) and any("Enum" in ast.unparse(b) for b in c.bases)}
 
 
