@@ -491,7 +491,7 @@ class Server:
             log.info("caller went away")
         except asyncio.CancelledError:
             log.warning("call cancelled: the daemon is stopping")
-            raise
+            raise  # the task ends cancelled, as asked
         except BaseException:  # a handler's SystemExit must not end the daemon
             log.exception("internal error while serving a call")
         finally:
