@@ -91,11 +91,12 @@ def test_status_counts_each_kind_of_call(start_daemon: type[RunningDaemon]) -> N
         notify.settimeout(10)
         daemon = start_daemon(MANIFEST, "e", extra_env={"NOTIFY_SOCKET": str(notify_dir / "notify")})
         assert daemon.call(b"e.Echo work\0", b"hi", timeout=10) == b"hi"
-        for wire in (b"e.Echo bad qube\0", b"e.Nothing work\0"):  # a bad descriptor, an unknown service
+        # A bad descriptor, an unknown service, no NUL before EOF, no NUL within the limit.
+        for wire in (b"e.Echo bad qube\0", b"e.Nothing work\0", b"e.Echo work", b"e" * 70000):
             assert daemon.call(wire, timeout=10) == b""
         for wire in (b"e.Writes+raise work\0", b"e.Writes+hang work\0", b"e.Writes+read work\0" + b"x" * 5000):
             daemon.call(wire, timeout=10)
-        expected = "calls: 1 served, 2 rejected, 3 failed"
+        expected = "calls: 1 served, 4 rejected, 3 failed"
         statuses = []
         deadline = time.monotonic() + 10
         while not any(expected in s for s in statuses) and time.monotonic() < deadline:
