@@ -44,6 +44,8 @@ daemons:
         handler: qubes_socksvc.examples:echo
       e.Exhaust:
         handler: handlers:exhausts_fds
+      e.Missing:
+        handler: handlers:no_such_handler
 """
 
 
@@ -94,9 +96,10 @@ def test_status_counts_each_kind_of_call(start_daemon: type[RunningDaemon]) -> N
         # A bad descriptor, an unknown service, no NUL before EOF, no NUL within the limit.
         for wire in (b"e.Echo bad qube\0", b"e.Nothing work\0", b"e.Echo work", b"e" * 70000):
             assert daemon.call(wire, timeout=10) == b""
-        for wire in (b"e.Writes+raise work\0", b"e.Writes+hang work\0", b"e.Writes+read work\0" + b"x" * 5000):
+        for wire in (b"e.Writes+raise work\0", b"e.Writes+hang work\0", b"e.Writes+read work\0" + b"x" * 5000,
+                     b"e.Missing work\0"):  # a handler that cannot be loaded fails the call
             daemon.call(wire, timeout=10)
-        expected = "calls: 1 served, 4 rejected, 3 failed"
+        expected = "calls: 1 served, 4 rejected, 4 failed"
         statuses = []
         deadline = time.monotonic() + 10
         while not any(expected in s for s in statuses) and time.monotonic() < deadline:
