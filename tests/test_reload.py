@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli, world_dir
+from tests.conftest import raw_call, run_cli, world_dir
 from tests.test_spec import SpecDaemon
 
 BEFORE = """\
@@ -151,3 +151,23 @@ def test_a_broken_spec_leaves_the_old_one_serving(world: tuple[Path, Path, SpecD
     tmp.rename(spec)
     assert daemon.call(b"r.Slow+2 work\0") == b"done\n"
     assert daemon.proc.poll() is None
+
+
+def test_a_reload_that_removes_a_socket_service_refuses_its_calls() -> None:
+    """A service on a socket of its own (service_descriptor: false) that apply removes: the daemon
+    still holds the socket it started with, but serves nothing there once the spec drops it."""
+    root = world_dir("socksvc-reload-")
+    manifest = root / "manifest.yaml"
+    manifest.write_text(BEFORE + "      r.Raw:\n        handler: qubes_socksvc.examples:echo\n"
+                        "        service_descriptor: false\n")
+    run_cli("apply", "-c", str(manifest), "--root", str(root), check=True)
+    daemon = SpecDaemon(root / "var/lib/qubes-socksvc/daemons/r.json", world_dir("socksvc-reload-bind-"), "r")
+    try:
+        raw = [str(p) for p in daemon.bind_dir.iterdir() if p.is_socket() and str(p) != daemon.socket]
+        assert len(raw) == 1 and raw_call(raw[0], b"no descriptor") == b"no descriptor"
+        apply(root, manifest, BEFORE)
+        assert raw_call(raw[0], b"no descriptor") == b""
+        assert "rejected call: service r.Raw on " in daemon.log.read_text()
+        assert b"source='work'" in daemon.call(b"r.Gone+ work\0")  # the rest is served
+    finally:
+        daemon.stop()
