@@ -41,6 +41,8 @@ REPO = Path(__file__).resolve().parent.parent
 PKG = "qubes_socksvc"
 EQUIVALENT = REPO / "tools" / "mutation-equivalent.txt"
 SURVIVORS = REPO / "build" / "mutation-survivors.txt"
+#: Seconds one test may take in a mutant's run (the slowest unmutated one takes 6 s).
+PER_TEST_TIMEOUT = 60
 
 # module -> (functions to mutate, or None for all; the tests that exercise it)
 MODULES: dict[str, tuple[tuple[str, ...] | None, tuple[str, ...]]] = {
@@ -211,8 +213,10 @@ def run_tests(tree: Path, tests: tuple[str, ...], timeout: float, log: int = sub
               stop_at_first: bool = True) -> str:
     """killed (the tests failed), survived (they passed) or timed out."""
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPATH": str(tree)}
-    cmd = [sys.executable, "-m", "pytest", *(["-x"] if stop_at_first else []), "-q", "-m", "not slow",
-           "-p", "no:cacheprovider", *tests]
+    # A mutant's run stops at the first failure, and a test that hangs fails after PER_TEST_TIMEOUT
+    # (pytest-timeout) rather than holding its worker for the whole run's timeout.
+    first = ["-x", f"--timeout={PER_TEST_TIMEOUT}"] if stop_at_first else []
+    cmd = [sys.executable, "-m", "pytest", *first, "-q", "-m", "not slow", "-p", "no:cacheprovider", *tests]
     proc = subprocess.Popen(cmd, cwd=tree, env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:
