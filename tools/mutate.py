@@ -16,7 +16,7 @@ they run past the timeout, survived when they pass.  Mutants listed in
 tools/mutation-equivalent.txt (reviewed: no caller can tell) are counted apart.
 The unmutated tests must pass first.  Ctrl-C prints the table of the mutants run so far.
 
-    python3 tools/mutate.py [--jobs 2] [--timeout SECONDS] [--only MODULE ...] [--list] [--again]
+    python3 tools/mutate.py [--jobs 4] [--timeout SECONDS] [--only MODULE ...] [--list] [--again]
 """
 
 from __future__ import annotations
@@ -326,7 +326,7 @@ def run_mutant(tree: Path, m: Mutant, tests: tuple[str, ...], timeout: float) ->
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--jobs", type=int, default=4, help="mutants at once (their tests mostly wait: 4 suit 2 cores)")
     parser.add_argument("--timeout", type=float, default=0,
                         help="seconds per mutant's test run (default: 3x its files' unmutated time, at least 60)")
     parser.add_argument("--only", nargs="*", default=None, help="modules (e.g. request.py)")
