@@ -217,8 +217,11 @@ def load_state(root: str, layout: Layout) -> dict[str, list[str]]:
     if not isinstance(owned, dict) or not all(
         isinstance(v, list) and all(isinstance(h, str) for h in v) for v in owned.values()
     ):
-        raise ApplyError(f"{real_path(root, layout.state_file)}: not a qubes-socksvc ownership record; "
-                         "restore or delete it, then apply again")
+        raise ApplyError(f"{path}: not a qubes-socksvc ownership record; restore or delete it, then apply again")
+    if data.get("version") != STATE_VERSION:
+        raise ApplyError(f"{path}: an ownership record of version {data.get('version')!r} (this qubes-socksvc "
+                         f"reads version {STATE_VERSION}); install the qubes-socksvc that wrote it, "
+                         "or restore or delete it, then apply again")
     return {str(k): list(v) for k, v in owned.items()}
 
 

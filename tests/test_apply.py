@@ -140,3 +140,14 @@ def test_list_reports_artifact_states(tmp_path: Path) -> None:
     assert "link /etc/qubes-rpc/demo.Later: ok" in result.stdout
     assert "socket /run/qubes/socksvc-demo.sock: not listening" in result.stdout
     assert run_cli("status", "-c", str(manifest), "--root", str(root)).stdout == result.stdout
+
+
+def test_the_ownership_record_keeps_the_format_installed_systems_have(tmp_path: Path) -> None:
+    """Version 1 is what every installed qubes-socksvc wrote: a new package must write (and so
+    read) that format, or an upgrade would orphan every file the old one applied."""
+    manifest = write(tmp_path, GOOD)
+    root = tmp_path / "root"
+    code, _, err = apply(manifest, root)
+    assert code == 0, err
+    record = json.loads((root / "var/lib/qubes-socksvc/owned.json").read_text())
+    assert record["version"] == 1 and record["owned"]

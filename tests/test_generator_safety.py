@@ -829,16 +829,22 @@ def test_a_dry_run_as_a_user_needs_no_lock_and_an_apply_refuses_cleanly() -> Non
 
 # --- bounded inputs: the ownership record (issue 10) ------------------------------------------
 
+#: README, "Bounded inputs": the record is at most 16 MiB.
+RECORD_CAP = 16 << 20
+
+
 def sparse_record(path: Path) -> None:
-    path.write_text('{"owned": {}}')
-    os.truncate(path, install.MAX_STATE_SIZE + 1)
+    path.write_text('{"version": 1, "owned": {}}')
+    os.truncate(path, RECORD_CAP + 1)
 
 
 RECORDS: dict[str, tuple[Callable[[Path], None], str]] = {
     # name: (how to plant it, words expected)
     "a FIFO": (os.mkfifo, "the ownership record is a FIFO, not a regular file"),
     "a directory": (lambda p: p.mkdir(), "the ownership record is a directory, not a regular file"),
-    "larger than the cap": (sparse_record, f"larger than {install.MAX_STATE_SIZE} bytes"),
+    "larger than the cap": (sparse_record, f"larger than {RECORD_CAP} bytes"),
+    "from a newer qubes-socksvc": (lambda p: p.write_text('{"version": 2, "owned": {}}'),
+                                   "an ownership record of version 2 (this qubes-socksvc reads version 1)"),
     "deeply nested JSON": (lambda p: p.write_text('{"owned": ' + "[" * 200_000 + "]" * 200_000 + "}"),
                            "unreadable ownership record (nested too deeply)"),
 }
