@@ -663,7 +663,9 @@ def test_leftovers_in_every_directory_are_swept_and_nothing_else(
                  root / directory / ".alpha.Echo.socksvc-tmp"]  # an earlier version's temporary name
         (root / directory / ".socksvc-fedcba9876543210.tmp").symlink_to("/run/qubes/socksvc-alpha.sock")
         ours.append(root / directory / ".socksvc-fedcba9876543210.tmp")
-        theirs += [root / directory / ".socksvc-notours.tmp", root / directory / "alpha.socksvc-tmp.bak"]
+        theirs += [root / directory / ".socksvc-notours.tmp", root / directory / "alpha.socksvc-tmp.bak",
+                   root / directory / ".socksvc-0123456789abcdef.tmp\n",  # not our names: they end in .tmp
+                   root / directory / ".alpha.Echo.socksvc-tmp\n"]
     for path in ours[:] + theirs:
         if not path.is_symlink():
             path.write_text("x")
