@@ -29,9 +29,8 @@ MAX_CONFIG_SIZE = 65536
 
 
 class LookupFailed(SocksvcError):
-    """qrexec would fail the call: its find_file returned -2 or the config is bad (exit 125)."""
-
-    exit_code = 125
+    """qrexec would fail the call: its find_file returned -2 or the config is bad (``call``
+    exits 125, agent.CallError)."""
 
 
 class Kind(enum.Enum):

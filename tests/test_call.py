@@ -193,6 +193,17 @@ def test_call_streams_large_input_both_ways(rpc_dirs: tuple[Path, Path, Path]) -
     assert result.returncode == 0 and hashlib.sha256(result.stdout).digest() == hashlib.sha256(data).digest()
 
 
+def test_rpc_config_files_are_read_up_to_64_kib(tmp_path: Path) -> None:
+    """README, "Bounded inputs": rpc-config files are read up to 64 KiB (the agent reads any size;
+    a larger one is refused, never read whole)."""
+    line = "wait-for-session=true\n"
+    (tmp_path / "x.Y").write_text("#" * (65536 - len(line) - 1) + "\n" + line)
+    assert lookup.config_for("x.Y", (str(tmp_path),)).wait_for_session is True
+    (tmp_path / "x.Y").write_text("#" * (65536 - len(line)) + "\n" + line)
+    with pytest.raises(lookup.LookupFailed, match="larger than 65536 bytes"):
+        lookup.config_for("x.Y", (str(tmp_path),))
+
+
 def test_invalid_rpc_config_fails_like_qrexec(tmp_path: Path) -> None:
     (tmp_path / "x.Y").write_text(" wait-for-session=true\n")
     with pytest.raises(lookup.LookupFailed, match="invalid rpc-config"):
