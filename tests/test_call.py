@@ -69,7 +69,19 @@ def test_call_honours_skip_service_descriptor(rpc_dirs: tuple[Path, Path, Path])
 def test_call_missing_service_exits_127(rpc_dirs: tuple[Path, Path, Path]) -> None:
     """agent/qrexec-agent-data.c: find_qrexec_service -1 -> QREXEC_EXIT_SERVICE_NOT_FOUND (127)."""
     code, _, err = call(rpc_dirs, "test.Nothing")
-    assert code == 127 and "service test.Nothing not found: no test.Nothing+ then test.Nothing" in err
+    assert code == 127 and err.startswith("qubes-socksvc call: service test.Nothing not found: no test.Nothing+ "
+                                          "then test.Nothing in "), err  # one plain line, the message alone
+    assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize("where", [0, 2])  # the qubes-rpc entry, the rpc-config file
+def test_call_fails_like_qrexec_on_an_entry_stat_cannot_read(rpc_dirs: tuple[Path, Path, Path], where: int) -> None:
+    """libqrexec/exec.c: find_file: a stat() error other than ENOENT (here ELOOP, a link to
+    itself) fails the call (125), it does not skip the file as a missing one."""
+    loop = rpc_dirs[where] / "test.Echo+"
+    loop.symlink_to("test.Echo+")
+    code, _, err = call(rpc_dirs, "test.Echo")
+    assert code == 125 and f"{loop}: Too many levels of symbolic links" in err, err
 
 
 def test_call_dangling_symlink_is_skipped_like_qrexec(rpc_dirs: tuple[Path, Path, Path]) -> None:
