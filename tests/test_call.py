@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -230,3 +231,29 @@ def test_call_with_no_standard_input_at_all(rpc_dirs: tuple[Path, Path, Path]) -
         env={**os.environ, "PYTHONPATH": f"{REPO}:{TESTS}"})
     assert result.returncode == 0, result.stderr
     assert "service=test.Fields" in result.stdout
+
+
+def test_call_streams_output_as_it_comes_and_ends_with_the_service(rpc_dirs: tuple[Path, Path, Path]) -> None:
+    """Output reaches call's stdout as the service writes it (an interactive service works), and
+    call ends when the service's output ends, even while its own stdin is still open."""
+    argv = [sys.executable, "-m", "qubes_socksvc", "call", "--rpc-dir", str(rpc_dirs[1])]
+    env = {**os.environ, "PYTHONPATH": f"{REPO}:{TESTS}"}
+    env.pop("PYTHONUNBUFFERED", None)  # stdout buffered, as it is for a user
+    echo = subprocess.Popen([*argv, "test.Echo"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+    try:
+        assert echo.stdin is not None and echo.stdout is not None
+        echo.stdin.write(b"first line\n")
+        echo.stdin.flush()
+        assert select.select([echo.stdout], [], [], 10)[0], "the echoed line never came while call ran"
+        assert echo.stdout.readline() == b"first line\n"
+        echo.stdin.close()
+        assert echo.wait(timeout=10) == 0
+    finally:
+        echo.kill()
+    fields = subprocess.Popen([*argv, "test.Fields"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+    try:
+        assert fields.wait(timeout=10) == 0  # its stdin never closed
+    finally:
+        fields.kill()
+        assert fields.stdin is not None
+        fields.stdin.close()

@@ -259,3 +259,14 @@ def test_every_unit_apply_writes_starts_the_daemon_without_argparse(applied: tup
 
     assert "| argparse" not in imported("serve", "s", "--spec", "/nonexistent/s.json")
     assert "| argparse" in imported("serve", "s", "--spec", "/nonexistent/s.json", "--bind-dir", "/tmp")
+
+
+def test_documented_limits_of_the_spec(tmp_path: Path) -> None:
+    """SECURITY.md: a spec is read up to 4 MiB; a service's max_input is 1 MiB by default."""
+    spec = tmp_path / "big.json"
+    spec.write_text("{}")
+    os.truncate(spec, (4 << 20) + 1)
+    with pytest.raises(model.SpecError, match=f"larger than {4 << 20} bytes"):
+        model.load(str(spec))
+    parsed = manifest.parse(MANIFEST, "/etc/qubes-socksvc.yaml")
+    assert parsed.daemons["s"].services["spec.Fields"].max_input == 1 << 20  # declared without max_input

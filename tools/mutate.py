@@ -64,7 +64,8 @@ MODULES: dict[str, tuple[tuple[str, ...] | None, tuple[str, ...]]] = {
                           "tests/test_render.py")),
     "lookup.py": (None, ("tests/test_call.py", "tests/test_conformance.py", "tests/test_forwards.py")),
     "agent.py": (None, ("tests/test_call.py", "tests/test_forwards.py", "tests/test_client_lib.py")),
-    "model.py": (None, ("tests/test_spec.py", "tests/test_testing.py", "tests/test_server.py")),
+    "model.py": (None, ("tests/test_spec.py", "tests/test_testing.py", "tests/test_server.py",
+                        "tests/test_render.py", "tests/test_conformance.py")),
     "client.py": (None, ("tests/test_client_lib.py",)),
 }
 
