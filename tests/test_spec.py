@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pwd
 import shutil
@@ -270,3 +271,17 @@ def test_documented_limits_of_the_spec(tmp_path: Path) -> None:
         model.load(str(spec))
     parsed = manifest.parse(MANIFEST, "/etc/qubes-socksvc.yaml")
     assert parsed.daemons["s"].services["spec.Fields"].max_input == 1 << 20  # declared without max_input
+
+
+def test_documented_defaults_and_spec_name(applied: tuple[Path, Path]) -> None:
+    """README: the manifest table's defaults, and "a spec is named by the first 12 hex digits of
+    its manifest's SHA-256" (what STATUS= and list compare)."""
+    root, path = applied
+    spec = model.load(str(root / "var/lib/qubes-socksvc/daemons/s.json"))
+    daemon = spec.daemon  # MANIFEST sets only idle_exit
+    assert (daemon.max_connections, daemon.descriptor_timeout) == (256, 10)
+    assert (daemon.socket_mode, daemon.socket_group, daemon.condition_user, daemon.condition_group) == \
+        ("0660", "qubes", "!root", "qubes")
+    default = manifest.parse(MANIFEST.replace("    idle_exit: 0\n", ""), str(path)).daemons["s"]
+    assert default.idle_exit == 300
+    assert spec.id == hashlib.sha256(path.read_bytes()).hexdigest()[:12]
