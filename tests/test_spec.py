@@ -121,6 +121,14 @@ def test_serve_imports_neither_yaml_nor_jinja(applied: tuple[Path, Path]) -> Non
     ('{"version": 1, "manifest": "m", "manifest_sha256": "h", "daemon": {"name": "s", "description": "d", '
      '"socket": "/run/qubes/x.sock", "services": {"a": {"full_name": "a", "handler": "m:f", "evil": 1}}}}',
      "unknown keys evil"),
+    ('{"version": 1, "manifest": "m", "manifest_sha256": "h", "daemon": {"name": "s", "description": "d", '
+     '"socket": "/run/qubes/x.sock", "services": {"a": ["not", "an", "object"]}}}', "services.a: expected an object"),
+    ('{"version": 1, "manifest": "m", "manifest_sha256": "h", "daemon": ["s"]}', "no daemon in the spec"),
+    ('{"version": 1, "manifest": "m", "manifest_sha256": "h", "daemon": {"services": []}}', "no daemon in the spec"),
+    ('{"version": 1, "manifest": "m", "daemon": {"name": "s", "description": "d", "socket": "/run/qubes/x.sock", '
+     '"services": {}}}', "no manifest recorded in the spec"),
+    ('{"version": 1, "manifest_sha256": "h", "daemon": {"name": "s", "description": "d", '
+     '"socket": "/run/qubes/x.sock", "services": {}}}', "no manifest recorded in the spec"),
 ])
 def test_a_bad_spec_is_refused_with_its_path(tmp_path: Path, text: str, words: str) -> None:
     path = tmp_path / "s.json"
@@ -128,6 +136,12 @@ def test_a_bad_spec_is_refused_with_its_path(tmp_path: Path, text: str, words: s
     with pytest.raises(model.SpecError, match=words) as caught:
         model.load(str(path))
     assert str(path) in str(caught.value)
+
+
+def test_a_spec_that_is_not_utf8_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "s.json").write_bytes(b'{"version": 1, "manifest": "\xff"}')
+    with pytest.raises(model.SpecError, match="not UTF-8; run 'qubes-socksvc apply'"):
+        model.load(str(tmp_path / "s.json"))
 
 
 def test_a_fifo_spec_never_blocks(tmp_path: Path) -> None:
