@@ -175,7 +175,9 @@ def test_call_ctrl_c_exits_130_without_a_traceback(rpc_dirs: tuple[Path, Path, P
     proc = subprocess.Popen(
         [sys.executable, "-m", "qubes_socksvc", "call", "test.Slow+30", "--rpc-dir", str(second),
          "--rpc-config-dir", str(config)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": f"{REPO}:{TESTS}"})
+        stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": f"{REPO}:{TESTS}"},
+        # As from a terminal: a suite started in the background by a shell inherits SIGINT ignored.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(1.5)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=30)
