@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,6 +49,18 @@ def raw_call(path: str, payload: bytes, *, half_close: bool = True, timeout: flo
         while data := sock.recv(65536):
             chunks.append(data)
         return b"".join(chunks)
+
+
+def calls_at_once(daemon: RunningDaemon, wire: bytes, callers: int, timeout: float) -> list[bytes]:
+    """``callers`` concurrent calls of ``wire``, each in a thread; their replies (every thread joined)."""
+    replies: list[bytes] = []
+    threads = [threading.Thread(target=lambda: replies.append(daemon.call(wire, timeout=timeout)))
+               for _ in range(callers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout + 5)
+    return replies
 
 
 _WORLD_DIRS: list[Path] = []

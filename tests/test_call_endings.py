@@ -15,14 +15,13 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import RunningDaemon, world_dir
+from tests.conftest import RunningDaemon, calls_at_once, world_dir
 from tests.handlers import QUEUED_OUTPUT
 from tests.test_hostile import connect, read_until_closed, wait_for_log
 
@@ -163,11 +162,4 @@ def test_accept_failing_for_want_of_fds_is_retried_without_flooding(daemon: Runn
 
 def test_waiting_callers_are_served_in_turn_by_a_saturated_daemon(daemon: RunningDaemon) -> None:
     """Ten callers for two slots: every one answered, none refused."""
-    replies: list[bytes] = []
-    threads = [threading.Thread(target=lambda: replies.append(daemon.call(b"e.Slow+0.2 work\0", timeout=15)))
-               for _ in range(10)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(20)
-    assert replies == [b"done\n"] * 10
+    assert calls_at_once(daemon, b"e.Slow+0.2 work\0", 10, timeout=15) == [b"done\n"] * 10

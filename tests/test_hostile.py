@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import RunningDaemon, raw_call
+from tests.conftest import RunningDaemon, calls_at_once, raw_call
 
 DESCRIPTOR_TIMEOUT = 1.0
 MAX_CONNECTIONS = 32
@@ -517,15 +517,8 @@ def test_idle_listeners_hold_no_slots(start_daemon: type[RunningDaemon]) -> None
     daemon = start_daemon(SEVERAL_SOCKETS, "s")
     assert raw_call(daemon.socket("socksvc-s.RawB.sock"), b"b", timeout=5) == b"b"
     assert raw_call(daemon.socket("socksvc-s.RawA.sock"), b"a", timeout=5) == b"a"
-    replies: list[bytes] = []
     start = time.monotonic()
-    callers = [threading.Thread(target=lambda: replies.append(daemon.call(b"s.Slow+2 work\0", timeout=10)))
-               for _ in range(2)]
-    for caller in callers:
-        caller.start()
-    for caller in callers:
-        caller.join(15)
-    assert replies == [b"done\n", b"done\n"]
+    assert calls_at_once(daemon, b"s.Slow+2 work\0", 2, timeout=10) == [b"done\n", b"done\n"]
     assert time.monotonic() - start < 3.5, "the two slots were not both available to the daemon's socket"
 
 
