@@ -46,9 +46,9 @@ async def hangs(request: Request) -> None:
 
 
 async def huge(request: Request) -> None:
-    """64 MiB of output, with backpressure."""
+    """64 MiB of output (or ARG MiB), with backpressure."""
     block = b"x" * 65536
-    for _ in range(1024):
+    for _ in range(16 * int(request.argument or "64")):
         request.write(block)
         await request.drain()
 

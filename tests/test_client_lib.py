@@ -179,24 +179,33 @@ def test_dom0_target_not_running_is_125(in_dom0: World) -> None:
 
 
 def test_meanings_of_other_exit_codes() -> None:
-    assert "SIGKILL" in client.QrexecError("q", "s", -9).meaning  # killed (subprocess's negative code)
-    assert "SIGTERM" in client.QrexecError("q", "s", 128 + 15).meaning  # qrexec-client-vm(1): 128+signal
-    assert "the service itself" in client.QrexecError("q", "s", 3).meaning
-    assert "invalid arguments" in client.QrexecError("q", "s", 2).meaning
+    def meaning(exit_code: int) -> str:
+        return client.QrexecError("q", "s", exit_code).meaning
+
+    # subprocess's negative code: the client itself was killed
+    assert "SIGKILL" in meaning(-9) and meaning(-1) == "the call was terminated by SIGHUP"
+    # qrexec-client-vm(1), EXIT STATUS: 128+signal; 128 itself is no signal
+    assert "SIGTERM" in meaning(128 + 15) and meaning(128 + 1) == "the call was terminated by SIGHUP"
+    assert meaning(128 + 40) == "the call was terminated by signal 40"  # a real-time signal has no name
+    assert "the service itself" in meaning(3) and "the service itself" in meaning(128)
+    assert "invalid arguments" in meaning(2)
+    assert "failed locally" in meaning(1)  # qrexec-client-vm.c main: exit(1)
 
 
-def test_timeout_kills_the_call(world: World) -> None:
-    started = time.monotonic()
-    with pytest.raises(TimeoutError):
-        client.call(TARGET, "test.Slow+3", timeout=0.5)
-
+@pytest.mark.parametrize("how", ["call", "stream"])
+def test_timeout_kills_the_call(world: World, how: str) -> None:
+    """The call is killed at its timeout, not left to finish (test.Slow+30 answers after 30 s)."""
     async def streamed() -> None:
-        async for _ in client.stream(TARGET, "test.Slow+3", timeout=0.5):
+        async for _ in client.stream(TARGET, "test.Slow+30", timeout=0.5):
             pass
 
-    with pytest.raises(TimeoutError):
-        asyncio.run(streamed())
-    assert time.monotonic() - started < 10
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"call of test.Slow\+30 in notes took longer than 0.5s; it was killed"):
+        if how == "call":
+            client.call(TARGET, "test.Slow+30", timeout=0.5)
+        else:
+            asyncio.run(streamed())
+    assert time.monotonic() - started < 15
 
 
 # --- streaming ----------------------------------------------------------------------
@@ -238,8 +247,91 @@ def test_abandoning_a_stream_ends_the_call(world: World) -> None:
     assert asyncio.run(run()) > 0
 
 
+def test_abandoning_an_endless_stream_kills_the_client(world: World) -> None:
+    """aclose() on a call whose output never ends returns at once, and the qrexec client is gone."""
+    daemons = children()
+
+    async def run() -> set[int]:
+        calls = client.stream(TARGET, "test.Huge+1000000")  # a terabyte, with backpressure
+        assert await calls.__anext__()
+        assert children() > daemons  # the qrexec client runs
+        await asyncio.wait_for(calls.aclose(), 20)
+        return children()
+
+    assert asyncio.run(run()) == daemons
+
+
+def children() -> set[int]:
+    """This process's child processes (zombies too: a child not yet waited for)."""
+    return {int(pid) for task in Path("/proc/self/task").iterdir()
+            for pid in (task / "children").read_text().split()}
+
+
 def test_async_call(world: World) -> None:
     assert asyncio.run(client.async_call(TARGET, "test.Echo", [b"a", b"b"])) == b"ab"
+
+
+def test_stream_refused_raises_after_the_output(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SOCKSVC_STANDIN_SOURCE", "personal")
+    with pytest.raises(client.QrexecError) as error:
+        asyncio.run(asyncio.wait_for(client.async_call(TARGET, "my.Notes+add", b'{"text": "x"}'), 20))
+    assert error.value.exit_code == 126 and "Request refused" in error.value.stderr
+    assert str(error.value).startswith("call of my.Notes+add in notes failed with exit code 126, refused by dom0's")
+    with pytest.raises(client.QrexecError, match=r"^call of test\.Echo in the default target failed"):
+        asyncio.run(asyncio.wait_for(client.async_call("", "test.Echo"), 20))
+
+
+def test_the_callers_input_failing_fails_the_call(world: World) -> None:
+    """An exception from the caller's own input ends the call and is raised as it is."""
+    async def failing() -> AsyncIterator[bytes]:
+        yield b"some"
+        raise OSError("the input file went away")
+
+    with pytest.raises(OSError, match="the input file went away"):
+        asyncio.run(asyncio.wait_for(client.async_call(TARGET, "test.Echo", failing()), 20))
+
+
+def test_a_service_that_answers_without_reading_its_input(world: World) -> None:
+    """The call ends with the service's answer while the input still waits for more, and
+    the input generator has been closed (its ``finally`` has run) when the call returns."""
+    closed: list[bool] = []
+
+    async def never_ends() -> AsyncIterator[bytes]:
+        try:
+            yield b"x"
+            await asyncio.Event().wait()
+        finally:
+            closed.append(True)
+
+    async def run() -> tuple[bytes, list[bool]]:
+        out = await asyncio.wait_for(client.async_call(TARGET, "test.Fields", never_ends()), 20)
+        return out, list(closed)
+
+    out, closed_when_returned = asyncio.run(run())
+    assert fields(out)["service"] == "test.Fields+" and closed_when_returned == [True]
+
+
+CHATTY_CLIENT = """#!/bin/sh
+head -c 100000 /dev/zero | tr '\\0' e >&2
+echo "the reason, last" >&2
+exit 125
+"""
+
+
+@pytest.mark.parametrize("how", ["call", "stream"])
+def test_error_keeps_the_last_8_kib_of_stderr(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    """However much the qrexec client writes to stderr, the error keeps its end (where the
+    reason is), 8 KiB of it, and the call holds no more of it in memory."""
+    (tmp_path / "qrexec-client-vm").write_text(CHATTY_CLIENT)
+    (tmp_path / "qrexec-client-vm").chmod(0o755)
+    monkeypatch.setenv("PATH", path_with(tmp_path))
+    with pytest.raises(client.QrexecError) as error:
+        if how == "call":
+            client.call(TARGET, "test.Echo")
+        else:
+            asyncio.run(asyncio.wait_for(client.async_call(TARGET, "test.Echo"), 20))
+    assert error.value.exit_code == 125 and error.value.stderr.endswith("eethe reason, last\n")
+    assert len(error.value.stderr) == 8192 and set(error.value.stderr[:-17]) == {"e"}
 
 
 # --- the worked example, end to end ------------------------------------------------------
