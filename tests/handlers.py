@@ -23,6 +23,12 @@ async def fields(request: Request) -> str:
     )
 
 
+async def fields_later(request: Request) -> str:
+    """:func:`fields`, after awaiting 0.1 s."""
+    await asyncio.sleep(0.1)
+    return await fields(request)
+
+
 async def after_eof(request: Request) -> bytes:
     """Reads to EOF first (the caller's half-close), then answers."""
     data = await request.read()

@@ -37,6 +37,13 @@ from tests.test_hostile import (
     wait_for_log,
 )
 
+
+def honest_service(i: int) -> bytes:
+    """Half the honest callers' handlers answer at once, half after awaiting (past the loop turn
+    in which a deadline that fired during the stall would cut their connection)."""
+    return b"h.FieldsLater" if i % 2 else b"h.Fields"
+
+
 NO_UVLOOP = REPO / "bench" / "no_uvloop"
 
 CARELESS_MANIFEST = HOSTILE_MANIFEST + """\
@@ -49,6 +56,8 @@ CARELESS_MANIFEST = HOSTILE_MANIFEST + """\
         handler: handlers:blocks_the_loop
       h.BlocksLater:
         handler: handlers:blocks_the_loop_later
+      h.FieldsLater:
+        handler: handlers:fields_later
       h.WritesWithoutDrain:
         handler: handlers:writes_without_drain
       h.WritesWithDrain:
@@ -162,9 +171,9 @@ def test_descriptor_sent_in_time_is_never_cut_by_a_busy_loop(start_daemon: type[
                                                              blocker: bytes, reply: bytes) -> None:
     """An async handler blocks the loop for 4 s (descriptor_timeout 2 s), in its own step or in a
     callback it leaves to the loop (then the deadlines fire before the loop reads the sockets, on
-    uvloop): the 20 callers that sent their descriptor within 0.5 s are all served (was: all 20
-    cut, and their handlers run on the cut connections); 5 callers that sent nothing are cut, and
-    never served later."""
+    uvloop): the 20 callers that sent their descriptor within 0.5 s are all served, also those
+    whose handler awaits (was: all 20 cut, and their handlers run on the cut connections); 5
+    callers that sent nothing are cut, and never served later."""
     daemon = start(start_daemon, loop, CARELESS_MANIFEST.replace(
         f"descriptor_timeout: {DESCRIPTOR_TIMEOUT}", "descriptor_timeout: 2"))
     base = settle(daemon)
@@ -180,12 +189,12 @@ def test_descriptor_sent_in_time_is_never_cut_by_a_busy_loop(start_daemon: type[
             time.sleep(0.2)  # the loop is held from here on
             start_sending = time.monotonic()
             for i, caller in enumerate(honest):
-                caller.sendall(b"h.Fields+%d work\0" % i)
+                caller.sendall(b"%s+%d work\0" % (honest_service(i), i))
                 caller.shutdown(socket.SHUT_WR)
             assert time.monotonic() - start_sending < 0.5
             assert read_until_closed(sock) == reply
         replies = [read_until_closed(caller) for caller in honest]
-        served = sum(reply.startswith(b"service=h.Fields+%d\n" % i) for i, reply in enumerate(replies))
+        served = sum(reply.startswith(b"service=%s+%d\n" % (honest_service(i), i)) for i, reply in enumerate(replies))
         assert served == 20, f"{served} of 20 callers served:\n{daemon.log_text()[-3000:]}"
         for caller in idle:
             send_ignoring_reset(caller, b"h.Fields+late work\0")
