@@ -636,6 +636,36 @@ def test_a_path_longer_than_path_max_is_refused_before_the_first_write(tmp_path:
     assert_refused(apply(manifest, root), before, tmp_path, words="PATH_MAX")
 
 
+def test_paths_of_exactly_4095_bytes_are_written_and_one_more_is_refused(tmp_path: Path) -> None:
+    """Linux takes a path of at most 4095 bytes (its PATH_MAX, 4096, counts the NUL): apply writes
+    a tree whose longest path, or the temporary name it is written through, is exactly that long,
+    and refuses a root one byte longer before its first write."""
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(A)
+    short = tmp_path / "short"
+    assert apply(manifest, short).returncode == 0
+    temp_name = len("/.socksvc-0123456789abcdef.tmp")  # install._temp_for: fixed length
+    beyond_root = max(max(len(os.fsencode(rel)), len(os.fsencode(os.path.dirname(rel))) + temp_name)
+                      for rel, (kind, *_) in relative(snapshot(short), short).items() if kind != "dir") + 1
+    fits = deep_path(tmp_path / "fits", 4095 - beyond_root)
+    result = apply(manifest, fits)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert relative(snapshot(fits), fits) == relative(snapshot(short), short)
+    too_long = deep_path(tmp_path / "long", 4096 - beyond_root)
+    assert_refused(apply(manifest, too_long), snapshot(tmp_path / "long"), tmp_path / "long", words="PATH_MAX")
+
+
+def deep_path(base: Path, length: int) -> Path:
+    """A path of exactly ``length`` bytes below ``base``, its parent directory made."""
+    parent = base
+    while length - len(str(parent)) > 256:  # NAME_MAX: 255 bytes a component
+        parent = parent / ("d" * 200)
+    parent.mkdir(parents=True)
+    path = parent / ("r" * (length - len(str(parent)) - 1))
+    assert len(str(path)) == length
+    return path
+
+
 def test_a_refused_apply_leaves_leftovers_alone_and_a_dry_run_only_lists_them(
         world: Callable[[str], tuple[Path, Path, Path]]) -> None:
     manifest, root, outside = world(A)
