@@ -25,7 +25,7 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from . import files
+from . import files, model
 from .errors import SocksvcError
 from .qrexec import NAME_MAX
 from .render import Artifact, Layout
@@ -33,8 +33,8 @@ from .render import Artifact, Layout
 STATE_VERSION = 1
 #: The record holds two digests per path at most; 16 MiB is far beyond any manifest.
 MAX_STATE_SIZE = 16 << 20
-#: What we write are units and rpc-config files of a few KiB: a larger file is never ours.
-MAX_ARTIFACT_SIZE = 1 << 20
+#: The largest file apply writes is a daemon's spec (render refuses a larger one): a larger file is never ours.
+MAX_ARTIFACT_SIZE = model.MAX_SPEC_SIZE
 #: Linux's PATH_MAX, its NUL included.
 PATH_MAX = 4096
 #: A temporary name has a fixed length whatever the final name (a 255-byte service name

@@ -12,7 +12,7 @@ from pathlib import Path
 import jinja2
 
 from . import model, rpcconfig
-from .manifest import Manifest
+from .manifest import Manifest, ManifestError
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,12 @@ def render(manifest: Manifest, layout: Layout, exec_start: list[str] | None = No
             "daemon": daemon,
             "exec_start": [*command, "serve", daemon.name, "--spec", spec],
         }
-        artifacts.append(Artifact(spec, content=model.dump(daemon, source, manifest.sha256)))
+        spec_text = model.dump(daemon, source, manifest.sha256)
+        if len(spec_text.encode()) > model.MAX_SPEC_SIZE:  # the daemon would refuse to read it
+            raise ManifestError([f"{source}: daemons.{daemon.name}: its spec would be {len(spec_text.encode())} "
+                                 f"bytes, more than a daemon reads ({model.MAX_SPEC_SIZE}); split its "
+                                 f"{len(daemon.services)} services among more daemons"])
+        artifacts.append(Artifact(spec, content=spec_text))
         for kind in ("socket", "service"):
             text = env.get_template(f"{kind}.j2").render(context)
             artifacts.append(Artifact(f"{layout.unit_dir}/{daemon.unit}.{kind}", content=text))

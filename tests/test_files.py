@@ -118,9 +118,11 @@ def test_a_manifest_at_the_cap_is_checked_in_seconds(tmp_path: Path) -> None:
     effective.settle listed the rpc-config directories once per service; now about 2 s."""
     path = tmp_path / "m.yaml"
     with open(path, "w") as f:
-        f.write("version: 1\ndaemons:\n  d:\n    services:\n")
+        f.write("version: 1\ndaemons:\n")
         number = 0
         while f.tell() < manifest.MAX_MANIFEST_SIZE - 100:
+            if number % 5000 == 0:  # a daemon's spec holds about 12,900 services at most
+                f.write(f"  d{number // 5000}:\n    services:\n")
             f.write(f"      svc.N{number}:\n        handler: qubes_socksvc.examples:echo\n")
             number += 1
     start = time.monotonic()

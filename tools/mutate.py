@@ -332,7 +332,9 @@ def main() -> int:
                         help="seconds per mutant's test run (default: 3x its files' unmutated time, at least 60)")
     parser.add_argument("--only", nargs="*", default=None, help="modules (e.g. request.py)")
     parser.add_argument("--list", action="store_true", help="list the mutants, run nothing")
-    parser.add_argument("--again", action="store_true", help=f"only the survivors of the last run ({SURVIVORS})")
+    parser.add_argument("--again", action="store_true", help="only the survivors of the last run (--survivors)")
+    parser.add_argument("--survivors", type=Path, default=SURVIVORS,
+                        help=f"the survivors file written, and read by --again (default {SURVIVORS})")
     args = parser.parse_args()
     # Started in the background by a shell, SIGINT is ignored, and children inherit that: the
     # tests that interrupt a child with SIGINT would fail for a reason no mutant caused.
@@ -344,7 +346,7 @@ def main() -> int:
         functions, tests = MODULES[module]
         work += [(m, tests) for m in mutants(module, functions)]
     if args.again:
-        last = {line[2:] for line in SURVIVORS.read_text().splitlines()
+        last = {line[2:] for line in args.survivors.read_text().splitlines()
                 if line.startswith("# ") and not line.startswith("# equivalent-list key: ")}
         work = [(m, tests) for m, tests in work if m.ident in last]
     if args.list:
@@ -415,15 +417,15 @@ def main() -> int:
     while not trees.empty():
         shutil.rmtree(trees.get().parent, ignore_errors=True)
 
-    SURVIVORS.parent.mkdir(exist_ok=True)
-    with SURVIVORS.open("w") as out:
+    args.survivors.parent.mkdir(exist_ok=True)
+    with args.survivors.open("w") as out:
         for m in survivors:
             if m.ident in uncovered:
                 out.write("# (no test executes this line)\n")
             out.write(f"# {m.ident}\n# equivalent-list key: {equivalent_key(m)}\n"
                       f"{m.diff((REPO / PKG / m.module).read_text())}\n")
     print(f"\nmutation run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
-          f"{time.monotonic() - started:.0f}s; survivors with diffs: {SURVIVORS}\n")
+          f"{time.monotonic() - started:.0f}s; survivors with diffs: {args.survivors}\n")
     print("| module | mutants | killed | timed out | survived | equivalent | score |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     worst = 100.0
