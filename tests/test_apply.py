@@ -158,35 +158,39 @@ def test_the_ownership_record_keeps_the_format_installed_systems_have(tmp_path: 
 
 
 def test_a_spec_up_to_4_mib_applies_and_reapplies_and_a_larger_one_is_refused(tmp_path: Path) -> None:
-    """A daemon reads a spec of at most 4 MiB (model.load).  apply writes one of up to that
+    """A daemon reads a spec of at most 4 MiB (model.load).  apply writes one of exactly that
     size, and the next apply finds it unchanged (it was taken for someone else's file above
-    1 MiB: every later apply was a conflict); one service more is refused before any write,
-    naming the daemon and the fix."""
-    def services(number: int) -> str:
+    1 MiB: every later apply was a conflict); a byte more is refused before any write, naming
+    the daemon and the fix."""
+    def services(number: int, description: str = "qubes-socksvc daemon big") -> str:
         entries = "".join(f"      my.S{i:06d}:\n        handler: qubes_socksvc.examples:echo\n" for i in range(number))
-        return f"version: 1\ndaemons:\n  big:\n    services:\n{entries}"
+        return f"version: 1\ndaemons:\n  big:\n    description: {description}\n    services:\n{entries}"
 
     path = tmp_path / "m.yaml"
 
-    def spec_size(number: int) -> int:
-        path.write_text(services(number))
+    def spec_size(text: str) -> int:
+        path.write_text(text)
         loaded = manifest.load(str(path))
         [spec] = [a for a in render.render(loaded, render.Layout.for_manifest(loaded)) if a.path.endswith("/big.json")]
         assert spec.content is not None
         return len(spec.content.encode())
 
-    one, two = spec_size(1), spec_size(2)
+    one, two = spec_size(services(1)), spec_size(services(2))
     most = ((4 << 20) - one) // (two - one) + 1  # each service adds (two - one) bytes
-    path.write_text(services(most))
+    padding = (4 << 20) - spec_size(services(most))
+    exactly = services(most, "qubes-socksvc daemon big" + "d" * padding)
+    path.write_text(exactly)
     root = tmp_path / "root"
     assert apply(path, root)[0] == 0
-    spec = root / "var/lib/qubes-socksvc/daemons/big.json"
-    assert (4 << 20) - (two - one) < spec.stat().st_size <= 4 << 20
+    assert (root / "var/lib/qubes-socksvc/daemons/big.json").stat().st_size == 4 << 20
     code, out, err = apply(path, root)
     assert code == 0 and "up to date, nothing to do" in out, out + err
     before = tree_digest(root)
+    path.write_text(exactly.replace("description: ", "description: d", 1))
+    code, _, err = apply(path, root)
+    assert code == 1 and f"{path}: daemons.big: its spec would be 4194305 bytes, more than a daemon reads (4194304); " \
+                          f"split its {most} services among more daemons" in err, err
     path.write_text(services(most + 1))
     code, _, err = apply(path, root)
-    assert code == 1 and f"{path}: daemons.big: its spec would be " in err
-    assert f"more than a daemon reads (4194304); split its {most + 1} services among more daemons" in err
+    assert code == 1 and f"split its {most + 1} services among more daemons" in err, err
     assert tree_digest(root) == before
