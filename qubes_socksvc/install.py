@@ -154,8 +154,10 @@ def _check_dir(root: str, directory: str) -> _DirCheck:
         if not stat.S_ISDIR(st.st_mode):
             return _DirCheck(f"{path} is not a directory; move it away", None, False)
         deepest = path
+    if not os.access(deepest, os.X_OK, effective_ids=True):  # its entries cannot even be looked at
+        return _DirCheck(f"{deepest} cannot be searched by this user; apply writes as root", None, False)
     unwritable = None
-    if not os.access(deepest, os.W_OK | os.X_OK, effective_ids=True):
+    if not os.access(deepest, os.W_OK, effective_ids=True):
         unwritable = (f"{deepest} is not writable by this user; apply writes as root" if os.geteuid() != 0
                       else f"{deepest} is not writable (a read-only file system, or an immutable directory)")
     return _DirCheck(None, unwritable, exists)

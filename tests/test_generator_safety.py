@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import os
+import pwd
 import shutil
 import signal
 import stat
@@ -615,8 +616,9 @@ def test_an_unwritable_directory_or_file_is_refused_before_the_first_write(
     before = snapshot(root, outside)
     with immutable(root / where):
         result = apply(manifest, root)
-        assert_refused(result, before, root, outside, words="not writable" if "." not in where
-                       else "cannot be replaced")
+        # as root, only a read-only file system or chattr +i can refuse a write
+        assert_refused(result, before, root, outside, words=f"{root / where} is not writable (a read-only file "
+                       "system, or an immutable directory)" if "." not in where else "cannot be replaced")
     assert apply(manifest, root).returncode == 0
     assert relative(snapshot(root), root) == reference(manifest, A, B)[0]
 
@@ -854,6 +856,42 @@ def test_a_dry_run_as_a_user_needs_no_lock_and_an_apply_refuses_cleanly() -> Non
             assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
             assert f"{install.LOCK_FILE}: cannot take the apply lock" in result.stderr
             assert "--dry-run" in result.stderr
+        assert snapshot(top) == before
+    finally:
+        shutil.rmtree(top)
+
+
+def _unsearchable(rpc: Path) -> None:
+    rpc.chmod(0o700)
+
+
+def _writable_not_searchable(rpc: Path) -> None:
+    os.chown(rpc, pwd.getpwnam("nobody").pw_uid, -1)
+    rpc.chmod(0o600)
+
+
+@pytest.mark.parametrize(("how", "words"), [
+    (_unsearchable, "{rpc} cannot be searched by this user; apply writes as root"),
+    (_writable_not_searchable, "{rpc} cannot be searched by this user; apply writes as root"),
+    (lambda rpc: rpc.parent.chmod(0o700), "{rpc}: Permission denied"),
+    (lambda rpc: None, "{rpc} is not writable by this user; apply writes as root"),
+])
+def test_a_users_dry_run_names_the_directory_it_cannot_judge(how: Callable[[Path], None], words: str) -> None:
+    """A user's dry run over root's tree: a directory the user may not search (or one above it)
+    or write is a conflict naming it, not an error about one of its files (was: "[Errno 13]
+    Permission denied: '.../etc/qubes-rpc/alpha.Echo'" for a directory it could not search)."""
+    top = world_dir("socksvc-nobody-")
+    try:
+        manifest, root = top / "m.yaml", top / "root"
+        manifest.write_text(A)
+        manifest.chmod(0o644)
+        assert apply(manifest, root).returncode == 0
+        manifest.write_text(B)  # changes in the qubes-rpc directory
+        how(root / RPC)
+        before = snapshot(top)
+        result = run_as_nobody("apply", "-c", str(manifest), "--root", str(root), "--dry-run")
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stdout + result.stderr
+        assert words.format(rpc=root / RPC) in result.stdout, result.stdout + result.stderr
         assert snapshot(top) == before
     finally:
         shutil.rmtree(top)
