@@ -194,3 +194,22 @@ def test_a_spec_up_to_4_mib_applies_and_reapplies_and_a_larger_one_is_refused(tm
     code, _, err = apply(path, root)
     assert code == 1 and f"split its {most + 1} services among more daemons" in err, err
     assert tree_digest(root) == before
+
+
+def test_a_deleted_record_is_rebuilt_by_the_next_apply(tmp_path: Path) -> None:
+    """Refusals over a broken record say "restore or delete it, then apply again": after a delete,
+    apply finds every file as it would write it, takes it as its own again without a conflict, and
+    later removes what the manifest drops."""
+    manifest = write(tmp_path, TWO)
+    root = tmp_path / "root"
+    assert apply(manifest, root)[0] == 0
+    tree = tree_digest(root)
+    record = root / "var/lib/qubes-socksvc/owned.json"
+    owned = json.loads(record.read_text())
+    record.unlink()
+    code, out, err = apply(manifest, root)
+    assert code == 0 and "conflict" not in out, out + err
+    assert tree_digest(root) == tree and json.loads(record.read_text()) == owned
+    manifest.write_text(GOOD)
+    code, out, err = apply(manifest, root)
+    assert code == 0 and "remove" in out, out + err

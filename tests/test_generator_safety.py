@@ -222,8 +222,13 @@ def test_planted_paths_are_refused_and_nothing_changes(
     root.mkdir()
     plant(root, where, lambda p: how(p, outside))
     before = snapshot(root, outside)
-    assert_refused(apply(manifest, root), before, root, outside, words=words)
+    result = apply(manifest, root)
+    assert_refused(result, before, root, outside, words=words)
     assert_refused(apply(manifest, root, "--dry-run"), before, root, outside, words=words)
+    below = [path for path, (kind, *_) in reference(manifest, A)[0].items()
+             if kind != "dir" and path.startswith(f"{where}/")]
+    for path in below:  # every artifact in a directory that cannot be written is named
+        assert f"conflict  /{path}" in result.stdout, result.stdout
 
 
 @pytest.mark.parametrize("case", ["symlinked qubes-rpc directory", "foreign executable service", "dangling symlink",
@@ -264,6 +269,8 @@ def test_edited_ownership_record_cannot_point_outside(world: Callable[[str], tup
     assert (outside / "victim").read_text() == "precious\n"
     assert (root / "etc/passwd").exists()
     assert_refused(result, before, root, outside, words="ownership record")
+    for path in ("/etc/passwd", escape):  # each of them, not just the first
+        assert f"conflict  {path}  (the ownership record names a path outside" in result.stdout, result.stdout
 
 
 @pytest.mark.parametrize("path", ["/etc/qubes-rpc/sub/x", "/etc/qubes-rpcX/y", "/etc/qubes-rpc/./x",
@@ -594,8 +601,13 @@ def test_what_would_fail_mid_way_is_refused_before_the_first_write(
     root.mkdir()
     plant(root, where, how)
     before = snapshot(root, outside)
-    assert_refused(apply(manifest, root), before, root, outside, words=words)
+    result = apply(manifest, root)
+    assert_refused(result, before, root, outside, words=words)
     assert_refused(apply(manifest, root, "--dry-run"), before, root, outside, words=words)
+    below = [path for path, (kind, *_) in reference(manifest, A)[0].items()
+             if kind != "dir" and path.startswith(f"{where}/")]
+    for path in below:  # every artifact in a directory that cannot be written is named
+        assert f"conflict  /{path}" in result.stdout, result.stdout
 
 
 def test_a_root_that_is_a_file_is_refused(world: Callable[[str], tuple[Path, Path, Path]]) -> None:
@@ -666,6 +678,42 @@ def deep_path(base: Path, length: int) -> Path:
     path = parent / ("r" * (length - len(str(parent)) - 1))
     assert len(str(path)) == length
     return path
+
+
+def test_a_leftover_in_a_directory_apply_cannot_write_is_left_alone(
+        world: Callable[[str], tuple[Path, Path, Path]]) -> None:
+    """An interrupted apply's temporary file in a directory made immutable since: apply cannot
+    sweep it, so it leaves it, and with nothing else to change it succeeds."""
+    manifest, root, _ = world(A)
+    assert apply(manifest, root).returncode == 0
+    leftover = root / RPC / ".socksvc-0123456789abcdef.tmp"
+    leftover.write_text("half a file")
+    with immutable(root / RPC):
+        result = apply(manifest, root)
+        assert result.returncode == 0 and "up to date" in result.stdout, result.stdout + result.stderr
+    assert leftover.exists()
+
+
+def test_a_directory_the_user_cannot_list_hides_no_leftover_elsewhere() -> None:
+    """A user's dry run over the user's own tree: a directory it may write and search but not
+    list (mode 0300) has leftovers nobody can see; those of the next directories are still listed."""
+    top = world_dir("socksvc-nobody-")
+    try:
+        manifest, root = top / "m.yaml", top / "root"
+        manifest.write_text(A)
+        manifest.chmod(0o644)
+        assert apply(manifest, root).returncode == 0
+        nobody = pwd.getpwnam("nobody").pw_uid
+        for dirpath, _, names in os.walk(root):
+            for name in ["", *names]:
+                os.chown(os.path.join(dirpath, name), nobody, -1, follow_symlinks=False)
+        (root / "etc/qubes/rpc-config/.socksvc-0123456789abcdef.tmp").write_text("half a file")
+        (root / RPC).chmod(0o300)
+        result = run_as_nobody("apply", "-c", str(manifest), "--root", str(root), "--dry-run")
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "sweep     /etc/qubes/rpc-config/.socksvc-0123456789abcdef.tmp" in result.stdout, result.stdout
+    finally:
+        shutil.rmtree(top)
 
 
 def test_a_refused_apply_leaves_leftovers_alone_and_a_dry_run_only_lists_them(
