@@ -546,7 +546,7 @@ class Server:
                 deadline.cancel()
             protocol.received = True
             if protocol.cut:  # never serve a connection the deadline has cut
-                return Outcome.REJECTED
+                return Outcome.REJECTED  # a net: _CallProtocol's ordering keeps the cut from coming first
             try:
                 desc = descriptor.parse(untrusted_descriptor[:-1])
             except descriptor.DescriptorError as e:
