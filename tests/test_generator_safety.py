@@ -881,6 +881,24 @@ def test_the_lock_is_never_taken_through_a_symlink(tmp_path: Path) -> None:
     assert not victim.exists()
 
 
+def test_the_lock_is_made_on_first_use_held_exclusively_and_never_inherited(tmp_path: Path) -> None:
+    """The lock file is created the first time (mode 0600, whatever the umask); while one apply
+    holds it no other process can; a process started meanwhile does not inherit it (it would
+    keep the lock after apply ended)."""
+    lock = tmp_path / "apply.lock"
+    old = os.umask(0)
+    try:
+        with install.locked(str(lock)) as held:
+            assert held and stat.S_IMODE(lock.lstat().st_mode) == 0o600
+            assert subprocess.run(["flock", "--nonblock", str(lock), "true"], timeout=30).returncode == 1
+            inherited = subprocess.run(["ls", "-l", "/proc/self/fd/"], capture_output=True, text=True, timeout=30,
+                                       close_fds=False)  # as os.system or a fork would
+            assert str(lock) not in inherited.stdout, inherited.stdout
+    finally:
+        os.umask(old)
+    assert subprocess.run(["flock", "--nonblock", str(lock), "true"], timeout=30).returncode == 0
+
+
 def run_as_nobody(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "qubes_socksvc", *args], capture_output=True, text=True,
                           env={"PYTHONPATH": str(Path(__file__).resolve().parent.parent), "PATH": "/usr/bin:/bin"},
