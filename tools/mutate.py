@@ -345,10 +345,11 @@ def main() -> int:
     for module in chosen:
         functions, tests = MODULES[module]
         work += [(m, tests) for m in mutants(module, functions)]
-    if args.again:
-        last = {line[2:] for line in args.survivors.read_text().splitlines()
-                if line.startswith("# ") and not line.startswith("# equivalent-list key: ")}
-        work = [(m, tests) for m, tests in work if m.ident in last]
+    if args.again:  # by the change, not the line number: lines move as tests lead to fixes
+        prefix = "# equivalent-list key: "
+        last = {line.removeprefix(prefix) for line in args.survivors.read_text().splitlines()
+                if line.startswith(prefix)}
+        work = [(m, tests) for m, tests in work if equivalent_key(m) in last]
     if args.list:
         for m, _ in work:
             print(m.ident)
