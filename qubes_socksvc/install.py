@@ -327,17 +327,19 @@ def _umask(mask: int) -> Iterator[None]:
         os.umask(old)
 
 
-def _write_file(real: str, content: bytes, mode: int = 0o644) -> None:
-    """Write ``real`` whole or not at all: a temporary file, fsynced, renamed; removed on failure."""
+def _write_file(real: str, content: bytes) -> None:
+    """Write ``real`` whole or not at all: a temporary file, fsynced, renamed; removed on failure.
+
+    Mode 0644: execute() sets the umask to 022.  O_EXCL: never through a name someone else made.
+    """
     os.makedirs(os.path.dirname(real), mode=0o755, exist_ok=True)
     tmp = _temp_for(real)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     try:
         try:
             view = memoryview(content)
             while view:  # write() may take less than asked (a full disk, a signal)
                 view = view[os.write(fd, view):]
-            os.fchmod(fd, mode)
             os.fsync(fd)
         finally:
             os.close(fd)

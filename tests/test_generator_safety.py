@@ -899,6 +899,28 @@ def test_the_lock_is_made_on_first_use_held_exclusively_and_never_inherited(tmp_
     assert subprocess.run(["flock", "--nonblock", str(lock), "true"], timeout=30).returncode == 0
 
 
+def test_a_write_never_goes_through_a_file_already_at_its_temporary_name(tmp_path: Path) -> None:
+    """Should a file appear at a write's temporary name after the plan swept the leftovers (a hard
+    link to another file, say), the write fails rather than write into that file (O_EXCL)."""
+    outside, real = tmp_path / "outside", tmp_path / "units" / "qubes-socksvc-x.service"
+    outside.write_text("precious, and longer than what apply writes\n")
+    real.parent.mkdir()
+    os.link(outside, install._temp_for(str(real)))
+    with pytest.raises(FileExistsError):
+        install._write_file(str(real), b"[Unit]\n")
+    assert outside.read_text() == "precious, and longer than what apply writes\n" and not real.exists()
+
+
+def test_apply_leaves_no_descriptor_open(world: Callable[[str], tuple[Path, Path, Path]]) -> None:
+    """In a long-lived process (a test, a tool calling cli.main), apply opens and closes its files."""
+    manifest, root, _ = world(A)
+    before = sorted(os.listdir("/proc/self/fd"))
+    assert apply_in_process(manifest, root)[0] == 0
+    manifest.write_text(B)
+    assert apply_in_process(manifest, root)[0] == 0
+    assert sorted(os.listdir("/proc/self/fd")) == before
+
+
 def run_as_nobody(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "qubes_socksvc", *args], capture_output=True, text=True,
                           env={"PYTHONPATH": str(Path(__file__).resolve().parent.parent), "PATH": "/usr/bin:/bin"},
