@@ -32,7 +32,8 @@ from typing import Any
 
 import pytest
 
-from qubes_socksvc import cli, install
+from qubes_socksvc import cli, install, render
+from qubes_socksvc.manifest import load as load_manifest
 from tests.conftest import run_cli, world_dir
 
 A = """\
@@ -909,6 +910,34 @@ def test_a_write_never_goes_through_a_file_already_at_its_temporary_name(tmp_pat
     with pytest.raises(FileExistsError):
         install._write_file(str(real), b"[Unit]\n")
     assert outside.read_text() == "precious, and longer than what apply writes\n" and not real.exists()
+
+
+@pytest.mark.parametrize("kind", ["file", "symlink"])
+def test_a_write_that_cannot_be_renamed_into_place_leaves_no_temporary_name(tmp_path: Path, kind: str) -> None:
+    """A directory appeared where the plan saw nothing (a race with another program): the rename
+    fails, the error says why, and the temporary file or link is gone."""
+    real = tmp_path / "rpc" / "alpha.Echo"
+    (real / "inside").mkdir(parents=True)
+    with pytest.raises(IsADirectoryError):
+        if kind == "file":
+            install._write_file(str(real), b"x\n")
+        else:
+            install._write_symlink(str(real), "/run/qubes/socksvc-alpha.sock")
+    assert sorted(os.listdir(real.parent)) == ["alpha.Echo"]
+
+
+def test_execute_refuses_a_plan_with_conflicts(world: Callable[[str], tuple[Path, Path, Path]]) -> None:
+    """install.execute, for code that plans by itself: a plan with a conflict changes nothing."""
+    manifest, root, outside = world(A)
+    plant(root, f"{RPC}/alpha.Echo", lambda p: p.write_text("#!/bin/sh\n"))
+    loaded = load_manifest(str(manifest))
+    layout = render.Layout.for_manifest(loaded)
+    plan = install.plan(render.render(loaded, layout), layout, str(root))
+    assert plan.conflicts and plan.changes
+    before = snapshot(root, outside)
+    with pytest.raises(install.ApplyError, match="^the plan has conflicts; nothing was changed$"):
+        install.execute(plan)
+    assert snapshot(root, outside) == before
 
 
 def test_apply_leaves_no_descriptor_open(world: Callable[[str], tuple[Path, Path, Path]]) -> None:
