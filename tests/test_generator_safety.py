@@ -935,7 +935,7 @@ def test_execute_refuses_a_plan_with_conflicts(world: Callable[[str], tuple[Path
     plan = install.plan(render.render(loaded, layout), layout, str(root))
     assert plan.conflicts and plan.changes
     before = snapshot(root, outside)
-    with pytest.raises(install.ApplyError, match="^the plan has conflicts; nothing was changed$"):
+    with pytest.raises(install.ApplyError, match=r"^the plan has conflicts; nothing was changed$"):
         install.execute(plan)
     assert snapshot(root, outside) == before
 
