@@ -171,10 +171,7 @@ def _temp_for(real: str) -> str:
 
 def _write_problem(real: str) -> str | None:
     """Why a write or removal of ``real`` (in a sound directory) would fail half-way, if it would."""
-    name = os.path.basename(real)
-    if len(os.fsencode(name)) > NAME_MAX:
-        return f"its name is longer than {NAME_MAX} bytes (NAME_MAX); rename the service"
-    tmp = _temp_for(real)
+    tmp = _temp_for(real)  # a name of at most NAME_MAX bytes (_in_layout), and so is the temporary one
     if max(len(os.fsencode(real)), len(os.fsencode(tmp))) >= PATH_MAX:
         return f"the path or its temporary name is longer than {PATH_MAX - 1} bytes (PATH_MAX); use a shorter --root"
     with contextlib.suppress(FileNotFoundError):
@@ -228,10 +225,11 @@ def load_state(root: str, layout: Layout) -> dict[str, list[str]]:
 
 
 def _in_layout(layout: Layout, path: str) -> bool:
-    """A path apply may write: directly inside one of the layout's directories."""
+    """A path apply may write: a name of at most NAME_MAX bytes directly inside one of the
+    layout's directories (the manifest's checks keep every rendered name that short)."""
     directory, name = os.path.split(path)
     return (os.path.normpath(path) == path and name not in ("", ".", "..")
-            and directory in _artifact_dirs(layout))
+            and len(os.fsencode(name)) <= NAME_MAX and directory in _artifact_dirs(layout))
 
 
 def plan(artifacts: list[Artifact], layout: Layout, root: str = "/") -> Plan:
@@ -242,8 +240,9 @@ def plan(artifacts: list[Artifact], layout: Layout, root: str = "/") -> Plan:
     for path in sorted(set(wanted) | set(owned)):
         artifact = wanted.get(path)
         if not _in_layout(layout, path):  # only an edited record can name one
-            actions.append(Action("conflict", path, artifact, "the ownership record names a path outside "
-                                  f"qubes-socksvc's directories; remove it from {layout.state_file}"))
+            actions.append(Action("conflict", path, artifact, "the ownership record names a path qubes-socksvc "
+                                  "never writes (outside its directories, or a name longer than "
+                                  f"{NAME_MAX} bytes); remove it from {layout.state_file}"))
             continue
         check = checks[os.path.dirname(path)]
         if check.problem is not None:

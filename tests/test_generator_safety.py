@@ -271,28 +271,45 @@ def test_edited_ownership_record_cannot_point_outside(world: Callable[[str], tup
     assert (root / "etc/passwd").exists()
     assert_refused(result, before, root, outside, words="ownership record")
     for path in ("/etc/passwd", escape):  # each of them, not just the first
-        assert f"conflict  {path}  (the ownership record names a path outside" in result.stdout, result.stdout
+        assert f"conflict  {path}  (the ownership record names a path qubes-socksvc never writes" in result.stdout
 
 
 @pytest.mark.parametrize("path", ["/etc/qubes-rpc/sub/x", "/etc/qubes-rpcX/y", "/etc/qubes-rpc/./x",
-                                  "/etc/qubes-rpc/"])
+                                  "/etc/qubes-rpc/", "/etc/qubes-rpc/" + "x" * 256])
 def test_edited_ownership_record_names_only_files_directly_in_the_layout(
         world: Callable[[str], tuple[Path, Path, Path]], path: str) -> None:
     """install._in_layout: a recorded path is trusted only as a file directly inside one of the
     layout's directories, spelled plainly: not in a subdirectory, not in a directory whose name
-    merely starts like one (/etc/qubes-rpcX), not through '.'."""
+    merely starts like one (/etc/qubes-rpcX), not through '.', not a name longer than NAME_MAX
+    (was: "[Errno 36] File name too long")."""
     manifest, root, outside = world(A)
     assert apply(manifest, root).returncode == 0
     record_path = root / RECORD
     record = json.loads(record_path.read_text())
     record["owned"][path] = [hashlib.sha256(b"").hexdigest()]
-    if not path.endswith("/"):
+    too_long = len(os.path.basename(path)) > 255  # no file can have that name
+    if not path.endswith("/") and not too_long:
         plant(root, path.lstrip("/"), lambda p: p.write_text(""))
     record_path.write_text(json.dumps(record))
     before = snapshot(root, outside)
     result = apply(manifest, root)
-    assert (root / path.lstrip("/")).exists()
+    assert too_long or (root / path.lstrip("/")).exists()
     assert_refused(result, before, root, outside, words="ownership record")
+
+
+def test_a_recorded_name_of_255_bytes_is_ours(world: Callable[[str], tuple[Path, Path, Path]]) -> None:
+    """NAME_MAX itself is a name apply may write: a recorded file of that name, unchanged since,
+    is removed once the manifest no longer declares it."""
+    manifest, root, _ = world(A)
+    assert apply(manifest, root).returncode == 0
+    record = json.loads((root / RECORD).read_text())
+    longest = f"{RPC}/" + "x" * 255
+    record["owned"]["/" + longest] = [hashlib.sha256(b"").hexdigest()]
+    (root / RECORD).write_text(json.dumps(record))
+    (root / longest).write_text("")
+    result = apply(manifest, root)
+    assert result.returncode == 0 and f"remove    /{longest}" in result.stdout, result.stdout + result.stderr
+    assert not (root / longest).exists()
 
 
 def test_unreadable_or_foreign_record_is_refused(world: Callable[[str], tuple[Path, Path, Path]]) -> None:
