@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from qubes_socksvc import cli, logs, manifest, server
+from tests.handlers import QUEUED_OUTPUT
 
 
 @pytest.fixture
@@ -153,3 +154,31 @@ def test_stopping_cuts_a_call_that_outlives_the_stop_timeout(journal: list[dict[
     messages = [entry["MESSAGE"] for entry in journal]
     assert "call cancelled: the daemon is stopping" in messages, messages
     assert "stopping: cancelled 1 calls still running" in messages, messages
+
+
+def test_a_call_cut_by_the_stop_drops_its_queued_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A call the stop cancels ends like a failed one (Server._connection: abort unless SERVED):
+    the output it had queued is dropped, so its caller cannot take a cut call for a whole one."""
+    monkeypatch.setattr(server, "STOP_TIMEOUT", 0.3)
+    text = ("version: 1\ndaemons:\n  t:\n    idle_exit: 0\n    services:\n"
+            "      t.Writes:\n        handler: tests.handlers:writes_then\n")
+    daemon = manifest.parse(text, str(tmp_path / "m.yaml")).daemons["t"]
+
+    async def scenario() -> int:
+        listeners = server.bind_sockets(daemon, str(tmp_path))
+        serving = server.Server(daemon)
+        running = asyncio.create_task(serving.run(listeners))
+        reader, writer = await asyncio.open_unix_connection(str(tmp_path / "socksvc-t.sock"))
+        try:
+            writer.write(b"t.Writes+hang work\0")  # queues QUEUED_OUTPUT, then waits forever
+            writer.write_eof()
+            await asyncio.sleep(0.3)
+            serving.stop()
+            await asyncio.sleep(0.3 + 0.5)  # past STOP_TIMEOUT: the call has been cancelled
+            received = await asyncio.wait_for(reader.read(), 10)
+        finally:
+            writer.close()
+        await asyncio.wait_for(running, 10)
+        return len(received)
+
+    assert asyncio.run(scenario()) < QUEUED_OUTPUT
