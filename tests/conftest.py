@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import pwd
 import shutil
@@ -75,6 +76,30 @@ def world_dir(prefix: str) -> Path:
         atexit.register(lambda: [shutil.rmtree(d, ignore_errors=True) for d in _WORLD_DIRS])
     _WORLD_DIRS.append(path)
     return path
+
+
+class NotifySocket:
+    """A NOTIFY_SOCKET for a daemon under test (Type=notify): the STATUS= lines it sends."""
+
+    def __init__(self) -> None:
+        self.path = world_dir("socksvc-notify-") / "notify"
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(self.path))
+        self.path.chmod(0o777)
+        self.statuses: list[str] = []
+
+    def wait_for(self, expected: str, timeout: float = 10) -> str:
+        """The first status line holding ``expected`` (AssertionError, with every line, if none)."""
+        deadline = time.monotonic() + timeout
+        while not (self.statuses and expected in self.statuses[-1]) and time.monotonic() < deadline:
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            with contextlib.suppress(TimeoutError):
+                self.statuses.append(self.sock.recv(4096).decode())
+        assert self.statuses and expected in self.statuses[-1], self.statuses
+        return self.statuses[-1]
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 class RunningDaemon:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import raw_call, run_cli, world_dir
+from tests.conftest import NotifySocket, raw_call, run_cli, world_dir
 from tests.test_spec import SpecDaemon
 
 BEFORE = """\
@@ -162,7 +162,9 @@ def test_a_reload_that_removes_a_socket_service_refuses_its_calls() -> None:
     manifest.write_text(BEFORE + "      r.Raw:\n        handler: qubes_socksvc.examples:echo\n"
                         "        service_descriptor: false\n")
     run_cli("apply", "-c", str(manifest), "--root", str(root), check=True)
-    daemon = SpecDaemon(root / "var/lib/qubes-socksvc/daemons/r.json", world_dir("socksvc-reload-bind-"), "r")
+    notify = NotifySocket()
+    daemon = SpecDaemon(root / "var/lib/qubes-socksvc/daemons/r.json", world_dir("socksvc-reload-bind-"), "r",
+                        notify.path)
     try:
         raw = [str(p) for p in daemon.bind_dir.iterdir() if p.is_socket() and str(p) != daemon.socket]
         assert len(raw) == 1 and raw_call(raw[0], b"no descriptor") == b"no descriptor"
@@ -175,5 +177,7 @@ def test_a_reload_that_removes_a_socket_service_refuses_its_calls() -> None:
             assert time.monotonic() < deadline, daemon.log.read_text()
             time.sleep(0.05)
         assert b"source='work'" in daemon.call(b"r.Gone+ work\0")  # the rest is served
+        notify.wait_for("calls: 2 served, 1 rejected, 0 failed")  # refused before any handler ran
     finally:
         daemon.stop()
+        notify.close()

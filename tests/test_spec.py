@@ -40,15 +40,16 @@ daemons:
 class SpecDaemon:
     """``serve s --spec SPEC --bind-dir DIR`` as the daemon's user: what the unit runs."""
 
-    def __init__(self, spec: Path, bind_dir: Path, name: str = "s") -> None:
+    def __init__(self, spec: Path, bind_dir: Path, name: str = "s", notify: Path | None = None) -> None:
         pw = pwd.getpwnam(DAEMON_USER)
+        extra = {"NOTIFY_SOCKET": str(notify)} if notify is not None else {}
         self.bind_dir = bind_dir
         self.log = bind_dir / "daemon.log"
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-P", "-m", "qubes_socksvc", "serve", name, "--spec", str(spec),
                  "--bind-dir", str(bind_dir)],
-                env={"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{REPO}:{TESTS}", "HOME": "/tmp"},
+                env={"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{REPO}:{TESTS}", "HOME": "/tmp", **extra},
                 stdout=log, stderr=subprocess.STDOUT, user=pw.pw_uid, group=pw.pw_gid, extra_groups=[], cwd="/")
         deadline = time.monotonic() + 15
         while "serving" not in self.log.read_text():
