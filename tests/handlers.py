@@ -226,10 +226,15 @@ QUEUED_OUTPUT = 4 << 20
 
 async def writes_then(request: Request) -> None:
     """Queues QUEUED_OUTPUT bytes without draining, then ends as its argument says: ``return``,
-    ``raise``, ``hang`` (past its timeout) or ``read`` (the whole input, past its max_input)."""
+    ``raise``, ``hang`` (past its timeout), ``read`` (the whole input, past its max_input),
+    ``cancel`` (its own CancelledError) or ``refused`` (a connection of its own refused)."""
     request.write(b"o" * QUEUED_OUTPUT)
     if request.argument == "raise":
         raise RuntimeError("failed after writing")
+    if request.argument == "cancel":
+        raise asyncio.CancelledError
+    if request.argument == "refused":
+        raise ConnectionRefusedError("the handler's own backend is down")
     if request.argument == "hang":
         await asyncio.Event().wait()
     if request.argument == "read":

@@ -64,6 +64,8 @@ def daemon(start_daemon: type[RunningDaemon]) -> RunningDaemon:
     ("raise", b"", False),
     ("hang", b"", False),             # past its timeout
     ("read", b"x" * 5000, False),     # past its max_input
+    ("cancel", b"", False),           # its own CancelledError
+    ("refused", b"", False),          # its own ConnectionError, not the caller's
 ])
 def test_only_a_served_call_delivers_its_queued_output(daemon: RunningDaemon, ending: str, data: bytes,
                                                        complete: bool) -> None:
@@ -72,8 +74,8 @@ def test_only_a_served_call_delivers_its_queued_output(daemon: RunningDaemon, en
     with connect(daemon) as sock:
         sock.sendall(f"e.Writes+{ending} work\0".encode() + data)
         sock.shutdown(socket.SHUT_WR)
-        wait_for_log(daemon, "call e.Writes+" + ending + {"return": " from work", "raise": ": handler",
-                                                          "hang": " timed out", "read": " rejected"}[ending])
+        wait_for_log(daemon, "call e.Writes+" + ending + {"return": " from work", "hang": " timed out",
+                                                          "read": " rejected"}.get(ending, ": handler"))
         time.sleep(0.3)  # the daemon has closed or aborted the connection by now
         received = read_until_closed(sock)
     if complete:
@@ -93,6 +95,7 @@ def test_status_counts_each_kind_of_call(start_daemon: type[RunningDaemon]) -> N
         for wire in (b"e.Echo bad qube\0", b"e.Nothing work\0", b"e.Echo work", b"e" * 70000):
             assert daemon.call(wire, timeout=10) == b""
         for wire in (b"e.Writes+raise work\0", b"e.Writes+hang work\0", b"e.Writes+read work\0" + b"x" * 5000,
+                     b"e.Writes+cancel work\0", b"e.Writes+refused work\0",
                      b"e.Missing work\0"):  # a handler that cannot be loaded fails the call
             daemon.call(wire, timeout=10)
         with connect(daemon) as sock:  # a caller that goes away while its call still answers
@@ -100,7 +103,7 @@ def test_status_counts_each_kind_of_call(start_daemon: type[RunningDaemon]) -> N
             with contextlib.suppress(TimeoutError):
                 sock.sendall(b"e.Echo work\0" + b"x" * (4 << 20))  # echoed back, never read
         wait_for_log(daemon, "call e.Echo: caller went away")
-        notify.wait_for("calls: 1 served, 4 rejected, 5 failed")
+        notify.wait_for("calls: 1 served, 4 rejected, 7 failed")
     finally:
         notify.close()
 
