@@ -712,26 +712,31 @@ def test_a_leftover_in_a_directory_apply_cannot_write_is_left_alone(
     assert leftover.exists()
 
 
-def test_a_directory_the_user_cannot_list_hides_no_leftover_elsewhere() -> None:
+@pytest.fixture
+def applied_for_nobody() -> Iterator[tuple[Path, Path]]:
+    """(manifest, root): A applied by root in a directory "nobody" can reach, for a user's dry run."""
+    top = world_dir("socksvc-nobody-")
+    manifest, root = top / "m.yaml", top / "root"
+    manifest.write_text(A)
+    manifest.chmod(0o644)
+    assert apply(manifest, root).returncode == 0
+    yield manifest, root
+    shutil.rmtree(top)
+
+
+def test_a_directory_the_user_cannot_list_hides_no_leftover_elsewhere(applied_for_nobody: tuple[Path, Path]) -> None:
     """A user's dry run over the user's own tree: a directory it may write and search but not
     list (mode 0300) has leftovers nobody can see; those of the next directories are still listed."""
-    top = world_dir("socksvc-nobody-")
-    try:
-        manifest, root = top / "m.yaml", top / "root"
-        manifest.write_text(A)
-        manifest.chmod(0o644)
-        assert apply(manifest, root).returncode == 0
-        nobody = pwd.getpwnam("nobody").pw_uid
-        for dirpath, _, names in os.walk(root):
-            for name in ["", *names]:
-                os.chown(os.path.join(dirpath, name), nobody, -1, follow_symlinks=False)
-        (root / "etc/qubes/rpc-config/.socksvc-0123456789abcdef.tmp").write_text("half a file")
-        (root / RPC).chmod(0o300)
-        result = run_as_nobody("apply", "-c", str(manifest), "--root", str(root), "--dry-run")
-        assert result.returncode == 0, result.stdout + result.stderr
-        assert "sweep     /etc/qubes/rpc-config/.socksvc-0123456789abcdef.tmp" in result.stdout, result.stdout
-    finally:
-        shutil.rmtree(top)
+    manifest, root = applied_for_nobody
+    nobody = pwd.getpwnam("nobody").pw_uid
+    for dirpath, _, names in os.walk(root):
+        for name in ["", *names]:
+            os.chown(os.path.join(dirpath, name), nobody, -1, follow_symlinks=False)
+    (root / "etc/qubes/rpc-config/.socksvc-0123456789abcdef.tmp").write_text("half a file")
+    (root / RPC).chmod(0o300)
+    result = run_as_nobody("apply", "-c", str(manifest), "--root", str(root), "--dry-run")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "sweep     /etc/qubes/rpc-config/.socksvc-0123456789abcdef.tmp" in result.stdout, result.stdout
 
 
 def test_a_refused_apply_leaves_leftovers_alone_and_a_dry_run_only_lists_them(
@@ -1010,25 +1015,19 @@ def _writable_not_searchable(rpc: Path) -> None:
     (lambda rpc: rpc.parent.chmod(0o700), "{rpc}: Permission denied"),
     (lambda rpc: None, "{rpc} is not writable by this user; apply writes as root"),
 ])
-def test_a_users_dry_run_names_the_directory_it_cannot_judge(how: Callable[[Path], None], words: str) -> None:
+def test_a_users_dry_run_names_the_directory_it_cannot_judge(applied_for_nobody: tuple[Path, Path],
+                                                            how: Callable[[Path], None], words: str) -> None:
     """A user's dry run over root's tree: a directory the user may not search (or one above it)
     or write is a conflict naming it, not an error about one of its files (was: "[Errno 13]
     Permission denied: '.../etc/qubes-rpc/alpha.Echo'" for a directory it could not search)."""
-    top = world_dir("socksvc-nobody-")
-    try:
-        manifest, root = top / "m.yaml", top / "root"
-        manifest.write_text(A)
-        manifest.chmod(0o644)
-        assert apply(manifest, root).returncode == 0
-        manifest.write_text(B)  # changes in the qubes-rpc directory
-        how(root / RPC)
-        before = snapshot(top)
-        result = run_as_nobody("apply", "-c", str(manifest), "--root", str(root), "--dry-run")
-        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stdout + result.stderr
-        assert words.format(rpc=root / RPC) in result.stdout, result.stdout + result.stderr
-        assert snapshot(top) == before
-    finally:
-        shutil.rmtree(top)
+    manifest, root = applied_for_nobody
+    manifest.write_text(B)  # changes in the qubes-rpc directory
+    how(root / RPC)
+    before = snapshot(root.parent)
+    result = run_as_nobody("apply", "-c", str(manifest), "--root", str(root), "--dry-run")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stdout + result.stderr
+    assert words.format(rpc=root / RPC) in result.stdout, result.stdout + result.stderr
+    assert snapshot(root.parent) == before
 
 
 # --- bounded inputs: the ownership record (issue 10) ------------------------------------------
