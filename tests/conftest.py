@@ -140,7 +140,8 @@ class RunningDaemon:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"daemon exited {self.proc.returncode}:\n{self.log_text()}")
-            if any(p.is_socket() for p in self.bind_dir.iterdir()) and "serving" in self.log_text():
+            # run()'s "daemon D serving N services on M sockets" (a warning may say "serving" too)
+            if any(p.is_socket() for p in self.bind_dir.iterdir()) and " services on " in self.log_text():
                 return
             time.sleep(0.02)
         raise AssertionError(f"daemon did not start:\n{self.log_text()}")

@@ -89,7 +89,8 @@ def loop_env(loop: str) -> dict[str, str]:
 def start(start_daemon: type[RunningDaemon], loop: str, manifest: str = CARELESS_MANIFEST,
           env: dict[str, str] | None = None) -> RunningDaemon:
     daemon = start_daemon(manifest, "h", extra_env=env or loop_env(loop))
-    assert f"({loop} event loop)" in daemon.log_text(), daemon.log_text()
+    # The socket is bound before the "serving" line is logged: wait for the line, not just the socket.
+    wait_for_log(daemon, f"({loop} event loop)")
     return daemon
 
 

@@ -304,7 +304,7 @@ def main_pid(um: UserManager, daemon: str = MAIN) -> int:
 
 def test_installed_package_is_what_runs(installed: str) -> None:
     assert package_state() == "install ok installed"
-    assert "/etc/qubes-socksvc.yaml: up to date, nothing to do" in installed  # postinst applied the conffile
+    assert "/etc/qubes-socksvc.yaml: up to date, nothing to do" in installed, installed  # postinst applied the conffile
     where = system("python3", "-c", "import qubes_socksvc; print(qubes_socksvc.__file__)").stdout.strip()
     assert where == f"{DIST_PACKAGES}/__init__.py"
     assert Path("/usr/bin/qubes-socksvc").is_file()
