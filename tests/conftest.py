@@ -73,9 +73,14 @@ def world_dir(prefix: str) -> Path:
     path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
     path.chmod(0o777)
     if not _WORLD_DIRS:
-        atexit.register(lambda: [shutil.rmtree(d, ignore_errors=True) for d in _WORLD_DIRS])
+        atexit.register(_remove_world_dirs)
     _WORLD_DIRS.append(path)
     return path
+
+
+def _remove_world_dirs() -> None:
+    for d in _WORLD_DIRS:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 class NotifySocket:

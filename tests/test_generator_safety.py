@@ -182,15 +182,20 @@ def test_manifest_naming_paths_elsewhere_writes_nothing(
 
 # --- what is already there and not ours --------------------------------------------------------
 
-def plant(root: Path, relpath: str, how: Callable[[Path], None]) -> None:
+def write_executable(path: Path, text: str) -> None:
+    path.write_text(text)
+    path.chmod(0o755)
+
+
+def plant(root: Path, relpath: str, how: Callable[[Path], object]) -> None:
     path = root / relpath
     path.parent.mkdir(parents=True, exist_ok=True)
     how(path)
 
 
-PLANTS: dict[str, tuple[str, Callable[[Path, Path], None], str]] = {
+PLANTS: dict[str, tuple[str, Callable[[Path, Path], object], str]] = {
     # name: (where, how(path, outside), words expected in the refusal)
-    "foreign executable service": (f"{RPC}/alpha.Echo", lambda p, o: (p.write_text("#!/bin/sh\n"), p.chmod(0o755)),
+    "foreign executable service": (f"{RPC}/alpha.Echo", lambda p, o: write_executable(p, "#!/bin/sh\n"),
                                    "not owned"),
     "foreign rpc-config": ("etc/qubes/rpc-config/alpha.Echo", lambda p, o: p.write_text("wait-for-session=false\n"),
                            "not owned"),
@@ -480,7 +485,7 @@ def failing_rename(after: int) -> Iterator[None]:
             raise OSError(5, "Input/output error (injected)")
         real(src, dst, *args, **kwargs)
 
-    os.rename = rename  # type: ignore[assignment]
+    os.rename = rename
     try:
         yield
     finally:
@@ -526,7 +531,7 @@ def test_interrupted_apply_leaves_no_claim_on_paths_it_gave_up(
     code, output = apply_in_process(manifest, root)
     assert code == 0 and output.endswith("up to date, nothing to do\n"), output
     assert "/etc/qubes-rpc/alpha.Gone" not in record(root)
-    plant(root, f"{RPC}/alpha.Gone", lambda p: (p.write_text("#!/bin/sh\necho packaged\n"), p.chmod(0o755)))
+    plant(root, f"{RPC}/alpha.Gone", lambda p: write_executable(p, "#!/bin/sh\necho packaged\n"))
     code, output = apply_in_process(manifest, root)
     assert code == 0, output
     assert (root / RPC / "alpha.Gone").read_text() == "#!/bin/sh\necho packaged\n"
@@ -591,7 +596,7 @@ def immutable(path: Path) -> Iterator[None]:
         subprocess.run(["chattr", "-i", str(path)], check=True)
 
 
-IN_THE_WAY: dict[str, tuple[str, Callable[[Path], None], str]] = {
+IN_THE_WAY: dict[str, tuple[str, Callable[[Path], object], str]] = {
     # name: (where, how, words expected in the refusal)
     "a file instead of the qubes-rpc directory": (RPC, lambda p: p.write_text("x"), "is not a directory"),
     "a file instead of /etc/qubes": ("etc/qubes", lambda p: p.write_text("x"), "is not a directory"),
@@ -800,7 +805,7 @@ def enospc_after(calls: int) -> Iterator[list[int]]:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real(fd, bytes(data[:max(1, len(data) // 2)]))
 
-    os.write = write  # type: ignore[assignment]
+    os.write = write
     try:
         yield failed
     finally:
@@ -1016,7 +1021,7 @@ def _writable_not_searchable(rpc: Path) -> None:
     (lambda rpc: None, "{rpc} is not writable by this user; apply writes as root"),
 ])
 def test_a_users_dry_run_names_the_directory_it_cannot_judge(applied_for_nobody: tuple[Path, Path],
-                                                            how: Callable[[Path], None], words: str) -> None:
+                                                            how: Callable[[Path], object], words: str) -> None:
     """A user's dry run over root's tree: a directory the user may not search (or one above it)
     or write is a conflict naming it, not an error about one of its files (was: "[Errno 13]
     Permission denied: '.../etc/qubes-rpc/alpha.Echo'" for a directory it could not search)."""
@@ -1041,7 +1046,7 @@ def sparse_record(path: Path) -> None:
     os.truncate(path, RECORD_CAP + 1)
 
 
-RECORDS: dict[str, tuple[Callable[[Path], None], str]] = {
+RECORDS: dict[str, tuple[Callable[[Path], object], str]] = {
     # name: (how to plant it, words expected)
     "a FIFO": (os.mkfifo, "the ownership record is a FIFO, not a regular file"),
     "a directory": (lambda p: p.mkdir(), "the ownership record is a directory, not a regular file"),

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -66,7 +67,7 @@ class SpecDaemon:
 
 
 @pytest.fixture
-def applied() -> tuple[Path, Path]:
+def applied() -> Iterator[tuple[Path, Path]]:
     """(staging root with MANIFEST applied, the manifest's path)."""
     root = world_dir("socksvc-spec-")
     path = root / "manifest.yaml"
