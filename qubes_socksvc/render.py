@@ -117,8 +117,9 @@ def render(manifest: Manifest, layout: Layout, exec_start: list[str] | None = No
             "exec_start": [*command, "serve", daemon.name, "--spec", spec],
         }
         spec_text = model.dump(daemon, source, manifest.sha256)
-        if len(spec_text.encode()) > model.MAX_SPEC_SIZE:  # the daemon would refuse to read it
-            raise ManifestError([f"{source}: daemons.{daemon.name}: its spec would be {len(spec_text.encode())} "
+        size = len(spec_text.encode())
+        if size > model.MAX_SPEC_SIZE:  # the daemon would refuse to read it (model.load)
+            raise ManifestError([f"{source}: daemons.{daemon.name}: its spec would be {size} "
                                  f"bytes, more than a daemon reads ({model.MAX_SPEC_SIZE}); split its "
                                  f"{len(daemon.services)} services among more daemons"])
         artifacts.append(Artifact(spec, content=spec_text))
