@@ -12,27 +12,117 @@ from __future__ import annotations
 import glob
 import ipaddress
 import os
+import re
 import socket
+import stat
 import struct
 import subprocess
+from dataclasses import dataclass
+from typing import Literal
 
-from . import effective, install, qrexec, render
+from . import effective, install, qrexec, render, unixdiag
 from .manifest import Forward, Manifest
+
+#: What qrexec connects to a socket service with (libqrexec/exec.c: find_qrexec_service:
+#: ``socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0)``): a SOCK_SEQPACKET listener is no server for it.
+_QREXEC_SOCKET_TYPE = socket.SOCK_STREAM
+
+UnixState = Literal["listening", "not listening", "unknown"]
+
+
+@dataclass(frozen=True)
+class UnixListeners:
+    """What can be said, without connecting, about which socket paths a server listens on."""
+
+    listening: frozenset[str]
+    """Names a SOCK_STREAM socket listens on, proven: the kernel's exact name, and the file at
+    that name now is the socket file it bound (same st_dev, st_ino)."""
+    bound: frozenset[tuple[int, int]]
+    """(st_dev, st_ino) of every listening SOCK_STREAM socket's file (sock_diag only)."""
+    claimed: frozenset[str]
+    """Names only /proc/net/unix's text claims listen: unproven, since a name can forge a line."""
+    complete: bool
+    """Whether every listener was seen: if not, no path can be called "not listening"."""
+
+    def state(self, path: str) -> UnixState:
+        """``listening`` only when proven; ``unknown`` when only claimed or not checkable."""
+        if path in self.listening:
+            return "listening"
+        if self.bound:
+            try:
+                st = os.stat(path)
+            except PermissionError:
+                return "unknown"
+            except OSError:
+                st = None
+            if st is not None and stat.S_ISSOCK(st.st_mode) and (st.st_dev, st.st_ino & 0xFFFFFFFF) in self.bound:
+                return "listening"
+        return "unknown" if path in self.claimed or not self.complete else "not listening"
+
+
+def unix_listeners() -> UnixListeners:
+    """The kernel's exact list over sock_diag (unixdiag.py); without it, /proc/net/unix, whose
+    claims are never trusted (_proc_net_unix_claims)."""
+    try:
+        found = unixdiag.listeners()
+    except unixdiag.UnixDiagUnavailable:
+        claims = _proc_net_unix_claims()
+        return UnixListeners(frozenset(), frozenset(), frozenset(claims or ()), claims is not None)
+    listening: set[str] = set()
+    bound: set[tuple[int, int]] = set()
+    for listener in found:
+        if listener.type != _QREXEC_SOCKET_TYPE or listener.vfs is None:
+            continue  # abstract sockets have no path
+        bound.add(listener.vfs)
+        if not listener.name.startswith(b"/"):
+            continue  # bound relative to another process's working directory
+        try:
+            st = os.stat(listener.name)
+        except OSError:
+            continue  # unlinked since, or bound in another mount namespace
+        if stat.S_ISSOCK(st.st_mode) and (st.st_dev, st.st_ino & 0xFFFFFFFF) == listener.vfs:
+            listening.add(os.fsdecode(listener.name))
+    return UnixListeners(frozenset(listening), frozenset(bound), frozenset(), True)
 
 
 def listening_paths() -> set[str]:
-    """Unix socket paths some process listens on (state 01 = LISTEN in /proc/net/unix)."""
-    paths: set[str] = set()
+    """Unix socket paths a server proven to listen on (UnixListeners.listening): from the
+    kernel's sock_diag, never from /proc/net/unix's text, so a name cannot forge an entry."""
+    return set(unix_listeners().listening)
+
+
+#: One record of /proc/net/unix (net/unix/af_unix.c: unix_seq_show): ``%pK: %08X %08X %08X %04X
+#: %02X %5lu``, then `` NAME`` if bound, its bytes raw (a NUL shown as ``@``).  Groups: flags,
+#: type, name.
+_PROC_NET_UNIX_RECORD = re.compile(
+    rb"[0-9a-f]+: [0-9A-F]{8} [0-9A-F]{8} ([0-9A-F]{8}) ([0-9A-F]{4}) [0-9A-F]{2} +[0-9]+(?: (.*))?\Z", re.DOTALL)
+#: include/linux/net.h: a listening socket's flags in unix_seq_show.
+_SO_ACCEPTCON = 1 << 16
+
+
+def _proc_net_unix_claims() -> set[str] | None:
+    """Paths /proc/net/unix says a SOCK_STREAM socket listens on; None if it cannot be read.
+
+    Only a fallback, and its claims are never proof.  The kernel prints a name raw, so a
+    socket bound at ``/tmp/a\\n<a whole record naming P>`` adds a well-formed line claiming P:
+    no rule on the text tells a forged line from a real one.  The converse holds, though: a
+    real listener's record is always a whole line of its own (the kernel ends each with a
+    newline a name cannot swallow), so a path no line claims is not listening.
+    """
     try:
-        with open("/proc/net/unix", encoding="utf-8", errors="replace") as f:
-            next(f, None)
-            for line in f:
-                fields = line.split()
-                if len(fields) >= 8 and fields[5] == "01":
-                    paths.add(fields[7])
+        with open("/proc/net/unix", "rb") as f:
+            lines = f.read().split(b"\n")
     except OSError:
-        pass
-    return paths
+        return None
+    claims: set[str] = set()
+    for line in lines[1:]:
+        record = _PROC_NET_UNIX_RECORD.match(line)
+        if record is None or record[3] is None:
+            continue  # a continuation of a name (or unbound): it may also *be* a forged record
+        flags, sock_type = int(record[1], 16), int(record[2], 16)
+        if flags & _SO_ACCEPTCON and sock_type == _QREXEC_SOCKET_TYPE:
+            claims.add(os.fsdecode(record[3]))
+    return claims
 
 
 #: /proc/net/tcp{,6}: state 0A is TCP_LISTEN.
