@@ -18,16 +18,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import selectors
 import shutil
 import signal
 import subprocess
+import time
 from collections.abc import AsyncGenerator
 
 from . import qrexec
 from .chunks import Input, chunks
 from .errors import SocksvcError
 
-__all__ = ["EXIT_MEANINGS", "Input", "QrexecError", "async_call", "call", "command", "stream"]
+__all__ = ["EXIT_MEANINGS", "Input", "QrexecError", "async_call", "call", "command", "exit_origin", "printable",
+           "stream"]
 
 #: The tool a VM calls services with (``agent/qrexec-client-vm.c``), and dom0's (``daemon/qrexec-client.c``).
 CLIENT_VM = "qrexec-client-vm"
@@ -35,6 +39,11 @@ CLIENT_DOM0 = "qrexec-client"
 CHUNK_SIZE = 65536
 #: Bytes of the tool's stderr kept for the error message (the rest is dropped as it comes).
 STDERR_KEPT = 8192
+#: What qrexec-client-vm writes, and all it writes, when dom0 refuses the call
+#: (agent/qrexec-client-vm.c main: the agent closes the trigger socket -> exit 126).
+REFUSAL = b"Request refused\n"
+#: Exit codes qrexec's tools use for themselves (libqrexec/qrexec.h); a service may exit with them too.
+QREXEC_EXIT_CODES = (125, 126, 127)
 
 #: What qrexec's exit codes mean, from its source (``libqrexec/qrexec.h``; the tools' ``main``).
 EXIT_MEANINGS = {
@@ -58,20 +67,33 @@ EXIT_MEANINGS = {
 
 
 class QrexecError(SocksvcError):
-    """A qrexec call that did not complete; ``exit_code`` is the qrexec client's exit status."""
+    """A qrexec call that did not complete; ``exit_code`` is the qrexec client's exit status.
 
-    def __init__(self, target: str, service: str, exit_code: int, stderr: str = "") -> None:
+    ``stderr`` is the end of the client's stderr as it came, mostly the called service's own
+    (untrusted: it may hold terminal escapes); ``str()`` of the error escapes every control
+    character, so it is safe to print.  ``refused`` is True when the exit code is dom0's
+    refusal; ``by_service`` when it can only be the service's own (see :func:`exit_origin`).
+    """
+
+    def __init__(self, target: str, service: str, exit_code: int, stderr: str = "", *,
+                 by_service: bool = False) -> None:
         self.target = target
         self.service = service
         self.exit_code = exit_code
         self.stderr = stderr
-        detail = f": {stderr.strip()}" if stderr.strip() else ""
+        self.by_service = by_service
+        detail = f": {printable(stderr.strip())}" if stderr.strip() else ""
         super().__init__(f"{_call_of(target, service)} failed with exit code {exit_code}, {self.meaning}{detail}")
+
+    @property
+    def refused(self) -> bool:
+        """dom0's policy refused the call (exit code 126 and nothing says it is the service's)."""
+        return self.exit_code == 126 and not self.by_service
 
     @property
     def meaning(self) -> str:
         """What qrexec's exit code says, in words."""
-        meaning = EXIT_MEANINGS.get(self.exit_code)
+        meaning = None if self.by_service else EXIT_MEANINGS.get(self.exit_code)
         if meaning is not None:
             return meaning
         if self.exit_code < 0 or self.exit_code > 128:  # qrexec-client-vm(1), EXIT STATUS: 128+signal
@@ -79,7 +101,41 @@ class QrexecError(SocksvcError):
             with contextlib.suppress(ValueError):
                 return f"the call was terminated by {signal.Signals(number).name}"
             return f"the call was terminated by signal {number}"
-        return "the service itself exited with this code (an executable service; socket services report 0)"
+        return (f"the service itself exited with {self.exit_code} "
+                "(an executable service; socket services report 0)")
+
+
+def exit_origin(client: str, exit_code: int, untrusted_stderr: bytes, output_seen: bool) -> bool:
+    """Whether a failed call's ``exit_code`` is certainly the called service's own, not qrexec's.
+
+    qrexec passes the service's exit status through unchanged (libqrexec/remote.c:
+    handle_remote_data, MSG_DATA_EXIT_CODE), so a service may exit 125, 126 or 127 like
+    qrexec's tools.  They can be told apart only where qrexec leaves a trace:
+
+    - 126 in a VM is dom0's refusal only if qrexec-client-vm wrote exactly ``REFUSAL`` and no
+      output came (agent/qrexec-client-vm.c main: it exits before any connection).  A service
+      that itself writes exactly that line, nothing else, and exits 126 looks the same: qrexec
+      gives no way to tell these two apart, and it is then reported as a refusal.
+    - 126 from dom0's qrexec-client is always the service's (daemon/qrexec-client.c never
+      exits with QREXEC_EXIT_REQUEST_REFUSED: dom0 asks no policy).
+    - 125 and 127 after output are the service's (agent/qrexec-agent-data.c:
+      handle_new_process_common sends them before any data); without output they may be either.
+    """
+    if exit_code not in QREXEC_EXIT_CODES:
+        return False
+    if output_seen:
+        return True
+    if exit_code == 126:
+        return os.path.basename(client) == CLIENT_DOM0 or untrusted_stderr != REFUSAL
+    return False
+
+
+def printable(untrusted_text: str) -> str:
+    """``untrusted_text`` with every control or invisible character escaped (``\\x1b``, ``\\n``,
+    ``\\u202e``), so that printing it cannot move the cursor, retitle a terminal or reorder the
+    line.  qrexec-client-vm itself filters only when its stderr is a terminal
+    (libqrexec/replace.c: do_replace_chars); a message may be printed anywhere, so always here."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in untrusted_text)
 
 
 def command(target: str, service: str) -> list[str]:
@@ -114,13 +170,64 @@ def call(target: str, service: str, input: bytes = b"", *, timeout: float | None
     for memory, or inside an event loop, use :func:`stream` or :func:`async_call`.
     """
     argv = command(target, service)
-    try:
-        result = subprocess.run(argv, input=input, capture_output=True, timeout=timeout, check=False)
-    except subprocess.TimeoutExpired as e:
-        raise _timed_out(target, service, timeout) from e
-    if result.returncode != 0:
-        raise QrexecError(target, service, result.returncode, _tail(result.stderr))
-    return result.stdout
+    deadline = None if timeout is None else time.monotonic() + timeout
+    with subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as process:
+        try:
+            output, untrusted_stderr = _communicate(process, input, deadline)
+            returncode = process.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired as e:
+            process.kill()
+            raise _timed_out(target, service, timeout) from e
+        except BaseException:
+            process.kill()
+            raise
+    if returncode != 0:
+        raise QrexecError(target, service, returncode, _tail(untrusted_stderr),
+                          by_service=exit_origin(argv[0], returncode, untrusted_stderr, bool(output)))
+    return output
+
+
+def _communicate(process: subprocess.Popen[bytes], input: bytes,
+                 deadline: float | None) -> tuple[bytes, bytes]:
+    """``process.communicate()`` that keeps only the last STDERR_KEPT bytes of stderr as it
+    comes (all of it is read: a full pipe would block the client).  Returns (stdout, stderr
+    tail); raises ``subprocess.TimeoutExpired`` at ``deadline``."""
+    assert process.stdin is not None and process.stdout is not None and process.stderr is not None
+    stdout: list[bytes] = []
+    untrusted_stderr = b""
+    pending = memoryview(input)
+    with selectors.DefaultSelector() as selector:
+        if pending:
+            os.set_blocking(process.stdin.fileno(), False)
+            selector.register(process.stdin, selectors.EVENT_WRITE)
+        else:
+            process.stdin.close()
+        selector.register(process.stdout, selectors.EVENT_READ)
+        selector.register(process.stderr, selectors.EVENT_READ)
+        while selector.get_map():
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise subprocess.TimeoutExpired(process.args, 0)
+            for key, _ in selector.select(remaining):
+                if key.fileobj is process.stdin:
+                    try:
+                        pending = pending[os.write(key.fd, pending[:CHUNK_SIZE]):]
+                    except BlockingIOError:
+                        continue
+                    except BrokenPipeError:  # the service stopped reading: its output and exit code still count
+                        pending = pending[:0]
+                    if not pending:
+                        selector.unregister(process.stdin)
+                        process.stdin.close()
+                    continue
+                data = os.read(key.fd, CHUNK_SIZE)
+                if not data:
+                    selector.unregister(key.fileobj)
+                elif key.fileobj is process.stdout:
+                    stdout.append(data)
+                else:
+                    untrusted_stderr = (untrusted_stderr + data)[-STDERR_KEPT:]
+    return b"".join(stdout), untrusted_stderr
 
 
 async def async_call(target: str, service: str, input: Input = b"", *, timeout: float | None = None) -> bytes:
@@ -152,14 +259,18 @@ async def stream(target: str, service: str, input: Input = b"", *, timeout: floa
     deadline = loop.call_later(timeout, expire) if timeout is not None else None
     sender = loop.create_task(_send(input, process.stdin))
     stderr = loop.create_task(_keep_tail(process.stderr))
+    output_seen = False
     try:
         while chunk := await process.stdout.read(CHUNK_SIZE):
+            output_seen = True
             yield chunk
         returncode = await process.wait()
         if expired:
             raise _timed_out(target, service, timeout)
         if returncode != 0:
-            raise QrexecError(target, service, returncode, _tail(await stderr))
+            untrusted_stderr = await stderr
+            raise QrexecError(target, service, returncode, _tail(untrusted_stderr),
+                              by_service=exit_origin(argv[0], returncode, untrusted_stderr, output_seen))
         failure = sender.exception() if sender.done() and not sender.cancelled() else None
         if failure is not None:
             raise failure  # the caller's own input failed

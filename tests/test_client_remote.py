@@ -1,0 +1,133 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (C) 2026 qubes-socksvc developers
+"""qubes_socksvc.client against what the remote side sends (issue 22, point 5).
+
+The qrexec client's stderr is the called service's (agent/qrexec-agent-data.c ->
+libqrexec/remote.c: handle_remote_data, MSG_DATA_STDERR written to fd 2), and its exit
+code is the service's (MSG_DATA_EXIT_CODE): both are untrusted.  Stand-in qrexec clients
+here are shell scripts that write what a hostile or careless service would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tracemalloc
+from pathlib import Path
+
+import pytest
+
+from qubes_socksvc import client
+from tests.test_client_lib import path_with
+
+
+def fake_client(tmp_path: Path, script: str, name: str = client.CLIENT_VM) -> None:
+    """A qrexec client on PATH that runs ``script`` (sh) instead of calling anything."""
+    tool = tmp_path / name
+    tool.write_text("#!/bin/sh\n" + script)
+    tool.chmod(0o755)
+
+
+def fail(how: str, service: str = "test.Echo") -> client.QrexecError:
+    """The QrexecError a call through the fake client raises, by ``call()`` or by ``stream()``."""
+    with pytest.raises(client.QrexecError) as error:
+        if how == "call":
+            client.call("notes", service, b"input", timeout=60)
+        else:
+            asyncio.run(asyncio.wait_for(client.async_call("notes", service, b"input"), 60))
+    return error.value
+
+
+@pytest.fixture
+def on_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("PATH", path_with(tmp_path))
+    return tmp_path
+
+
+# --- stderr: kept to its last STDERR_KEPT bytes while it streams --------------------------
+
+
+@pytest.mark.parametrize("how", ["call", "stream"])
+def test_stderr_is_bounded_while_it_streams(on_path: Path, how: str) -> None:
+    """32 MiB of a service's stderr: the call never holds more than a few chunks of it
+    (before: call() captured all of it, 512 MiB -> 1 GiB RSS)."""
+    fake_client(on_path, "head -c 33554432 /dev/zero | tr '\\0' e >&2\necho 'the reason' >&2\nexit 125\n")
+    tracemalloc.start()
+    try:
+        error = fail(how)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert error.exit_code == 125 and error.stderr.endswith("eethe reason\n")
+    assert len(error.stderr) == client.STDERR_KEPT
+    assert peak < 4 << 20, f"{peak} bytes allocated at once for 32 MiB of stderr"
+
+
+# --- escapes: the message is safe to print, the attribute keeps the text --------------------
+
+
+HOSTILE = r"printf 'cleared\033[2J\033]0;owned\007\rfake line\342\200\256dahc\302\233H\n' >&2; exit 125"
+
+
+@pytest.mark.parametrize("how", ["call", "stream"])
+def test_control_characters_are_escaped_in_the_message(on_path: Path, how: str) -> None:
+    """A service's escape sequences (clear screen, window title, CR, U+202E, the C1 CSI) never
+    reach a terminal through str(QrexecError); qrexec-client-vm itself only filters them when
+    its stderr is a terminal (agent/qrexec-client-vm.c main: replace_chars_stderr; replace.c)."""
+    fake_client(on_path, HOSTILE)
+    error = fail(how)
+    message = str(error)
+    assert message.isprintable(), repr(message)
+    assert message.endswith(r": cleared\x1b[2J\x1b]0;owned\x07\rfake line\u202edahc\x9bH"), message
+    assert error.stderr == "cleared\x1b[2J\x1b]0;owned\x07\rfake line\u202edahc\x9bH\n"  # untrusted, as sent
+
+
+def test_a_multi_line_stderr_is_one_line_in_the_message(on_path: Path) -> None:
+    fake_client(on_path, "printf 'first\\nsecond\\n' >&2; exit 125")
+    assert str(fail("call")).endswith(r": first\nsecond")
+
+
+# --- 126: dom0's refusal, or the service's own exit code --------------------------------------
+
+
+@pytest.mark.parametrize("how", ["call", "stream"])
+def test_126_with_exactly_qrexecs_refusal_is_the_policy(on_path: Path, how: str) -> None:
+    """agent/qrexec-client-vm.c main: the agent closes the trigger socket -> "Request refused\\n"
+    on stderr, exit(QREXEC_EXIT_REQUEST_REFUSED), before any connection: no output at all."""
+    fake_client(on_path, "echo 'Request refused' >&2; exit 126")
+    error = fail(how)
+    assert error.refused and error.meaning == client.EXIT_MEANINGS[126]
+    assert "refused by dom0's qrexec policy" in str(error)
+
+
+@pytest.mark.parametrize("how", ["call", "stream"])
+@pytest.mark.parametrize("script", [
+    "echo 'partial answer'; exit 126",  # output came: the call was allowed (handle_data_client ran)
+    "echo '/usr/bin/tool: Permission denied' >&2; exit 126",  # not qrexec-client-vm's line
+    "echo 'Request refused' >&2; echo more >&2; exit 126",
+    "exit 126",  # qrexec-client-vm always says "Request refused" when it refuses
+])
+def test_126_the_service_sent_is_the_services(on_path: Path, how: str, script: str) -> None:
+    """MSG_DATA_EXIT_CODE carries the service's own status (libqrexec/remote.c:
+    handle_remote_data), 126 too: "Permission denied" from a shell is 126."""
+    fake_client(on_path, script)
+    error = fail(how)
+    assert error.exit_code == 126 and not error.refused
+    assert error.meaning.startswith("the service itself exited with 126"), error.meaning
+    assert "policy" not in str(error)
+
+
+def test_126_from_dom0_is_always_the_services(on_path: Path) -> None:
+    """daemon/qrexec-client.c never exits with QREXEC_EXIT_REQUEST_REFUSED: dom0 asks no policy."""
+    fake_client(on_path, "echo 'Request refused' >&2; exit 126", name=client.CLIENT_DOM0)
+    error = fail("call")
+    assert not error.refused and error.meaning.startswith("the service itself exited with 126")
+
+
+@pytest.mark.parametrize("code", [125, 127])
+def test_125_and_127_after_output_are_the_services(on_path: Path, code: int) -> None:
+    """agent/qrexec-agent-data.c handle_new_process_common sends QREXEC_EXIT_PROBLEM and
+    QREXEC_EXIT_SERVICE_NOT_FOUND before any data: after output, the code is the service's."""
+    fake_client(on_path, f"echo out; exit {code}")
+    assert fail("call").meaning.startswith(f"the service itself exited with {code}")
+    fake_client(on_path, f"exit {code}")
+    assert fail("call").meaning == client.EXIT_MEANINGS[code]  # no output: qrexec's, or the service's
