@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from qubes_socksvc import status, unixdiag
+from tests.conftest import run_cli
 
 
 @pytest.fixture
@@ -171,3 +172,20 @@ def test_an_error_from_the_kernel_is_unavailable() -> None:
     error = b"\x24\x00\x00\x00\x02\x00\x00\x00\x07\x00\x00\x00\x00\x00\x00\x00" + b"\xfe\xff\xff\xff" + b"\x00" * 16
     with pytest.raises(unixdiag.UnixDiagUnavailable):
         unixdiag._parse(error, 7, [])
+
+
+def test_list_shows_a_forged_forward_target_not_listening(tmp_path: Path) -> None:
+    """End to end: ``list`` (status.report) judges a forward's Unix target with this check.  The
+    directory is under /run, not /tmp: a forward target in a world-writable directory is refused."""
+    base = tempfile.mkdtemp(prefix="l", dir="/run").encode()
+    try:
+        dead, up = dead_socket(base + b"/d"), base + b"/u"
+        manifest = tmp_path / "m.yaml"
+        manifest.write_text(f"version: 1\nforwards:\n  my.Dead:\n    target: unix:{dead.decode()}\n"
+                            f"  my.Up:\n    target: unix:{up.decode()}\n")
+        with bound(base + b"/e\n" + forged_record(dead)), bound(up):
+            out = run_cli("list", "-c", str(manifest), "--root", str(tmp_path / "root")).stdout
+        assert f"forward my.Dead -> unix:{dead.decode()}: not listening" in out, out
+        assert f"forward my.Up -> unix:{up.decode()}: listening\n" in out, out
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
