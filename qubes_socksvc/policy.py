@@ -4,11 +4,13 @@
 
 The lines are in qrexec's current policy format (qubes-core-qrexec 4.4,
 ``qrexec/policy/parser.py``: ``Rule.from_line`` splits ``SERVICE +ARGUMENT SOURCE
-TARGET ACTION [PARAM=VALUE ...]`` on whitespace; the first matching line wins).
-Nothing is allowed that the manifest does not say: a key without ``policy:`` gets
-a commented-out ``deny`` line, and a ``NAME`` key's rules never reach a declared
-``NAME+ARG`` key (closing ``deny`` lines in between).  Imports nothing heavy; the
-manifest validates ``policy:`` entries with :func:`source_problem`.
+TARGET ACTION [PARAM=VALUE ...]`` on whitespace; ``AbstractPolicy.evaluate``: the
+first line that matches a ``Request`` wins).  Nothing is allowed that the manifest
+does not say: a key without ``policy:`` gets a commented-out ``deny`` line, a
+``NAME`` key's rules never reach a declared ``NAME+ARG`` key (closing ``deny`` lines
+in between), and a ``deny`` holds for every target form, ``@default`` included.
+Imports nothing heavy; the manifest validates ``policy:`` entries with
+:func:`source_problem`.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import os.path
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
 from . import qrexec
@@ -35,8 +37,12 @@ _WORD_RE = re.compile(r"[A-Za-z0-9_.-]+\Z")
 _UUID_RE = re.compile(r"uuid:[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
 #: qrexec/policy/parser.py: the Source tokens (WildcardVM, AdminVM, AnyVM) ...
 _SOURCE_EXACT = ("*", "@adminvm", "@anyvm")
-#: ... and prefixed ones (TypeVM, TagVM, DispVMTag, DispVMTemplate: longest prefix first).
-_SOURCE_PREFIXES = ("@type:", "@tag:", "@dispvm:@tag:", "@dispvm:")
+#: ... and prefixed ones (TypeVM, TagVM).  DispVMTemplate and DispVMTag parse as sources
+#: but match no caller: their ``match`` compares only an ``@dispvm``/``@dispvm:X`` *target*,
+#: and a request's source is a plain qube name.  Refused: as a deny, they would deny nobody.
+_SOURCE_PREFIXES = ("@type:", "@tag:")
+#: parser.py: is_dom0: one qube under three names.
+_DOM0 = ("@adminvm", "dom0", "uuid:00000000-0000-0000-0000-000000000000")
 #: First-match order among callers: a named qube before a group, a group before everyone.
 _NAMED, _GROUP, _EVERYONE = 0, 1, 2
 
@@ -74,13 +80,14 @@ def _source_kind(token: str) -> tuple[int, str | None]:
     for prefix in _SOURCE_PREFIXES:
         if token.startswith(prefix):
             value = token[len(prefix):]
-            if prefix == "@dispvm:":
-                return _NAMED, None if qrexec.is_source(value) else "expected @dispvm:TEMPLATE, a qube name"
             return _GROUP, None if _WORD_RE.match(value) else f"expected {prefix}NAME, NAME of [A-Za-z0-9_.-]"
+    if token.startswith("@dispvm:"):
+        return _NAMED, ("matches no caller: qrexec compares @dispvm:... with a call's target only "
+                        "(qrexec/policy/parser.py: DispVMTemplate.match, DispVMTag.match); name "
+                        "disposables by @type:DispVM, a @tag: or their names")
     if token.startswith("@"):
         return _NAMED, ("not a caller keyword; expected a qube name, uuid:UUID, @anyvm, @adminvm, *, "
-                        "@tag:TAG, @type:TYPE, @dispvm:TEMPLATE or @dispvm:@tag:TAG (@default and @dispvm "
-                        "name targets, not callers)")
+                        "@tag:TAG or @type:TYPE (@default and @dispvm name targets, not callers)")
     if token.startswith("uuid:"):
         return _NAMED, None if _UUID_RE.match(token) else "expected uuid: and a lower-case UUID"
     if qrexec.is_source(token):
@@ -139,26 +146,60 @@ def _params(policy: Policy, verb: Verb, redirect: str | None, qube: str) -> tupl
     return tuple(params)
 
 
-def _rules(name: str, argument: str, policy: Policy, qube: str) -> Iterator[_Line]:
+def _rules(name: str, argument: str, policy: Policy, qube: str, routes: bool) -> Iterator[_Line]:
     """The lines of one policy entry: callers from the most specific to everyone,
-    deny before ask before allow among equally specific ones."""
+    deny before ask before allow among equally specific ones.  Each line has its
+    ``@default`` twin (a call that names no target matches only those: DefaultVM has no
+    ``match`` of its own, and IntendedTarget.verify turns an unknown name into
+    ``@default``): a grant where the entry ``routes`` @default here, every deny (kept
+    only where needed, see :func:`_default_denies`)."""
     callers = sorted(((_source_kind(s)[0], VERBS.index(verb), s, verb)
                       for verb in VERBS for s in getattr(policy, verb)), key=lambda c: c[:2])
     for _, _, source, verb in callers:
         yield _Line(name, argument, source, qube, verb, _params(policy, verb, None, qube))
-        if policy.default_target and verb != "deny":
+        if verb == "deny" or routes:
             yield _Line(name, argument, source, "@default", verb, _params(policy, verb, qube, qube))
 
 
 def _closing(name: str, argument: str, general: Policy, qube: str) -> Iterator[_Line]:
-    """Deny, for ``NAME+ARG``, the callers that ``NAME``'s broader lines below would let in
-    (one line for everyone, where they let everyone in)."""
-    grants = general.grants()
-    everyone = [source for source in grants if _source_kind(source)[0] == _EVERYONE]
-    for source in everyone[:1] or grants:
+    """Deny, for ``NAME+ARG``, each caller ``NAME``'s lines below would let in (each one:
+    ``@anyvm`` does not cover ``@adminvm``, AnyVM.match), for both target forms."""
+    for source in general.grants():
         yield _Line(name, argument, source, qube, "deny")
-        if general.default_target:
-            yield _Line(name, argument, source, "@default", "deny")
+        yield _Line(name, argument, source, "@default", "deny")
+
+
+def _may_share_a_caller(a: str, b: str) -> bool:
+    """Whether one qube could match both source tokens (parser.py: VMToken.match, match_strings,
+    AnyVM.match): not two different named qubes, nor ``@anyvm`` and dom0; tags, types and a
+    name beside a ``uuid:`` only dom0 knows, so they may."""
+    a, b = ("@adminvm" if token in _DOM0 else token for token in (a, b))
+    if a == b or "*" in (a, b):
+        return True
+    if "@anyvm" in (a, b):
+        return "@adminvm" not in (a, b)
+    if _source_kind(a)[0] == _NAMED == _source_kind(b)[0]:
+        return "@adminvm" not in (a, b) and a.startswith("uuid:") != b.startswith("uuid:")
+    return True
+
+
+def _default_denies(text: list[str | _Line]) -> Iterator[str | _Line]:
+    """Each ``@default`` deny, only for the arguments where a line of the same service routes
+    @default here to a caller it may also match.  A deny must cover every target form a
+    broader grant covers; but where no line of ours would take the call, a ``@default`` deny
+    would only take it from other qubes' policy files (the first match wins across files)."""
+    routed = [line for line in text if isinstance(line, _Line) and line.target == "@default"
+              and line.action != "deny"]
+    for item in text:
+        if not isinstance(item, _Line) or item.target != "@default" or item.action != "deny":
+            yield item
+            continue
+        reach = {line.argument for line in routed if line.service == item.service
+                 and (line.argument == item.argument or "*" in (line.argument, item.argument))
+                 and _may_share_a_caller(line.source, item.source)}
+        # A ``*`` deny that only routed ``+ARG`` lines need is narrowed to those arguments.
+        arguments = [item.argument] if item.argument in reach or "*" in reach else sorted(reach)
+        yield from (replace(item, argument=argument) for argument in arguments)
 
 
 def _column(key: str) -> tuple[str, str]:
@@ -196,9 +237,10 @@ def lines(manifest: Manifest, qube: str, origin: str = "") -> list[str]:
         general = entries.get(name, (None, ""))[0] if argument != "*" else None
         text += ["", f"# {key}: {what}"]
         if policy is not None and (policy.grants() or policy.deny or policy.arguments):
+            # An ``arguments`` entry refines its key's callers: @default comes here if either says so.
             for arg, sub in policy.arguments:
-                text += _rules(name, f"+{arg}", sub, target)
-            text += _rules(name, argument, policy, target)
+                text += _rules(name, f"+{arg}", sub, target, sub.default_target or policy.default_target)
+            text += _rules(name, argument, policy, target, policy.default_target)
         else:
             text.append(f"# no policy: in the manifest, so no line allows {key}")
             if general is None or not general.grants():
@@ -206,7 +248,7 @@ def lines(manifest: Manifest, qube: str, origin: str = "") -> list[str]:
         if general is not None and general.grants():
             text.append(f"# not {name}'s callers, unless allowed above:")
             text += _closing(name, argument, general, target)
-    return _aligned(text)
+    return _aligned(list(_default_denies(text)))
 
 
 def _aligned(text: list[str | _Line]) -> list[str]:

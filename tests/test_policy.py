@@ -7,8 +7,10 @@ qubes-core-qrexec 4.4.2 ``qrexec/policy/parser.py`` (CI has no qrexec to import)
 ``AbstractParser.load_policy_file`` (comments, blank lines), ``Rule.from_line``
 (whitespace split, at least 5 fields), ``validate_service_and_argument``,
 ``VMToken.__new__`` with the token classes that inherit ``Source``, ``Target`` and
-``Redirect``, ``Action``, and ``Rule.__init__``'s parameter checks.  A first-match
-evaluator (``AbstractPolicy.find_matching_rule``) then checks what the lines mean.
+``Redirect``, ``Action``, and ``Rule.__init__``'s parameter checks.  What the lines
+mean is judged by ``tests/policy_eval.py`` (``AbstractPolicy.evaluate``, restated), here
+for one manifest with every kind of entry, and in ``test_policy_eval.py`` for every
+combination.
 """
 
 from __future__ import annotations
@@ -17,13 +19,13 @@ import os
 import re
 import string
 import textwrap
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from qubes_socksvc import manifest, policy
 from qubes_socksvc.manifest import ManifestError
+from tests import policy_eval
 from tests.conftest import run_cli
 
 # --- qrexec/policy/parser.py, restated ------------------------------------------------------
@@ -123,28 +125,11 @@ def rules(text: str) -> list[list[str]]:
     return result
 
 
-@dataclass(frozen=True)
-class Qube:
-    name: str
-    tags: tuple[str, ...] = ()
-    type: str = "AppVM"
-
-
-def decide(lines: list[list[str]], call: str, caller: Qube, target: str) -> list[str] | None:
-    """AbstractPolicy.find_matching_rule, for the tokens our lines use: the first rule whose
-    service, argument (parse_service_and_argument: "*" or "+ARG"), source and target match;
-    None: no rule (qrexec denies)."""
-    name, plus, argument = call.partition("+")
-    for rule in lines:
-        service, arg, source, rule_target = rule[:4]
-        if service != name or (arg != "*" and arg != plus + argument):
-            continue
-        if not (source in ("*", "@anyvm", caller.name) or source == f"@tag:{caller.tags[0] if caller.tags else ''}"
-                or source == f"@type:{caller.type}"):
-            continue
-        if rule_target in ("*", target):
-            return rule[4:]
-    return None
+def decide(text: str, call: str, caller: str, target: str) -> list[str] | None:
+    """The action and parameters of the line dom0 decides by (AbstractPolicy.find_matching_rule,
+    restated in tests/policy_eval.py); None: no line matches (qrexec denies)."""
+    decision = policy_eval.evaluate(policy_eval.parse(text), call, caller, target, QUBES)
+    return None if decision.lineno is None else text.splitlines()[decision.lineno - 1].split()[4:]
 
 
 def test_the_grammar_restatement_refuses_what_qrexec_refuses() -> None:
@@ -199,7 +184,7 @@ daemons:
         handler: qubes_socksvc.examples:echo
         service_descriptor: false
         policy:
-          ask: ["@dispvm:web-dvm", "@dispvm:@tag:web", "uuid:01234567-89ab-cdef-0123-456789abcdef", "*"]
+          ask: ["@tag:web", "uuid:01234567-89ab-cdef-0123-456789abcdef", "*"]
           autostart: false
 forwards:
   my.Ssh:
@@ -231,8 +216,8 @@ def test_every_kind_of_entry_gives_lines_qrexec_parses(tmp_path: Path) -> None:
     lines = rules(text)
     assert text.startswith(f"# qrexec policy for the services of qube notes, from {tmp_path / 'm.yaml'}\n")
     used = {token for rule in lines for token in rule}
-    assert {"@anyvm", "@default", "@adminvm", "@tag:untrusted", "@type:DispVM", "@dispvm:web-dvm",
-            "@dispvm:@tag:web", "*", "+delete", "+admin", "+10.0.0.1+443", "target=notes",
+    assert {"@anyvm", "@default", "@adminvm", "@tag:untrusted", "@type:DispVM", "@tag:web",
+            "*", "+delete", "+admin", "+10.0.0.1+443", "target=notes",
             "default_target=notes", "notify=yes", "notify=no", "autostart=no", "ask", "allow", "deny"} <= used
     assert all(rule[3] in ("notes", "@default") for rule in lines)  # only ever this qube
     # Every declared key is named, with what serves it.
@@ -243,9 +228,12 @@ def test_every_kind_of_entry_gives_lines_qrexec_parses(tmp_path: Path) -> None:
     assert "the argument picks the port" in text
 
 
-WORK, PERSONAL, VAULT = Qube("work"), Qube("personal"), Qube("vault")
-SHADY = Qube("shady", tags=("untrusted",))
-DISP = Qube("disp123", type="DispVM")
+QUBES = policy_eval.SystemInfo(policy_eval.Domain(name, f"{n:08x}-0000-4000-8000-{n:012x}", type=kind, tags=tags)
+                               for n, (name, kind, tags) in enumerate([
+                                   ("notes", "AppVM", ()), ("work", "AppVM", ()), ("personal", "AppVM", ()),
+                                   ("vault", "AppVM", ()), ("shady", "AppVM", ("untrusted",)),
+                                   ("disp123", "DispVM", ()), ("browser", "AppVM", ("web",))], 1))
+WORK, PERSONAL, VAULT, SHADY, DISP = "work", "personal", "vault", "shady", "disp123"
 
 
 @pytest.mark.parametrize("call, caller, target, expected", [
@@ -266,13 +254,17 @@ DISP = Qube("disp123", type="DispVM")
     ("my.Raw+", WORK, "notes", ["ask", "default_target=notes", "autostart=no"]),
     ("my.Port+8080", WORK, "notes", ["ask", "default_target=notes"]),
     ("my.Port+22", WORK, "notes", None),                          # only the listed port
-    ("my.ConnectTCP+10.0.0.1+443", Qube("browser", tags=("web",)), "@default", ["allow", "target=notes"]),
+    ("my.ConnectTCP+10.0.0.1+443", "browser", "@default", ["allow", "target=notes"]),
+    ("my.Notes+add", SHADY, "@default", ["deny"]),               # the deny holds for @default too
+    ("my.Notes+delete", PERSONAL, "@default", ["deny"]),          # and inside arguments
+    ("my.Notes+admin", "shady", "@default", ["deny"]),
     ("my.Agent+", WORK, "notes", None),
 ])
-def test_the_lines_allow_exactly_what_the_manifest_says(tmp_path: Path, call: str, caller: Qube, target: str,
+def test_the_lines_allow_exactly_what_the_manifest_says(tmp_path: Path, call: str, caller: str, target: str,
                                                         expected: list[str] | None) -> None:
-    lines = rules(output(tmp_path, EVERYTHING, "--qube", "notes"))
-    assert decide(lines, call, caller, target) == expected
+    text = output(tmp_path, EVERYTHING, "--qube", "notes")
+    rules(text)
+    assert decide(text, call, caller, target) == expected
 
 
 def test_exact_output_for_a_small_manifest(tmp_path: Path) -> None:
@@ -332,6 +324,9 @@ def test_this_qube_comes_from_qubesdb(tmp_path: Path) -> None:
 BAD_POLICIES = [
     ("policy: {allow: ['@default']}", "6:26", "policy.allow", "not a caller keyword"),
     ("policy: {allow: ['@dispvm']}", "6:26", "policy.allow", "not a caller keyword"),
+    # parser.py: DispVMTemplate.match and DispVMTag.match compare targets only: as a deny, no one.
+    ("policy: {deny: ['@dispvm:dvm']}", "6:25", "policy.deny", "matches no caller"),
+    ("policy: {ask: ['@dispvm:@tag:t']}", "6:24", "policy.ask", "matches no caller"),
     ("policy: {ask: ['a b']}", "6:24", "policy.ask", "expected a qube name"),
     ("policy: {ask: ['@tag:']}", "6:24", "policy.ask", "expected @tag:NAME"),
     ("policy: {ask: ['uuid:X']}", "6:24", "policy.ask", "expected uuid:"),
@@ -391,8 +386,8 @@ def test_policy_entries_are_frozen_values() -> None:
 
 def test_policy_source_tokens_match_the_grammar() -> None:
     """Every caller the manifest accepts is a Source token to qrexec's parser."""
-    accepted = ["work", "@anyvm", "@adminvm", "*", "@tag:a", "@type:AppVM", "@dispvm:dvm", "@dispvm:@tag:t",
-                "uuid:01234567-89ab-cdef-0123-456789abcdef"]
+    accepted = ["work", "@anyvm", "@adminvm", "*", "@tag:a", "@type:AppVM", "uuid:01234567-89ab-cdef-0123-456789abcdef"]
     assert [t for t in accepted if policy.source_problem(t) or not token_ok(t, "source")] == []
-    refused = ["@default", "@dispvm", "@tag:", "@dispvm:@tag:", "@nope", "a=b", "x" * 32, ""]
+    refused = ["@default", "@dispvm", "@tag:", "@dispvm:@tag:", "@nope", "a=b", "x" * 32, "", "@dispvm:dvm",
+               "@dispvm:@tag:t"]  # the last two parse, but match no caller (DispVMTemplate.match)
     assert [t for t in refused if policy.source_problem(t) is None] == []
