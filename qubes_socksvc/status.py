@@ -34,61 +34,56 @@ UnixState = Literal["listening", "not listening", "unknown"]
 class UnixListeners:
     """What can be said, without connecting, about which socket paths a server listens on."""
 
-    listening: frozenset[str]
-    """Names a SOCK_STREAM socket listens on, proven: the kernel's exact name, and the file at
-    that name now is the socket file it bound (same st_dev, st_ino)."""
-    bound: frozenset[tuple[int, int]]
-    """(st_dev, st_ino) of every listening SOCK_STREAM socket's file (sock_diag only)."""
+    bound: frozenset[tuple[int, int]] | None
+    """(st_dev, st_ino) of the file of every listening SOCK_STREAM socket, from sock_diag
+    (UNIX_DIAG_VFS); None without sock_diag."""
+    names: frozenset[str]
+    """The exact names those sockets were bound at (UNIX_DIAG_NAME), absolute ones only."""
     claimed: frozenset[str]
-    """Names only /proc/net/unix's text claims listen: unproven, since a name can forge a line."""
+    """Without sock_diag: names /proc/net/unix's text claims listen, unproven (a name can forge a line)."""
     complete: bool
     """Whether every listener was seen: if not, no path can be called "not listening"."""
 
     def state(self, path: str) -> UnixState:
-        """``listening`` only when proven; ``unknown`` when only claimed or not checkable."""
-        if path in self.listening:
-            return "listening"
-        if self.bound:
-            try:
-                st = os.stat(path)
-            except PermissionError:
-                return "unknown"
-            except OSError:
-                st = None
-            if st is not None and stat.S_ISSOCK(st.st_mode) and (st.st_dev, st.st_ino & 0xFFFFFFFF) in self.bound:
-                return "listening"
-        return "unknown" if path in self.claimed or not self.complete else "not listening"
+        """``listening`` when the file at ``path`` is the very file a listening socket is bound
+        to (same st_dev and st_ino), so that a connect there reaches it, whatever the spelling;
+        a name alone proves nothing (a stale one outlives its file, another mount namespace
+        binds the same name).  ``unknown`` when that cannot be told."""
+        if self.bound is None:
+            return "unknown" if path in self.claimed or not self.complete else "not listening"
+        try:
+            st = os.stat(path)
+        except PermissionError:
+            return "unknown"
+        except (OSError, ValueError):  # ValueError: a NUL, which no file name holds
+            return "not listening"
+        listening = stat.S_ISSOCK(st.st_mode) and (st.st_dev, st.st_ino & 0xFFFFFFFF) in self.bound
+        return "listening" if listening else "not listening"
 
 
 def unix_listeners() -> UnixListeners:
     """The kernel's exact list over sock_diag (unixdiag.py); without it, /proc/net/unix, whose
-    claims are never trusted (_proc_net_unix_claims)."""
+    claims are never trusted (_proc_net_unix_claims).  Stats nothing: UnixListeners.state stats
+    only the path asked about."""
     try:
         found = unixdiag.listeners()
     except unixdiag.UnixDiagUnavailable:
         claims = _proc_net_unix_claims()
-        return UnixListeners(frozenset(), frozenset(), frozenset(claims or ()), claims is not None)
-    listening: set[str] = set()
-    bound: set[tuple[int, int]] = set()
-    for listener in found:
-        if listener.type != _QREXEC_SOCKET_TYPE or listener.vfs is None:
-            continue  # abstract sockets have no path
-        bound.add(listener.vfs)
-        if not listener.name.startswith(b"/"):
-            continue  # bound relative to another process's working directory
-        try:
-            st = os.stat(listener.name)
-        except OSError:
-            continue  # unlinked since, or bound in another mount namespace
-        if stat.S_ISSOCK(st.st_mode) and (st.st_dev, st.st_ino & 0xFFFFFFFF) == listener.vfs:
-            listening.add(os.fsdecode(listener.name))
-    return UnixListeners(frozenset(listening), frozenset(bound), frozenset(), True)
+        return UnixListeners(None, frozenset(), frozenset(claims or ()), claims is not None)
+    served = [listener for listener in found
+              if listener.type == _QREXEC_SOCKET_TYPE and listener.vfs is not None]  # abstract: no file
+    return UnixListeners(frozenset(listener.vfs for listener in served if listener.vfs is not None),
+                         frozenset(os.fsdecode(listener.name) for listener in served
+                                   if listener.name.startswith(b"/")),  # else relative to the binder's cwd
+                         frozenset(), True)
 
 
 def listening_paths() -> set[str]:
-    """Unix socket paths a server proven to listen on (UnixListeners.listening): from the
-    kernel's sock_diag, never from /proc/net/unix's text, so a name cannot forge an entry."""
-    return set(unix_listeners().listening)
+    """Names of Unix sockets proven to listen (UnixListeners.state): from the kernel's sock_diag,
+    never from /proc/net/unix's text, so a name cannot forge an entry.  Stats every listener's
+    name: to judge a few paths, UnixListeners.state stats only those."""
+    listeners = unix_listeners()
+    return {name for name in listeners.names if listeners.state(name) == "listening"}
 
 
 #: One record of /proc/net/unix (net/unix/af_unix.c: unix_seq_show): ``%pK: %08X %08X %08X %04X
@@ -243,7 +238,8 @@ def running_state(unit: str, spec_path: str) -> str:
     return f"yes (pid {props.get('MainPID')}), serving spec {serving or '(unknown)'}, {verdict}{reload_units}"
 
 
-def report(manifest: Manifest, root: str = "/") -> str:
+def report(manifest: Manifest, root: str = "/") -> tuple[str, bool]:
+    """The listing, and whether the disk now lets a caller forge its descriptor (``list`` then fails)."""
     layout = render.Layout.for_manifest(manifest)
     owned = install.load_state(root, layout)
     settled, findings = effective.settle(manifest, layout, render.render(manifest, layout), root, owned)
@@ -266,7 +262,9 @@ def report(manifest: Manifest, root: str = "/") -> str:
     for full_name, forward in manifest.forwards.items():
         lines.append(f"forward {full_name} -> {forward.target}: {forward_state(forward, listening, tcp)}")
         lines += _entry_lines(full_name, "  ", layout, artifacts, findings, root, owned)
-    return "\n".join(lines) + "\n"
+    now = effective.forgeable(manifest, root)
+    lines += [f"on disk now: {finding}" for finding in now]
+    return "\n".join(lines) + "\n", bool(now)
 
 
 def _entry_lines(full_name: str, indent: str, layout: render.Layout, artifacts: dict[str, render.Artifact],
