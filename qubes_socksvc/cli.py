@@ -41,12 +41,21 @@ def cmd_check(args: argparse.Namespace) -> int:
     manifest = _load(args.config)
     services = sum(len(d.services) for d in manifest.daemons.values())
     layout = render.Layout.for_manifest(manifest)
-    _, findings = effective.settle(manifest, layout, render.render(manifest, layout), os.path.abspath(args.root))
+    root = os.path.abspath(args.root)
+    _, findings = effective.settle(manifest, layout, render.render(manifest, layout), root)
+    now = effective.forgeable(manifest, root)
     for finding in findings:
         print(finding, file=sys.stderr)
-    if any(f.conflict for f in findings):
-        print(f"{manifest.path}: valid, but apply would refuse it: calls would not get what it declares",
-              file=sys.stderr)
+    for finding in now:
+        print(f"{finding} (on disk now)", file=sys.stderr)
+    if now:
+        print(f"{manifest.path}: the disk as it is now lets callers forge their descriptors; "
+              "fix the files named above (or apply, where it pins them)", file=sys.stderr)
+    if any(f.conflict or f.forgeable for f in findings):
+        print(f"{manifest.path}: valid, but apply would refuse it or leave it forgeable: calls would not get "
+              "what it declares", file=sys.stderr)
+        return EXIT_FAILED
+    if now:
         return EXIT_FAILED
     print(f"{manifest.path}: OK, {len(manifest.daemons)} daemons, {services} services, "
           f"{len(manifest.forwards)} forwards")
@@ -65,6 +74,12 @@ def cmd_apply(args: argparse.Namespace) -> int:
                   "an apply running meanwhile may change what this plan shows", file=sys.stderr)
         artifacts, findings = effective.settle(manifest, layout, render.render(manifest, layout), root)
         plan = install.plan(artifacts, layout, root)
+        if not plan.conflicts and not any(f.conflict for f in findings):
+            ordered = effective.safe_order(plan, manifest)
+            if isinstance(ordered, effective.Finding):
+                findings.append(ordered)
+            else:
+                plan = ordered
         for action in plan.actions:
             if action.verb != "unchanged" or args.verbose:
                 print(action)
@@ -119,8 +134,9 @@ def cmd_list(args: argparse.Namespace) -> int:
     from . import status
 
     manifest = _load(args.config)
-    print(status.report(manifest, os.path.abspath(args.root)), end="")
-    return EXIT_OK
+    text, forgeable = status.report(manifest, os.path.abspath(args.root))
+    print(text, end="")
+    return EXIT_FAILED if forgeable else EXIT_OK
 
 
 def cmd_call(args: argparse.Namespace) -> int:

@@ -1,186 +1,608 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
 # Copyright (C) 2026 qubes-socksvc developers
-"""What qrexec will make of the tree ``apply`` leaves: the rpc-config and the qubes-rpc
-file each declared service's calls actually get.
+"""What qrexec will make of the whole disk: every qubes-rpc entry in every search
+directory, both manifests' artifacts and foreign files together.
 
-qrexec looks rpc-config up on its own, ``NAME+ARG`` (or ``NAME+``) before ``NAME``
-in every directory, whichever qubes-rpc file matched (libqrexec/exec.c:
-load_service_config_raw).  So a service without a config file of its own inherits
-``NAME``'s, ours or a foreign one: with ``NAME`` declared
-``service_descriptor: false``, a call of ``NAME+x`` would reach the shared socket
-with ``skip-service-descriptor=true`` and the caller's raw stdin would be read as
-its descriptor.  :func:`settle` pins such keys with an explicit config of their
-own, and reports what it cannot pin (a foreign file that wins the lookup) as a
-conflict, so that every declared key gets exactly the config the manifest says.
+qrexec finds a call's qubes-rpc file and its rpc-config independently: each by
+trying ``NAME+ARG`` (``NAME+`` for a bare call) in every directory, then ``NAME``
+(libqrexec/exec.c: find_qrexec_service, load_service_config_raw, find_file).  Two
+things must hold for every call, in every state the disk can be in:
+
+- **No forged descriptor.**  A call that can reach a socket reading descriptors (a
+  daemon's shared socket, of either manifest) must never take an rpc-config with
+  ``skip-service-descriptor=true``: qrexec would pass the caller's raw stdin as the
+  descriptor, and the caller would choose its own service and source.  A link is
+  judged by where the kernel takes it (symlinked directories, ``/var/run``), and a
+  link whose socket is down still counts: the socket can come up at any moment.
+- **Declared means effective.**  A call that reaches one of this manifest's links
+  gets exactly the rpc-config the manifest declares for that key.
+
+:func:`settle` pins what it can with explicit rpc-config files of its own and
+reports the rest; :func:`safe_order` orders apply's writes so that every state a
+kill or a failed write can leave keeps the first rule; :func:`forgeable` judges the
+disk as it is, for ``check`` and ``list``.
+
+Files under ``/run`` are volatile and ``/run/qubes/rpc-config`` is writable by group
+``qubes`` (which can replace the sockets in ``/run/qubes`` anyway): what they cause is
+a warning for ``apply`` (refusing would protect nothing and let any group member block
+every apply), and ``check``/``list`` still fail on a forgeable state.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Collection
-from dataclasses import dataclass
+import stat
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
 
-from . import install, lookup, qrexec, rpcconfig
+from . import install, lookup, model, qrexec, rpcconfig
 from .manifest import Manifest
-from .render import Artifact, Layout
+from .render import LAYOUTS, Artifact, Layout
+
+#: Directories every systemd system links elsewhere (FHS 3.0; systemd's tmpfiles.d/var.conf:
+#: ``L /var/run - - - - ../run``, ``L /var/lock - - - - ../run/lock``): resolved even in a
+#: staging tree that lacks the links.
+_ALIASES = (("/var/run", "/run"), ("/var/lock", "/run/lock"))
+#: World-writable on every Linux system, whether or not a staging tree has them.
+_WORLD_WRITABLE = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock", "/dev/mqueue")
+#: The kernel's limit on symlinks followed in one lookup (ELOOP; fs/namei.c: MAXSYMLINKS).
+_MAX_SYMLINKS = 40
 
 
 @dataclass(frozen=True)
 class Finding:
     key: str
-    """The declared service the finding is about."""
+    """The declared key, or the call, the finding is about."""
     message: str
     conflict: bool
-    """True: a call would not get what the manifest says, and apply refuses."""
+    """True: apply refuses (False: a warning)."""
+    forgeable: bool = False
+    """A caller could choose its own descriptor: ``check`` and ``list`` fail."""
 
     def __str__(self) -> str:
         return f"{'conflict' if self.conflict else 'warning':9} {self.key}: {self.message}"
 
 
-class _View:
-    """The target tree as apply will leave it: our artifacts written, what we owned and
-    no longer declare removed, everything else as it is on disk."""
+def _volatile(path: str | None) -> bool:
+    return path is not None and (path + "/").startswith("/run/")
 
-    def __init__(self, root: str, artifacts: list[Artifact], owned: dict[str, list[str]]) -> None:
+
+def resolve(root: str, path: str) -> str:
+    """``path`` as the kernel reaches it inside ``root``: every symlink on the way followed (an
+    absolute target starts again at ``root``), ``..`` after them; what does not exist stays as
+    named.  Loops end after MAXSYMLINKS links, like ELOOP."""
+    for alias, real in _ALIASES:
+        if path == alias or path.startswith(alias + "/"):
+            path = real + path[len(alias):]
+    parts = [p for p in path.split("/") if p]
+    done = ""
+    hops = 0
+    while parts:
+        part = parts.pop(0)
+        if part == ".":
+            continue
+        if part == "..":
+            done = os.path.dirname(done) if done else ""
+            continue
+        candidate = f"{done}/{part}"
+        try:
+            target = os.readlink(install.real_path(root, candidate))
+        except OSError:  # not a link, or missing: the name stands
+            done = candidate
+            continue
+        hops += 1
+        if hops > _MAX_SYMLINKS:
+            return candidate
+        if target.startswith("/"):
+            done = ""
+        parts = [p for p in target.split("/") if p] + parts
+    return done or "/"
+
+
+class _Disk:
+    """What is on disk under ``root``: the qubes-rpc and rpc-config directories listed once,
+    their file names grouped by NAME (shared by every Tree of a run)."""
+
+    def __init__(self, root: str) -> None:
         self.root = root
-        self.ours = {a.path: a for a in artifacts}
-        self.removed = set(owned) - set(self.ours)
+        self.groups: dict[str, set[str]] = {}
+        """NAME -> the paths of its files, in every search directory."""
+        for directory in (*qrexec.RPC_SEARCH_PATH, *qrexec.RPC_CONFIG_SEARCH_PATH):
+            try:
+                names = os.listdir(self.real(directory))
+            except OSError:
+                continue
+            for file_name in names:
+                if qrexec.is_rpc_file_name(file_name):
+                    self.groups.setdefault(qrexec.split_service(file_name)[0], set()).add(f"{directory}/{file_name}")
 
-    def _real(self, path: str) -> str:
+    def real(self, path: str) -> str:
         return install.real_path(self.root, path)
 
+
+#: What Tree.update returns for a path that had no change before.
+_UNCHANGED = Artifact("")
+
+
+class Tree:
+    """The qubes-rpc and rpc-config directories as one state leaves them: the disk under
+    ``root`` with ``changes`` on top (path -> the artifact written there, or None: removed)."""
+
+    def __init__(self, disk: _Disk, changes: Mapping[str, Artifact | None]) -> None:
+        self.disk = disk
+        self.changes: dict[str, Artifact | None] = {}
+        self._changed: dict[str, set[str]] = {}
+        self.update(changes)
+
+    def update(self, changes: Mapping[str, Artifact | None]) -> dict[str, Artifact | None]:
+        """Make ``changes``; returns what undoes them (for :meth:`undo`)."""
+        previous = {path: self.changes.get(path, _UNCHANGED) for path in changes}
+        for path, artifact in changes.items():
+            self.changes[path] = artifact
+            self._changed.setdefault(qrexec.split_service(os.path.basename(path))[0], set()).add(path)
+        return previous
+
+    def undo(self, previous: Mapping[str, Artifact | None]) -> None:
+        for path, artifact in previous.items():
+            if artifact is _UNCHANGED:
+                del self.changes[path]
+            else:
+                self.changes[path] = artifact
+
+    def names(self) -> set[str]:
+        """Every NAME with a file in some search directory (or a change)."""
+        return set(self.disk.groups) | set(self._changed)
+
+    def files(self, name: str) -> set[str]:
+        """The file names of NAME present in some search directory."""
+        paths = self.disk.groups.get(name, set()) | self._changed.get(name, set())
+        return {os.path.basename(p) for p in paths if (self.changes[p] is not None if p in self.changes
+                                                        else p in self.disk.groups.get(name, ()))}
+
+    def entry(self, path: str) -> tuple[str, str | None] | None:
+        """What a qubes-rpc path is, for whether a call can go past it: ``("link", where the kernel
+        takes it)`` (a link can dangle, then qrexec goes on), ``("stop", None)`` for anything qrexec
+        stops at (a file, a directory, a TCP link: find_file never stats those), None if absent."""
+        if path in self.changes:
+            artifact = self.changes[path]
+            if artifact is None:
+                return None
+            if artifact.link_target is None:
+                return "stop", None
+            if qrexec.is_tcp_link(artifact.link_target):
+                return "stop", None
+            return "link", resolve(self.disk.root, artifact.link_target)
+        try:
+            st = os.lstat(self.disk.real(path))
+        except FileNotFoundError:
+            return None
+        except OSError:
+            return "stop", None  # qrexec fails the call (find_file returns -2)
+        if not stat.S_ISLNK(st.st_mode):
+            return "stop", None
+        try:
+            if qrexec.is_tcp_link(os.readlink(self.disk.real(path))):
+                return "stop", None
+        except OSError:
+            return "stop", None
+        return "link", resolve(self.disk.root, path)
+
+    def probe_service(self, path: str) -> tuple[lookup.Kind, str | None] | None:
+        """find_qrexec_service's view, with our own links taken as up (their sockets come and go)."""
+        if path in self.changes:
+            artifact = self.changes[path]
+            if artifact is None:
+                return None
+            if artifact.link_target is not None and qrexec.is_tcp_link(artifact.link_target):
+                return lookup.Kind.TCP, artifact.link_target
+            return lookup.Kind.SOCKET, None
+        return lookup.probe_service(self.disk.real(path))
+
     def config_exists(self, path: str) -> bool | None:
-        if path in self.ours:
-            return True
-        return None if path in self.removed else lookup.config_exists(self._real(path))
+        if path in self.changes:
+            return None if self.changes[path] is None else True
+        return lookup.config_exists(self.disk.real(path))
 
     def config(self, path: str | None) -> rpcconfig.Config:
         if path is None:
             return rpcconfig.Config()
-        artifact = self.ours.get(path)
+        artifact = self.changes.get(path)
         if artifact is not None and artifact.content is not None:
             return rpcconfig.Config.from_options(rpcconfig.parse(artifact.content))
-        return lookup.read_config(self._real(path))
+        return lookup.read_config(self.disk.real(path))
 
-    def probe_service(self, path: str) -> tuple[lookup.Kind, str | None] | None:
-        artifact = self.ours.get(path)
-        if artifact is not None:  # our link: assume its socket (or port) is up
-            target = artifact.link_target
-            if target is not None and qrexec.is_tcp_link(target):
-                return lookup.Kind.TCP, target
-            return lookup.Kind.SOCKET, None
-        return None if path in self.removed else lookup.probe_service(self._real(path))
-
-    def names(self, directory: str) -> set[str]:
-        try:
-            on_disk = set(os.listdir(self._real(directory)))
-        except OSError:
-            on_disk = set()
-        ours = {os.path.basename(p) for p in self.ours if os.path.dirname(p) == directory}
-        gone = {os.path.basename(p) for p in self.removed if os.path.dirname(p) == directory}
-        return (on_disk - gone) | ours
+    def config_for(self, call: str) -> tuple[str | None, rpcconfig.Config]:
+        """(the file, what it says) of a call's rpc-config (load_service_config_raw); raises
+        LookupFailed where qrexec fails the call."""
+        path = lookup.find_config(call, qrexec.RPC_CONFIG_SEARCH_PATH, self.config_exists)
+        return path, self.config(path)
 
 
-def _calls(key: str) -> list[str]:
-    """Calls that stand for every call a declared key serves.
+class Sockets:
+    """The sockets that read a descriptor first, as the kernel reaches them: shared daemon
+    sockets and Qubes-aware forward targets.  A link reaching one of them must never take
+    ``skip-service-descriptor=true``."""
 
-    ``NAME+ARG`` and ``NAME+`` serve their own calls.  ``NAME`` serves the bare call
-    (looked up as ``NAME+`` first) and every ``NAME+ARG`` without a file of its own,
-    which a call with an argument too long to be a file name represents exactly
-    (its lookup keys are ``NAME`` alone: libqrexec/exec.c: find_file).
-    """
-    if "+" in key:
-        return [key]
-    return [key, f"{key}+{'x' * qrexec.NAME_MAX}"]
-
-
-def settle(manifest: Manifest, layout: Layout, artifacts: list[Artifact], root: str = "/",
-           owned: dict[str, list[str]] | None = None) -> tuple[list[Artifact], list[Finding]]:
-    """The artifacts with explicit rpc-config files added where inheritance would change a
-    declared service's or forward's meaning, and what remains wrong or shadowed (see module doc)."""
-    if owned is None:
-        owned = install.load_state(root, layout)
-    artifacts = list(artifacts)
-    view = _View(root, artifacts, owned)
-    findings: list[Finding] = []
-    source = os.path.abspath(manifest.path)
-    declared = {key: service.rpc_config() for key, (_, service) in manifest.services().items()}
-    declared.update({key: forward.rpc_config() for key, forward in manifest.forwards.items()})
-    # NAME -> the NAME+ARG files in the rpc-config directories, listed once (once per key was
-    # quadratic: 46 s for 3000 services).  What the loop adds are declared keys, skipped there.
-    argument_configs: dict[str, list[str]] = {}
-    for file_name in sorted(set().union(*(view.names(d) for d in qrexec.RPC_CONFIG_SEARCH_PATH))):
-        if "+" in file_name:
-            argument_configs.setdefault(qrexec.split_service(file_name)[0], []).append(file_name)
-    for key, declared_options in declared.items():
-        want = rpcconfig.Config.from_options(declared_options)
-        calls = _calls(key)
-        for call in calls:
-            try:
-                path = lookup.find_config(call, qrexec.RPC_CONFIG_SEARCH_PATH, view.config_exists)
-                got = view.config(path)
-                own = f"{layout.rpc_config_dir}/{key}"
-                if got != want and own not in view.ours:
-                    options = {**{k: getattr(want, k.replace("-", "_")) for k in want.differences(got)},
-                               **declared_options}
-                    note = (f"Explicit: without this file qrexec would apply {path or 'no rpc-config'} "
-                            f"to {key} too ({', '.join(want.differences(got))}).")
-                    pinned = Artifact(own, content=rpcconfig.render(options, source, note))
-                    artifacts.append(pinned)
-                    view.ours[own] = pinned
-                    path = lookup.find_config(call, qrexec.RPC_CONFIG_SEARCH_PATH, view.config_exists)
-                    got = view.config(path)
-            except lookup.LookupFailed as e:
-                findings.append(Finding(key, f"qrexec would fail calls of {_shown(call)}: {e}", True))
+    def __init__(self, root: str, paths: Mapping[str, str]) -> None:
+        self.root = root
+        self.by_path = {resolve(root, p): what for p, what in paths.items()}
+        self.by_inode: dict[tuple[int, int], str] = {}
+        for path, what in self.by_path.items():
+            try:  # the same socket under another name (a hard link)
+                st = os.stat(install.real_path(root, path))
+            except OSError:
                 continue
-            if got != want:
-                findings.append(Finding(key, f"calls of {_shown(call)} would take the rpc-config {path} "
-                                        f"({', '.join(want.differences(got))} not as declared); "
-                                        "remove or change that file, or rename the service", True))
-        findings += _shadows(key, calls, view)
-        if "+" not in key:
-            findings += _argument_configs(key, want, view, declared, argument_configs.get(key, []))
-    return sorted(artifacts, key=lambda a: a.path), findings
+            self.by_inode[(st.st_dev, st.st_ino)] = what
+
+    def reached(self, resolved: str) -> str | None:
+        if resolved in self.by_path:
+            return self.by_path[resolved]
+        if self.by_inode:
+            try:
+                st = os.stat(install.real_path(self.root, resolved))
+            except OSError:
+                return None
+            return self.by_inode.get((st.st_dev, st.st_ino))
+        return None
+
+
+def applied_daemons(root: str, layouts: Iterable[Layout] = LAYOUTS) -> dict[str, model.Daemon]:
+    """The daemons whose specs are on disk (either manifest's), by spec path; unreadable ones
+    are left out (no daemon can run from them)."""
+    found = {}
+    for layout in layouts:
+        directory = install.real_path(root, layout.spec_dir)
+        try:
+            names = sorted(os.listdir(directory))
+        except OSError:
+            continue
+        for name in names:
+            if name.endswith(".json"):
+                try:
+                    found[f"{layout.spec_dir}/{name}"] = model.load(os.path.join(directory, name)).daemon
+                except model.SpecError:
+                    continue
+    return found
+
+
+def descriptor_sockets(manifest: Manifest | None, layout: Layout | None, root: str,
+                       applied: bool = True) -> dict[str, str]:
+    """Socket path -> what reads a descriptor there: this manifest's daemons and Qubes-aware
+    forwards, and (``applied``) the daemons of the specs on disk, except those of this
+    manifest's layout, which apply replaces."""
+    paths: dict[str, str] = {}
+    if applied:
+        layouts = [lay for lay in LAYOUTS if layout is None or lay.spec_dir != layout.spec_dir]
+        for spec, daemon in applied_daemons(root, layouts).items():
+            paths[daemon.socket] = f"the socket of daemon {daemon.name} (applied, {spec})"
+    if manifest is not None:
+        for daemon in manifest.daemons.values():
+            paths[daemon.socket] = f"the socket of daemon {daemon.name}"
+        for key, forward in manifest.forwards.items():
+            if forward.service_descriptor and not qrexec.is_tcp_link(forward.link_target):
+                paths[forward.link_target] = f"the target of forward {key} (reads a descriptor)"
+    return paths
+
+
+# --- the calls of a NAME ------------------------------------------------------------------
+
+
+def _long_call(name: str) -> str:
+    """A call of NAME+ARG with an argument too long to be a file name: its only lookup key is
+    NAME, so it stands for every NAME+ARG without a file of its own (exec.c: find_file)."""
+    return f"{name}+{'x' * qrexec.NAME_MAX}"
 
 
 def _shown(call: str) -> str:
     name, argument = qrexec.split_service(call)
-    return f"{name}+ARG (any ARG without a file of its own)" if argument and len(call) > qrexec.NAME_MAX else call
+    if argument and len(call) > qrexec.NAME_MAX:
+        return f"{name}+ARG (any ARG without a file of its own)"
+    return call if argument is not None else f"{call} (and {call}+)"
 
 
-def _shadows(key: str, calls: list[str], view: _View) -> list[Finding]:
-    """A foreign qubes-rpc file that qrexec finds first for this key's calls."""
-    findings = []
-    for call in calls:
+def _calls(name: str, files: Iterable[str]) -> list[str]:
+    """Calls that together stand for every call of NAME: the bare call (looked up exactly like
+    ``NAME+``), an argument without a file of its own, and each ``NAME+ARG`` with a file."""
+    return [name, _long_call(name), *sorted(f for f in files if "+" in f and f != f"{name}+")]
+
+
+def _reaches(tree: Tree, call: str, sockets: Sockets) -> tuple[str, str] | None:
+    """(the link, what reads descriptors there) if some state of the sockets lets ``call`` reach
+    a descriptor-reading socket: the first link to one in lookup order before anything qrexec
+    stops at (a link whose socket is down is skipped like a missing file: exec.c: find_file)."""
+    for key in qrexec.lookup_keys(call):
+        for directory in qrexec.RPC_SEARCH_PATH:
+            path = f"{directory}/{key}"
+            found = tree.entry(path)
+            if found is None:
+                continue
+            kind, resolved = found
+            if kind == "stop":
+                return None
+            assert resolved is not None
+            what = sockets.reached(resolved)
+            if what is not None:
+                return path, what
+    return None
+
+
+def forgeable_calls(tree: Tree, sockets: Sockets, names: Iterable[str] | None = None
+                    ) -> dict[str, tuple[str, str, str | None]]:
+    """call -> (link, socket, rpc-config file) for every call that can reach a descriptor-reading
+    socket with ``skip-service-descriptor=true`` (in the NAMEs given, or everywhere)."""
+    found = {}
+    for name in sorted(tree.names() if names is None else names):
+        for call in _calls(name, tree.files(name)):
+            reached = _reaches(tree, call, sockets)
+            if reached is None:
+                continue
+            try:
+                path, config = tree.config_for(call)
+            except lookup.LookupFailed:
+                continue  # qrexec fails the call (125): nothing reaches the socket
+            if config.skip_service_descriptor:
+                found[call] = (*reached, path)
+    return found
+
+
+def _forgeable_finding(call: str, link: str, what: str, config: str | None, conflict: bool) -> Finding:
+    return Finding(call, f"FORGEABLE: calls of {_shown(call)} can reach {link}, {what}, with "
+                   f"skip-service-descriptor=true from {config}: qrexec would pass the caller's own "
+                   "bytes as the descriptor (libqrexec/exec.c: load_service_config_raw); remove or "
+                   "change that file", conflict, forgeable=True)
+
+
+def forgeable(manifest: Manifest | None, root: str = "/") -> list[Finding]:
+    """Forgeable calls on the disk as it is now (``check``, ``list``), whatever made them: every
+    applied daemon's socket, and this manifest's."""
+    layout = None if manifest is None else Layout.for_manifest(manifest)
+    tree = Tree(_Disk(root), {})
+    sockets = Sockets(root, descriptor_sockets(manifest, layout, root) | (
+        descriptor_sockets(None, None, root) if layout is not None else {}))
+    return [_forgeable_finding(call, *found, conflict=not _volatile(found[2]))
+            for call, found in forgeable_calls(tree, sockets).items()]
+
+
+# --- settle: what apply must write, and what it must refuse -------------------------------
+
+
+class _Settler:
+    def __init__(self, manifest: Manifest, layout: Layout, artifacts: list[Artifact], root: str,
+                 owned: dict[str, list[str]]) -> None:
+        self.manifest, self.layout, self.root = manifest, layout, root
+        self.source = os.path.abspath(manifest.path)
+        self.artifacts = list(artifacts)
+        ours = {a.path: a for a in artifacts}
+        removed: dict[str, Artifact | None] = {p: None for p in owned if p not in ours}
+        self.tree = Tree(_Disk(root), {**removed, **ours})
+        self.sockets = Sockets(root, descriptor_sockets(manifest, layout, root))
+        declared = {key: service.rpc_config() for key, (_, service) in manifest.services().items()}
+        declared.update({key: forward.rpc_config() for key, forward in manifest.forwards.items()})
+        #: our qubes-rpc link -> (its key, the options the manifest declares)
+        self.declared = {f"{layout.rpc_dir}/{key}": (key, options) for key, options in declared.items()}
+        self.findings: list[Finding] = []
+        self._now: set[str] | None = None
+
+    def _add(self, path: str, options: dict[str, bool | str], note: str) -> bool:
+        """Pin: an rpc-config of ours at ``path``, unless one is there already."""
+        if self.tree.changes.get(path) is not None:
+            return False
+        artifact = Artifact(path, content=rpcconfig.render(options, self.source, note))
+        self.artifacts.append(artifact)
+        self.tree.update({path: artifact})
+        return True
+
+    def run(self) -> None:
+        names = {qrexec.split_service(k)[0] for k, _ in self.declared.values()}
+        names |= {n for n in self.disk_names() if n not in names}
+        for name in sorted(names):
+            calls = _calls(name, self.tree.files(name))
+            for call in calls:
+                self._pin_forgeable(call)
+            for call in calls:
+                self._declared_config(call)
+            for call in calls:  # what pinning could not fix
+                reached = _reaches(self.tree, call, self.sockets)
+                if reached is None:
+                    continue
+                try:
+                    config_path, config = self.tree.config_for(call)
+                except lookup.LookupFailed:
+                    continue
+                if config.skip_service_descriptor:  # a volatile cause is a warning only if it is not ours to add
+                    already = _volatile(config_path) and call in self.now()
+                    self.findings.append(_forgeable_finding(call, *reached, config_path, conflict=not already))
+        for key, _ in self.declared.values():
+            self._shadow(key)
+        self._forward_targets()
+
+    def now(self) -> set[str]:
+        """The calls forgeable on the disk as it is, before apply."""
+        if self._now is None:
+            self._now = set(forgeable_calls(Tree(self.tree.disk, {}), self.sockets))
+        return self._now
+
+    def disk_names(self) -> set[str]:
+        """The NAMEs of foreign entries and other manifests' (ours are declared)."""
+        return {n for n in self.tree.names() if any(
+            os.path.dirname(p) in qrexec.RPC_SEARCH_PATH and p not in self.declared
+            for p in self.tree.disk.groups.get(n, ()))}
+
+    def _pin_forgeable(self, call: str) -> None:
+        if _reaches(self.tree, call, self.sockets) is None:
+            return
         try:
-            found = lookup.find_file(qrexec.RPC_SEARCH_PATH, qrexec.lookup_keys(call), view.probe_service)
-        except lookup.LookupFailed as e:
-            findings.append(Finding(key, f"qrexec would fail calls of {_shown(call)}: {e}", False))
-            continue
-        if found is not None and found[0] not in view.ours:
-            findings.append(Finding(key, f"calls of {_shown(call)} reach {found[0]} ({found[2][0].value}), "
-                                    "which qrexec finds first: not this daemon", False))
-    return findings
+            path, config = self.tree.config_for(call)
+        except lookup.LookupFailed:
+            return
+        keys = qrexec.lookup_keys(call)
+        if config.skip_service_descriptor and keys:
+            pin = f"{self.layout.rpc_config_dir}/{keys[0]}"
+            options = {**config.options(), "skip-service-descriptor": False}
+            self._add(pin, options, f"Explicit: calls of {_shown(call)} can reach a socket that reads a "
+                      f"descriptor; without this file they would take {path} (skip-service-descriptor=true).")
 
-
-def _argument_configs(name: str, want: rpcconfig.Config, view: _View, declared: Collection[str],
-                      keys: list[str]) -> list[Finding]:
-    """Foreign ``NAME+ARG`` rpc-config files (``keys``, sorted) with no qubes-rpc file of their
-    own: calls of ``NAME+ARG`` then reach our ``NAME`` with that config."""
-    findings = []
-    for key in keys:
-        if key in declared or not qrexec.is_rpc_file_name(key):
-            continue
+    def _declared_config(self, call: str) -> None:
+        """A call that reaches one of our links gets the config its key declares."""
         try:
-            if lookup.find_file(qrexec.RPC_SEARCH_PATH, (key,), view.probe_service) is not None:
-                continue  # the call reaches that file, not us
-            path = lookup.find_config(key, qrexec.RPC_CONFIG_SEARCH_PATH, view.config_exists)
-            got = view.config(path)
+            found = lookup.find_file(qrexec.RPC_SEARCH_PATH, qrexec.lookup_keys(call), self.tree.probe_service)
+        except lookup.LookupFailed:
+            return  # reported as a shadow
+        if found is None or found[0] not in self.declared:
+            return
+        key, declared_options = self.declared[found[0]]
+        want = rpcconfig.Config.from_options(declared_options)
+        try:
+            path, got = self.tree.config_for(call)
+            own = f"{self.layout.rpc_config_dir}/{key}"
+            explicit = {k: v for k, v in want.options(explicit=True).items() if k in want.differences(got)}
+            if got != want and self._add(own, {**explicit, **declared_options},
+                                         f"Explicit: without this file qrexec would apply {path or 'no rpc-config'} "
+                                         f"to {key} too ({', '.join(want.differences(got))})."):
+                path, got = self.tree.config_for(call)
         except lookup.LookupFailed as e:
-            findings.append(Finding(name, f"qrexec would fail calls of {key}: {e}", True))
-            continue
-        if got != want:
-            findings.append(Finding(name, f"calls of {key} reach {name} but take the rpc-config {path} "
-                                    f"({', '.join(want.differences(got))} not as declared for {name}); "
-                                    f"remove that file, or declare {key}", True))
-    return findings
+            self.findings.append(Finding(key, f"qrexec would fail calls of {_shown(call)}: {e}",
+                                         not _volatile(str(e).partition(":")[0])))
+            return
+        if got == want:
+            return
+        differences = ", ".join(want.differences(got))
+        if call == key or (call == _long_call(key)):
+            message = (f"calls of {_shown(call)} would take the rpc-config {path} ({differences} not as "
+                       "declared); remove or change that file, or rename the service")
+        else:
+            message = (f"calls of {_shown(call)} reach {key} but take the rpc-config {path} ({differences} "
+                       f"not as declared for {key}); remove that file, or declare {call}")
+        self.findings.append(Finding(key, message, not _volatile(path)))
+
+    def _shadow(self, key: str) -> None:
+        """A file that qrexec finds before our link for the calls the key is declared for (a bare
+        call of NAME belongs to NAME+ where this manifest declares it: exec.c tries NAME+ first)."""
+        calls = [key] if "+" in key else [*([key] if f"{self.layout.rpc_dir}/{key}+" not in self.declared else []),
+                                          _long_call(key)]
+        reported = set()
+        for call in calls:
+            try:
+                found = lookup.find_file(qrexec.RPC_SEARCH_PATH, qrexec.lookup_keys(call), self.tree.probe_service)
+            except lookup.LookupFailed as e:
+                self.findings.append(Finding(key, f"qrexec would fail calls of {_shown(call)}: {e}", False))
+                return
+            if found is not None and found[0] != f"{self.layout.rpc_dir}/{key}" and found[0] not in reported:
+                reported.add(found[0])
+                self.findings.append(Finding(key, f"calls of {_shown(call)} reach {found[0]} "
+                                             f"({found[2][0].value}), which qrexec finds first: not this daemon",
+                                             False))
+
+    def _forward_targets(self) -> None:
+        """A forward's socket judged where the kernel takes it: never a daemon's socket under another
+        spelling, never in a directory where any user can bind a socket first."""
+        daemons = {**{d.socket: f"daemon {d.name} (applied)" for d in applied_daemons(self.root).values()},
+                   **{p: f"daemon {d.name}" for d in applied_daemons(self.root).values() for p in d.sockets()}}
+        daemons.update({p: f"daemon {d.name}" for d in self.manifest.daemons.values() for p in d.sockets()})
+        owners = Sockets(self.root, daemons)
+        for key, forward in self.manifest.forwards.items():
+            target = forward.link_target
+            if qrexec.is_tcp_link(target):
+                continue
+            resolved = resolve(self.root, target)
+            owner = owners.reached(resolved)
+            if owner is not None:
+                self.findings.append(Finding(key, f"forwards.{key}.target: {target} is the socket of {owner} "
+                                             f"(reached as {resolved}); declare {key} as a service of that "
+                                             "daemon instead", True))
+                continue
+            writable = _world_writable_dir(self.root, resolved)
+            if writable is not None:
+                self.findings.append(Finding(key, f"forwards.{key}.target: {target} is in {writable}, where any "
+                                             "user can bind a socket before the server does and receive the "
+                                             "callers' data; move the server's socket to a directory only its "
+                                             "owner can write (e.g. /run/SERVER/ or /run/user/UID/)", True))
+
+
+def _world_writable_dir(root: str, resolved: str) -> str | None:
+    """The first directory on the way to ``resolved`` that every user can write, if any."""
+    path = ""
+    for part in resolved.strip("/").split("/")[:-1]:
+        path += "/" + part
+        if path in _WORLD_WRITABLE:
+            return path
+        try:
+            st = os.stat(install.real_path(root, path))
+        except OSError:
+            return None
+        if st.st_mode & stat.S_IWOTH:
+            return path
+    return None
+
+
+def settle(manifest: Manifest, layout: Layout, artifacts: list[Artifact], root: str = "/",
+           owned: dict[str, list[str]] | None = None) -> tuple[list[Artifact], list[Finding]]:
+    """The artifacts with explicit rpc-config files added where qrexec would otherwise forge or
+    change a call, and what remains wrong, judged on the whole disk as apply will leave it."""
+    if owned is None:
+        owned = install.load_state(root, layout)
+    settler = _Settler(manifest, layout, artifacts, root, owned)
+    settler.run()
+    return sorted(settler.artifacts, key=lambda a: a.path), settler.findings
+
+
+# --- safe_order: every state a kill can leave is safe -------------------------------------
+
+
+def safe_order(plan: install.Plan, manifest: Manifest) -> install.Plan | Finding:
+    """The plan with its changes ordered so that no prefix of them, which is what a kill or a failed
+    write leaves, lets a call reach a descriptor-reading socket with ``skip-service-descriptor=true``
+    unless it could before.  Each NAME's qubes-rpc and rpc-config changes are ordered apart (a change
+    affects only calls of its NAME: exec.c looks up NAME+ARG and NAME), greedily, each step checked.
+
+    The sockets are those of the daemons before and after (a running daemon reads its new spec
+    later).  A Finding if no such order exists (never seen; then nothing is written).
+    """
+    root, layout = plan.root, plan.layout
+    sockets = Sockets(root, descriptor_sockets(manifest, layout, root)
+                      | {d.socket: f"the socket of daemon {d.name} (applied)"
+                         for d in applied_daemons(root, [layout]).values()})
+    rpc_dirs = (layout.rpc_dir, layout.rpc_config_dir)
+    groups: dict[str, list[install.Action]] = {}
+    others: list[install.Action] = []
+    for action in plan.changes:
+        directory, file_name = os.path.split(action.path)
+        if directory in rpc_dirs:
+            groups.setdefault(qrexec.split_service(file_name)[0], []).append(action)
+        else:
+            others.append(action)
+    tree = Tree(_Disk(root), {})
+    ordered: list[install.Action] = []
+    for name in sorted(groups):
+        before = set(forgeable_calls(tree, sockets, [name]))
+        pending = sorted(groups[name], key=lambda a: _preference(a, layout))
+        while pending:
+            for action in pending:
+                undo = tree.update({action.path: None if action.verb == "remove" else action.artifact})
+                if set(forgeable_calls(tree, sockets, [name])) <= before:
+                    ordered.append(action)
+                    pending.remove(action)
+                    break
+                tree.undo(undo)
+            else:
+                return Finding(name, f"no order of apply's writes for {name} keeps every call safe while it "
+                               "works; apply in two steps (first remove the services of "
+                               f"{name}, then add the new ones)", True)
+    writes = [a for a in others if a.verb != "remove"]
+    removals = [a for a in others if a.verb == "remove"]
+    order = [*writes, *ordered, *removals]
+    first = {a.path for a in order}
+    return replace(plan, actions=[*order, *(a for a in plan.actions if a.path not in first)])
+
+
+def _preference(action: install.Action, layout: Layout) -> tuple[int, str]:
+    """The order to try: configs that turn skipping off first, then links going, then links
+    coming, then configs that turn skipping on, then configs going."""
+    artifact = action.artifact
+    if os.path.dirname(action.path) == layout.rpc_config_dir:
+        if action.verb == "remove":
+            return 4, action.path
+        assert artifact is not None and artifact.content is not None
+        skips = rpcconfig.parse(artifact.content).get("skip-service-descriptor") is True
+        return (3 if skips else 0), action.path
+    return (1 if action.verb == "remove" else 2), action.path

@@ -31,21 +31,25 @@ class Layout:
 
     @classmethod
     def for_manifest(cls, manifest: Manifest) -> Layout:
-        if manifest.is_local:
-            return cls(
-                unit_dir="/usr/local/lib/systemd/user",
-                rpc_dir="/usr/local/etc/qubes-rpc",
-                rpc_config_dir="/usr/local/etc/qubes/rpc-config",
-                state_file="/usr/local/var/lib/qubes-socksvc/owned.json",
-                spec_dir="/usr/local/var/lib/qubes-socksvc/daemons",
-            )
-        return cls(
-            unit_dir="/etc/systemd/user",
-            rpc_dir="/etc/qubes-rpc",
-            rpc_config_dir="/etc/qubes/rpc-config",
-            state_file="/var/lib/qubes-socksvc/owned.json",
-            spec_dir="/var/lib/qubes-socksvc/daemons",
-        )
+        return LOCAL if manifest.is_local else SYSTEM
+
+
+#: The /etc manifest's artifacts, and the AppVM-persistent /usr/local manifest's.
+SYSTEM = Layout(
+    unit_dir="/etc/systemd/user",
+    rpc_dir="/etc/qubes-rpc",
+    rpc_config_dir="/etc/qubes/rpc-config",
+    state_file="/var/lib/qubes-socksvc/owned.json",
+    spec_dir="/var/lib/qubes-socksvc/daemons",
+)
+LOCAL = Layout(
+    unit_dir="/usr/local/lib/systemd/user",
+    rpc_dir="/usr/local/etc/qubes-rpc",
+    rpc_config_dir="/usr/local/etc/qubes/rpc-config",
+    state_file="/usr/local/var/lib/qubes-socksvc/owned.json",
+    spec_dir="/usr/local/var/lib/qubes-socksvc/daemons",
+)
+LAYOUTS = (SYSTEM, LOCAL)
 
 
 @dataclass(frozen=True)

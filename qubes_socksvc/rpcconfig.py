@@ -44,6 +44,13 @@ class Config:
     def from_options(cls, options: dict[str, bool | str]) -> Config:
         return cls(**{key.replace("-", "_"): value for key, value in options.items()})  # type: ignore[arg-type]
 
+    def options(self, explicit: bool = False) -> dict[str, bool | str]:
+        """The keys in qrexec's spelling: those set away from qrexec's defaults, or (``explicit``)
+        every key that has a value to write."""
+        default = Config()
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)
+                if getattr(self, f.name) is not None and (explicit or getattr(self, f.name) != getattr(default, f.name))}
+
     def differences(self, other: Config) -> list[str]:
         """The rpc-config keys whose values differ, in qrexec's spelling."""
         return [f.name.replace("_", "-") for f in fields(self) if getattr(self, f.name) != getattr(other, f.name)]

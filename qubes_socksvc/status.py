@@ -238,7 +238,8 @@ def running_state(unit: str, spec_path: str) -> str:
     return f"yes (pid {props.get('MainPID')}), serving spec {serving or '(unknown)'}, {verdict}{reload_units}"
 
 
-def report(manifest: Manifest, root: str = "/") -> str:
+def report(manifest: Manifest, root: str = "/") -> tuple[str, bool]:
+    """The listing, and whether the disk now lets a caller forge its descriptor (``list`` then fails)."""
     layout = render.Layout.for_manifest(manifest)
     owned = install.load_state(root, layout)
     settled, findings = effective.settle(manifest, layout, render.render(manifest, layout), root, owned)
@@ -261,7 +262,9 @@ def report(manifest: Manifest, root: str = "/") -> str:
     for full_name, forward in manifest.forwards.items():
         lines.append(f"forward {full_name} -> {forward.target}: {forward_state(forward, listening, tcp)}")
         lines += _entry_lines(full_name, "  ", layout, artifacts, findings, root, owned)
-    return "\n".join(lines) + "\n"
+    now = effective.forgeable(manifest, root)
+    lines += [f"on disk now: {finding}" for finding in now]
+    return "\n".join(lines) + "\n", bool(now)
 
 
 def _entry_lines(full_name: str, indent: str, layout: render.Layout, artifacts: dict[str, render.Artifact],

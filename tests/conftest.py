@@ -78,6 +78,18 @@ def world_dir(prefix: str) -> Path:
     return path
 
 
+def private_dir(prefix: str) -> Path:
+    """A temporary directory only root can write, where no user can bind a socket first (a
+    forward's target must not be in a world-writable directory such as /tmp), removed when
+    the test run ends."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/run"))
+    path.chmod(0o755)
+    if not _WORLD_DIRS:
+        atexit.register(_remove_world_dirs)
+    _WORLD_DIRS.append(path)
+    return path
+
+
 def _remove_world_dirs() -> None:
     for d in _WORLD_DIRS:
         shutil.rmtree(d, ignore_errors=True)

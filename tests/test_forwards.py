@@ -25,7 +25,7 @@ import pytest
 
 from qubes_socksvc import manifest, qrexec, status
 from qubes_socksvc.manifest import ManifestError
-from tests.conftest import REPO, TESTS, run_cli, world_dir
+from tests.conftest import REPO, TESTS, run_cli, private_dir
 from tests.test_manifest import tree_digest
 
 PATH = "/etc/qubes-socksvc.yaml"
@@ -208,7 +208,7 @@ def tcp_server() -> Iterator[Server]:
 
 @pytest.fixture
 def unix_server() -> Iterator[tuple[Server, str]]:
-    directory = world_dir("socksvc-fwd-")
+    directory = private_dir("socksvc-fwd-")
     path = str(directory / "server.sock")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.bind(path)
@@ -271,7 +271,7 @@ def test_a_qubes_aware_forward_gets_the_descriptor(tmp_path: Path, unix_server: 
 @pytest.fixture
 def short_dir() -> Iterator[Path]:
     """A directory with a short path for sockets (sun_path holds 107 bytes; tmp_path is long)."""
-    directory = world_dir("socksvc-dead-")
+    directory = private_dir("socksvc-dead-")
     yield directory
     shutil.rmtree(directory)
 
@@ -358,7 +358,7 @@ forwards:
     (root / "run/qubes-rpc/my.Svc").symlink_to("/dev/tcp/127.0.0.1/23")
     result = run_cli("check", "-c", str(path), "--root", str(root))
     assert result.returncode == 0, result.stderr
-    assert "calls of my.Svc reach /run/qubes-rpc/my.Svc (a TCP service), which qrexec finds first" in result.stderr
+    assert "calls of my.Svc (and my.Svc+) reach /run/qubes-rpc/my.Svc (a TCP service), which qrexec finds first" in result.stderr
 
 
 # --- list: reachability without connecting --------------------------------------------------
