@@ -391,3 +391,27 @@ def test_policy_source_tokens_match_the_grammar() -> None:
     refused = ["@default", "@dispvm", "@tag:", "@dispvm:@tag:", "@nope", "a=b", "x" * 32, "", "@dispvm:dvm",
                "@dispvm:@tag:t"]  # the last two parse, but match no caller (DispVMTemplate.match)
     assert [t for t in refused if policy.source_problem(t) is None] == []
+
+
+def test_a_deny_has_its_default_twin_where_a_grant_routes_default() -> None:
+    """issue 21: ``evil`` calling ``@default`` met only the ``@anyvm @default`` allow (a request's
+    @default matches only @default rules: DefaultVM has no match of its own; the first match wins)."""
+    text = ("version: 1\nforwards:\n  my.Svc:\n    target: unix:/run/qubes/a.sock\n"
+            "    policy: {allow: ['@anyvm'], deny: [evil, personal], default_target: true, "
+            "arguments: {x: {deny: [vault]}}}\n  my.Other:\n    target: unix:/run/qubes/b.sock\n"
+            "    policy: {allow: [work], deny: [evil], default_target: true}\n")
+    assert [line for line in policy.lines(manifest.parse(text, "/m.yaml"), "web") if not line.startswith("#")] == [
+        "",
+        "my.Other  *   evil      web       deny",   # no @default twin: no line routes evil's @default here
+        "my.Other  *   work      web       allow",
+        "my.Other  *   work      @default  allow  target=web",
+        "",
+        "my.Svc    +x  vault     web       deny",
+        "my.Svc    +x  vault     @default  deny",
+        "my.Svc    *   evil      web       deny",
+        "my.Svc    *   evil      @default  deny",
+        "my.Svc    *   personal  web       deny",
+        "my.Svc    *   personal  @default  deny",
+        "my.Svc    *   @anyvm    web       allow",
+        "my.Svc    *   @anyvm    @default  allow  target=web",
+    ]
