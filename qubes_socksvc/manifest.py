@@ -20,7 +20,7 @@ import yaml
 from . import qrexec
 from .errors import SocksvcError
 from .files import FileRefused, read_regular
-from .model import Daemon, Service
+from .model import DAEMON_RANGES, SERVICE_RANGES, Daemon, Service
 from .policy import Policy, source_problem
 
 DEFAULT_PATH = "/etc/qubes-socksvc.yaml"
@@ -215,10 +215,6 @@ def _pattern(regex: re.Pattern[str], expected: str) -> Callable[[Any], str | Non
     return lambda value: None if regex.match(value) else f"expected {expected}"
 
 
-def _at_least(minimum: float) -> Callable[[Any], str | None]:
-    return lambda value: None if value >= minimum else f"must be at least {minimum}"
-
-
 def _check_unit_text(value: str) -> str | None:
     """A value systemd must read back exactly: one line, no control character, no trailing
     backslash (systemd would join the next line), no blanks it would strip."""
@@ -238,9 +234,10 @@ DAEMON_FIELDS: dict[str, _Field] = {
     "socket_group": _Field("str", _pattern(GROUP_RE, "a group name")),
     "condition_user": _Field("str", _check_condition_user),
     "condition_group": _Field("str", _pattern(CONDITION_RE, 'a group name or GID, optionally after "!"')),
-    "idle_exit": _Field("number", _at_least(0)),
-    "max_connections": _Field("int", _at_least(1)),
-    "descriptor_timeout": _Field("number", _at_least(0.1)),
+    # Ranges: model.py's, which the daemon applies to its spec again.
+    "idle_exit": _Field("number", DAEMON_RANGES["idle_exit"]),
+    "max_connections": _Field("int", DAEMON_RANGES["max_connections"]),
+    "descriptor_timeout": _Field("number", DAEMON_RANGES["descriptor_timeout"]),
 }
 # --- policy: (see policy.py) ---------------------------------------------------------
 
@@ -313,8 +310,8 @@ SERVICE_FIELDS: dict[str, _Field] = {
     "exit_on_service_eof": _Field("bool"),
     "force_user": _Field("str", _pattern(GROUP_RE, "a user name")),
     "socket": _Field("str", _check_socket),
-    "max_input": _Field("int", _at_least(0)),
-    "timeout": _Field("number", _at_least(0)),
+    "max_input": _Field("int", SERVICE_RANGES["max_input"]),
+    "timeout": _Field("number", SERVICE_RANGES["timeout"]),
     "policy": _Field("node", parse=_policy),
 }
 _KINDS: dict[str, tuple[tuple[type, ...], str]] = {

@@ -12,6 +12,8 @@ module to load.
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -22,6 +24,45 @@ from .files import FileRefused, read_regular
 SPEC_VERSION = 1
 #: A spec holds a daemon's few settings and services: far less than this.
 MAX_SPEC_SIZE = 4 << 20
+
+
+#: The shortest ``idle_exit`` but 0 (never), in seconds: longer than a daemon takes to start
+#: (~0.1 s), so that idle exits alone start it at most 3 times in any 2 s, far below the socket's
+#: TriggerLimitBurst= (templates/socket.j2; systemd.socket(5)), and below systemd's default
+#: start limit too (5 in 10 s, systemd.unit(5) StartLimitBurst=) only for idle_exit >= 2.
+MIN_IDLE_EXIT = 1
+
+
+def _finite(value: float) -> str | None:
+    if isinstance(value, int):  # any int is finite (and math.isfinite(10**400) overflows)
+        return None
+    return None if math.isfinite(value) else "must be a finite number"
+
+
+def at_least(minimum: float) -> Callable[[float], str | None]:
+    """The rule ``value >= minimum`` (and finite): why not, or None."""
+    return lambda value: _finite(value) or (None if value >= minimum else f"must be at least {minimum}")
+
+
+def idle_exit_problem(value: float) -> str | None:
+    """``idle_exit``: 0 (never), or at least MIN_IDLE_EXIT seconds."""
+    if _finite(value) or value == 0 or value >= MIN_IDLE_EXIT:
+        return _finite(value)
+    return (f"must be 0 (never exit) or at least {MIN_IDLE_EXIT} seconds: a daemon that idles out "
+            "sooner is started again for almost every call")
+
+
+#: The value ranges of the daemon's and the services' numbers: one rule for ``check``
+#: (manifest.py) and for the spec a daemon loads (``parse``), with the same messages.
+DAEMON_RANGES: dict[str, Callable[[float], str | None]] = {
+    "idle_exit": idle_exit_problem,
+    "max_connections": at_least(1),
+    "descriptor_timeout": at_least(0.1),
+}
+SERVICE_RANGES: dict[str, Callable[[float], str | None]] = {
+    "max_input": at_least(0),
+    "timeout": at_least(0),
+}
 
 
 class SpecError(SocksvcError):
@@ -114,8 +155,10 @@ _TYPES: dict[str, tuple[type, ...]] = {"str": (str,), "bool": (bool,), "int": (i
                                        "None": (type(None),)}
 
 
-def _build(cls: type[Any], values: object, where: str) -> Any:
-    """``cls(**values)`` with every field's type checked: only what dump() writes loads."""
+def _build(cls: type[Any], values: object, where: str,
+           ranges: dict[str, Callable[[float], str | None]]) -> Any:
+    """``cls(**values)`` with every field's type and range checked: only what dump() writes loads
+    (and only what ``check`` accepts: a reload must never make the daemon stop accepting)."""
     if not isinstance(values, dict):
         raise SpecError(f"{where}: expected an object")
     known = {f.name: str(f.type) for f in fields(cls)}
@@ -128,6 +171,9 @@ def _build(cls: type[Any], values: object, where: str) -> Any:
             allowed = tuple(kind for t in alternatives for kind in _TYPES[t])
             if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
                 raise SpecError(f"{where}.{name}: expected {known[name]}, got {type(value).__name__}")
+        problem = ranges[name](value) if name in ranges else None
+        if problem:
+            raise SpecError(f"{where}.{name}: {problem}")
     try:
         return cls(**values)
     except TypeError as e:
@@ -146,9 +192,9 @@ def parse(text: str, path: str) -> Spec:
     raw = data.get("daemon")
     if not isinstance(raw, dict) or not isinstance(raw.get("services"), dict):
         raise SpecError(f"{path}: no daemon in the spec; {fix}")
-    services = {key: _build(Service, value, f"{path}: daemon.services.{key}")
+    services = {key: _build(Service, value, f"{path}: daemon.services.{key}", SERVICE_RANGES)
                 for key, value in raw["services"].items()}
-    daemon = _build(Daemon, {**raw, "services": services}, f"{path}: daemon")
+    daemon = _build(Daemon, {**raw, "services": services}, f"{path}: daemon", DAEMON_RANGES)
     manifest, manifest_sha256 = data.get("manifest"), data.get("manifest_sha256")
     if not isinstance(manifest, str) or not isinstance(manifest_sha256, str):
         raise SpecError(f"{path}: no manifest recorded in the spec; {fix}")

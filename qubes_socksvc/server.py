@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import faulthandler
 import fcntl
 import grp
 import logging
@@ -33,6 +34,9 @@ log = logging.getLogger("qubes_socksvc.server")
 
 #: Seconds between STATUS= updates (only when a counter or the spec changed).
 STATUS_INTERVAL = 2.0
+#: Seconds between two looks at the spec file's stamp, besides the one each call takes: a daemon
+#: whose every slot is held (so it accepts no call) still sees a new spec.
+SPEC_CHECK_INTERVAL = 2.0
 #: Seconds in-flight calls get to finish after SIGTERM.
 STOP_TIMEOUT = 20.0
 #: Seconds a finished call's unread output may linger before the connection is cut.
@@ -279,7 +283,11 @@ class Server:
         self._stamp = _stamp(source.watch) if source is not None else None
         self.counts = dict.fromkeys(Outcome, 0)
         self._reported: tuple[object, ...] = ()
-        self._free = daemon.max_connections
+        self._slots = daemon.max_connections
+        """Calls that may run at once: max_connections, or fewer when RLIMIT_NOFILE is short."""
+        self._free = self._slots
+        """Slots not taken: always ``_slots - len(_tasks)`` (negative after a reload that lowered
+        the limit below the calls in flight, until enough of them end)."""
         self._listeners: list[Listener] = []
         self._accepting = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -297,7 +305,7 @@ class Server:
         every later one (STATUS=: the spec served and the call counters, at most every
         STATUS_INTERVAL seconds)."""
         loop = asyncio.get_running_loop()
-        self._free = fd_budget(self.daemon.max_connections)
+        self._slots = self._free = fd_budget(self.daemon.max_connections)
         loop.set_exception_handler(self._loop_exception)
         self._last_activity = loop.time()
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -309,6 +317,7 @@ class Server:
         self._watch_listeners()
         self._restart_watchdog()
         reporter = loop.create_task(self._report_status()) if on_status is not None else None
+        spec_watch = loop.create_task(self._watch_spec()) if self.source and self.source.watch else None
         log.info("daemon %s serving %d services on %d sockets%s (%s event loop)", self.daemon.name,
                  len(self.daemon.services), len(listeners), f", spec {self.spec_id}" if self.spec_id else "",
                  type(loop).__module__.partition(".")[0])
@@ -319,7 +328,7 @@ class Server:
         finally:
             self._pause_accepting()
             self._listeners = []
-            for task in (self._watchdog, reporter):
+            for task in (self._watchdog, reporter, spec_watch):
                 if task is not None:
                     task.cancel()
             for sock, _ in listeners:
@@ -366,7 +375,11 @@ class Server:
             log.warning("daemon %s: its sockets changed in the new spec; they take effect only after "
                         "'systemctl --user daemon-reload' and 'systemctl --user restart %s.socket' "
                         "(every other change takes effect now)", new.name, new.unit)
-        self._free += new.max_connections - old.max_connections
+        # Recomputed, never adjusted: the old count may have been capped by RLIMIT_NOFILE, and a
+        # spec may lower the limit below the calls in flight (then no call is accepted until
+        # enough of them end: _done counts each back).
+        self._slots = fd_budget(new.max_connections)
+        self._free = self._slots - len(self._tasks)
         self.daemon, self.spec_id = new, spec_id
         if new.idle_exit != old.idle_exit:
             self._restart_watchdog()
@@ -380,6 +393,12 @@ class Server:
         """One stat() per call: a spec that ``apply`` renamed into place is served from the next call."""
         if self.source is not None and self.source.watch is not None and _stamp(self.source.watch) != self._stamp:
             self.reload()
+
+    async def _watch_spec(self) -> None:
+        """The spec's stamp, every SPEC_CHECK_INTERVAL: the per-call look needs an accepted call."""
+        while True:
+            await asyncio.sleep(SPEC_CHECK_INTERVAL)
+            self._reload_if_changed()
 
     def _restart_watchdog(self) -> None:
         if self._watchdog is not None:
@@ -554,7 +573,8 @@ class Server:
                 return Outcome.REJECTED
             service = _lookup(daemon, desc.service)
             if service is None:
-                log.warning("rejected call: service %s is not handled by daemon %s", desc.service, daemon.name)
+                log.warning("rejected call: service %s is not handled by daemon %s", logs.cut(desc.service),
+                            daemon.name)
                 return Outcome.REJECTED
             request = Request(reader, writer, desc.name, desc.argument, desc.source,
                               desc.target_type, desc.target, max_input=service.max_input)
@@ -566,70 +586,87 @@ class Server:
             service = current
             name, argument = qrexec.split_service(service.full_name)
             request = Request(reader, writer, name, argument, None, max_input=service.max_input)
+        # The service as called, cut for the log (its argument may be 65 000 bytes); source and
+        # target are short already (descriptor.parse: at most 31 and 63 characters).
+        called = logs.cut(request.service)
         # From here on, every line logged in this call's context carries its journal fields.
-        logs.call_fields.set({"SERVICE": request.service, "SOURCE": request.source or "",
+        logs.call_fields.set({"SERVICE": called, "SOURCE": request.source or "",
                               "TARGET": request.target or "", "TARGET_TYPE": request.target_type or ""})
-        _log_info("call %s from %s%s", request.service, request.source or "(no descriptor)",
+        _log_info("call %s from %s%s", called, request.source or "(no descriptor)",
                  f" to {request.target_type} {request.target}" if request.target else "")
 
         def stalled(seconds: float) -> None:
             self._fault(("stall", service.handler), logging.WARNING,
                         "call %s: handler %s held the event loop for %.2fs: every other call waited; an async "
                         "handler must not block (await, asyncio.to_thread(), or a plain def handler)",
-                        request.service, service.handler, seconds)
+                        called, service.handler, seconds)
 
         try:
             await handlers.invoke(self.registry.get(service.handler), request, service.timeout, stalled)
         except HandlerError as e:
-            self._fault(("load", service.handler), logging.ERROR, "call %s failed: %s", request.service, e)
+            self._fault(("load", service.handler), logging.ERROR, "call %s failed: %s", called, e)
             return Outcome.FAILED
         except InputTooLarge as e:
-            log.warning("call %s rejected: %s", request.service, e)
+            log.warning("call %s rejected: %s", called, e)
             return Outcome.FAILED
         except TimeoutError:
-            log.warning("call %s timed out after %ss", request.service, service.timeout)
+            log.warning("call %s timed out after %ss", called, service.timeout)
             return Outcome.FAILED
         except ConnectionError as e:  # BrokenPipeError and resets too
             if not writer.transport.is_closing():  # not the caller's connection: one of the handler's own
-                self._handler_raised(request, service, e)
+                self._handler_raised(called, service, e)
                 return Outcome.FAILED
-            log.info("call %s: caller went away", request.service)
+            log.info("call %s: caller went away", called)
             return Outcome.FAILED
         except asyncio.CancelledError as e:
             task = asyncio.current_task()
             if task is not None and task.cancelling():  # the daemon is stopping: _connection logs it
                 raise
-            self._handler_raised(request, service, e)  # the handler's own CancelledError
+            self._handler_raised(called, service, e)  # the handler's own CancelledError
             return Outcome.FAILED
         except (Exception, SystemExit, KeyboardInterrupt) as e:
-            self._handler_raised(request, service, e)
+            self._handler_raised(called, service, e)
             return Outcome.FAILED
         return Outcome.SERVED
 
-    def _handler_raised(self, request: Request, service: Service, e: BaseException) -> None:
-        self._fault(("raised", service.handler, type(e), str(e)), logging.ERROR, "call %s: handler %s raised",
-                    request.service, service.handler, exc_info=e)
+    def _handler_raised(self, called: str, service: Service, e: BaseException) -> None:
+        # Keyed by the declared service and the exception's type, never its message: a message
+        # that quotes the caller's input (int(request.argument)) would make every call a new fault.
+        self._fault(("raised", service.full_name, type(e)), logging.ERROR, "call %s: handler %s raised",
+                    called, service.handler, exc_info=e)
 
     def _fault(self, key: object, level: int, msg: str, *args: object,
                exc_info: BaseException | None = None) -> None:
         """Log a handler's fault, once per REPEAT_INTERVAL for the same fault: a handler that fails
-        the same way on every call must not flood the journal (the calls themselves are logged)."""
+        the same way on every call must not flood the journal (the calls themselves are logged).
+
+        The traceback is logged as ``logging`` would, but cut (logs.traceback_text), and without
+        the exception object: python-systemd's JournalHandler would send its whole repr again.
+        """
         held = self._repeats.check(key)
         if held is None:
             return
         if held:
             msg += " (and %d times more in the last %ds, not logged)"
             args += (held, int(self._repeats.interval))
-        log.log(level, msg, *args, exc_info=exc_info)
+        if exc_info is None:
+            log.log(level, msg, *args)
+        elif log.isEnabledFor(level):
+            filename, line, function, _ = log.findCaller(stacklevel=2)
+            record = log.makeRecord(log.name, level, filename, line, msg, args, None, function)
+            record.exc_text = logs.traceback_text(exc_info)  # Formatter.format appends it
+            log.handle(record)
 
     def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
         """The loop's reports (an exception in a callback, a task never awaited): once per kind."""
         exc = context.get("exception")
         if isinstance(exc, ConnectionError):  # a caller that went away: logged by its call
             return
-        message = str(context.get("message") or "unexpected error in the event loop")
+        message = logs.cut(str(context.get("message") or "unexpected error in the event loop"))
         error = exc if isinstance(exc, BaseException) else None
-        self._fault(("loop", message, type(exc), str(exc)), logging.ERROR, "%s", message, exc_info=error)
+        # Keyed like a handler's fault: by type, not by a message that may quote a caller's bytes.
+        key = ("loop", type(error)) if error is not None else ("loop", message[:64])
+        self._fault(key, logging.ERROR, "%s", message, exc_info=error)
 
 def _lookup(daemon: Daemon, service: str) -> Service | None:
     """The declared service whose qubes-rpc link qrexec matched for this call.
@@ -677,6 +714,11 @@ def serve(daemon: Daemon, bind_dir: str | None = None, source: Source | None = N
     the sockets it bound when it exits.
     """
     logs.tag_log_handlers()
+    # A handler that kills the process (a crashing C extension) leaves its cause in the journal:
+    # the Python stack of every thread, written to stderr on SIGSEGV, SIGFPE, SIGABRT, SIGBUS and
+    # SIGILL (faulthandler; the journal's stream under systemd).  systemd logs the exit itself,
+    # once, and the next call starts a new daemon (templates: no start limit).
+    faulthandler.enable(all_threads=True)
     listeners = activated_sockets(daemon) if bind_dir is None else None
     owned: list[OwnedSocket] = []
     try:

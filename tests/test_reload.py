@@ -7,10 +7,15 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
+import pwd
+import resource
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -18,7 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import NotifySocket, raw_call, run_cli, world_dir
+from qubes_socksvc import model, server
+from tests.conftest import DAEMON_USER, REPO, TESTS, NotifySocket, raw_call, run_cli, world_dir
 from tests.test_spec import SpecDaemon
 
 BEFORE = """\
@@ -181,3 +187,137 @@ def test_a_reload_that_removes_a_socket_service_refuses_its_calls() -> None:
     finally:
         daemon.stop()
         notify.close()
+
+
+# --- a reload is safe in every direction (issue 22.2) ---------------------------------------------
+
+class LimitedDaemon(SpecDaemon):
+    """SpecDaemon under a hard RLIMIT_NOFILE of ``nofile`` (server.fd_budget caps the slots)."""
+
+    def __init__(self, spec: Path, bind_dir: Path, name: str, nofile: int) -> None:
+        pw = pwd.getpwnam(DAEMON_USER)
+        self.bind_dir = bind_dir
+        self.log = bind_dir / "daemon.log"
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-P", "-m", "qubes_socksvc", "serve", name, "--spec", str(spec),
+                 "--bind-dir", str(bind_dir)],
+                env={"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{REPO}:{TESTS}", "HOME": "/tmp"},
+                stdout=log, stderr=subprocess.STDOUT, user=pw.pw_uid, group=pw.pw_gid, extra_groups=[], cwd="/",
+                preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile)))
+        deadline = time.monotonic() + 15
+        while "serving" not in self.log.read_text():
+            assert self.proc.poll() is None and time.monotonic() < deadline, self.log.read_text()
+            time.sleep(0.02)
+        self.socket = str(bind_dir / f"socksvc-{name}.sock")
+
+
+def served(daemon: SpecDaemon, payload: bytes, timeout: float = 8) -> bytes | None:
+    """The call's output, or None when the daemon did not answer within ``timeout`` (not accepted)."""
+    try:
+        return raw_call(daemon.socket, payload, timeout=timeout)
+    except TimeoutError:
+        return None
+
+
+def wait_logged(daemon: SpecDaemon, text: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in daemon.log.read_text():
+        assert time.monotonic() < deadline, daemon.log.read_text()
+        time.sleep(0.02)
+
+
+def test_a_reload_below_a_limit_the_fd_budget_capped_keeps_accepting() -> None:
+    """max_connections 200 under a hard RLIMIT_NOFILE of 256 serves at most 96 calls at once
+    (server.fd_budget); a reload to 10 recomputes the free slots from the new limit, the budget
+    and the calls in flight (it used to add 10 - 200 to 96, and the daemon never accepted again)."""
+    root = world_dir("socksvc-reload-")
+    manifest = root / "manifest.yaml"
+    apply(root, manifest, BEFORE.replace("idle_exit: 0", "idle_exit: 0\n    max_connections: 200"))
+    daemon = LimitedDaemon(root / "var/lib/qubes-socksvc/daemons/r.json", world_dir("socksvc-reload-bind-"),
+                           "r", nofile=256)
+    try:
+        wait_logged(daemon, "serving at most 96 calls at once")  # capped: the case that went wrong
+        apply(root, manifest, BEFORE.replace("idle_exit: 0", "idle_exit: 0\n    max_connections: 10"))
+        for i in range(12):  # more calls than the new limit, one after the other
+            assert served(daemon, b"r.Echo+ work\0hi") == b"hi", (i, daemon.log.read_text())
+        assert daemon.log.read_text().count("reloaded: serving spec") == 1
+    finally:
+        daemon.stop()
+        shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(daemon.bind_dir, ignore_errors=True)
+
+
+@pytest.mark.parametrize("key, value, where", [
+    ("max_connections", -5, "daemon"), ("max_connections", 0, "daemon"), ("descriptor_timeout", 0, "daemon"),
+    ("idle_exit", -1, "daemon"), ("idle_exit", 0.01, "daemon"), ("idle_exit", float("inf"), "daemon"),
+    ("timeout", -1, "daemon.services.r.Slow"), ("max_input", -1, "daemon.services.r.Slow"),
+])
+def test_the_spec_loader_checks_ranges_with_checks_messages(key: str, value: float, where: str) -> None:
+    """model.parse refuses what ``check`` refuses, with the same words (one rule: model.DAEMON_RANGES,
+    model.SERVICE_RANGES): a spec edited by hand, or written by another version, cannot make the
+    daemon stop accepting."""
+    root = world_dir("socksvc-reload-")
+    try:
+        manifest = root / "manifest.yaml"
+        apply(root, manifest, BEFORE)
+        spec_path = root / "var/lib/qubes-socksvc/daemons/r.json"
+        spec = json.loads(spec_path.read_text())
+        target = spec["daemon"] if where == "daemon" else spec["daemon"]["services"]["r.Slow"]
+        target[key] = value
+        with pytest.raises(model.SpecError) as refused:
+            model.parse(json.dumps(spec), str(spec_path))
+        yaml_value = {float("inf"): "1.0e+999"}.get(value, value)
+        if where == "daemon":
+            text = BEFORE.replace("idle_exit: 0", f"idle_exit: 0\n    {key}: {yaml_value}")
+        else:
+            text = BEFORE.replace("timeout: 1", f"timeout: 1\n        {key}: {yaml_value}")
+        text = text.replace("idle_exit: 0\n    idle_exit:", "idle_exit:").replace("timeout: 1\n        timeout:",
+                                                                             "timeout:")
+        (root / "bad.yaml").write_text(text)
+        check = run_cli("check", "-c", str(root / "bad.yaml"))
+        words = str(refused.value).rpartition(f"{where}.{key}: ")[2]
+        yaml_key = "daemons.r" + ("" if where == "daemon" else ".services.r.Slow")
+        assert words and f"{yaml_key}.{key}: {words}" in check.stdout + check.stderr, (refused.value, check)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_spec_out_of_range_is_refused_and_the_old_one_serves(world: tuple[Path, Path, SpecDaemon]) -> None:
+    root, _, daemon = world
+    spec_path = root / "var/lib/qubes-socksvc/daemons/r.json"
+    spec = json.loads(spec_path.read_text())
+    spec["daemon"]["max_connections"] = -5
+    tmp = spec_path.with_name("tmp")
+    tmp.write_text(json.dumps(spec))
+    tmp.rename(spec_path)
+    for _ in range(3):
+        assert served(daemon, b"r.Echo+ work\0still") == b"still", daemon.log.read_text()
+    assert "daemon.max_connections: must be at least 1" in daemon.log.read_text()
+
+
+def test_a_daemon_that_cannot_accept_still_sees_a_new_spec() -> None:
+    """Every slot held by a call that hangs: no call is accepted, so no call looks at the spec;
+    the timer does (server.SPEC_CHECK_INTERVAL), and the new limit lets the waiting caller in."""
+    text = BEFORE.replace("idle_exit: 0", "idle_exit: 0\n    max_connections: 1") + \
+        "      r.Hang:\n        handler: handlers:hangs\n"
+    root = world_dir("socksvc-reload-")
+    manifest = root / "manifest.yaml"
+    apply(root, manifest, text)
+    daemon = SpecDaemon(root / "var/lib/qubes-socksvc/daemons/r.json", world_dir("socksvc-reload-bind-"), "r")
+    hanging = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        hanging.connect(daemon.socket)
+        hanging.sendall(b"r.Hang+ work\0")
+        wait_logged(daemon, "call r.Hang+ from work")  # the only slot is taken
+        assert served(daemon, b"r.Echo+ work\0waits", timeout=1) is None  # in the backlog
+        apply(root, manifest, text.replace("max_connections: 1", "max_connections: 2"))
+        started = time.monotonic()
+        assert served(daemon, b"r.Echo+ work\0in", timeout=server.SPEC_CHECK_INTERVAL + 8) == b"in", \
+            daemon.log.read_text()
+        assert time.monotonic() - started < server.SPEC_CHECK_INTERVAL + 5
+    finally:
+        hanging.close()
+        daemon.stop()
+        shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(daemon.bind_dir, ignore_errors=True)
