@@ -3,6 +3,10 @@
 """The daemon's log: every line of a call carries the call's journal fields, and a fault that
 repeats on every call is logged once a minute, not once a call.
 
+What a caller sends is cut before it is logged (:func:`cut`, :func:`traceback_text`): the
+service as called may be 65 000 bytes (qrexec's MAX_SERVICE_NAME_LEN), and a handler's
+exception message may quote its input; the log must be bounded by what the operator needs.
+
 The fields live in a context variable: asyncio runs each connection's task in a context of its
 own (and handlers.py gives a plain handler's thread a copy), so whatever logs during a call, the
 daemon, asyncio or the handler's own ``logging`` calls, is tagged with SERVICE, SOURCE, TARGET
@@ -14,6 +18,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import time
+import traceback
 from collections.abc import Hashable, Mapping
 
 #: The journal fields of the call being served in this context (None outside a call).
@@ -23,6 +28,31 @@ call_fields: contextvars.ContextVar[Mapping[str, str] | None] = contextvars.Cont
 REPEAT_INTERVAL = 60.0
 #: Distinct faults remembered at once; beyond that, the oldest are forgotten (logged again).
 REPEAT_KEYS = 1024
+#: Characters of a caller's string a line or a journal field shows (a qrexec service NAME is at
+#: most 255 bytes: a NAME is never cut, a long argument is); the rest is replaced by CUT_MARK.
+MAX_LOGGED = 256
+#: What replaces the end of a cut string: how many characters were left out.
+CUT_MARK = "...[{} more characters not logged]"
+#: Lines of a handler's traceback logged (each cut to MAX_LOGGED): the last ones, which end
+#: with the exception raised.
+MAX_TRACEBACK_LINES = 64
+
+
+def cut(text: str, limit: int = MAX_LOGGED) -> str:
+    """``text``, or its first ``limit`` characters and CUT_MARK."""
+    if len(text) <= limit:
+        return text
+    return text[:limit] + CUT_MARK.format(len(text) - limit)
+
+
+def traceback_text(error: BaseException) -> str:
+    """The traceback ``logging`` would log for ``error``, each line cut, at most
+    MAX_TRACEBACK_LINES of them: an exception's message may quote the caller's input."""
+    lines = [cut(line) for line in "".join(traceback.format_exception(error)).rstrip("\n").split("\n")]
+    if len(lines) > MAX_TRACEBACK_LINES:
+        left_out = len(lines) - MAX_TRACEBACK_LINES + 1
+        lines = [lines[0], f"  ...[{left_out} lines not logged]", *lines[-(MAX_TRACEBACK_LINES - 2):]]
+    return "\n".join(lines)
 
 
 class CallFields(logging.Filter):

@@ -182,3 +182,82 @@ def test_a_call_cut_by_the_stop_drops_its_queued_output(tmp_path: Path, monkeypa
         return len(received)
 
     assert asyncio.run(scenario()) < QUEUED_OUTPUT
+
+
+# --- logs bounded by what the operator needs, not by what a caller sends (issue 22.3) ---------------
+
+VARYING_MANIFEST = """\
+version: 1
+daemons:
+  t:
+    idle_exit: 0
+    services:
+      t.Int:
+        handler: tests.handlers:huge
+"""
+#: The longest argument a caller can send: qrexec's MAX_SERVICE_NAME_LEN (65000) for the whole
+#: service part, minus "t.Int+".
+LONGEST_ARGUMENT = 65000 - len("t.Int+")
+
+
+def test_200_varying_faults_log_one_traceback_and_bounded_lines(journal: list[dict[str, Any]],
+                                                                tmp_path: Path) -> None:
+    """``int(request.argument)`` (tests.handlers:huge) fails with a message quoting the argument,
+    different on every call: the fault is still one (service, exception type), logged once per
+    logs.REPEAT_INTERVAL; each call's line and fields show the argument cut to logs.MAX_LOGGED
+    characters with logs.CUT_MARK, whatever its length (up to 65 000 bytes, MAX_SERVICE_NAME_LEN)."""
+    daemon = manifest.parse(VARYING_MANIFEST, str(tmp_path / "m.yaml")).daemons["t"]
+    arguments = [f"x{i:04d}" + ("y" * (LONGEST_ARGUMENT - 5) if i % 10 == 0 else "") for i in range(200)]
+    unknown = "u" * (65000 - len("t.Nope+"))  # an undeclared service: its rejection quotes it
+
+    async def scenario() -> None:
+        listeners = server.bind_sockets(daemon, str(tmp_path))
+        serving = server.Server(daemon)
+        running = asyncio.create_task(serving.run(listeners))
+        path = str(tmp_path / "socksvc-t.sock")
+        for argument in arguments:
+            assert await _call(path, f"t.Int+{argument} work\0".encode()) == b""
+        assert await _call(path, f"t.Nope+{unknown} work\0".encode()) == b""
+        serving.stop()
+        await running
+
+    logs.tag_log_handlers()
+    asyncio.run(scenario())
+    messages = [entry["MESSAGE"] for entry in journal if "SERVICE" in entry or "rejected" in entry["MESSAGE"]]
+    faults = [m for m in messages if "handler tests.handlers:huge raised" in m]
+    assert len(faults) == 1, f"{len(faults)} tracebacks for one fault"
+    assert "ValueError: invalid literal for int()" in faults[0]
+    calls = [m for m in messages if m.startswith("call t.Int+") and m.endswith(" from work")]
+    assert len(calls) == 200
+    assert len(messages) == 200 + 1 + 1, messages[-5:]  # the calls, one traceback, the rejection
+    cut = logs.CUT_MARK.format(LONGEST_ARGUMENT - logs.MAX_LOGGED + len("t.Int+"))
+    assert sum(cut in m for m in calls) == 20
+    assert any(m.startswith("rejected call: service t.Nope+uuu") and "more characters not logged" in m
+               for m in messages)
+    # Every line, and every field python-systemd sends with it, is bounded; not by the caller.
+    bound = logs.MAX_LOGGED + 200
+    for entry in journal:
+        for key, value in entry.items():
+            limit = bound * logs.MAX_TRACEBACK_LINES if key in ("MESSAGE", "EXCEPTION_TEXT", "CODE_ARGS", "args",
+                                                                 "exc_text") else bound
+            assert len(str(value)) < limit, (key, len(str(value)))
+    total = sum(len(str(value)) for entry in journal for value in entry.values())
+    assert total < 200 * 4 * bound, total  # was ~40 MB: 20 arguments of 65 KB in 6 fields each
+
+
+def test_cut_says_how_much_it_left_out() -> None:
+    assert logs.cut("a" * logs.MAX_LOGGED) == "a" * logs.MAX_LOGGED
+    assert logs.cut("a" * (logs.MAX_LOGGED + 7)) == "a" * logs.MAX_LOGGED + logs.CUT_MARK.format(7)
+
+
+def test_a_traceback_is_cut_line_by_line_and_keeps_its_end() -> None:
+    """A handler's exception message may quote the caller's input, newlines included."""
+    try:
+        raise ValueError("\n".join(f"line {i}" for i in range(500)) + "\n" + "q" * 10000)
+    except ValueError as e:
+        text = logs.traceback_text(e)
+    lines = text.split("\n")
+    assert len(lines) == logs.MAX_TRACEBACK_LINES
+    assert lines[0] == "Traceback (most recent call last):" and "lines not logged]" in lines[1]
+    assert lines[-2] == "line 499"
+    assert lines[-1] == "q" * logs.MAX_LOGGED + logs.CUT_MARK.format(10000 - logs.MAX_LOGGED)
