@@ -588,11 +588,23 @@ def _claim_socket(path: str, node: yaml.Node, key: str, problems: _Problems, cla
 #: input is refused before it is composed: libyaml's composer recurses, and ~50 000 levels
 #: overflow the C stack.
 MAX_DEPTH = 32
+#: Aliases named one by one in the refusal; the rest are counted.
+MAX_ALIASES_LISTED = 10
 
 
-def _check_depth(text: str, path: str, loader: type) -> None:
-    """Refuse input nested deeper than MAX_DEPTH, using libyaml's iterative parser."""
+def _check_events(text: str, path: str, loader: type) -> None:
+    """Refuse, from libyaml's iterative parser's events and before anything is composed:
+
+    - input nested deeper than MAX_DEPTH;
+    - YAML aliases (``*name``, ``<<: *name``).  An alias stands for its anchor's whole value
+      wherever it is used, so the work of check, apply and policy grows with the product of
+      the two, not with the manifest's size: a 0.14 MiB manifest using one 1000-caller policy
+      3000 times made ``policy`` print 96 MB.  Refused, the work stays bounded by
+      MAX_MANIFEST_SIZE.  An anchor alone (``&name``) changes nothing and is accepted.
+    """
     depth = 0
+    aliases: list[str] = []
+    count = 0
     for event in yaml.parse(text, Loader=loader):
         if isinstance(event, yaml.CollectionStartEvent):
             depth += 1
@@ -602,6 +614,17 @@ def _check_depth(text: str, path: str, loader: type) -> None:
                 raise ManifestError([f"{where}: nested deeper than {MAX_DEPTH} levels; a manifest needs at most 9"])
         elif isinstance(event, yaml.CollectionEndEvent):
             depth -= 1
+        elif isinstance(event, yaml.AliasEvent):
+            count += 1
+            if len(aliases) < MAX_ALIASES_LISTED:
+                mark = event.start_mark
+                where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
+                aliases.append(f"{where}: alias *{event.anchor}: YAML aliases are not accepted (each one repeats "
+                               f"its anchor's whole value, and the work with it); write the value out here")
+    if count > len(aliases):
+        aliases.append(f"{path}: and {count - len(aliases)} more aliases")
+    if aliases:
+        raise ManifestError(aliases)
 
 
 def parse(text: str, path: str) -> Manifest:
@@ -612,7 +635,7 @@ def parse(text: str, path: str) -> Manifest:
     problems = _Problems(path)
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     try:
-        _check_depth(text, path, loader)
+        _check_events(text, path, loader)
         root = yaml.compose(text, Loader=loader)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark

@@ -172,3 +172,44 @@ def test_check_summary(tmp_path: Path) -> None:
     path.write_text(GOOD)
     result = run_cli("check", "-c", str(path), check=True)
     assert result.stdout == f"{path}: OK, 1 daemons, 1 services, 0 forwards\n"
+
+
+# --- work bounded like bytes: YAML aliases (issue 22.4) ---------------------------------------------
+
+def alias_manifest(size: int) -> str:
+    """One anchored 1000-caller policy, and as many services using it (``*callers``) as fit in ``size``."""
+    callers = ", ".join(f"q{i:04d}" for i in range(1000))
+    head = (f"version: 1\ndaemons:\n  d:\n    services:\n      s.S00000:\n        handler: a:b\n"
+            f"        policy: &callers\n          allow: [{callers}]\n")
+    entries = []
+    total = len(head)
+    for i in range(1, 100000):
+        entry = f"      s.S{i:05d}:\n        handler: a:b\n        policy: *callers\n"
+        if total + len(entry) > size:
+            break
+        entries.append(entry)
+        total += len(entry)
+    return head + "".join(entries)
+
+
+def test_an_alias_manifest_at_the_size_cap_is_refused_at_once(tmp_path: Path) -> None:
+    """Each alias stands for its anchor's whole value: 1 MiB of them is ~20 000 copies of a
+    1000-caller policy, 20 million callers for check, apply and policy to walk (0.5 MiB took
+    ``check`` 100 s).  Aliases are refused while parsing, before anything is built
+    (manifest._check_events), each at its FILE:LINE:COLUMN, with the fix."""
+    text = alias_manifest(manifest.MAX_MANIFEST_SIZE)
+    assert manifest.MAX_MANIFEST_SIZE - 100 < len(text.encode()) <= manifest.MAX_MANIFEST_SIZE
+    path = tmp_path / "aliases.yaml"
+    path.write_text(text)
+    for verb in (["check"], ["policy", "--qube", "work"]):
+        result = run_cli(*verb, "-c", str(path))
+        assert result.returncode != 0
+        lines = result.stderr.splitlines()
+        assert f"{path}:11:17: alias *callers: " in lines[0] and "write the value out" in lines[0], lines[:3]
+        assert len(lines) <= manifest.MAX_ALIASES_LISTED + 2, len(lines)  # not one line per alias
+        assert f"and {text.count('*callers') - manifest.MAX_ALIASES_LISTED} more aliases" in result.stderr
+
+
+def test_an_anchor_without_an_alias_is_plain_yaml() -> None:
+    assert parse(GOOD.replace("handler:", "handler: &h")).daemons["demo"].services["demo.Echo"].handler == \
+        "qubes_socksvc.examples:echo"
