@@ -67,14 +67,18 @@ def _volatile(path: str | None) -> bool:
     return path is not None and (path + "/").startswith("/run/")
 
 
+def _unaliased(path: str) -> str:
+    for alias, real in _ALIASES:
+        if path == alias or path.startswith(alias + "/"):
+            return real + path[len(alias):]
+    return path
+
+
 def resolve(root: str, path: str) -> str:
     """``path`` as the kernel reaches it inside ``root``: every symlink on the way followed (an
     absolute target starts again at ``root``), ``..`` after them; what does not exist stays as
     named.  Loops end after MAXSYMLINKS links, like ELOOP."""
-    for alias, real in _ALIASES:
-        if path == alias or path.startswith(alias + "/"):
-            path = real + path[len(alias):]
-    parts = [p for p in path.split("/") if p]
+    parts = [p for p in _unaliased(path).split("/") if p]
     done = ""
     hops = 0
     while parts:
@@ -82,7 +86,7 @@ def resolve(root: str, path: str) -> str:
         if part == ".":
             continue
         if part == "..":
-            done = os.path.dirname(done) if done else ""
+            done = done.rpartition("/")[0]
             continue
         candidate = f"{done}/{part}"
         try:
@@ -94,7 +98,7 @@ def resolve(root: str, path: str) -> str:
         if hops > _MAX_SYMLINKS:
             return candidate
         if target.startswith("/"):
-            done = ""
+            done, target = "", _unaliased(target)
         parts = [p for p in target.split("/") if p] + parts
     return done or "/"
 
@@ -187,14 +191,18 @@ class Tree:
             return "stop", None
         return "link", resolve(self.disk.root, path)
 
-    def probe_service(self, path: str) -> tuple[lookup.Kind, str | None] | None:
-        """find_qrexec_service's view, with our own links taken as up (their sockets come and go)."""
+    def probe_service(self, path: str, sockets: Sockets) -> tuple[lookup.Kind, str | None] | None:
+        """find_qrexec_service's view, with our own links and every link to a daemon's socket taken
+        as up (their sockets come and go with their users' sessions)."""
         if path in self.changes:
             artifact = self.changes[path]
             if artifact is None:
                 return None
             if artifact.link_target is not None and qrexec.is_tcp_link(artifact.link_target):
                 return lookup.Kind.TCP, artifact.link_target
+            return lookup.Kind.SOCKET, None
+        found = self.entry(path)
+        if found is not None and found[1] is not None and sockets.canonical(found[1]) in sockets.units:
             return lookup.Kind.SOCKET, None
         return lookup.probe_service(self.disk.real(path))
 
@@ -219,31 +227,35 @@ class Tree:
 
 
 class Sockets:
-    """The sockets that read a descriptor first, as the kernel reaches them: shared daemon
-    sockets and Qubes-aware forward targets.  A link reaching one of them must never take
-    ``skip-service-descriptor=true``."""
+    """Sockets as the kernel reaches them: which read a descriptor first (daemons' shared
+    sockets, Qubes-aware forward targets), and which socket unit each daemon socket belongs to.
 
-    def __init__(self, root: str, paths: Mapping[str, str]) -> None:
+    All sockets of one ``.socket`` unit come and go together (systemd.socket(5): every
+    ``ListenStream=`` is opened when the unit starts, and ``RemoveOnStop=yes`` removes them
+    all), so a link to a daemon's own socket dangles only while its shared socket is gone too.
+    """
+
+    def __init__(self, root: str, reading: Mapping[str, str], units: Mapping[str, str]) -> None:
         self.root = root
-        self.by_path = {resolve(root, p): what for p, what in paths.items()}
-        self.by_inode: dict[tuple[int, int], str] = {}
-        for path, what in self.by_path.items():
+        self.reading = {resolve(root, p): what for p, what in reading.items()}
+        self.units = {resolve(root, p): unit for p, unit in units.items()}
+        self._inodes: dict[tuple[int, int], str] = {}
+        for path in {**self.reading, **self.units}:
             try:  # the same socket under another name (a hard link)
                 st = os.stat(install.real_path(root, path))
             except OSError:
                 continue
-            self.by_inode[(st.st_dev, st.st_ino)] = what
+            self._inodes[(st.st_dev, st.st_ino)] = path
 
-    def reached(self, resolved: str) -> str | None:
-        if resolved in self.by_path:
-            return self.by_path[resolved]
-        if self.by_inode:
-            try:
-                st = os.stat(install.real_path(self.root, resolved))
-            except OSError:
-                return None
-            return self.by_inode.get((st.st_dev, st.st_ino))
-        return None
+    def canonical(self, resolved: str) -> str:
+        """The known socket path ``resolved`` is (the same file under another name), or itself."""
+        if resolved in self.reading or resolved in self.units or not self._inodes:
+            return resolved
+        try:
+            st = os.stat(install.real_path(self.root, resolved))
+        except OSError:
+            return resolved
+        return self._inodes.get((st.st_dev, st.st_ino), resolved)
 
 
 def applied_daemons(root: str, layouts: Iterable[Layout] = LAYOUTS) -> dict[str, model.Daemon]:
@@ -265,23 +277,21 @@ def applied_daemons(root: str, layouts: Iterable[Layout] = LAYOUTS) -> dict[str,
     return found
 
 
-def descriptor_sockets(manifest: Manifest | None, layout: Layout | None, root: str,
-                       applied: bool = True) -> dict[str, str]:
-    """Socket path -> what reads a descriptor there: this manifest's daemons and Qubes-aware
-    forwards, and (``applied``) the daemons of the specs on disk, except those of this
-    manifest's layout, which apply replaces."""
-    paths: dict[str, str] = {}
-    if applied:
-        layouts = [lay for lay in LAYOUTS if layout is None or lay.spec_dir != layout.spec_dir]
-        for spec, daemon in applied_daemons(root, layouts).items():
-            paths[daemon.socket] = f"the socket of daemon {daemon.name} (applied, {spec})"
+def sockets(root: str, manifest: Manifest | None, applied: Iterable[Layout]) -> Sockets:
+    """The sockets of this manifest's daemons and Qubes-aware forwards, and of the daemons whose
+    specs are on disk in the ``applied`` layouts."""
+    reading: dict[str, str] = {}
+    units: dict[str, str] = {}
+    daemons = [(d, f" (applied, {spec})") for spec, d in applied_daemons(root, applied).items()]
     if manifest is not None:
-        for daemon in manifest.daemons.values():
-            paths[daemon.socket] = f"the socket of daemon {daemon.name}"
+        daemons += [(d, "") for d in manifest.daemons.values()]
         for key, forward in manifest.forwards.items():
             if forward.service_descriptor and not qrexec.is_tcp_link(forward.link_target):
-                paths[forward.link_target] = f"the target of forward {key} (reads a descriptor)"
-    return paths
+                reading[forward.link_target] = f"the target of forward {key} (reads a descriptor)"
+    for daemon, where in daemons:
+        reading[daemon.socket] = f"the socket of daemon {daemon.name}{where}"
+        units.update(dict.fromkeys(daemon.sockets(), f"{daemon.unit}.socket"))
+    return Sockets(root, reading, units)
 
 
 # --- the calls of a NAME ------------------------------------------------------------------
@@ -308,8 +318,10 @@ def _calls(name: str, files: Iterable[str]) -> list[str]:
 
 def _reaches(tree: Tree, call: str, sockets: Sockets) -> tuple[str, str] | None:
     """(the link, what reads descriptors there) if some state of the sockets lets ``call`` reach
-    a descriptor-reading socket: the first link to one in lookup order before anything qrexec
-    stops at (a link whose socket is down is skipped like a missing file: exec.c: find_file)."""
+    a descriptor-reading socket: qrexec takes the first entry in lookup order, and skips a link
+    whose socket is down like a missing file (exec.c: find_file), so every link before it may
+    be skipped, except one of a socket unit that must be up for the socket reached."""
+    down: set[str] = set()  # units taken as stopped on the way
     for key in qrexec.lookup_keys(call):
         for directory in qrexec.RPC_SEARCH_PATH:
             path = f"{directory}/{key}"
@@ -317,12 +329,15 @@ def _reaches(tree: Tree, call: str, sockets: Sockets) -> tuple[str, str] | None:
             if found is None:
                 continue
             kind, resolved = found
-            if kind == "stop":
+            if kind == "stop" or resolved is None:
                 return None
-            assert resolved is not None
-            what = sockets.reached(resolved)
-            if what is not None:
+            socket = sockets.canonical(resolved)
+            unit = sockets.units.get(socket)
+            what = sockets.reading.get(socket)
+            if what is not None and unit not in down:
                 return path, what
+            if unit is not None:
+                down.add(unit)
     return None
 
 
@@ -355,12 +370,8 @@ def _forgeable_finding(call: str, link: str, what: str, config: str | None, conf
 def forgeable(manifest: Manifest | None, root: str = "/") -> list[Finding]:
     """Forgeable calls on the disk as it is now (``check``, ``list``), whatever made them: every
     applied daemon's socket, and this manifest's."""
-    layout = None if manifest is None else Layout.for_manifest(manifest)
-    tree = Tree(_Disk(root), {})
-    sockets = Sockets(root, descriptor_sockets(manifest, layout, root) | (
-        descriptor_sockets(None, None, root) if layout is not None else {}))
-    return [_forgeable_finding(call, *found, conflict=not _volatile(found[2]))
-            for call, found in forgeable_calls(tree, sockets).items()]
+    found = forgeable_calls(Tree(_Disk(root), {}), sockets(root, manifest, LAYOUTS))
+    return [_forgeable_finding(call, *where, conflict=not _volatile(where[2])) for call, where in found.items()]
 
 
 # --- settle: what apply must write, and what it must refuse -------------------------------
@@ -375,7 +386,7 @@ class _Settler:
         ours = {a.path: a for a in artifacts}
         removed: dict[str, Artifact | None] = {p: None for p in owned if p not in ours}
         self.tree = Tree(_Disk(root), {**removed, **ours})
-        self.sockets = Sockets(root, descriptor_sockets(manifest, layout, root))
+        self.sockets = sockets(root, manifest, [lay for lay in LAYOUTS if lay != layout])
         declared = {key: service.rpc_config() for key, (_, service) in manifest.services().items()}
         declared.update({key: forward.rpc_config() for key, forward in manifest.forwards.items()})
         #: our qubes-rpc link -> (its key, the options the manifest declares)
@@ -416,6 +427,9 @@ class _Settler:
             self._shadow(key)
         self._forward_targets()
 
+    def probe(self, path: str) -> tuple[lookup.Kind, str | None] | None:
+        return self.tree.probe_service(path, self.sockets)
+
     def now(self) -> set[str]:
         """The calls forgeable on the disk as it is, before apply."""
         if self._now is None:
@@ -445,7 +459,7 @@ class _Settler:
     def _declared_config(self, call: str) -> None:
         """A call that reaches one of our links gets the config its key declares."""
         try:
-            found = lookup.find_file(qrexec.RPC_SEARCH_PATH, qrexec.lookup_keys(call), self.tree.probe_service)
+            found = lookup.find_file(qrexec.RPC_SEARCH_PATH, qrexec.lookup_keys(call), self.probe)
         except lookup.LookupFailed:
             return  # reported as a shadow
         if found is None or found[0] not in self.declared:
@@ -483,7 +497,7 @@ class _Settler:
         reported = set()
         for call in calls:
             try:
-                found = lookup.find_file(qrexec.RPC_SEARCH_PATH, qrexec.lookup_keys(call), self.tree.probe_service)
+                found = lookup.find_file(qrexec.RPC_SEARCH_PATH, qrexec.lookup_keys(call), self.probe)
             except lookup.LookupFailed as e:
                 self.findings.append(Finding(key, f"qrexec would fail calls of {_shown(call)}: {e}", False))
                 return
@@ -496,18 +510,14 @@ class _Settler:
     def _forward_targets(self) -> None:
         """A forward's socket judged where the kernel takes it: never a daemon's socket under another
         spelling, never in a directory where any user can bind a socket first."""
-        daemons = {**{d.socket: f"daemon {d.name} (applied)" for d in applied_daemons(self.root).values()},
-                   **{p: f"daemon {d.name}" for d in applied_daemons(self.root).values() for p in d.sockets()}}
-        daemons.update({p: f"daemon {d.name}" for d in self.manifest.daemons.values() for p in d.sockets()})
-        owners = Sockets(self.root, daemons)
         for key, forward in self.manifest.forwards.items():
             target = forward.link_target
             if qrexec.is_tcp_link(target):
                 continue
             resolved = resolve(self.root, target)
-            owner = owners.reached(resolved)
-            if owner is not None:
-                self.findings.append(Finding(key, f"forwards.{key}.target: {target} is the socket of {owner} "
+            unit = self.sockets.units.get(self.sockets.canonical(resolved))
+            if unit is not None:
+                self.findings.append(Finding(key, f"forwards.{key}.target: {target} is a socket of {unit} "
                                              f"(reached as {resolved}); declare {key} as a service of that "
                                              "daemon instead", True))
                 continue
@@ -559,9 +569,7 @@ def safe_order(plan: install.Plan, manifest: Manifest) -> install.Plan | Finding
     later).  A Finding if no such order exists (never seen; then nothing is written).
     """
     root, layout = plan.root, plan.layout
-    sockets = Sockets(root, descriptor_sockets(manifest, layout, root)
-                      | {d.socket: f"the socket of daemon {d.name} (applied)"
-                         for d in applied_daemons(root, [layout]).values()})
+    known = sockets(root, manifest, LAYOUTS)  # this layout's applied daemons too, until they reload
     rpc_dirs = (layout.rpc_dir, layout.rpc_config_dir)
     groups: dict[str, list[install.Action]] = {}
     others: list[install.Action] = []
@@ -574,12 +582,12 @@ def safe_order(plan: install.Plan, manifest: Manifest) -> install.Plan | Finding
     tree = Tree(_Disk(root), {})
     ordered: list[install.Action] = []
     for name in sorted(groups):
-        before = set(forgeable_calls(tree, sockets, [name]))
+        before = set(forgeable_calls(tree, known, [name]))
         pending = sorted(groups[name], key=lambda a: _preference(a, layout))
         while pending:
             for action in pending:
                 undo = tree.update({action.path: None if action.verb == "remove" else action.artifact})
-                if set(forgeable_calls(tree, sockets, [name])) <= before:
+                if set(forgeable_calls(tree, known, [name])) <= before:
                     ordered.append(action)
                     pending.remove(action)
                     break

@@ -48,8 +48,9 @@ class Config:
         """The keys in qrexec's spelling: those set away from qrexec's defaults, or (``explicit``)
         every key that has a value to write."""
         default = Config()
-        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)
-                if getattr(self, f.name) is not None and (explicit or getattr(self, f.name) != getattr(default, f.name))}
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {name.replace("_", "-"): value for name, value in values.items()
+                if value is not None and (explicit or value != getattr(default, name))}
 
     def differences(self, other: Config) -> list[str]:
         """The rpc-config keys whose values differ, in qrexec's spelling."""

@@ -25,7 +25,7 @@ import pytest
 
 from qubes_socksvc import manifest, qrexec, status
 from qubes_socksvc.manifest import ManifestError
-from tests.conftest import REPO, TESTS, run_cli, private_dir
+from tests.conftest import REPO, TESTS, private_dir, run_cli
 from tests.test_manifest import tree_digest
 
 PATH = "/etc/qubes-socksvc.yaml"
@@ -358,7 +358,8 @@ forwards:
     (root / "run/qubes-rpc/my.Svc").symlink_to("/dev/tcp/127.0.0.1/23")
     result = run_cli("check", "-c", str(path), "--root", str(root))
     assert result.returncode == 0, result.stderr
-    assert "calls of my.Svc (and my.Svc+) reach /run/qubes-rpc/my.Svc (a TCP service), which qrexec finds first" in result.stderr
+    assert ("calls of my.Svc (and my.Svc+) reach /run/qubes-rpc/my.Svc (a TCP service), which qrexec finds first"
+            in result.stderr)
 
 
 # --- list: reachability without connecting --------------------------------------------------
