@@ -475,8 +475,11 @@ class _Settler:
                                          f"to {key} too ({', '.join(want.differences(got))})."):
                 path, got = self.tree.config_for(call)
         except lookup.LookupFailed as e:
-            self.findings.append(Finding(key, f"qrexec would fail calls of {_shown(call)}: {e}",
-                                         not _volatile(str(e).partition(":")[0])))
+            try:
+                cause = lookup.find_config(call, qrexec.RPC_CONFIG_SEARCH_PATH, self.tree.config_exists)
+            except lookup.LookupFailed:
+                cause = None
+            self.findings.append(Finding(key, f"qrexec would fail calls of {_shown(call)}: {e}", not _volatile(cause)))
             return
         if got == want:
             return
@@ -539,7 +542,7 @@ def _world_writable_dir(root: str, resolved: str) -> str | None:
         try:
             st = os.stat(install.real_path(root, path))
         except OSError:
-            return None
+            continue  # not (yet) there: only the well-known ones are judged
         if st.st_mode & stat.S_IWOTH:
             return path
     return None

@@ -1,0 +1,173 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (C) 2026 qubes-socksvc developers
+"""``check``/``apply`` judge the whole disk by the calls qrexec would make of it: no
+false conflicts where qrexec's own lookup makes a state safe, forward targets compared
+where the kernel takes them, and what volatile files in ``/run`` cause."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+from pathlib import Path
+
+import pytest
+
+from qubes_socksvc import cli, effective, rpcconfig
+from tests import qrexec_view
+
+
+def run(verb: str, manifest: Path, root: Path) -> tuple[int, str]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        code = cli.main([verb, "-c", str(manifest), "--root", str(root)])
+    return code, out.getvalue()
+
+
+def write(tmp_path: Path, text: str) -> tuple[Path, Path]:
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(text)
+    return manifest, tmp_path / "root"
+
+
+# --- no false conflicts --------------------------------------------------------------------
+
+HANDLER = "        handler: qubes_socksvc.examples:echo\n"
+
+
+@pytest.mark.parametrize("option", ["wait_for_session: true", "service_descriptor: false"])
+def test_a_plain_name_beside_a_name_plus_with_options_applies(tmp_path: Path, option: str) -> None:
+    """libqrexec/exec.c: parse_qubes_rpc_command looks a bare call NAME up as NAME+ first, for
+    the service file (find_qrexec_service) and for the rpc-config (load_service_config_raw)
+    alike: the bare call is NAME+'s, with NAME+'s config, as declared.  Was refused."""
+    manifest, root = write(tmp_path, "version: 1\ndaemons:\n  d:\n    services:\n"
+                           f"      my.Svc:\n{HANDLER}      my.Svc+:\n{HANDLER}        {option}\n")
+    code, output = run("apply", manifest, root)
+    assert code == 0 and "conflict" not in output, output
+    assert run("check", manifest, root)[0] == 0
+    reading = {"/run/qubes/socksvc-d.sock"}
+    units = [{"/run/qubes/socksvc-d.sock", "/run/qubes/socksvc-my.Svc+.sock"}]
+    assert not qrexec_view.forgeable(root, reading, units)
+    # The bare call reaches NAME+ and takes NAME+'s config (qrexec_view: exec.c alone).
+    assert qrexec_view.service_entry(root, "my.Svc", set().union(*units), set().union(*units))[0] == \
+        "/etc/qubes-rpc/my.Svc+"
+    assert qrexec_view.skips_descriptor(root, "my.Svc")[0] in (None, "/etc/qubes/rpc-config/my.Svc+")
+
+
+def test_a_forward_name_plus_beside_a_service_name_applies(tmp_path: Path) -> None:
+    """exec.c: a bare call of my.Svc (and my.Svc+) finds the forward's my.Svc+ link and its
+    config (skip-service-descriptor=true, as the forward declares); my.Svc+ARG finds the
+    service's my.Svc link and no config but defaults.  Was refused as a conflict."""
+    manifest, root = write(tmp_path, "version: 1\ndaemons:\n  d:\n    services:\n"
+                           f"      my.Svc:\n{HANDLER}forwards:\n  my.Svc+:\n    target: tcp:127.0.0.1:22\n")
+    code, output = run("apply", manifest, root)
+    assert code == 0 and "conflict" not in output, output
+    assert rpcconfig.parse((root / "etc/qubes/rpc-config/my.Svc+").read_text()) == {"skip-service-descriptor": True}
+    assert not (root / "etc/qubes/rpc-config/my.Svc").exists()
+    assert not qrexec_view.forgeable(root, {"/run/qubes/socksvc-d.sock"}, [{"/run/qubes/socksvc-d.sock"}])
+
+
+# --- forward targets where the kernel takes them -------------------------------------------
+
+
+DAEMON = f"version: 1\ndaemons:\n  d:\n    services:\n      my.Svc:\n{HANDLER}"
+
+
+@pytest.mark.parametrize("target, setup", [
+    ("/var/run/qubes/socksvc-d.sock", None),  # /var/run -> /run on every systemd system
+    ("/srv/link/socksvc-d.sock", ("srv/link", "/run/qubes")),  # a symlinked directory
+    ("/srv/abs/qubes/socksvc-d.sock", ("srv/abs", "../run")),
+])
+def test_a_forward_to_a_daemons_socket_through_another_spelling_is_refused(
+        tmp_path: Path, target: str, setup: tuple[str, str] | None) -> None:
+    """The daemon's socket reached through /var/run or a symlinked directory would get the
+    forward's skip-service-descriptor=true: the caller's stdin read as the descriptor."""
+    manifest, root = write(tmp_path, DAEMON + f"forwards:\n  my.Fwd:\n    target: unix:{target}\n")
+    if setup is not None:
+        (root / os.path.dirname(setup[0])).mkdir(parents=True)
+        (root / setup[0]).symlink_to(setup[1])
+    for verb in ("check", "apply"):
+        code, output = run(verb, manifest, root)
+        assert code == 1, output
+        assert f"forwards.my.Fwd.target: {target} is a socket of qubes-socksvc-d.socket" in output, output
+        assert "declare my.Fwd as a service of that daemon instead" in output
+    assert not (root / "etc").exists()
+
+
+@pytest.mark.parametrize("target", ["/tmp/x.sock", "/dev/shm/x.sock", "/var/tmp/s/x.sock", "/run/lock/x.sock",
+                                    "/var/lock/x.sock", "/srv/open/x.sock"])
+def test_a_forward_into_a_world_writable_directory_is_refused_with_the_fix(tmp_path: Path, target: str) -> None:
+    """Any user can bind a socket in a world-writable directory before the server does (or
+    after it stops) and receive every caller's data."""
+    manifest, root = write(tmp_path, f"version: 1\nforwards:\n  my.Fwd:\n    target: unix:{target}\n")
+    (root / "srv/open").mkdir(parents=True)
+    (root / "srv/open").chmod(0o1777)
+    code, output = run("apply", manifest, root)
+    assert code == 1 and "where any user can bind a socket before the server does" in output, output
+    assert "move the server's socket to a directory only its owner can write" in output
+
+
+def test_a_forward_in_a_private_directory_applies(tmp_path: Path) -> None:
+    manifest, root = write(tmp_path, "version: 1\nforwards:\n  my.Fwd:\n    target: unix:/srv/app/app.sock\n")
+    (root / "srv/app").mkdir(parents=True, mode=0o755)
+    code, output = run("apply", manifest, root)
+    assert code == 0, output
+
+
+def test_resolve_follows_links_like_the_kernel(tmp_path: Path) -> None:
+    (tmp_path / "a/b").mkdir(parents=True)
+    (tmp_path / "rel").symlink_to("a/b")
+    (tmp_path / "abs").symlink_to("/a")
+    (tmp_path / "loop").symlink_to("/loop")
+    assert effective.resolve(str(tmp_path), "/rel/s.sock") == "/a/b/s.sock"
+    assert effective.resolve(str(tmp_path), "/abs/b/../b/s.sock") == "/a/b/s.sock"
+    assert effective.resolve(str(tmp_path), "/var/run/x") == "/run/x"
+    assert effective.resolve(str(tmp_path), "/missing/x") == "/missing/x"
+    assert effective.resolve(str(tmp_path), "/loop/x").startswith("/loop")  # ELOOP ends it
+
+
+# --- volatile files in /run -----------------------------------------------------------------
+
+RAW = f"version: 1\ndaemons:\n  d:\n    services:\n      my.Svc+x:\n{HANDLER}      my.Svc:\n{HANDLER}" \
+      "        service_descriptor: false\n"
+
+
+def plant(root: Path, name: str, text: str) -> None:
+    path = root / "run/qubes/rpc-config" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_a_planted_run_config_on_an_applied_service_warns_apply_and_fails_check(tmp_path: Path) -> None:
+    """/run/qubes/rpc-config is group-qubes writable and first in QUBES_RPC_CONFIG_PATH: one
+    file there wins every lookup.  Refusing apply would protect nothing (the file acts whether
+    or not apply runs) and let any group member block every apply, postinst's too; so apply
+    warns and goes on, and check and list fail while the disk is forgeable."""
+    manifest, root = write(tmp_path, RAW)
+    assert run("apply", manifest, root)[0] == 0
+    plant(root, "my.Svc+x", "skip-service-descriptor=true\n")
+    manifest.write_text(RAW.replace("my.Svc+x:\n", "my.Svc+x:\n        timeout: 5\n"))  # something to apply
+    code, output = run("apply", manifest, root)
+    assert code == 0, output
+    assert "warning   my.Svc+x: FORGEABLE: calls of my.Svc+x can reach /etc/qubes-rpc/my.Svc+x" in output
+    for verb in ("check", "list"):
+        code, output = run(verb, manifest, root)
+        assert code == 1 and "FORGEABLE" in output and "/run/qubes/rpc-config/my.Svc+x" in output, output
+
+
+def test_a_planted_run_config_cannot_make_apply_open_a_forgeable_call(tmp_path: Path) -> None:
+    """But apply never adds the link that a planted file turns forgeable: that is a conflict."""
+    manifest, root = write(tmp_path, RAW)
+    plant(root, "my.Svc+x", "skip-service-descriptor=true\n")
+    code, output = run("apply", manifest, root)
+    assert code == 1 and "conflict  my.Svc+x: FORGEABLE" in output, output
+    assert not (root / "etc").exists()
+
+
+def test_a_planted_run_config_that_changes_no_descriptor_is_a_warning(tmp_path: Path) -> None:
+    manifest, root = write(tmp_path, RAW)
+    plant(root, "my.Svc+x", "wait-for-session=true\n")
+    code, output = run("apply", manifest, root)
+    assert code == 0 and "warning   my.Svc+x: calls of my.Svc+x would take the rpc-config " \
+        "/run/qubes/rpc-config/my.Svc+x" in output, output
+    assert run("check", manifest, root)[0] == 0
