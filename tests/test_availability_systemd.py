@@ -192,7 +192,6 @@ def test_crashing_calls_never_fail_the_socket(units: Units) -> None:
 def test_steady_calls_with_the_shortest_idle_exit(units: Units) -> None:
     """With the shortest idle_exit the manifest accepts, a call just after each idle exit starts
     the daemon again, for longer than systemd's start-limit interval: every call is served."""
-    idle = units.daemon.idle_exit
     deadline = time.monotonic() + 12  # past DefaultStartLimitIntervalSec=10s
     starts = 0
     while time.monotonic() < deadline:
@@ -203,4 +202,4 @@ def test_steady_calls_with_the_shortest_idle_exit(units: Units) -> None:
             time.sleep(0.02)
         starts += 1
         assert units.show("socket", "ActiveState") == "active", units.show("socket", "Result")
-    assert starts > 5 and starts * idle < 12 + starts, starts  # more starts than the default burst
+    assert starts > 5, starts  # more starts than systemd's default burst (5) allows in 10 s
