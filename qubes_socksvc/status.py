@@ -162,12 +162,13 @@ def _serves(listener: ipaddress.IPv4Address | ipaddress.IPv6Address,
     return listener.is_unspecified and listener.version == 6
 
 
-def forward_state(forward: Forward, unix: set[str],
+def forward_state(forward: Forward, unix: UnixListeners,
                   tcp: set[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]]) -> str:
     """Whether the forward's target is reachable, judged from listening sockets (never by connecting)."""
     link = forward.link_target
     if not qrexec.is_tcp_link(link):
-        return "listening" if link in unix else f"not listening (no server on {link})"
+        state = unix.state(link)
+        return "listening" if state == "listening" else f"{state} (no server on {link})"
     _, argument = qrexec.split_service(forward.full_name)  # a NAME+ARG key fixes the argument
     if argument is None and link == qrexec.TCP_LINK:
         return "host and port come from each call's argument"
@@ -244,7 +245,7 @@ def report(manifest: Manifest, root: str = "/") -> tuple[str, bool]:
     owned = install.load_state(root, layout)
     settled, findings = effective.settle(manifest, layout, render.render(manifest, layout), root, owned)
     artifacts = {a.path: a for a in settled}
-    listening = listening_paths()
+    listening = unix_listeners()
     lines = [f"manifest {manifest.path}: {len(manifest.daemons)} daemons, {len(manifest.forwards)} forwards"]
     for daemon in manifest.daemons.values():
         lines.append(f"daemon {daemon.name}: {daemon.description} [{_enabled(root, daemon.unit)}]")
@@ -252,8 +253,7 @@ def report(manifest: Manifest, root: str = "/") -> tuple[str, bool]:
             path = f"{layout.unit_dir}/{daemon.unit}.{kind}"
             lines.append(f"  unit {path}: {_artifact_state(root, artifacts[path], owned)}")
         for socket_path in daemon.sockets():
-            state = "listening" if socket_path in listening else "not listening"
-            lines.append(f"  socket {socket_path}: {state}")
+            lines.append(f"  socket {socket_path}: {listening.state(socket_path)}")
         lines.append(f"  running: {running_state(daemon.unit, install.real_path(root, layout.spec(daemon.name)))}")
         for full_name, service in daemon.services.items():
             lines.append(f"  service {full_name} -> {service.handler}")

@@ -29,6 +29,8 @@ from tests.conftest import REPO, TESTS, private_dir, run_cli
 from tests.test_manifest import tree_digest
 
 PATH = "/etc/qubes-socksvc.yaml"
+#: No Unix socket listens (the TCP cases).
+NO_UNIX = status.UnixListeners(frozenset(), frozenset(), frozenset(), True)
 
 
 def parse(text: str) -> manifest.Manifest:
@@ -418,10 +420,10 @@ def test_tcp_listeners_are_read_from_proc() -> None:
     with v6:
         port = v6.getsockname()[1]
         fwd = manifest.Forward("my.F", f"tcp:127.0.0.1:{port}")
-        assert status.forward_state(fwd, set(), status.listening_tcp()) == "listening"
+        assert status.forward_state(fwd, NO_UNIX, status.listening_tcp()) == "listening"
         fwd6 = manifest.Forward("my.F", f"tcp:[::1]:{port}")
-        assert status.forward_state(fwd6, set(), status.listening_tcp()) == "listening"
-    assert status.forward_state(fwd, set(), status.listening_tcp()).startswith("not listening")
+        assert status.forward_state(fwd6, NO_UNIX, status.listening_tcp()) == "listening"
+    assert status.forward_state(fwd, NO_UNIX, status.listening_tcp()).startswith("not listening")
 
 
 def test_ipv6_forward_calls_through_its_link(tmp_path: Path) -> None:
