@@ -276,7 +276,14 @@ def plan(artifacts: list[Artifact], layout: Layout, root: str = "/") -> Plan:
         problem = record_dir.unwritable or _write_problem(real_path(root, layout.state_file))
         if problem is not None:
             actions.append(Action("conflict", layout.state_file, None, problem))
-    return Plan(_leftovers(root, layout, checks) + actions, layout, root)
+    result = Plan(_leftovers(root, layout, checks) + actions, layout, root)
+    size = len(_record(_widened(result)))  # the largest record execute writes: old and new states
+    if size > MAX_STATE_SIZE:
+        return Plan([*result.actions, Action("conflict", layout.state_file, None, (
+            f"the ownership record would be {size} bytes while apply works, more than it reads back "
+            f"({MAX_STATE_SIZE}); apply fewer services at once, or split them between /etc and /usr/local"))],
+            layout, root)
+    return result
 
 
 def _refused_if_unwritable(action: Action, root: str, checks: dict[str, _DirCheck]) -> Action:
@@ -361,9 +368,17 @@ def _write_symlink(real: str, target: str) -> None:
         raise
 
 
-def _save_state(root: str, layout: Layout, owned: dict[str, list[str]]) -> None:
+def _record(owned: dict[str, list[str]]) -> bytes:
     data = {"version": STATE_VERSION, "owned": dict(sorted(owned.items()))}
-    _write_file(real_path(root, layout.state_file), (json.dumps(data, indent=1) + "\n").encode())
+    return (json.dumps(data, indent=1) + "\n").encode()
+
+
+def _save_state(root: str, layout: Layout, owned: dict[str, list[str]]) -> None:
+    record = _record(owned)
+    if len(record) > MAX_STATE_SIZE:  # plan refuses this first: a net
+        raise ApplyError(f"{layout.state_file}: the ownership record would be {len(record)} bytes, more than "
+                         f"apply reads back ({MAX_STATE_SIZE}); nothing more was written")
+    _write_file(real_path(root, layout.state_file), record)
 
 
 def _widened(plan_: Plan) -> dict[str, list[str]]:

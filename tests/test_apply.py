@@ -8,6 +8,8 @@ import json
 import os
 from pathlib import Path
 
+import pytest
+
 from qubes_socksvc import manifest, render
 from tests.conftest import run_cli
 from tests.test_manifest import GOOD, tree_digest
@@ -213,3 +215,33 @@ def test_a_deleted_record_is_rebuilt_by_the_next_apply(tmp_path: Path) -> None:
     manifest.write_text(GOOD)
     code, out, err = apply(manifest, root)
     assert code == 0 and "remove" in out, out + err
+
+
+def test_an_ownership_record_over_its_cap_is_refused_before_the_first_write(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The record is read back up to MAX_STATE_SIZE (load_state): one that apply would write
+    larger, while it works (old and new states) or after, is a conflict in the plan, so nothing
+    is written; with the cap as large as the record, the same apply goes through."""
+    import contextlib
+    import io
+
+    from qubes_socksvc import cli, install
+
+    path = write(tmp_path, GOOD)
+    root = tmp_path / "root"
+    size = len(install._record({}))  # the record of nothing; the real one is far larger
+    monkeypatch.setattr(install, "MAX_STATE_SIZE", size + 200)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        code = cli.main(["apply", "-c", str(path), "--root", str(root)])
+    assert code == 1, out.getvalue()
+    assert "conflict  /var/lib/qubes-socksvc/owned.json" in out.getvalue()
+    assert f"more than it reads back ({size + 200})" in out.getvalue()
+    assert not root.exists()
+    monkeypatch.setattr(install, "MAX_STATE_SIZE", 16 << 20)
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        assert cli.main(["apply", "-c", str(path), "--root", str(root)]) == 0
+    written = (root / "var/lib/qubes-socksvc/owned.json").stat().st_size
+    monkeypatch.setattr(install, "MAX_STATE_SIZE", written)  # exactly the cap: read back, up to date
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        assert cli.main(["apply", "-c", str(path), "--root", str(root)]) == 0
