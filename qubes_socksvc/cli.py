@@ -195,11 +195,51 @@ def cmd_policy(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _activation_fds() -> range:
+    """The sockets systemd passed this process (sd_listen_fds(3): LISTEN_PID and LISTEN_FDS from 3)."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return range(0)
+    try:
+        return range(3, 3 + int(os.environ.get("LISTEN_FDS", "0")))
+    except ValueError:
+        return range(0)
+
+
+def _turn_away(fds: range) -> None:
+    """A daemon that cannot serve closes the connections already waiting on its sockets.
+
+    Otherwise systemd, whose socket still has them pending, starts it again at once, for as
+    long as a caller waits (the service sets no start limit: systemd.unit(5)), and the caller
+    hangs.  Each caller gets EOF: its call fails, and the daemon's log says why.
+    """
+    import socket
+
+    turned = 0
+    for fd in fds:
+        try:
+            listener = socket.socket(fileno=os.dup(fd))
+        except OSError:
+            continue
+        with listener:
+            listener.setblocking(False)
+            while True:
+                try:
+                    connection, _ = listener.accept()
+                except OSError:  # BlockingIOError: none left; anything else: not a listener
+                    break
+                connection.close()
+                turned += 1
+    if turned:
+        logging.error("closed %d waiting calls: this daemon cannot serve (see above)", turned)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     _setup_logging(args.daemon)
+    activated = _activation_fds()  # before anything consumes LISTEN_FDS
     if 0 in os.getresuid():  # a root real or saved UID lets a handler take root back
         logging.error("refusing to run as root: qrexec socket services run as a user; "
                       "enable the socket with 'systemctl --user enable --now qubes-socksvc-%s.socket'", args.daemon)
+        _turn_away(activated)
         return EXIT_FAILED
     from . import model, server
 
@@ -231,11 +271,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                   "or -c MANIFEST (development)")
         daemon, spec_id = source.load()
         server.serve(daemon, bind_dir=args.bind_dir, source=source, spec_id=spec_id)
-    except (model.SpecError, server.ServeError) as e:
+    except SocksvcError as e:  # SpecError, ServeError, or a manifest error with -c
         logging.error("%s", e)
-        return EXIT_FAILED
-    except SocksvcError as e:  # a manifest error, with -c
-        logging.error("%s", e)
+        _turn_away(activated)
         return EXIT_FAILED
     return EXIT_OK
 
