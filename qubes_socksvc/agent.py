@@ -6,13 +6,16 @@ Resolves the call's qubes-rpc file and, independently, its rpc-config like the
 agent (lookup.py), connects, sends the descriptor unless the config says
 ``skip-service-descriptor=true``, streams stdin, half-closes, and streams the
 reply to stdout.  Exit codes are qrexec's (libqrexec/qrexec.h): 127 when no
-service file is found, 125 when the call cannot be made.
+service file is found, 125 when the call cannot be made or is cut off (stdin
+or stdout fails).  A non-blocking stdin or stdout is waited for, as qrexec's
+own data loop waits for the descriptors it sets non-blocking.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import select
 import socket
 import threading
 from collections.abc import Sequence
@@ -86,23 +89,42 @@ def connect(entry: lookup.Entry, service: str) -> socket.socket:
 
 def call(sock: socket.socket, descriptor: bytes | None, stdin: BinaryIO, stdout: BinaryIO) -> None:
     """Run one call on a connected socket: the descriptor (unless None), stdin until EOF
-    then half-close, stdout until EOF."""
+    then half-close, stdout until EOF.  Raises CallError (125) when the descriptor cannot be
+    sent, or stdin or stdout fails: the call is then cut off, with no end of input sent."""
     with sock:
         if descriptor is not None:
-            sock.sendall(descriptor)
-        _pump(sock, stdin.fileno(), stdout)
+            try:
+                sock.sendall(descriptor)
+            except OSError as e:  # libqrexec/exec.c: the descriptor is the socket's first data; qrexec fails with 125
+                raise CallError(f"cannot send the service descriptor: {e.strerror}") from e
+        _pump(sock, stdin.fileno(), stdout.fileno())
 
 
-def _pump(sock: socket.socket, stdin_fd: int, stdout: BinaryIO) -> None:
+def _pump(sock: socket.socket, stdin_fd: int, stdout_fd: int) -> None:
     """Copy stdin -> socket (in a thread) while copying socket -> stdout, like qrexec's
     data loop: the two directions never wait for each other."""
+    failures: list[CallError] = []
+
+    def cut(failure: CallError) -> None:
+        """End the call now, without the half-close that would tell the service the input is
+        whole: the receiving loop (and a send blocked on a full socket) wake up at once."""
+        failures.append(failure)
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
 
     def send() -> None:
-        try:
-            while data := os.read(stdin_fd, CHUNK_SIZE):
+        while True:
+            try:
+                data = _read(stdin_fd)
+            except OSError as e:
+                cut(CallError(f"cannot read standard input: {e.strerror}; the call was cut off"))
+                return
+            if not data:
+                break
+            try:
                 sock.sendall(data)
-        except (BrokenPipeError, ConnectionResetError):
-            return  # the service stopped reading; its output still counts
+            except OSError:  # the service stopped reading, or the call ended: its output still counts
+                return
         with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_WR)
 
@@ -115,5 +137,39 @@ def _pump(sock: socket.socket, stdin_fd: int, stdout: BinaryIO) -> None:
             break
         if not data:
             break
-        stdout.write(data)
-        stdout.flush()
+        try:
+            _write_all(stdout_fd, data)
+        except OSError as e:
+            cut(CallError(f"cannot write the reply to standard output: {e.strerror}; the call was cut off"))
+            break
+    if failures:
+        raise failures[0]
+
+
+def _read(fd: int) -> bytes:
+    """The next chunk of ``fd``, ``b""`` at its end; waits on a non-blocking ``fd``
+    (libqrexec/remote.c: handle_input_v2: EAGAIN waits for the next poll, ECONNRESET is EOF)."""
+    while True:
+        try:
+            return os.read(fd, CHUNK_SIZE)
+        except BlockingIOError:
+            _wait(fd, select.POLLIN)
+        except ConnectionResetError:
+            return b""
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """All of ``data`` to ``fd``, unbuffered (a failed write leaves nothing for Python's exit
+    flush to fail on again); waits on a non-blocking ``fd`` (libqrexec/write-stdin.c: write_stdin)."""
+    pending = memoryview(data)
+    while pending:
+        try:
+            pending = pending[os.write(fd, pending):]
+        except BlockingIOError:
+            _wait(fd, select.POLLOUT)
+
+
+def _wait(fd: int, event: int) -> None:
+    poller = select.poll()
+    poller.register(fd, event)
+    poller.poll()

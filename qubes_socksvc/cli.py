@@ -167,6 +167,9 @@ def cmd_call(args: argparse.Namespace) -> int:
         except lookup.LookupFailed as e:
             raise agent.CallError(str(e)) from e
         skip = args.no_descriptor or config.skip_service_descriptor
+    if sys.stdout is None:  # started with standard output closed (>&-)
+        raise agent.CallError("standard output is closed: the reply would have nowhere to go; "
+                              "redirect it (>/dev/null to drop it)")
     sock = agent.connect(entry, service)
     if sys.stdin is None:  # started with no standard input at all: like qrexec, send none
         with open(os.devnull, "rb") as stdin:

@@ -259,3 +259,129 @@ def test_call_streams_output_as_it_comes_and_ends_with_the_service(rpc_dirs: tup
         fields.kill()
         assert fields.stdin is not None
         fields.stdin.close()
+
+
+# --- every failure mode: one line, qrexec's exit code, no hang (issue 22, point 6) -----------
+
+
+def run_call(second: Path, service: str, **popen: object) -> tuple[int, str]:
+    """``call SERVICE`` with the given stdin/stdout (pipes, files, closed fds); (exit code, stderr).
+    Bounded: a call that hangs fails the test instead of hanging it."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qubes_socksvc", "call", service, "--rpc-dir", str(second)],
+        stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": f"{REPO}:{TESTS}"}, **popen)  # type: ignore[call-overload]
+    try:
+        _, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise AssertionError(f"call {service} hung") from None
+    return proc.returncode, err.decode()
+
+
+def read_to_end(fd: int, timeout: float = 30) -> bytes:
+    """All of a pipe until its EOF, then closed; fails after ``timeout`` (a hung call)."""
+    deadline, chunks = time.monotonic() + timeout, list[bytes]()
+    try:
+        while select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            if not (data := os.read(fd, 65536)):
+                return b"".join(chunks)
+            chunks.append(data)
+        raise AssertionError(f"no end of output within {timeout}s: the call hung")
+    finally:
+        os.close(fd)
+
+
+def assert_one_line(err: str, *words: str) -> None:
+    assert err.count("\n") == 1 and err.startswith("qubes-socksvc call: ") and "Traceback" not in err, err
+    for word in words:
+        assert word in err, err
+
+
+def test_call_with_standard_output_closed(rpc_dirs: tuple[Path, Path, Path]) -> None:
+    """``>&-``: nowhere for the reply to go; the call is not made (before: an AttributeError)."""
+    code, err = run_call(rpc_dirs[1], "test.Echo", stdin=subprocess.DEVNULL, preexec_fn=lambda: os.close(1))
+    assert code == 125
+    assert_one_line(err, "standard output is closed")
+
+
+def test_call_whose_standard_output_fails(rpc_dirs: tuple[Path, Path, Path]) -> None:
+    """A write error on stdout (here EPIPE: its reader has gone) ends the call at once, in one
+    line (before: "[Errno 32] Broken pipe" and exit 1, then Python's own flush error)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        code, err = run_call(rpc_dirs[1], "test.Fields", stdin=subprocess.DEVNULL, stdout=write_end)
+    finally:
+        os.close(write_end)
+    assert code == 125
+    assert_one_line(err, "cannot write the reply to standard output", "Broken pipe")
+
+
+def test_call_whose_standard_input_fails(rpc_dirs: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """A read error on stdin (EBADF: opened write-only) cuts the call: no end of input is sent,
+    so the service cannot take what it got for all of the input (before: a thread traceback,
+    no half-close, and a call that hung)."""
+    fd = os.open(tmp_path / "write-only", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        code, err = run_call(rpc_dirs[1], "test.Echo", stdin=fd, stdout=subprocess.DEVNULL)
+    finally:
+        os.close(fd)
+    assert code == 125
+    assert_one_line(err, "cannot read standard input: Bad file descriptor")
+
+
+def test_call_with_a_non_blocking_standard_input(rpc_dirs: tuple[Path, Path, Path]) -> None:
+    """stdin's O_NONBLOCK belongs to its open file, shared with whoever set it: EAGAIN means
+    "not yet", and the call waits for input as qrexec does (libqrexec/remote.c: handle_input_v2
+    on EAGAIN; libqrexec/process_io.c sets its own stdin non-blocking).  Before: a thread
+    traceback, no half-close, a call hung forever."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    out_read, out_write = os.pipe()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qubes_socksvc", "call", "test.Echo", "--rpc-dir", str(rpc_dirs[1])],
+        stdin=read_end, stdout=out_write, stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": f"{REPO}:{TESTS}"})
+    os.close(read_end)
+    os.close(out_write)
+    try:
+        time.sleep(0.5)  # call reads an empty, non-blocking pipe meanwhile: EAGAIN
+        os.write(write_end, b"late ")
+        time.sleep(0.2)
+        os.write(write_end, b"input")
+        os.close(write_end)
+        reply = read_to_end(out_read)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+        assert proc.stderr is not None
+        err = proc.stderr.read().decode()
+        proc.stderr.close()
+    assert reply == b"late input" and err == "", err
+
+
+def test_call_with_a_non_blocking_standard_output(rpc_dirs: tuple[Path, Path, Path]) -> None:
+    """A full non-blocking stdout (EAGAIN) is waited for, not a lost reply or a traceback."""
+    data = os.urandom(1 << 20)
+    out_read, out_write = os.pipe()
+    os.set_blocking(out_write, False)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qubes_socksvc", "call", "test.Echo", "--rpc-dir", str(rpc_dirs[1])],
+        stdin=subprocess.PIPE, stdout=out_write, stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": f"{REPO}:{TESTS}"})
+    os.close(out_write)
+    try:
+        assert proc.stdin is not None
+        feeder = threading.Thread(target=lambda: (proc.stdin.write(data), proc.stdin.close()))  # type: ignore[union-attr]
+        feeder.start()
+        time.sleep(0.5)  # the pipe (64 KiB) is full meanwhile: call's writes meet EAGAIN
+        reply = read_to_end(out_read)
+        feeder.join(30)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+        assert proc.stderr is not None
+        err = proc.stderr.read().decode()
+        proc.stderr.close()
+    assert hashlib.sha256(reply).digest() == hashlib.sha256(data).digest() and err == "", err
