@@ -21,7 +21,13 @@ CHUNK_SIZE = 65536
 
 
 class InputTooLarge(Exception):
-    """The caller sent more than the service's ``max_input``."""
+    """The caller sent more than the service's ``max_input``.
+
+    Raised once, by the read that crosses the limit; the input is then over for the
+    handler: every later read returns ``b""`` (see :meth:`Request.read`).  Let it out and
+    the daemon fails the call (logged, connection cut); catch it to answer the caller
+    yourself, knowing that what was read is not the whole input.
+    """
 
 
 class Request:
@@ -38,6 +44,7 @@ class Request:
     __slots__ = (
         "_loop",
         "_max_input",
+        "_over",
         "_reader",
         "_received",
         "_thread",
@@ -77,6 +84,7 @@ class Request:
         self._transport = writer.transport
         self._max_input = max_input
         self._received = 0
+        self._over = False
         self._loop = asyncio.get_running_loop()
         self._thread = threading.get_ident()
 
@@ -86,7 +94,15 @@ class Request:
         return self.name if self.argument is None else f"{self.name}+{self.argument}"
 
     async def read(self, n: int = -1) -> bytes:
-        """Up to ``n`` bytes of input (``b""`` at EOF); with ``n < 0`` all of it."""
+        """Up to ``n`` bytes of input (``b""`` at EOF); with ``n < 0`` all of it.
+
+        Past ``max_input`` the read that crosses it raises :class:`InputTooLarge` and returns
+        nothing of what it read; from then on the input is over: every read returns ``b""``
+        at once, ``async for`` ends, and ``text()`` is ``""``.  A handler that catches the
+        error and reads on thus ends its loop instead of holding the event loop.
+        """
+        if self._over:
+            return b""
         if n >= 0:
             data = await self._reader.read(n)
             self._count(len(data))
@@ -111,6 +127,7 @@ class Request:
     def _count(self, size: int) -> None:
         self._received += size
         if self._max_input and self._received > self._max_input:
+            self._over = True
             raise InputTooLarge(f"input exceeds max_input ({self._max_input} bytes)")
 
     def write(self, data: bytes | str) -> None:

@@ -161,6 +161,37 @@ def test_max_input_bounds_whole_reads_to_the_byte() -> None:
             call_handler(handler, [data, b"y"], max_input=len(data))
 
 
+def test_after_input_too_large_the_input_is_over() -> None:
+    """A handler that catches InputTooLarge and reads on gets EOF (b"") from then on, at once:
+    it ends instead of spinning on the event loop (before: every read raised again, even at
+    EOF, without ever awaiting).  The read that crossed max_input returns nothing."""
+    async def reads_on(request: Request) -> str:
+        seen: list[object] = []
+        for _ in range(100):  # bounded: the unfixed read() never returns b""
+            try:
+                chunk = await request.read(8)
+            except InputTooLarge:
+                seen.append("InputTooLarge")
+                continue
+            seen.append(chunk)
+            if not chunk:
+                break
+        seen += [await request.read(), [chunk async for chunk in request], await request.text()]
+        return repr(seen)
+
+    out = call_handler(reads_on, b"x" * 100, max_input=10, timeout=5)
+    assert out == repr([b"x" * 8, "InputTooLarge", b"", b"", [], ""]).encode()
+
+
+def test_a_whole_read_past_max_input_raises_once_then_eof() -> None:
+    async def whole_then_again(request: Request) -> str:
+        with pytest.raises(InputTooLarge):
+            await request.read()
+        return repr([await request.read(), await request.read(1)])
+
+    assert call_handler(whole_then_again, [b"y" * 70_000, b"y"], max_input=70_000) == b"[b'', b'']"
+
+
 def test_an_endless_caller_is_cut_off_once_past_max_input() -> None:
     """read() and text() count chunk by chunk: a caller that never stops sending fails the call
     as soon as it passes max_input, instead of filling memory first (the wait is bounded)."""
