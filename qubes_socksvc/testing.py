@@ -10,6 +10,11 @@ with ``request.input``), and the same ``max_input`` and ``timeout`` rules.
 What the daemon would log and cut off is raised here instead: ``InputTooLarge``,
 ``TimeoutError``, ``HandlerError`` (a ``module:callable`` that cannot be
 loaded), ``TypeError`` (a wrong return type) or the handler's own exception.
+What the daemon would only log is reported as it would log it: an async handler
+that holds the event loop (``time.sleep``, blocking I/O) for ``STALL_THRESHOLD``
+seconds or more at a time is a :class:`HandlerStalled` warning with the daemon's
+own text (pytest lists it; ``-W error::qubes_socksvc.testing.HandlerStalled`` makes
+it fail the test), and a WARNING on the ``qubes_socksvc.testing`` logger.
 
     from qubes_socksvc.testing import call_handler
 
@@ -21,11 +26,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
+import warnings
 from collections.abc import AsyncGenerator, Callable
 from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 
-from . import descriptor, handlers, qrexec
+from . import descriptor, handlers, qrexec, stalls
 from .chunks import Input, chunks
 from .handlers import HandlerError
 from .manifest import Manifest, ManifestError
@@ -38,8 +45,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_MAX_INPUT",
+    "STALL_THRESHOLD",
     "CallOptions",
     "HandlerLike",
+    "HandlerStalled",
     "Input",
     "async_call_handler",
     "call_handler",
@@ -52,6 +61,15 @@ DEFAULT_MAX_INPUT: int = Service.max_input
 
 #: A handler: ``"module:callable"`` as in a manifest, or the function itself.
 HandlerLike = str | Callable[[Request], Any]
+
+#: Seconds a handler may hold the event loop at a time before it is reported, as the daemon does.
+STALL_THRESHOLD: float = handlers.STALL_THRESHOLD
+
+log = logging.getLogger("qubes_socksvc.testing")
+
+
+class HandlerStalled(UserWarning):
+    """The handler held the event loop: in the daemon every other call would have waited."""
 
 
 class CallOptions(TypedDict, total=False):
@@ -100,6 +118,7 @@ async def stream_handler(
     """
     request_fields = _descriptor_fields(service, source, target_type, target)
     adapted = _adapt(handler)
+    handler_name = handler if isinstance(handler, str) else _spec_of(handler)
     loop = asyncio.get_running_loop()
     daemon_end, caller_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     caller_end.setblocking(False)
@@ -107,7 +126,7 @@ async def stream_handler(
     try:
         reader, writer = await _daemon_streams(loop, daemon_end)
         request = Request(reader, writer, *request_fields, max_input=max_input)
-        call = loop.create_task(_run(adapted, request, writer, timeout))
+        call = loop.create_task(_run(adapted, request, writer, timeout, _stall_reporter(service, handler_name)))
         sender = loop.create_task(_send(loop, input, caller_end))
         tasks = [call, sender]
         while chunk := await _receive(loop, caller_end):
@@ -173,6 +192,23 @@ def _descriptor_fields(
     return parsed.name, parsed.argument, parsed.source, parsed.target_type, parsed.target
 
 
+def _spec_of(function: Callable[[Request], Any]) -> str:
+    """``module:callable`` of a function, as a manifest would name it."""
+    module = getattr(function, "__module__", None) or "?"
+    return f"{module}:{getattr(function, '__qualname__', None) or type(function).__qualname__}"
+
+
+def _stall_reporter(service: str, handler: str) -> Callable[[float], None]:
+    """server.Server._call's ``stalled``: the daemon's text, as a warning and a log line.
+    Every stall is reported (the daemon holds back repeats within a minute: a test is one call)."""
+    def stalled(seconds: float) -> None:
+        text = stalls.message(service, handler, seconds)
+        log.warning("%s", text)
+        warnings.warn(HandlerStalled(text), stacklevel=2)
+
+    return stalled
+
+
 def _adapt(handler: HandlerLike) -> Handler:
     """What ``handlers.load`` does, for a spec or for the function itself."""
     return handlers.load(handler) if isinstance(handler, str) else handlers.adapt(handler)
@@ -190,6 +226,7 @@ async def _daemon_streams(
 
 async def _run(
     handler: Handler, request: Request, writer: asyncio.StreamWriter, timeout: float,
+    on_stall: Callable[[float], None] | None = None,
 ) -> BaseException | None:
     """The handler part of server.Server._call: timeout, returned bytes/str written, drain, close.
 
@@ -198,7 +235,7 @@ async def _run(
     must not escape through the event loop, in the daemon or here.
     """
     try:
-        await handlers.invoke(handler, request, timeout)
+        await handlers.invoke(handler, request, timeout, on_stall)
     except (Exception, SystemExit, KeyboardInterrupt) as e:
         writer.transport.abort()
         return e

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import hashlib
+import re
 import sys
 import threading
 import tracemalloc
@@ -22,12 +23,15 @@ from qubes_socksvc.handlers import HandlerError
 from qubes_socksvc.manifest import ManifestError
 from qubes_socksvc.testing import (
     DEFAULT_MAX_INPUT,
+    HandlerStalled,
     async_call_handler,
     call_handler,
     check_manifest,
     stream_handler,
 )
 from tests.conftest import REPO, RunningDaemon
+from tests.handlers import blocks_the_loop
+from tests.test_hostile import wait_for_log
 
 FIELDS = "tests.handlers:fields"
 
@@ -450,3 +454,55 @@ def test_closing_a_watched_call_closes_the_handler() -> None:
     watched.send(None)  # the handler is now waiting
     watched.close()
     assert cleaned == ["finally ran"]
+
+
+# --- a handler that holds the event loop: reported as the daemon reports it (issue 22, point 8) ---
+
+BLOCKS = "tests.handlers:blocks_the_loop"  # async, time.sleep(+SECONDS)
+
+
+def stall_warnings(record: list[warnings.WarningMessage]) -> list[str]:
+    return [str(w.message) for w in record if issubclass(w.category, HandlerStalled)]
+
+
+def test_a_handler_holding_the_loop_is_reported_with_the_daemons_line(
+        start_daemon: type[RunningDaemon], caplog: pytest.LogCaptureFixture) -> None:
+    """handlers.watch_stalls, as server.Server._call uses it: the kit reports what the daemon
+    logs, word for word (before: the kit passed it with no word at all)."""
+    daemon = start_daemon(f"version: 1\ndaemons:\n  b:\n    idle_exit: 0\n    services:\n"
+                          f"      h.Blocks:\n        handler: {BLOCKS}\n", "b")
+    assert daemon.call(b"h.Blocks+0.3 work\0") == b"woke\n"
+    wait_for_log(daemon, "held the event loop")
+    logged = next(line for line in daemon.log_text().splitlines() if "held the event loop" in line)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        assert call_handler(BLOCKS, service="h.Blocks+0.3") == b"woke\n"
+    [warned] = stall_warnings(record)
+    assert re.search(r"^call h\.Blocks\+0\.3: handler tests\.handlers:blocks_the_loop held the event loop "
+                     r"for 0\.[3-9]\ds: every other call waited; an async handler must not block ", warned), warned
+    def seconds_out(text: str) -> str:
+        return re.sub(r"for \d+\.\d\ds", "for Ns", text)
+
+    assert seconds_out(logged).endswith("WARNING: " + seconds_out(warned)), (logged, warned)
+    assert [r.getMessage() for r in caplog.records if r.name == "qubes_socksvc.testing"] == [warned]
+
+
+def test_a_stall_fails_the_test_when_warnings_are_errors() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", HandlerStalled)
+        with pytest.raises(HandlerStalled, match=r"handler tests\.handlers:blocks_the_loop held the event loop"):
+            call_handler(blocks_the_loop, service="h.Blocks+0.2")  # the function itself: named module:callable
+
+
+def test_no_stall_is_reported_for_a_plain_handler_or_a_short_step() -> None:
+    """A plain function runs in a thread of its own (its time.sleep holds no loop); an async
+    step under handlers.STALL_THRESHOLD is within what the daemon tolerates."""
+    def plain_sleeps(request: Request) -> bytes:
+        __import__("time").sleep(0.3)
+        return b"slept"
+
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        assert call_handler(plain_sleeps) == b"slept"
+        assert call_handler(BLOCKS, service="h.Blocks+0.01") == b"woke\n"
+    assert stall_warnings(record) == []
