@@ -661,9 +661,12 @@ def test_a_bad_manifest_never_fails_the_install(packages: Built) -> None:
     assert after == before  # an invalid manifest changes nothing
 
 
-def test_purge_leaves_nothing_of_ours(manager: UserManager) -> None:
+def test_purge_leaves_nothing_of_ours(manager: UserManager, host: Host) -> None:
     assert local_paths()
+    made_by_apply = [p for p in host.created_dirs if p != SOCKET_DIR and p.exists()]
     system(*APT, "purge", "qubes-socksvc")
+    # the directories apply created, emptied by remove and purge, go with the package (issue 22)
+    assert made_by_apply and [p for p in made_by_apply if p.exists()] == []
     assert package_state() == "not-installed"
     assert not MANIFEST.exists()
     assert not STATE_DIR.exists() and not LOCAL_STATE_DIR.exists()

@@ -144,6 +144,9 @@ def test_deb_maintainer_scripts(packages: Built) -> None:
     # remove: take back the generated files; purge: forget the ownership record
     assert "remove)" in prerm and "qubes-socksvc apply" in prerm
     assert "purge)" in postrm and "/var/lib/qubes-socksvc" in postrm
+    # purge: the directories apply created go if empty (tests/test_purge.py runs the scripts)
+    assert "record_absent_dirs" in postinst and "purge-dirs" in postinst
+    assert 'rmdir "$dir"' in postrm and "purge-dirs" in postrm
 
 
 @slow
@@ -221,7 +224,7 @@ def test_rpm_file_list(packages: Built) -> None:
     for line in out("rpm", "-qp", "--qf", "[%{REQUIRENAME} %{REQUIREFLAGS:deptype}\n]", str(packages.rpm)).splitlines():
         name, kind = line.split(" ", 1)
         kinds.setdefault(kind, set()).add(name)
-    assert {"python3", "python3-jinja2", "python3-pyyaml"} <= kinds.get("post", set()), kinds
+    assert {"python3", "python3-jinja2", "python3-pyyaml", "coreutils"} <= kinds.get("post", set()), kinds
     assert {"python3", "python3-jinja2", "python3-pyyaml", "coreutils"} <= kinds.get("preun", set()), kinds
     assert "coreutils" in kinds.get("postun", set()), kinds
 
@@ -238,6 +241,22 @@ def test_rpm_scriptlets(packages: Built) -> None:
     assert "WARNING" in sections["postinstall"] and sections["postinstall"].rstrip().endswith("exit 0")
     assert '[ "$1" -eq 0 ]' in sections["preuninstall"] and "qubes-socksvc apply" in sections["preuninstall"]
     assert '[ "$1" -eq 0 ]' in sections["postuninstall"] and "/var/lib/qubes-socksvc" in sections["postuninstall"]
+
+
+@slow
+def test_rpm_scriptlets_as_built_remove_only_the_directories_apply_created(packages: Built, tmp_path: Path) -> None:
+    """tests/test_purge.py's RPM erase, on the scriptlets rpmbuild expanded (%%, %{_localstatedir})."""
+    from tests.test_purge import FOREIGN, LEFT, in_sandbox, paths
+
+    scripts = out("rpm", "-qp", "--scripts", str(packages.rpm))
+    scriptlet = re.compile(r"^(\w+) scriptlet \(using /bin/sh\):\n(.*?)(?=^\w+ scriptlet|\Z)", re.M | re.S)
+    bindir = tmp_path / "bin"
+    for section, body in scriptlet.findall(scripts):
+        (tmp_path / section).write_text(body.replace("/usr/bin/qubes-socksvc", str(bindir / "qubes-socksvc")))
+    listing = in_sandbox(
+        f"sh {tmp_path}/postinstall 1\n{FOREIGN}sh {tmp_path}/postinstall 2\n"
+        f"sh {tmp_path}/preuninstall 0\nsh {tmp_path}/postuninstall 0\nrm /etc/qubes-socksvc.yaml\n", bindir)
+    assert paths(listing) == LEFT
 
 
 @slow
