@@ -202,6 +202,17 @@ def _default_denies(text: list[str | _Line]) -> Iterator[str | _Line]:
         yield from (replace(item, argument=argument) for argument in arguments)
 
 
+def _with_key_denies(sub: Policy, key: Policy) -> Policy:
+    """An ``arguments`` entry with its key's denies: a caller the key denies is denied every
+    argument, unless the entry names that very caller in its own allow or ask (its lines come
+    first, so without them a broader grant there would let the caller in)."""
+    if not sub.grants():  # nothing here lets anyone in: the call goes on to the key's own lines
+        return sub
+    named = {*sub.allow, *sub.ask, *sub.deny}
+    extra = tuple(caller for caller in key.deny if caller not in named)
+    return replace(sub, deny=(*sub.deny, *extra)) if extra else sub
+
+
 def _column(key: str) -> tuple[str, str]:
     """(service, argument column) of a declared key: ``NAME`` -> ``*`` (every argument),
     ``NAME+`` -> ``+``, ``NAME+ARG`` -> ``+ARG`` (parse_service_and_argument's form)."""
@@ -239,7 +250,8 @@ def lines(manifest: Manifest, qube: str, origin: str = "") -> list[str]:
         if policy is not None and (policy.grants() or policy.deny or policy.arguments):
             # An ``arguments`` entry refines its key's callers: @default comes here if either says so.
             for arg, sub in policy.arguments:
-                text += _rules(name, f"+{arg}", sub, target, sub.default_target or policy.default_target)
+                text += _rules(name, f"+{arg}", _with_key_denies(sub, policy), target,
+                               sub.default_target or policy.default_target)
             text += _rules(name, argument, policy, target, policy.default_target)
         else:
             text.append(f"# no policy: in the manifest, so no line allows {key}")

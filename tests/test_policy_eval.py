@@ -107,7 +107,11 @@ def entries(keys: dict[str, Policy | None], call: str) -> tuple[list[Entry], boo
     sub = dict(general.arguments).get(argument) if argument else None
     if sub is not None:
         routes = sub.default_target or general.default_target
-        chain.insert(0, Entry(sub.allow, sub.ask, sub.deny, routes))
+        # The key's denies hold for every argument unless the entry names that caller itself
+        # (an entry that grants nothing leaves every caller to the key's own lines).
+        named = {*sub.allow, *sub.ask, *sub.deny}
+        denies = (*sub.deny, *(c for c in general.deny if c not in named and sub.grants()))
+        chain.insert(0, Entry(sub.allow, sub.ask, denies, routes))
         routed = routed or (routes and bool(sub.grants()))
     return chain, routed
 
@@ -192,6 +196,7 @@ REPORTED = {
     "deny beside allow": "{allow: ['@anyvm'], deny: [evil], default_target: true}",
     "deny beside ask": "{ask: ['@anyvm'], deny: ['@tag:untrusted'], default_target: true}",
     "deny in arguments": "{allow: ['@anyvm'], default_target: true, arguments: {a: {deny: [evil]}}}",
+    "key deny under an arguments grant": "{allow: ['@anyvm'], deny: [evil], arguments: {a: {allow: ['@anyvm']}}}",
 }
 
 
@@ -248,6 +253,18 @@ def test_dom0_as_the_qube_that_serves(name: str) -> None:
     assert dom0 is not None
     wrong = check(MANIFESTS[name], dom0)
     assert wrong == [], "\n".join([MANIFESTS[name], *wrong[:10]])
+
+
+def test_a_key_deny_holds_under_an_arguments_grant() -> None:
+    """The adversary's case: a key denying evil, an ``arguments`` entry allowing @anyvm.  The
+    entry's lines come first (AbstractPolicy.evaluate: first match), so the key's deny is
+    written into it; evil is refused every argument and target form, others are let in."""
+    rules = parse("\n".join(policy.lines(manifest.parse(reported(REPORTED["key deny under an arguments grant"]),
+                                                        "/m.yaml"), "web")))
+    for call in ("my.Svc+a", "my.Svc+b", "my.Svc"):
+        for target in ("web", f"uuid:{WEB.uuid}", "@default", "", "nosuch"):
+            assert evaluate(rules, call, "evil", target, QUBES).action == "deny", (call, target)
+    assert evaluate(rules, "my.Svc+a", "work", "web", QUBES).action == "allow"
 
 
 def test_the_reported_bypass_is_denied_for_every_target_form() -> None:
