@@ -165,8 +165,9 @@ class Tree:
 
     def entry(self, path: str) -> tuple[str, str | None] | None:
         """What a qubes-rpc path is, for whether a call can go past it: ``("link", where the kernel
-        takes it)`` (a link can dangle, then qrexec goes on), ``("stop", None)`` for anything qrexec
-        stops at (a file, a directory, a TCP link: find_file never stats those), None if absent."""
+        takes it)`` (a link can dangle, then qrexec goes on), ``("socket", where)`` for a socket file
+        itself (qrexec connects to it: exec.c find_qrexec_service, S_ISSOCK), ``("stop", None)`` for
+        anything else qrexec stops at (a file, a directory, a TCP link), None if absent."""
         if path in self.changes:
             artifact = self.changes[path]
             if artifact is None:
@@ -182,6 +183,8 @@ class Tree:
             return None
         except OSError:
             return "stop", None  # qrexec fails the call (find_file returns -2)
+        if stat.S_ISSOCK(st.st_mode):  # a socket itself (a hard link, a bind mount): reached, never skipped
+            return "socket", resolve(self.disk.root, path)
         if not stat.S_ISLNK(st.st_mode):
             return "stop", None
         try:
@@ -192,8 +195,8 @@ class Tree:
         return "link", resolve(self.disk.root, path)
 
     def probe_service(self, path: str, sockets: Sockets) -> tuple[lookup.Kind, str | None] | None:
-        """find_qrexec_service's view, with our own links and every link to a daemon's socket taken
-        as up (their sockets come and go with their users' sessions)."""
+        """find_qrexec_service's view, with our own links and every link to a socket we know (a
+        daemon's, a Qubes-aware forward's) taken as up (they come and go with their sessions)."""
         if path in self.changes:
             artifact = self.changes[path]
             if artifact is None:
@@ -202,7 +205,8 @@ class Tree:
                 return lookup.Kind.TCP, artifact.link_target
             return lookup.Kind.SOCKET, None
         found = self.entry(path)
-        if found is not None and found[1] is not None and sockets.canonical(found[1]) in sockets.units:
+        if found is not None and found[1] is not None and (
+                (canonical := sockets.canonical(found[1])) in sockets.units or canonical in sockets.reading):
             return lookup.Kind.SOCKET, None
         return lookup.probe_service(self.disk.real(path))
 
@@ -277,20 +281,55 @@ def applied_daemons(root: str, layouts: Iterable[Layout] = LAYOUTS) -> dict[str,
     return found
 
 
+def applied_forwards(root: str, layouts: Iterable[Layout], daemon_sockets: Iterable[str]) -> dict[str, str]:
+    """Socket path -> the forward that reads a descriptor there, from what apply recorded in the
+    ``layouts``: an owned qubes-rpc link to a Unix socket no daemon listens on, whose own
+    rpc-config (that layout's, owned too) does not skip the descriptor.  Forwards leave no spec,
+    so the record is where the other manifest's Qubes-aware forwards are known."""
+    reading: dict[str, str] = {}
+    daemons = set(daemon_sockets)
+    for layout in layouts:
+        try:
+            owned = install.load_state(root, layout)
+        except install.ApplyError:
+            continue  # apply and check report an unreadable record in its own layout
+        for path in owned:
+            if os.path.dirname(path) != layout.rpc_dir:
+                continue
+            try:
+                target = os.readlink(install.real_path(root, path))
+            except OSError:
+                continue
+            if qrexec.is_tcp_link(target) or target in daemons:
+                continue
+            config = f"{layout.rpc_config_dir}/{os.path.basename(path)}"
+            try:
+                skips = config in owned and lookup.read_config(install.real_path(root, config)).skip_service_descriptor
+            except lookup.LookupFailed:
+                skips = False
+            if not skips:
+                reading[target] = f"the target of {path} (applied, reads a descriptor)"
+    return reading
+
+
 def sockets(root: str, manifest: Manifest | None, applied: Iterable[Layout]) -> Sockets:
-    """The sockets of this manifest's daemons and Qubes-aware forwards, and of the daemons whose
-    specs are on disk in the ``applied`` layouts."""
+    """The sockets of this manifest's daemons and Qubes-aware forwards, and of the daemons and
+    forwards apply left in the ``applied`` layouts (their specs and records)."""
+    applied = list(applied)
     reading: dict[str, str] = {}
     units: dict[str, str] = {}
     daemons = [(d, f" (applied, {spec})") for spec, d in applied_daemons(root, applied).items()]
     if manifest is not None:
         daemons += [(d, "") for d in manifest.daemons.values()]
+    for daemon, _ in daemons:
+        units.update(dict.fromkeys(daemon.sockets(), f"{daemon.unit}.socket"))
+    reading.update(applied_forwards(root, applied, units))
+    if manifest is not None:
         for key, forward in manifest.forwards.items():
             if forward.service_descriptor and not qrexec.is_tcp_link(forward.link_target):
                 reading[forward.link_target] = f"the target of forward {key} (reads a descriptor)"
     for daemon, where in daemons:
         reading[daemon.socket] = f"the socket of daemon {daemon.name}{where}"
-        units.update(dict.fromkeys(daemon.sockets(), f"{daemon.unit}.socket"))
     return Sockets(root, reading, units)
 
 
@@ -334,6 +373,8 @@ def _reaches(tree: Tree, call: str, sockets: Sockets) -> tuple[str, str] | None:
             socket = sockets.canonical(resolved)
             unit = sockets.units.get(socket)
             what = sockets.reading.get(socket)
+            if kind == "socket":  # nothing to skip past
+                return None if what is None else (path, what)
             if what is not None and unit not in down:
                 return path, what
             if unit is not None:
@@ -349,22 +390,34 @@ def forgeable_calls(tree: Tree, sockets: Sockets, names: Iterable[str] | None = 
     for name in sorted(tree.names() if names is None else names):
         for call in _calls(name, tree.files(name)):
             reached = _reaches(tree, call, sockets)
-            if reached is None:
-                continue
-            try:
-                path, config = tree.config_for(call)
-            except lookup.LookupFailed:
-                continue  # qrexec fails the call (125): nothing reaches the socket
-            if config.skip_service_descriptor:
-                found[call] = (*reached, path)
+            if reached is not None:
+                path, skips = _skips(tree, call)
+                if skips:
+                    found[call] = (*reached, path)
     return found
+
+
+def _skips(tree: Tree, call: str) -> tuple[str | None, bool]:
+    """(the rpc-config file, whether it may skip the descriptor) for a call: False where qrexec
+    fails the call (125: nothing reaches the socket), True where the file says so or where we
+    cannot read it (qrexec reads any size, line by line)."""
+    try:
+        path = lookup.find_config(call, qrexec.RPC_CONFIG_SEARCH_PATH, tree.config_exists)
+    except lookup.LookupFailed:
+        return None, False
+    try:
+        return path, tree.config(path).skip_service_descriptor
+    except lookup.Unreadable:
+        return path, True
+    except lookup.LookupFailed:
+        return path, False
 
 
 def _forgeable_finding(call: str, link: str, what: str, config: str | None, conflict: bool) -> Finding:
     return Finding(call, f"FORGEABLE: calls of {_shown(call)} can reach {link}, {what}, with "
-                   f"skip-service-descriptor=true from {config}: qrexec would pass the caller's own "
-                   "bytes as the descriptor (libqrexec/exec.c: load_service_config_raw); remove or "
-                   "change that file", conflict, forgeable=True)
+                   f"skip-service-descriptor=true (or a file qubes-socksvc cannot read) from {config}: "
+                   "qrexec would pass the caller's own bytes as the descriptor (libqrexec/exec.c: "
+                   "load_service_config_raw); remove or change that file", conflict, forgeable=True)
 
 
 def forgeable(manifest: Manifest | None, root: str = "/") -> list[Finding]:
@@ -416,11 +469,8 @@ class _Settler:
                 reached = _reaches(self.tree, call, self.sockets)
                 if reached is None:
                     continue
-                try:
-                    config_path, config = self.tree.config_for(call)
-                except lookup.LookupFailed:
-                    continue
-                if config.skip_service_descriptor:  # a volatile cause is a warning only if it is not ours to add
+                config_path, skips = _skips(self.tree, call)
+                if skips:  # a volatile cause is a warning only if it is not ours to add
                     already = _volatile(config_path) and call in self.now()
                     self.findings.append(_forgeable_finding(call, *reached, config_path, conflict=not already))
         for key, _ in self.declared.values():
@@ -431,9 +481,10 @@ class _Settler:
         return self.tree.probe_service(path, self.sockets)
 
     def now(self) -> set[str]:
-        """The calls forgeable on the disk as it is, before apply."""
+        """The calls forgeable on the disk as it is, before apply, with the sockets that can listen
+        now (what apply left: a new daemon's socket cannot)."""
         if self._now is None:
-            self._now = set(forgeable_calls(Tree(self.tree.disk, {}), self.sockets))
+            self._now = set(forgeable_calls(Tree(self.tree.disk, {}), sockets(self.root, None, LAYOUTS)))
         return self._now
 
     def disk_names(self) -> set[str]:
@@ -445,12 +496,13 @@ class _Settler:
     def _pin_forgeable(self, call: str) -> None:
         if _reaches(self.tree, call, self.sockets) is None:
             return
+        path, skips = _skips(self.tree, call)
         try:
-            path, config = self.tree.config_for(call)
-        except lookup.LookupFailed:
-            return
+            config = self.tree.config(path)
+        except lookup.LookupFailed:  # unreadable to us: pin qrexec's defaults, descriptor sent
+            config = rpcconfig.Config(skip_service_descriptor=True)
         keys = qrexec.lookup_keys(call)
-        if config.skip_service_descriptor and keys:
+        if skips and keys:
             pin = f"{self.layout.rpc_config_dir}/{keys[0]}"
             options = {**config.options(), "skip-service-descriptor": False}
             self._add(pin, options, f"Explicit: calls of {_shown(call)} can reach a socket that reads a "
@@ -466,9 +518,9 @@ class _Settler:
             return
         key, declared_options = self.declared[found[0]]
         want = rpcconfig.Config.from_options(declared_options)
+        own = f"{self.layout.rpc_config_dir}/{key}"
         try:
             path, got = self.tree.config_for(call)
-            own = f"{self.layout.rpc_config_dir}/{key}"
             explicit = {k: v for k, v in want.options(explicit=True).items() if k in want.differences(got)}
             if got != want and self._add(own, {**explicit, **declared_options},
                                          f"Explicit: without this file qrexec would apply {path or 'no rpc-config'} "
@@ -479,6 +531,16 @@ class _Settler:
                 cause = lookup.find_config(call, qrexec.RPC_CONFIG_SEARCH_PATH, self.tree.config_exists)
             except lookup.LookupFailed:
                 cause = None
+            if isinstance(e, lookup.Unreadable):
+                if self._add(own, {**want.options(explicit=True), **declared_options},
+                             f"Explicit: qubes-socksvc cannot judge {cause} ({e}), which qrexec would apply "
+                             f"to {key} too."):
+                    self._declared_config(call)
+                    return
+                self.findings.append(Finding(key, f"calls of {_shown(call)} take the rpc-config {cause}, which "
+                                             f"qubes-socksvc cannot judge ({e}) but qrexec reads; remove it or "
+                                             "make it smaller", not _volatile(cause)))
+                return
             self.findings.append(Finding(key, f"qrexec would fail calls of {_shown(call)}: {e}", not _volatile(cause)))
             return
         if got == want:
@@ -573,6 +635,7 @@ def safe_order(plan: install.Plan, manifest: Manifest) -> install.Plan | Finding
     """
     root, layout = plan.root, plan.layout
     known = sockets(root, manifest, LAYOUTS)  # this layout's applied daemons too, until they reload
+    applied = sockets(root, None, LAYOUTS)  # what can listen before apply writes a unit
     rpc_dirs = (layout.rpc_dir, layout.rpc_config_dir)
     groups: dict[str, list[install.Action]] = {}
     others: list[install.Action] = []
@@ -585,7 +648,7 @@ def safe_order(plan: install.Plan, manifest: Manifest) -> install.Plan | Finding
     tree = Tree(_Disk(root), {})
     ordered: list[install.Action] = []
     for name in sorted(groups):
-        before = set(forgeable_calls(tree, known, [name]))
+        before = set(forgeable_calls(tree, applied, [name]))
         pending = sorted(groups[name], key=lambda a: _preference(a, layout))
         while pending:
             for action in pending:
@@ -599,9 +662,10 @@ def safe_order(plan: install.Plan, manifest: Manifest) -> install.Plan | Finding
                 return Finding(name, f"no order of apply's writes for {name} keeps every call safe while it "
                                "works; apply in two steps (first remove the services of "
                                f"{name}, then add the new ones)", True)
-    writes = [a for a in others if a.verb != "remove"]
-    removals = [a for a in others if a.verb == "remove"]
-    order = [*writes, *ordered, *removals]
+    # Units and specs after the links and configs: a new daemon's socket unit (and so its
+    # socket) exists only once every call that could reach it is pinned; a link to a socket
+    # not there yet dangles, which forgeable_calls already allows for.
+    order = [*ordered, *(a for a in others if a.verb != "remove"), *(a for a in others if a.verb == "remove")]
     first = {a.path for a in order}
     return replace(plan, actions=[*order, *(a for a in plan.actions if a.path not in first)])
 

@@ -33,6 +33,11 @@ class LookupFailed(SocksvcError):
     exits 125, agent.CallError)."""
 
 
+class Unreadable(LookupFailed):
+    """An rpc-config we will not read (larger than MAX_CONFIG_SIZE, not a regular file): qrexec
+    may well read it, so nothing can be said of what it makes of the call."""
+
+
 class Kind(enum.Enum):
     SOCKET = "a socket service"
     TCP = "a TCP service"
@@ -128,7 +133,7 @@ def read_config(path: str) -> rpcconfig.Config:
     try:
         data = files.read_regular(path, MAX_CONFIG_SIZE, "rpc-config")
     except files.FileRefused as e:
-        raise LookupFailed(str(e)) from e
+        raise Unreadable(str(e)) from e
     try:
         return rpcconfig.Config.from_options(rpcconfig.parse(data.decode("latin-1")))
     except rpcconfig.RpcConfigError as e:

@@ -12,10 +12,12 @@ so a test judges apply's output by qrexec's rules, not by our own restatement):
   QUBES_RPC_CONFIG_PATH, whichever service file matched;
 - ``libqrexec/toml.c``: ``skip-service-descriptor = true|false``, ``#`` comments.
 
-Sockets are judged in every state they can be in: each daemon's ``.socket`` unit up or
-down (all its sockets together: systemd.socket(5), every ``ListenStream=`` opened at start,
-``RemoveOnStop=yes``), any other socket as it is on disk.  A link to a socket that is down
-dangles, and qrexec goes on to the next directory and key.
+Sockets are judged in every state they can be in: each daemon's ``.socket`` unit whose
+file is installed up or down (all its sockets together: systemd.socket(5), every
+``ListenStream=`` opened at start, ``RemoveOnStop=yes``; a unit not installed listens on
+nothing), any other socket as it is on disk.  A link to a socket that is down dangles, and
+qrexec goes on to the next directory and key; a socket file itself (a hard link) is
+connected to (exec.c: find_qrexec_service, ``S_ISSOCK``).
 """
 
 from __future__ import annotations
@@ -36,10 +38,19 @@ def keys(call: str) -> list[str]:
     return [k for k in (call if plus else call + "+", name) if len(k) <= NAME_MAX]
 
 
-def _target(root: Path, path: Path) -> str | None:
+#: Where the user units live (the /etc manifest's, the /usr/local one's).
+UNIT_DIRS = ("etc/systemd/user", "usr/local/lib/systemd/user")
+
+
+def _target(root: Path, path: Path, known: set[str]) -> str | None:
     """Where a qubes-rpc entry leads, as the kernel resolves it inside ``root`` (symlinked
-    directories such as /var/run -> ../run followed), or None for anything qrexec stops at."""
+    directories such as /var/run -> ../run followed; a socket file itself is the known socket
+    it is a hard link of), or None for anything qrexec stops at."""
     if not path.is_symlink():
+        if stat.S_ISSOCK(path.lstat().st_mode):
+            same = [k for k in known
+                    if (root / k.lstrip("/")).exists() and os.path.samefile(root / k.lstrip("/"), path)]
+            return same[0] if same else "/" + os.path.relpath(path, root)
         return None
     target = os.readlink(path)
     if target.startswith("/dev/tcp"):
@@ -55,8 +66,8 @@ def service_entry(root: Path, call: str, up: set[str], units: set[str]) -> tuple
             path = root / directory / key
             if not os.path.lexists(path):
                 continue
-            target = _target(root, path)
-            if target is None or target.startswith("/dev/tcp"):
+            target = _target(root, path, units)
+            if target is None or target.startswith("/dev/tcp") or not path.is_symlink():
                 return f"/{directory}/{key}", target
             if target in units:
                 if target in up:
@@ -101,16 +112,20 @@ def calls(root: Path) -> set[str]:
     return found
 
 
-def forgeable(root: Path, reading: set[str], units: list[set[str]]) -> dict[str, tuple[str, str | None]]:
-    """call -> (entry, rpc-config) for every call that, with some of the socket ``units`` up,
-    reaches a socket in ``reading`` (sockets that read a descriptor) with
-    skip-service-descriptor=true: the caller's stdin would be read as its descriptor."""
+def forgeable(root: Path, reading: set[str], units: dict[str, set[str]]) -> dict[str, tuple[str, str | None]]:
+    """call -> (entry, rpc-config) for every call that, with some of the installed socket
+    ``units`` (unit file name -> its sockets) up, reaches a socket in ``reading`` (sockets that
+    read a descriptor) with skip-service-descriptor=true: the caller's stdin would be read as
+    its descriptor."""
     result = {}
-    every = set().union(*units)
+    every = set().union(*units.values(), reading)
+    installed = [sockets for name, sockets in units.items()
+                 if any((root / directory / name).exists() for directory in UNIT_DIRS)]
     for call in sorted(calls(root)):
-        for count in range(len(units) + 1):
-            for chosen in itertools.combinations(units, count):
-                entry = service_entry(root, call, set().union(*chosen), every)
+        for count in range(len(installed) + 1):
+            for chosen in itertools.combinations(installed, count):
+                up = set().union(*chosen, reading - set().union(*units.values()))  # forwards: no unit
+                entry = service_entry(root, call, up, every)
                 if entry is None or entry[1] not in reading:
                     continue
                 config, skip = skips_descriptor(root, call)

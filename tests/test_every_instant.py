@@ -39,8 +39,9 @@ from tests import qrexec_view
 READING = {"/run/qubes/socksvc-d1.sock", "/run/qubes/socksvc-d2.sock"}
 KEYS = ("svc", "svc+", "svc+x", "svc+y", "other")
 #: Each daemon's socket unit: its shared socket and the own sockets of its services.
-UNITS = [{f"/run/qubes/socksvc-{d}.sock", *(f"/run/qubes/socksvc-{d}-{k.replace('+', '_')}.sock" for k in KEYS)}
-         for d in ("d1", "d2")]
+UNITS = {f"qubes-socksvc-{d}.socket": {f"/run/qubes/socksvc-{d}.sock",
+                                       *(f"/run/qubes/socksvc-{d}-{k.replace('+', '_')}.sock" for k in KEYS)}
+         for d in ("d1", "d2")}
 
 
 def text(daemon: str, services: dict[str, str]) -> str:
@@ -162,6 +163,9 @@ TRANSITIONS = {
     "a foreign NAME+ARG link to our socket under our descriptor-less NAME": (
         [], (False, {"svc": "own", "other": "shared"}),
         {"etc/qubes-rpc/svc+y": "->/run/qubes/socksvc-d1.sock"}),
+    "a foreign link to a new daemon's socket under the other manifest's descriptor-less NAME": (
+        [(True, {"svc": "own"})], (False, {"other": "shared"}),
+        {"etc/qubes-rpc/svc+w": "->/run/qubes/socksvc-d1.sock"}),
     "a foreign link to our socket through /var/run": (
         [], (False, {"svc": "own", "other": "shared"}),
         {"usr/local/etc/qubes-rpc/svc+z": "->/var/run/qubes/socksvc-d1.sock", "var/run": "->../run"}),

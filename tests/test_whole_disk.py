@@ -46,11 +46,11 @@ def test_a_plain_name_beside_a_name_plus_with_options_applies(tmp_path: Path, op
     assert code == 0 and "conflict" not in output, output
     assert run("check", manifest, root)[0] == 0
     reading = {"/run/qubes/socksvc-d.sock"}
-    units = [{"/run/qubes/socksvc-d.sock", "/run/qubes/socksvc-my.Svc+.sock"}]
-    assert not qrexec_view.forgeable(root, reading, units)
+    sockets = {"/run/qubes/socksvc-d.sock", "/run/qubes/socksvc-my.Svc+.sock"}
+    assert not qrexec_view.forgeable(root, reading, {"qubes-socksvc-d.socket": sockets})
     # The bare call reaches NAME+ and takes NAME+'s config (qrexec_view: exec.c alone).
-    assert qrexec_view.service_entry(root, "my.Svc", set().union(*units), set().union(*units))[0] == \
-        "/etc/qubes-rpc/my.Svc+"
+    entry = qrexec_view.service_entry(root, "my.Svc", sockets, sockets)
+    assert entry is not None and entry[0] == "/etc/qubes-rpc/my.Svc+"
     assert qrexec_view.skips_descriptor(root, "my.Svc")[0] in (None, "/etc/qubes/rpc-config/my.Svc+")
 
 
@@ -64,7 +64,8 @@ def test_a_forward_name_plus_beside_a_service_name_applies(tmp_path: Path) -> No
     assert code == 0 and "conflict" not in output, output
     assert rpcconfig.parse((root / "etc/qubes/rpc-config/my.Svc+").read_text()) == {"skip-service-descriptor": True}
     assert not (root / "etc/qubes/rpc-config/my.Svc").exists()
-    assert not qrexec_view.forgeable(root, {"/run/qubes/socksvc-d.sock"}, [{"/run/qubes/socksvc-d.sock"}])
+    assert not qrexec_view.forgeable(root, {"/run/qubes/socksvc-d.sock"},
+                                     {"qubes-socksvc-d.socket": {"/run/qubes/socksvc-d.sock"}})
 
 
 # --- forward targets where the kernel takes them -------------------------------------------
@@ -171,3 +172,88 @@ def test_a_planted_run_config_that_changes_no_descriptor_is_a_warning(tmp_path: 
     assert code == 0 and "warning   my.Svc+x: calls of my.Svc+x would take the rpc-config " \
         "/run/qubes/rpc-config/my.Svc+x" in output, output
     assert run("check", manifest, root)[0] == 0
+
+
+# --- what the adversary found ---------------------------------------------------------------
+
+
+@pytest.fixture
+def local_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A manifest named local.yaml renders under /usr/local (as tests/test_every_instant does)."""
+    from qubes_socksvc.manifest import Manifest
+
+    monkeypatch.setattr(Manifest, "is_local", property(lambda self: os.path.basename(self.path) == "local.yaml"))
+
+
+AWARE = "version: 1\nforwards:\n  svc+x: {target: 'unix:/run/srv/aware.sock', service_descriptor: true}\n"
+RAW_FWD = "version: 1\nforwards:\n  svc: {target: 'unix:/run/srv/raw.sock'}\n"
+READING_FWD = {"/run/srv/aware.sock"}
+
+
+@pytest.mark.parametrize("first", ["local", "etc"])
+def test_the_other_manifests_qubes_aware_forward_is_pinned(tmp_path: Path, local_by_name: None, first: str) -> None:
+    """The /usr/local manifest's forward svc+x reads a descriptor; the /etc manifest's forward
+    svc skips it.  Forwards leave no spec: the other manifest's record and configs say which
+    links read descriptors (effective.applied_forwards), so whichever applies second pins
+    svc+x, and check and list of either manifest see a forgeable disk."""
+    local, etc, root = tmp_path / "local.yaml", tmp_path / "etc.yaml", tmp_path / "root"
+    local.write_text(AWARE)
+    etc.write_text(RAW_FWD)
+    for manifest in ((local, etc) if first == "local" else (etc, local)):
+        code, output = run("apply", manifest, root)
+        assert code == 0, output
+    assert not qrexec_view.forgeable(root, READING_FWD, {}), "apply left svc+x forgeable"
+    for pin in root.glob("*/**/rpc-config/svc+x"):
+        pin.unlink()  # what a disk without the pin looks like
+    assert qrexec_view.forgeable(root, READING_FWD, {})
+    for manifest in (local, etc):
+        for verb in ("check", "list"):
+            code, output = run(verb, manifest, root)
+            assert code == 1 and "FORGEABLE: calls of svc+x" in output, (manifest, verb, output)
+
+
+BIG_SKIP = "#\n" * 40000 + "skip-service-descriptor=true\n"  # 80 KiB: qrexec reads it line by line
+
+
+def test_an_rpc_config_too_large_to_judge_counts_as_skipping(tmp_path: Path) -> None:
+    """lookup.read_config reads at most 64 KiB, qrexec any size (libqrexec/toml.c reads line by
+    line): a config we cannot read is no proof that qrexec fails the call.  One at NAME level is
+    pinned against; one that wins the lookup is a forgeable disk for check and list."""
+    manifest, root = write(tmp_path, f"version: 1\ndaemons:\n  d:\n    services:\n      svc+x:\n{HANDLER}")
+    (root / "etc/qubes/rpc-config").mkdir(parents=True)
+    (root / "etc/qubes/rpc-config/svc").write_text(BIG_SKIP)
+    code, output = run("apply", manifest, root)
+    assert code == 0, output
+    assert rpcconfig.parse((root / "etc/qubes/rpc-config/svc+x").read_text())["skip-service-descriptor"] is False
+    units = {"qubes-socksvc-d.socket": {"/run/qubes/socksvc-d.sock"}}
+    assert not qrexec_view.forgeable(root, {"/run/qubes/socksvc-d.sock"}, units)
+    (root / "run/qubes/rpc-config").mkdir(parents=True)
+    (root / "run/qubes/rpc-config/svc+x").write_text(BIG_SKIP)
+    assert qrexec_view.forgeable(root, {"/run/qubes/socksvc-d.sock"}, units)
+    for verb in ("check", "list"):
+        code, output = run(verb, manifest, root)
+        assert code == 1 and "FORGEABLE: calls of svc+x" in output, (verb, output)
+
+
+def test_a_socket_file_in_a_qubes_rpc_directory_is_judged(tmp_path: Path) -> None:
+    """exec.c find_qrexec_service connects to a socket found as such (S_ISSOCK after lstat),
+    not only through a symlink: a hard link of the daemon's socket is the daemon."""
+    import socket
+
+    manifest, root = write(tmp_path, f"version: 1\ndaemons:\n  d:\n    socket: /run/qubes/d.sock\n"
+                                     f"    services:\n      svc:\n{HANDLER}")
+    assert run("apply", manifest, root)[0] == 0
+    (root / "run/qubes").mkdir(parents=True)
+    (root / "run/qubes-rpc").mkdir(parents=True)
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(root / "run/qubes/d.sock"))
+        os.link(root / "run/qubes/d.sock", root / "run/qubes-rpc/svc+y")
+        (root / "usr/local/etc/qubes/rpc-config").mkdir(parents=True)
+        (root / "usr/local/etc/qubes/rpc-config/svc+y").write_text("skip-service-descriptor=true\n")
+        units = {"qubes-socksvc-d.socket": {"/run/qubes/d.sock"}}
+        assert qrexec_view.forgeable(root, {"/run/qubes/d.sock"}, units)
+        for verb in ("check", "list"):
+            code, output = run(verb, manifest, root)
+            assert code == 1 and "FORGEABLE: calls of svc+y can reach /run/qubes-rpc/svc+y" in output, output
+        code, output = run("apply", manifest, root)  # the foreign config wins over any pin in /etc: refused
+        assert code == 1 and "conflict  svc+y: FORGEABLE" in output, output
