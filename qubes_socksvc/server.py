@@ -24,7 +24,7 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from . import descriptor, handlers, logs, qrexec
+from . import descriptor, handlers, logs, qrexec, stalls
 from .errors import SocksvcError
 from .handlers import HandlerError, Registry
 from .model import Daemon, Service
@@ -596,10 +596,7 @@ class Server:
                  f" to {request.target_type} {request.target}" if request.target else "")
 
         def stalled(seconds: float) -> None:
-            self._fault(("stall", service.handler), logging.WARNING,
-                        "call %s: handler %s held the event loop for %.2fs: every other call waited; an async "
-                        "handler must not block (await, asyncio.to_thread(), or a plain def handler)",
-                        called, service.handler, seconds)
+            self._fault(("stall", service.handler), logging.WARNING, stalls.MESSAGE, called, service.handler, seconds)
 
         try:
             await handlers.invoke(self.registry.get(service.handler), request, service.timeout, stalled)

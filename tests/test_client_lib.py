@@ -51,14 +51,6 @@ def path_with(*dirs: Path) -> str:
     return os.pathsep.join([*map(str, dirs), os.path.dirname(sys.executable), "/usr/bin", "/bin"])
 
 
-#: The stand-in, with its refusal line as qrexec-client-vm writes it: exactly "Request refused"
-#: (agent/qrexec-client-vm.c main), which is how client.exit_origin tells dom0's refusal from a
-#: service's own 126.  The stand-in prefixes every message with its name.
-STANDIN_AS_QREXEC = """#!/bin/bash
-exec {standin} "$@" 2> >(sed -u 's/^qrexec-client-vm (stand-in): Request refused$/Request refused/' >&2)
-"""
-
-
 @pytest.fixture
 def world(daemon: RunningDaemon, start_daemon: type[RunningDaemon], monkeypatch: pytest.MonkeyPatch) -> World:
     base = world_dir("socksvc-client-")
@@ -78,11 +70,7 @@ def world(daemon: RunningDaemon, start_daemon: type[RunningDaemon], monkeypatch:
     policy = base / "30-user.policy"
     policy.write_text(readme_policy() + "test.Fields * work @default allow target=notes\n"
                       "* * work notes allow\n")
-    vm_bin = base / "vm-bin"
-    vm_bin.mkdir()
-    (vm_bin / "qrexec-client-vm").write_text(STANDIN_AS_QREXEC.format(standin=STANDIN / "qrexec-client-vm"))
-    (vm_bin / "qrexec-client-vm").chmod(0o755)
-    monkeypatch.setenv("PATH", path_with(vm_bin))
+    monkeypatch.setenv("PATH", path_with(STANDIN))
     monkeypatch.setenv("PYTHONPATH", f"{REPO}:{TESTS}")
     monkeypatch.setenv("SOCKSVC_STANDIN_TARGET", TARGET)
     monkeypatch.setenv("SOCKSVC_STANDIN_SOURCE", "work")
