@@ -19,8 +19,9 @@ from .errors import SocksvcError
 if TYPE_CHECKING:
     import argparse
 
-    from . import install, render
-    from .manifest import Manifest
+    from . import install
+    from .layout import Layout
+    from .model import Manifest
 
 DEFAULT_MANIFEST = "/etc/qubes-socksvc.yaml"
 
@@ -37,10 +38,11 @@ def _load(path: str) -> Manifest:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from . import effective, render
+    from .layout import Layout
 
     manifest = _load(args.config)
     services = sum(len(d.services) for d in manifest.daemons.values())
-    layout = render.Layout.for_manifest(manifest)
+    layout = Layout.for_manifest(manifest)
     root = os.path.abspath(args.root)
     _, findings = effective.settle(manifest, layout, render.render(manifest, layout), root)
     now = effective.forgeable(manifest, root)
@@ -64,9 +66,10 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_apply(args: argparse.Namespace) -> int:
     from . import effective, install, render
+    from .layout import Layout
 
     manifest = _load(args.config)
-    layout = render.Layout.for_manifest(manifest)
+    layout = Layout.for_manifest(manifest)
     root = os.path.abspath(args.root)
     with install.locked(optional=args.dry_run) as held:
         if not held:
@@ -108,7 +111,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _reload_notes(manifest: Manifest, layout: render.Layout, root: str, plan: install.Plan) -> list[str]:
+def _reload_notes(manifest: Manifest, layout: Layout, root: str, plan: install.Plan) -> list[str]:
     """Per daemon whose spec changes: running daemons reload it at their next call, except for
     their sockets, which are systemd's (compared with the spec on disk before the write)."""
     from . import install, model

@@ -36,8 +36,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
 from . import install, lookup, model, qrexec, rpcconfig
-from .manifest import Manifest
-from .render import LAYOUTS, Artifact, Layout
+from .layout import LAYOUTS, Artifact, File, Layout, Link
+from .model import Manifest
 
 #: Directories every systemd system links elsewhere (FHS 3.0; systemd's tmpfiles.d/var.conf:
 #: ``L /var/run - - - - ../run``, ``L /var/lock - - - - ../run/lock``): resolved even in a
@@ -125,7 +125,7 @@ class _Disk:
 
 
 #: What Tree.update returns for a path that had no change before.
-_UNCHANGED = Artifact("")
+_UNCHANGED = File("", "")
 
 
 class Tree:
@@ -172,11 +172,11 @@ class Tree:
             artifact = self.changes[path]
             if artifact is None:
                 return None
-            if artifact.link_target is None:
+            if not isinstance(artifact, Link):
                 return "stop", None
-            if qrexec.is_tcp_link(artifact.link_target):
+            if qrexec.is_tcp_link(artifact.target):
                 return "stop", None
-            return "link", resolve(self.disk.root, artifact.link_target)
+            return "link", resolve(self.disk.root, artifact.target)
         try:
             st = os.lstat(self.disk.real(path))
         except FileNotFoundError:
@@ -201,8 +201,8 @@ class Tree:
             artifact = self.changes[path]
             if artifact is None:
                 return None
-            if artifact.link_target is not None and qrexec.is_tcp_link(artifact.link_target):
-                return lookup.Kind.TCP, artifact.link_target
+            if isinstance(artifact, Link) and qrexec.is_tcp_link(artifact.target):
+                return lookup.Kind.TCP, artifact.target
             return lookup.Kind.SOCKET, None
         found = self.entry(path)
         if found is not None and found[1] is not None and (
@@ -219,7 +219,7 @@ class Tree:
         if path is None:
             return rpcconfig.Config()
         artifact = self.changes.get(path)
-        if artifact is not None and artifact.content is not None:
+        if isinstance(artifact, File):
             return rpcconfig.Config.from_options(rpcconfig.parse(artifact.content))
         return lookup.read_config(self.disk.real(path))
 
@@ -451,7 +451,7 @@ class _Settler:
         """Pin: an rpc-config of ours at ``path``, unless one is there already."""
         if self.tree.changes.get(path) is not None:
             return False
-        artifact = Artifact(path, content=rpcconfig.render(options, self.source, note))
+        artifact = File(path, rpcconfig.render(options, self.source, note))
         self.artifacts.append(artifact)
         self.tree.update({path: artifact})
         return True
@@ -677,7 +677,7 @@ def _preference(action: install.Action, layout: Layout) -> tuple[int, str]:
     if os.path.dirname(action.path) == layout.rpc_config_dir:
         if action.verb == "remove":
             return 4, action.path
-        assert artifact is not None and artifact.content is not None
+        assert isinstance(artifact, File)  # an rpc-config is a file
         skips = rpcconfig.parse(artifact.content).get("skip-service-descriptor") is True
         return (3 if skips else 0), action.path
     return (1 if action.verb == "remove" else 2), action.path

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 from . import files, model
 from .errors import SocksvcError
+from .layout import Artifact, Layout, Link
 from .qrexec import NAME_MAX
-from .render import Artifact, Layout
 
 STATE_VERSION = 1
 #: The record holds two digests per path at most; 16 MiB is far beyond any manifest.
@@ -59,8 +59,8 @@ class Action:
 
     def __str__(self) -> str:
         text = f"{self.verb:9} {self.path}"
-        if self.artifact is not None and self.artifact.link_target is not None:
-            text += f" -> {self.artifact.link_target}"
+        if isinstance(self.artifact, Link):
+            text += f" -> {self.artifact.target}"
         return text + (f"  ({self.reason})" if self.reason else "")
 
 
@@ -85,11 +85,7 @@ class Plan:
 
 
 def fingerprint(artifact: Artifact) -> str:
-    if artifact.link_target is not None:
-        data = b"symlink:" + artifact.link_target.encode()
-    else:
-        assert artifact.content is not None
-        data = artifact.content.encode()
+    data = b"symlink:" + artifact.target.encode() if isinstance(artifact, Link) else artifact.content.encode()
     return hashlib.sha256(data).hexdigest()
 
 
@@ -418,9 +414,8 @@ def execute(plan_: Plan) -> None:
                 continue
             artifact = action.artifact
             assert artifact is not None
-            if artifact.link_target is not None:
-                _write_symlink(real, artifact.link_target)
+            if isinstance(artifact, Link):
+                _write_symlink(real, artifact.target)
             else:
-                assert artifact.content is not None
                 _write_file(real, artifact.content.encode())
         _save_state(root, layout, final)

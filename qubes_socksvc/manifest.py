@@ -12,16 +12,26 @@ import hashlib
 import os.path
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
 from . import qrexec
-from .errors import SocksvcError
 from .files import FileRefused, read_regular
-from .model import DAEMON_RANGES, SERVICE_RANGES, Daemon, Service
-from .policy import Policy, source_problem
+from .model import (
+    DAEMON_RANGES,
+    MAX_SOCKET_PATH,
+    SERVICE_RANGES,
+    Daemon,
+    Forward,
+    Policy,
+    Service,
+    forward_link,
+)
+from .model import Manifest as Manifest  # re-exported: what load returns
+from .model import ManifestError as ManifestError  # ... and what it raises
+from .policy import source_problem
 
 DEFAULT_PATH = "/etc/qubes-socksvc.yaml"
 LOCAL_PATH = "/usr/local/etc/qubes-socksvc.yaml"
@@ -38,71 +48,7 @@ HANDLER_RE = re.compile(
 GROUP_RE = re.compile(r"[a-z_][a-z0-9_-]*\$?\Z")
 CONDITION_RE = re.compile(r"!?(@system|[a-z_][a-z0-9_-]*\$?|[0-9]+)\Z")
 MODE_RE = re.compile(r"0?[0-7]{3}\Z")
-#: sun_path holds 108 bytes, its NUL included.
-MAX_SOCKET_PATH = 107
 SOCKET_NAME_RE = re.compile(r"[A-Za-z0-9_.+-]+\.sock\Z")
-
-
-class ManifestError(SocksvcError):
-    """One or more problems in a manifest; ``str()`` lists them, one per line."""
-
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("\n".join(problems))
-        self.problems = problems
-
-
-@dataclass(frozen=True)
-class Forward:
-    """A qubes-rpc link straight to an existing Unix socket or TCP port: no daemon, no process.
-
-    ``target`` is ``unix:/PATH``, ``tcp:HOST:PORT``, ``tcp:HOST`` (the call's argument is
-    the port) or ``tcp:`` (the argument is ``HOST+PORT``); IPv6 hosts in brackets.
-    """
-
-    full_name: str
-    target: str
-    service_descriptor: bool = False
-    """A server that is not Qubes-aware gets no descriptor (skip-service-descriptor=true)."""
-    wait_for_session: bool | None = None
-    exit_on_client_eof: bool | None = None
-    exit_on_service_eof: bool | None = None
-    policy: Policy | None = None
-
-    @property
-    def link_target(self) -> str:
-        """What the qubes-rpc symlink points to: the socket path or ``/dev/tcp[/HOST[/PORT]]``."""
-        return forward_link(self.target)
-
-    def rpc_config(self) -> dict[str, bool | str]:
-        """The rpc-config keys this forward sets, in qrexec's spelling."""
-        options = {"wait-for-session": self.wait_for_session,
-                   "skip-service-descriptor": None if self.service_descriptor else True,
-                   "exit-on-client-eof": self.exit_on_client_eof, "exit-on-service-eof": self.exit_on_service_eof}
-        return {key: value for key, value in options.items() if value is not None}
-
-
-@dataclass(frozen=True)
-class Manifest:
-    path: str
-    daemons: dict[str, Daemon]
-    forwards: dict[str, Forward] = field(default_factory=dict)
-    policies: dict[str, Policy] = field(default_factory=dict)
-    """The services' ``policy:`` entries by key (dom0's business, not the daemon's: kept out of
-    the runtime model and its compiled spec)."""
-    sha256: str = ""
-    """Of the manifest's text: recorded in each compiled spec."""
-
-    @property
-    def is_local(self) -> bool:
-        """The ``/usr/local`` manifest (AppVM-persistent) renders under ``/usr/local``."""
-        return os.path.abspath(self.path).startswith("/usr/local/")
-
-    def services(self) -> dict[str, tuple[Daemon, Service]]:
-        return {
-            full_name: (daemon, service)
-            for daemon in self.daemons.values()
-            for full_name, service in daemon.services.items()
-        }
 
 
 # --- schema -----------------------------------------------------------------
@@ -439,51 +385,6 @@ def _daemon(
 
 # --- forwards ---------------------------------------------------------------------------
 
-_TARGET_FORMS = 'expected "unix:/PATH", "tcp:HOST:PORT", "tcp:HOST" or "tcp:" (IPv6 in brackets: "tcp:[::1]:22")'
-
-
-def forward_link(target: str) -> str:
-    """A forward's ``target:`` -> what its qubes-rpc symlink points to; ValueError says why not.
-
-    ``unix:/PATH`` -> PATH, absolute and normalised, at most 107 bytes (sun_path: no
-    server can listen at a longer path); ``tcp:HOST:PORT`` -> ``/dev/tcp/HOST/PORT``,
-    ``tcp:HOST`` -> ``/dev/tcp/HOST``, ``tcp:`` -> ``/dev/tcp`` (libqrexec/exec.c:
-    find_file, find_qrexec_service), HOST numeric (qubes_tcp_connect), PORT as
-    validate_port takes it.
-    """
-    scheme, colon, rest = target.partition(":")
-    if colon and scheme == "unix":
-        if not os.path.isabs(rest) or os.path.normpath(rest) != rest or rest.startswith("//"):
-            raise ValueError("expected unix: and an absolute, normalised path")
-        if any(c.isspace() or not c.isprintable() for c in rest):
-            raise ValueError("the socket path must not contain spaces or control characters")
-        if len(rest.encode()) > MAX_SOCKET_PATH:
-            raise ValueError(f"the socket path is longer than {MAX_SOCKET_PATH} bytes, "
-                             "the most a Unix socket address holds")
-        return rest
-    if not colon or scheme != "tcp":
-        raise ValueError(_TARGET_FORMS)
-    if not rest:
-        return qrexec.TCP_LINK
-    if rest.startswith("["):
-        host, bracket, after = rest[1:].partition("]")
-        if not bracket or ":" not in host or (after and not after.startswith(":")):
-            raise ValueError('expected tcp:[IPv6]:PORT or tcp:[IPv6], e.g. "tcp:[::1]:22"')
-        port: str | None = after[1:] if after else None
-    else:
-        host, colon, port = rest.partition(":")
-        if ":" in port:
-            raise ValueError('an IPv6 address goes in brackets, e.g. "tcp:[::1]:22"')
-        port = port if colon else None
-    if not qrexec.is_numeric_host(host):
-        raise ValueError(f"{host!r} is not a numeric IPv4 or IPv6 address; qrexec connects without "
-                         "a name lookup (libqrexec/exec.c: qubes_tcp_connect, AI_NUMERICHOST)")
-    if port is not None and not qrexec.valid_port(port):
-        raise ValueError(f"invalid port {port!r}: expected 1-65535 without leading zeros "
-                         "(libqrexec/exec.c: validate_port)")
-    return f"{qrexec.TCP_LINK}/{host}" + (f"/{port}" if port is not None else "")
-
-
 def _check_forward_target(value: str) -> str | None:
     try:
         forward_link(value)
@@ -514,23 +415,28 @@ FORWARD_FIELDS: dict[str, _Field] = {
 }
 
 
-def _forward(node: yaml.Node, key: str, problems: _Problems, full_name: str) -> Forward | None:
+def _forward(node: yaml.Node, key: str, problems: _Problems, full_name: str,
+             policies: dict[str, Policy]) -> Forward | None:
+    """Validate one forward; its ``policy:`` entry, if any, goes to ``policies``."""
     before = len(problems.items)
     mapping = _mapping(node, key, problems)
     values = _fields(mapping, key, FORWARD_FIELDS, problems)
+    policy = values.pop("policy", None)
     if "target" not in values and len(problems.items) == before:
         problems.add(node, key, 'missing "target: unix:/PATH" or "target: tcp:HOST:PORT"')
     if len(problems.items) != before:
         return None
     forward = Forward(full_name=full_name, **values)
     problems.marks[f"{key}.target"] = mapping["target"][1]
+    if policy is not None:
+        policies[full_name] = policy
     if not qrexec.is_tcp_link(forward.link_target):
         return forward
     # The key fixes the argument of every call it serves (NAME+ARG); policy arguments name others.
     _, argument = qrexec.split_service(full_name)
     calls = {f"{key}.target": argument} if argument is not None else {}
-    if forward.policy is not None:
-        calls.update({f"{key}.policy.arguments.{a}": a for a, _ in forward.policy.arguments})
+    if policy is not None:
+        calls.update({f"{key}.policy.arguments.{a}": a for a, _ in policy.arguments})
     name = qrexec.split_service(full_name)[0]
     for where, call_argument in calls.items():
         problem = tcp_call_problem(forward.link_target, call_argument)
@@ -548,9 +454,8 @@ def _check_across(daemons: dict[str, Daemon], forwards: dict[str, Forward], poli
     does not point at a socket a daemon of this manifest listens on."""
     where = {name: f"daemons.{d.name}.services.{name}" for d in daemons.values() for name in d.services}
     where.update({name: f"forwards.{name}" for name in forwards})
-    entries = {**{name: policies.get(name) for d in daemons.values() for name in d.services},
-               **{name: f.policy for name, f in forwards.items()}}
-    for name, policy in entries.items():
+    for name in where:
+        policy = policies.get(name)
         if policy is None or not policy.arguments:
             continue
         key = f"{where[name]}.policy.arguments"
@@ -559,7 +464,7 @@ def _check_across(daemons: dict[str, Daemon], forwards: dict[str, Forward], poli
                          "one argument: put them in its policy")
             continue
         for argument, _ in policy.arguments:
-            if f"{name}+{argument}" in entries:
+            if f"{name}+{argument}" in where:
                 problems.add(problems.marks[f"{key}.{argument}"], f"{key}.{argument}",
                              f"{name}+{argument} is declared as {where[name + '+' + argument]}: "
                              "put its rules in that entry's policy")
@@ -677,7 +582,7 @@ def parse(text: str, path: str) -> Manifest:
                     problems.add(fkey, key, f"service already declared by {claimed[full_name]}; declare it once")
                 else:
                     claimed[full_name] = "forwards"
-                    forward = _forward(fnode, key, problems, full_name)
+                    forward = _forward(fnode, key, problems, full_name, policies)
                     if forward is not None:
                         forwards[full_name] = forward
         else:

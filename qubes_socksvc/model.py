@@ -1,22 +1,25 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
 # Copyright (C) 2026 qubes-socksvc developers
-"""The runtime model: the daemons and services ``serve`` needs, and the compiled spec.
+"""The model: the daemons and services ``serve`` needs, and the compiled spec; the
+manifest's forwards and policy entries, which only the tools need.
 
 ``apply`` validates the manifest (manifest.py, the only YAML reader) and writes one
-spec per daemon: this model as JSON, with the manifest's hash.  The unit's
-``ExecStart=`` names that spec, so a running daemon depends only on what ``apply``
-validated.  No YAML and no Jinja2 here: a socket-activated call waits for this
-module to load.
+spec per daemon: its :class:`Daemon` as JSON, with the manifest's hash (never its
+policy: that is dom0's).  The unit's ``ExecStart=`` names that spec, so a running
+daemon depends only on what ``apply`` validated.  No YAML and no Jinja2 here: a
+socket-activated call waits for this module to load.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os.path
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from . import qrexec
 from .errors import SocksvcError
 from .files import FileRefused, read_regular
 
@@ -211,3 +214,144 @@ def load(path: str) -> Spec:
         return parse(data.decode("utf-8"), path)
     except UnicodeDecodeError as e:
         raise SpecError(f"{path}: not UTF-8; run 'qubes-socksvc apply' to write it again") from e
+
+
+# --- the manifest's model: what check, apply, list and policy work on -------------------
+#
+# manifest.py reads YAML into these; render.py, install.py, effective.py and policy.py read
+# them.  A daemon never sees them: it loads the compiled spec above.
+
+#: sun_path holds 108 bytes, its NUL included.
+MAX_SOCKET_PATH = 107
+
+
+class ManifestError(SocksvcError):
+    """One or more problems in a manifest; ``str()`` lists them, one per line."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A service's or forward's ``policy:`` entry: who may call it, from which qubes."""
+
+    allow: tuple[str, ...] = ()
+    """Callers allowed without asking."""
+    ask: tuple[str, ...] = ()
+    """Callers for whom dom0 asks the user each time (this qube preselected)."""
+    deny: tuple[str, ...] = ()
+    """Callers refused outright (where a broader allow or ask would let them in)."""
+    default_target: bool = False
+    """Also route calls that name no target (``@default``) to this qube."""
+    autostart: bool | None = None
+    """``autostart=``: start this qube for a call (qrexec's default: yes)."""
+    notify: bool | None = None
+    """``notify=``: a notification for each allowed call (qrexec's default: no; for deny: yes)."""
+    arguments: tuple[tuple[str, Policy], ...] = ()
+    """(ARG, rules) per argument (``NAME`` keys only): tried before the key's own, for ``NAME+ARG`` calls."""
+
+    def grants(self) -> tuple[str, ...]:
+        """The callers some line lets in (ask or allow)."""
+        return (*self.ask, *self.allow)
+
+
+_TARGET_FORMS = 'expected "unix:/PATH", "tcp:HOST:PORT", "tcp:HOST" or "tcp:" (IPv6 in brackets: "tcp:[::1]:22")'
+
+
+def forward_link(target: str) -> str:
+    """A forward's ``target:`` -> what its qubes-rpc symlink points to; ValueError says why not.
+
+    ``unix:/PATH`` -> PATH, absolute and normalised, at most 107 bytes (sun_path: no
+    server can listen at a longer path); ``tcp:HOST:PORT`` -> ``/dev/tcp/HOST/PORT``,
+    ``tcp:HOST`` -> ``/dev/tcp/HOST``, ``tcp:`` -> ``/dev/tcp`` (libqrexec/exec.c:
+    find_file, find_qrexec_service), HOST numeric (qubes_tcp_connect), PORT as
+    validate_port takes it.
+    """
+    scheme, colon, rest = target.partition(":")
+    if colon and scheme == "unix":
+        if not os.path.isabs(rest) or os.path.normpath(rest) != rest or rest.startswith("//"):
+            raise ValueError("expected unix: and an absolute, normalised path")
+        if any(c.isspace() or not c.isprintable() for c in rest):
+            raise ValueError("the socket path must not contain spaces or control characters")
+        if len(rest.encode()) > MAX_SOCKET_PATH:
+            raise ValueError(f"the socket path is longer than {MAX_SOCKET_PATH} bytes, "
+                             "the most a Unix socket address holds")
+        return rest
+    if not colon or scheme != "tcp":
+        raise ValueError(_TARGET_FORMS)
+    if not rest:
+        return qrexec.TCP_LINK
+    if rest.startswith("["):
+        host, bracket, after = rest[1:].partition("]")
+        if not bracket or ":" not in host or (after and not after.startswith(":")):
+            raise ValueError('expected tcp:[IPv6]:PORT or tcp:[IPv6], e.g. "tcp:[::1]:22"')
+        port: str | None = after[1:] if after else None
+    else:
+        host, colon, port = rest.partition(":")
+        if ":" in port:
+            raise ValueError('an IPv6 address goes in brackets, e.g. "tcp:[::1]:22"')
+        port = port if colon else None
+    if not qrexec.is_numeric_host(host):
+        raise ValueError(f"{host!r} is not a numeric IPv4 or IPv6 address; qrexec connects without "
+                         "a name lookup (libqrexec/exec.c: qubes_tcp_connect, AI_NUMERICHOST)")
+    if port is not None and not qrexec.valid_port(port):
+        raise ValueError(f"invalid port {port!r}: expected 1-65535 without leading zeros "
+                         "(libqrexec/exec.c: validate_port)")
+    return f"{qrexec.TCP_LINK}/{host}" + (f"/{port}" if port is not None else "")
+
+
+@dataclass(frozen=True)
+class Forward:
+    """A qubes-rpc link straight to an existing Unix socket or TCP port: no daemon, no process.
+
+    ``target`` is ``unix:/PATH``, ``tcp:HOST:PORT``, ``tcp:HOST`` (the call's argument is
+    the port) or ``tcp:`` (the argument is ``HOST+PORT``); IPv6 hosts in brackets.
+    """
+
+    full_name: str
+    target: str
+    service_descriptor: bool = False
+    """A server that is not Qubes-aware gets no descriptor (skip-service-descriptor=true)."""
+    wait_for_session: bool | None = None
+    exit_on_client_eof: bool | None = None
+    exit_on_service_eof: bool | None = None
+
+    @property
+    def link_target(self) -> str:
+        """What the qubes-rpc symlink points to: the socket path or ``/dev/tcp[/HOST[/PORT]]``."""
+        return forward_link(self.target)
+
+    def rpc_config(self) -> dict[str, bool | str]:
+        """The rpc-config keys this forward sets, in qrexec's spelling."""
+        options = {"wait-for-session": self.wait_for_session,
+                   "skip-service-descriptor": None if self.service_descriptor else True,
+                   "exit-on-client-eof": self.exit_on_client_eof, "exit-on-service-eof": self.exit_on_service_eof}
+        return {key: value for key, value in options.items() if value is not None}
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A validated manifest: its daemons, its forwards and who may call them."""
+
+    path: str
+    daemons: dict[str, Daemon]
+    forwards: dict[str, Forward] = field(default_factory=dict)
+    policies: dict[str, Policy] = field(default_factory=dict)
+    """The ``policy:`` entries of services and forwards, by key (dom0's business, not the
+    daemon's: kept out of :class:`Daemon`, so out of the compiled spec)."""
+    sha256: str = ""
+    """Of the manifest's text: recorded in each compiled spec."""
+
+    @property
+    def is_local(self) -> bool:
+        """The ``/usr/local`` manifest (AppVM-persistent) renders under ``/usr/local``."""
+        return os.path.abspath(self.path).startswith("/usr/local/")
+
+    def services(self) -> dict[str, tuple[Daemon, Service]]:
+        return {
+            full_name: (daemon, service)
+            for daemon in self.daemons.values()
+            for full_name, service in daemon.services.items()
+        }

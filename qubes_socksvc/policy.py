@@ -19,12 +19,10 @@ import os.path
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from . import qrexec
-
-if TYPE_CHECKING:
-    from .manifest import Manifest
+from .model import Manifest, Policy
 
 #: The actions of a policy line (qrexec/policy/parser.py: class Action).
 Verb = Literal["deny", "ask", "allow"]
@@ -35,40 +33,15 @@ VERBS: tuple[Verb, ...] = ("deny", "ask", "allow")
 #: what Qubes names are made of, so that no line can be split or mis-read.
 _WORD_RE = re.compile(r"[A-Za-z0-9_.-]+\Z")
 _UUID_RE = re.compile(r"uuid:[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
-#: qrexec/policy/parser.py: the Source tokens (WildcardVM, AdminVM, AnyVM) ...
-_SOURCE_EXACT = ("*", "@adminvm", "@anyvm")
-#: ... and prefixed ones (TypeVM, TagVM).  DispVMTemplate and DispVMTag parse as sources
-#: but match no caller: their ``match`` compares only an ``@dispvm``/``@dispvm:X`` *target*,
-#: and a request's source is a plain qube name.  Refused: as a deny, they would deny nobody.
+#: qrexec/policy/parser.py: the prefixed Source tokens (TypeVM, TagVM).  DispVMTemplate and
+#: DispVMTag parse as sources but match no caller: their ``match`` compares only an
+#: ``@dispvm``/``@dispvm:X`` *target*, and a request's source is a plain qube name.
+#: Refused: as a deny, they would deny nobody.
 _SOURCE_PREFIXES = ("@type:", "@tag:")
 #: parser.py: is_dom0: one qube under three names.
 _DOM0 = ("@adminvm", "dom0", "uuid:00000000-0000-0000-0000-000000000000")
 #: First-match order among callers: a named qube before a group, a group before everyone.
 _NAMED, _GROUP, _EVERYONE = 0, 1, 2
-
-
-@dataclass(frozen=True)
-class Policy:
-    """A service's or forward's ``policy:`` entry: who may call it, from which qubes."""
-
-    allow: tuple[str, ...] = ()
-    """Callers allowed without asking."""
-    ask: tuple[str, ...] = ()
-    """Callers for whom dom0 asks the user each time (this qube preselected)."""
-    deny: tuple[str, ...] = ()
-    """Callers refused outright (where a broader allow or ask would let them in)."""
-    default_target: bool = False
-    """Also route calls that name no target (``@default``) to this qube."""
-    autostart: bool | None = None
-    """``autostart=``: start this qube for a call (qrexec's default: yes)."""
-    notify: bool | None = None
-    """``notify=``: a notification for each allowed call (qrexec's default: no; for deny: yes)."""
-    arguments: tuple[tuple[str, Policy], ...] = ()
-    """(ARG, rules) per argument (``NAME`` keys only): tried before the key's own, for ``NAME+ARG`` calls."""
-
-    def grants(self) -> tuple[str, ...]:
-        """The callers some line lets in (ask or allow)."""
-        return (*self.ask, *self.allow)
 
 
 def _source_kind(token: str) -> tuple[int, str | None]:
@@ -233,7 +206,7 @@ def lines(manifest: Manifest, qube: str, origin: str = "") -> list[str]:
         if takes and "+" not in key:
             picks = "host and port" if forward.link_target == qrexec.TCP_LINK else "port"
             what += f"; the argument picks the {picks}: a * line allows any, policy.arguments lists some"
-        entries[key] = (forward.policy, what)
+        entries[key] = (manifest.policies.get(key), what)
     source = os.path.abspath(manifest.path)
     text: list[str | _Line] = [
         f"# qrexec policy for the services of qube {qube}{f' ({origin})' if origin else ''}, from {source}",

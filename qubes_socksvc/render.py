@@ -1,64 +1,19 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
 # Copyright (C) 2026 qubes-socksvc developers
-"""Manifest model -> artifacts: user units (Jinja2), qubes-rpc symlinks, rpc-config files."""
+"""The manifest's model -> artifacts: the compiled specs, user units (Jinja2), qubes-rpc
+symlinks and rpc-config files (where they go: layout.py)."""
 
 from __future__ import annotations
 
 import os.path
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import jinja2
 
 from . import model, rpcconfig
-from .manifest import Manifest, ManifestError
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Where one manifest's artifacts go (absolute paths on the target system)."""
-
-    unit_dir: str
-    rpc_dir: str
-    rpc_config_dir: str
-    state_file: str
-    spec_dir: str
-    """Compiled specs, one per daemon: root-owned, world-readable (the daemons read them)."""
-
-    def spec(self, daemon: str) -> str:
-        return f"{self.spec_dir}/{daemon}.json"
-
-    @classmethod
-    def for_manifest(cls, manifest: Manifest) -> Layout:
-        return LOCAL if manifest.is_local else SYSTEM
-
-
-#: The /etc manifest's artifacts, and the AppVM-persistent /usr/local manifest's.
-SYSTEM = Layout(
-    unit_dir="/etc/systemd/user",
-    rpc_dir="/etc/qubes-rpc",
-    rpc_config_dir="/etc/qubes/rpc-config",
-    state_file="/var/lib/qubes-socksvc/owned.json",
-    spec_dir="/var/lib/qubes-socksvc/daemons",
-)
-LOCAL = Layout(
-    unit_dir="/usr/local/lib/systemd/user",
-    rpc_dir="/usr/local/etc/qubes-rpc",
-    rpc_config_dir="/usr/local/etc/qubes/rpc-config",
-    state_file="/usr/local/var/lib/qubes-socksvc/owned.json",
-    spec_dir="/usr/local/var/lib/qubes-socksvc/daemons",
-)
-LAYOUTS = (SYSTEM, LOCAL)
-
-
-@dataclass(frozen=True)
-class Artifact:
-    """A file (``content``) or a symlink (``link_target``) at an absolute ``path``."""
-
-    path: str
-    content: str | None = None
-    link_target: str | None = None
+from .layout import Artifact, File, Layout, Link
+from .model import Manifest, ManifestError
 
 
 def templates_dir() -> Path:
@@ -126,10 +81,10 @@ def render(manifest: Manifest, layout: Layout, exec_start: list[str] | None = No
             raise ManifestError([f"{source}: daemons.{daemon.name}: its spec would be {size} "
                                  f"bytes, more than a daemon reads ({model.MAX_SPEC_SIZE}); split its "
                                  f"{len(daemon.services)} services among more daemons"])
-        artifacts.append(Artifact(spec, content=spec_text))
+        artifacts.append(File(spec, spec_text))
         for kind in ("socket", "service"):
             text = env.get_template(f"{kind}.j2").render(context)
-            artifacts.append(Artifact(f"{layout.unit_dir}/{daemon.unit}.{kind}", content=text))
+            artifacts.append(File(f"{layout.unit_dir}/{daemon.unit}.{kind}", text))
         for full_name, service in daemon.services.items():
             artifacts += _rpc_entry(layout, full_name, service.socket or daemon.socket, service.rpc_config(), source)
     for full_name, forward in manifest.forwards.items():  # a link and a config: no unit, no daemon
@@ -140,7 +95,7 @@ def render(manifest: Manifest, layout: Layout, exec_start: list[str] | None = No
 def _rpc_entry(layout: Layout, full_name: str, link_target: str, options: dict[str, bool | str],
                source: str) -> list[Artifact]:
     """One declared key's qubes-rpc symlink, and its rpc-config file when it sets an option."""
-    link = Artifact(f"{layout.rpc_dir}/{full_name}", link_target=link_target)
+    link = Link(f"{layout.rpc_dir}/{full_name}", link_target)
     if not options:
         return [link]
-    return [link, Artifact(f"{layout.rpc_config_dir}/{full_name}", content=rpcconfig.render(options, source))]
+    return [link, File(f"{layout.rpc_config_dir}/{full_name}", rpcconfig.render(options, source))]

@@ -20,8 +20,9 @@ import subprocess
 from dataclasses import dataclass
 from typing import Literal
 
-from . import effective, install, qrexec, render, unixdiag
-from .manifest import Forward, Manifest
+from . import effective, install, qrexec, unixdiag
+from .layout import Artifact, Layout
+from .model import Forward, Manifest
 
 #: What qrexec connects to a socket service with (libqrexec/exec.c: find_qrexec_service:
 #: ``socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0)``): a SOCK_SEQPACKET listener is no server for it.
@@ -188,7 +189,7 @@ def forward_state(forward: Forward, unix: UnixListeners,
     return "listening" if int(port) in ports else f"not listening (nothing on {host} port {port})"
 
 
-def _artifact_state(root: str, artifact: render.Artifact, owned: dict[str, list[str]]) -> str:
+def _artifact_state(root: str, artifact: Artifact, owned: dict[str, list[str]]) -> str:
     real = install.real_path(root, artifact.path)
     current = install.current_fingerprint(real)
     if current is None:
@@ -241,7 +242,9 @@ def running_state(unit: str, spec_path: str) -> str:
 
 def report(manifest: Manifest, root: str = "/") -> tuple[str, bool]:
     """The listing, and whether the disk now lets a caller forge its descriptor (``list`` then fails)."""
-    layout = render.Layout.for_manifest(manifest)
+    from . import render  # list only: importing status renders nothing
+
+    layout = Layout.for_manifest(manifest)
     owned = install.load_state(root, layout)
     settled, findings = effective.settle(manifest, layout, render.render(manifest, layout), root, owned)
     artifacts = {a.path: a for a in settled}
@@ -267,7 +270,7 @@ def report(manifest: Manifest, root: str = "/") -> tuple[str, bool]:
     return "\n".join(lines) + "\n", bool(now)
 
 
-def _entry_lines(full_name: str, indent: str, layout: render.Layout, artifacts: dict[str, render.Artifact],
+def _entry_lines(full_name: str, indent: str, layout: Layout, artifacts: dict[str, Artifact],
                  findings: list[effective.Finding], root: str, owned: dict[str, list[str]]) -> list[str]:
     """A declared key's link, rpc-config and findings."""
     link = f"{layout.rpc_dir}/{full_name}"

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from qubes_socksvc import manifest, render
+from qubes_socksvc.layout import File, Layout
 from tests.conftest import run_cli
 from tests.test_manifest import GOOD, tree_digest
 
@@ -173,8 +174,8 @@ def test_a_spec_up_to_4_mib_applies_and_reapplies_and_a_larger_one_is_refused(tm
     def spec_size(text: str) -> int:
         path.write_text(text)
         loaded = manifest.load(str(path))
-        [spec] = [a for a in render.render(loaded, render.Layout.for_manifest(loaded)) if a.path.endswith("/big.json")]
-        assert spec.content is not None
+        [spec] = [a for a in render.render(loaded, Layout.for_manifest(loaded)) if a.path.endswith("/big.json")]
+        assert isinstance(spec, File)
         return len(spec.content.encode())
 
     one, two = spec_size(services(1)), spec_size(services(2))

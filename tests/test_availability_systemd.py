@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from qubes_socksvc import manifest, model, render
+from qubes_socksvc.layout import File, Layout
 from tests.conftest import REPO, TESTS, world_dir
 from tests.usermanager import Unavailable, UserManager, check_available, ensure_user
 
@@ -48,11 +49,11 @@ class Units:
         parsed = manifest.parse(text, str(path))
         self.daemon = parsed.daemons[name]
         unit_dir = Path(um.home, ".config/systemd/user")
-        layout = render.Layout(unit_dir=str(unit_dir), rpc_dir=str(self.dir), rpc_config_dir=str(self.dir),
-                               state_file=str(self.dir / "owned.json"), spec_dir=str(self.dir))
+        layout = Layout(unit_dir=str(unit_dir), rpc_dir=str(self.dir), rpc_config_dir=str(self.dir),
+                        state_file=str(self.dir / "owned.json"), spec_dir=str(self.dir))
         self.paths: list[Path] = []
         for artifact in render.render(parsed, layout, exec_start=[sys.executable, "-P", "-m", "qubes_socksvc"]):
-            if artifact.content is None or not artifact.path.startswith((str(unit_dir), str(self.dir))):
+            if not isinstance(artifact, File) or not artifact.path.startswith((str(unit_dir), str(self.dir))):
                 continue  # qubes-rpc links: the test connects to the socket itself
             target = Path(artifact.path)
             target.parent.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from qubes_socksvc import manifest, qrexec, status
+from qubes_socksvc import manifest, model, qrexec, status
 from qubes_socksvc.manifest import ManifestError
 from tests.conftest import REPO, TESTS, private_dir, run_cli
 from tests.test_manifest import tree_digest
@@ -33,7 +33,7 @@ PATH = "/etc/qubes-socksvc.yaml"
 NO_UNIX = status.UnixListeners(frozenset(), frozenset(), frozenset(), True)
 
 
-def parse(text: str) -> manifest.Manifest:
+def parse(text: str) -> model.Manifest:
     return manifest.parse(textwrap.dedent(text), PATH)
 
 
@@ -419,9 +419,9 @@ def test_tcp_listeners_are_read_from_proc() -> None:
     v6.listen(1)
     with v6:
         port = v6.getsockname()[1]
-        fwd = manifest.Forward("my.F", f"tcp:127.0.0.1:{port}")
+        fwd = model.Forward("my.F", f"tcp:127.0.0.1:{port}")
         assert status.forward_state(fwd, NO_UNIX, status.listening_tcp()) == "listening"
-        fwd6 = manifest.Forward("my.F", f"tcp:[::1]:{port}")
+        fwd6 = model.Forward("my.F", f"tcp:[::1]:{port}")
         assert status.forward_state(fwd6, NO_UNIX, status.listening_tcp()) == "listening"
     assert status.forward_state(fwd, NO_UNIX, status.listening_tcp()).startswith("not listening")
 

@@ -30,8 +30,9 @@ import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from qubes_socksvc import descriptor, manifest, render
+from qubes_socksvc import descriptor, manifest, model, render
 from qubes_socksvc.descriptor import Descriptor, DescriptorError
+from qubes_socksvc.layout import Layout, Link
 from qubes_socksvc.manifest import ManifestError
 from tests.conftest import REPO, TESTS, run_cli
 
@@ -187,7 +188,7 @@ MANIFEST_PATH = "/etc/qubes-socksvc.yaml"
 PROBLEM_RE = re.compile(r"/etc/qubes-socksvc\.yaml(:\d+:\d+)?: ")
 
 
-def parse_manifest(text: str) -> manifest.Manifest | None:
+def parse_manifest(text: str) -> model.Manifest | None:
     try:
         return manifest.parse(text, MANIFEST_PATH)
     except ManifestError as e:
@@ -195,15 +196,15 @@ def parse_manifest(text: str) -> manifest.Manifest | None:
         return None
 
 
-def assert_renders_inside_its_directories(parsed: manifest.Manifest) -> None:
-    layout = render.Layout.for_manifest(parsed)
+def assert_renders_inside_its_directories(parsed: model.Manifest) -> None:
+    layout = Layout.for_manifest(parsed)
     allowed = {layout.unit_dir, layout.rpc_dir, layout.rpc_config_dir, layout.spec_dir}
     for artifact in render.render(parsed, layout, exec_start=["/usr/bin/python3", "-m", "qubes_socksvc"]):
         assert os.path.normpath(artifact.path) == artifact.path, artifact.path
         assert os.path.dirname(artifact.path) in allowed, artifact.path
         assert os.path.basename(artifact.path) not in ("", ".", ".."), artifact.path
-        if artifact.link_target is not None:
-            assert re.fullmatch(r"/run/qubes/[A-Za-z0-9_.+-]+\.sock", artifact.link_target), artifact
+        if isinstance(artifact, Link):
+            assert re.fullmatch(r"/run/qubes/[A-Za-z0-9_.+-]+\.sock", artifact.target), artifact
     for daemon in parsed.daemons.values():
         assert re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,63}", daemon.name)
         assert int(daemon.socket_mode, 8) & 0o007 == 0, daemon.socket_mode

@@ -33,6 +33,7 @@ from typing import Any
 import pytest
 
 from qubes_socksvc import cli, install, render
+from qubes_socksvc.layout import Layout
 from qubes_socksvc.manifest import load as load_manifest
 from tests.conftest import run_cli, world_dir
 
@@ -958,7 +959,7 @@ def test_execute_refuses_a_plan_with_conflicts(world: Callable[[str], tuple[Path
     manifest, root, outside = world(A)
     plant(root, f"{RPC}/alpha.Echo", lambda p: p.write_text("#!/bin/sh\n"))
     loaded = load_manifest(str(manifest))
-    layout = render.Layout.for_manifest(loaded)
+    layout = Layout.for_manifest(loaded)
     plan = install.plan(render.render(loaded, layout), layout, str(root))
     assert plan.conflicts and plan.changes
     before = snapshot(root, outside)

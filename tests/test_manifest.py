@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from qubes_socksvc import manifest
+from qubes_socksvc import manifest, model
 from qubes_socksvc.manifest import ManifestError
 from tests.conftest import REPO, run_cli
 
@@ -25,7 +25,7 @@ daemons:
 """
 
 
-def parse(text: str) -> manifest.Manifest:
+def parse(text: str) -> model.Manifest:
     return manifest.parse(textwrap.dedent(text), "/etc/qubes-socksvc.yaml")
 
 

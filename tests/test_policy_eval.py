@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from qubes_socksvc import manifest, policy
-from qubes_socksvc.policy import Policy
+from qubes_socksvc import manifest, model, policy
+from qubes_socksvc.model import Policy
 from tests import policy_eval
 from tests.policy_eval import Decision, Domain, SystemInfo, evaluate, parse
 
@@ -83,9 +83,8 @@ class Entry:
         return min(named)[2] if named else None
 
 
-def declared(parsed: manifest.Manifest) -> dict[str, Policy | None]:
-    return {**{k: parsed.policies.get(k) for k in parsed.services()},
-            **{k: f.policy for k, f in parsed.forwards.items()}}
+def declared(parsed: model.Manifest) -> dict[str, Policy | None]:
+    return {k: parsed.policies.get(k) for k in [*parsed.services(), *parsed.forwards]}
 
 
 def entries(keys: dict[str, Policy | None], call: str) -> tuple[list[Entry], bool]:

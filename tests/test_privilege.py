@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from qubes_socksvc import manifest, render, server
+from qubes_socksvc.layout import File, Layout
 from qubes_socksvc.manifest import ManifestError
 from tests.conftest import REPO, TESTS, RunningDaemon, world_dir
 
@@ -172,8 +173,8 @@ def test_socket_is_never_world_accessible_not_even_while_binding(tmp_path: Path,
 
 def test_rendered_socket_units_keep_others_out() -> None:
     parsed = manifest.parse(PRIV_MANIFEST.format(mode="0660"), "/etc/qubes-socksvc.yaml")
-    units = {a.path: a.content for a in render.render(parsed, render.Layout.for_manifest(parsed))
-             if a.content is not None}
+    units = {a.path: a.content for a in render.render(parsed, Layout.for_manifest(parsed))
+             if isinstance(a, File)}
     text = units["/etc/systemd/user/qubes-socksvc-p.socket"]
     assert text is not None
     directives = unit_directives(text, "Socket")
@@ -199,8 +200,8 @@ def unit_directives(text: str, section: str) -> dict[str, list[str]]:
 def test_rendered_service_units_carry_the_hardening(local: bool) -> None:
     path = "/usr/local/etc/qubes-socksvc.yaml" if local else "/etc/qubes-socksvc.yaml"
     parsed = manifest.parse(PRIV_MANIFEST.format(mode="0660"), path)
-    layout = render.Layout.for_manifest(parsed)
-    units = {a.path: a.content for a in render.render(parsed, layout) if a.content is not None}
+    layout = Layout.for_manifest(parsed)
+    units = {a.path: a.content for a in render.render(parsed, layout) if isinstance(a, File)}
     text = units[f"{layout.unit_dir}/qubes-socksvc-p.service"]
     assert text is not None
     service = unit_directives(text, "Service")

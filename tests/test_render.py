@@ -12,16 +12,17 @@ from pathlib import Path
 import pytest
 
 from qubes_socksvc import manifest, render, rpcconfig
+from qubes_socksvc.layout import Artifact, File, Layout
 from tests.conftest import REPO, run_cli
 
 GOLDEN = Path(__file__).parent / "golden"
 EXEC = ["/usr/bin/python3", "-P", "-m", "qubes_socksvc"]
 
 
-def example_artifacts(path: str = "/etc/qubes-socksvc.yaml") -> list[render.Artifact]:
+def example_artifacts(path: str = "/etc/qubes-socksvc.yaml") -> list[Artifact]:
     text = (REPO / "examples/qubes-socksvc.yaml").read_text()
     parsed = manifest.parse(text, path)
-    return render.render(parsed, render.Layout.for_manifest(parsed), exec_start=EXEC)
+    return render.render(parsed, Layout.for_manifest(parsed), exec_start=EXEC)
 
 
 def test_golden_renderings(request: pytest.FixtureRequest) -> None:
@@ -30,7 +31,7 @@ def test_golden_renderings(request: pytest.FixtureRequest) -> None:
     rendered = {}
     for artifact in artifacts:
         name = artifact.path.lstrip("/").replace("/", "__")
-        rendered[name] = artifact.content if artifact.content is not None else f"-> {artifact.link_target}\n"
+        rendered[name] = artifact.content if isinstance(artifact, File) else f"-> {artifact.target}\n"
     if os.environ.get("UPDATE_GOLDEN"):
         shutil.rmtree(GOLDEN, ignore_errors=True)
         GOLDEN.mkdir()
@@ -67,7 +68,7 @@ def test_special_characters_are_escaped_in_units() -> None:
             '    services:\n      s.X:\n        handler: a:b\n')
     parsed = manifest.parse(text, "/etc/my manifest.yaml")
     python = ["/opt/my $py%n/python3", "-P", "-m", "qubes_socksvc"]
-    units = [a.content for a in render.render(parsed, render.Layout.for_manifest(parsed), exec_start=python)
+    units = [a.content for a in render.render(parsed, Layout.for_manifest(parsed), exec_start=python)
              if a.path.endswith(".service")]
     assert "Description=100%% $HOME\n" in units[0]  # type: ignore[operator]
     assert ('ExecStart="/opt/my $$py%%n/python3" -P -m qubes_socksvc serve d '

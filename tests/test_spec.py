@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qubes_socksvc import cli, manifest, model, render
+from qubes_socksvc.layout import Layout
 from tests.conftest import DAEMON_USER, REPO, TESTS, raw_call, run_cli, world_dir
 
 MANIFEST = """\
@@ -178,7 +179,7 @@ def test_the_spec_round_trips_every_valid_manifest(daemons: dict[str, object]) -
         parsed = manifest.parse(text, "/etc/qubes-socksvc.yaml")
     except manifest.ManifestError:
         return  # e.g. one service declared by two daemons
-    layout = render.Layout.for_manifest(parsed)
+    layout = Layout.for_manifest(parsed)
     specs = {a.path: a.content for a in render.render(parsed, layout) if a.path.startswith(layout.spec_dir)}
     assert len(specs) == len(parsed.daemons)
     for name, from_yaml in parsed.daemons.items():
