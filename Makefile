@@ -116,6 +116,9 @@ install-data: man
 	install -d $(DESTDIR)$(DOCDIR)/examples
 	install -m 0644 examples/qubes-socksvc.yaml $(DESTDIR)$(DOCDIR)/examples/
 	$(if $(wildcard README.md),install -m 0644 README.md $(DESTDIR)$(DOCDIR)/)
+	install -m 0644 NEWS SECURITY.md $(DESTDIR)$(DOCDIR)/
+	install -d $(DESTDIR)$(DOCDIR)/docs
+	install -m 0644 docs/*.md $(DESTDIR)$(DOCDIR)/docs/
 	install -d $(DESTDIR)$(MANDIR)/man1 $(DESTDIR)$(MANDIR)/man5
 	install -m 0644 $(MANBUILD)/qubes-socksvc.1 $(DESTDIR)$(MANDIR)/man1/
 	install -m 0644 $(MANBUILD)/qubes-socksvc.yaml.5 $(DESTDIR)$(MANDIR)/man5/

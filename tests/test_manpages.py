@@ -10,6 +10,7 @@ lintian runs it).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import re
 import shutil
@@ -17,17 +18,21 @@ import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
-from qubes_socksvc import manifest
+from qubes_socksvc import manifest, model
 from qubes_socksvc.cli import build_parser
 from tests.conftest import REPO
 
 pytest.importorskip("docutils", reason="python3-docutils builds the man pages ('make setup-test' installs it)")
 
-#: The manifest's top-level keys (manifest.py checks them in code, not in a table).
-TOP_LEVEL_KEYS = ("version", "daemons")
+#: The manifest's top-level keys (manifest.py checks them in code, not in a table), with their types.
+TOP_LEVEL_KEYS = {"version": "integer", "daemons": "mapping", "forwards": "mapping"}
+#: How the page names the manifest reader's field kinds; a "node" is a mapping or a list of callers.
+KIND_WORDS = {"str": ("string",), "bool": ("boolean",), "int": ("integer",), "number": ("number",),
+              "node": ("mapping", "a caller or a list of callers")}
 
 
 def load_mkman() -> ModuleType:
@@ -53,7 +58,32 @@ def roff_text(path: Path) -> str:
     """The page's words, without roff's escapes and font changes."""
     text = path.read_text()
     text = re.sub(r"\\f[BIRP]|\\f\(..|\\&|\\%", "", text)
-    return text.replace("\\-", "-").replace("\\(aq", "'").replace("\\e", "\\")
+    return text.replace("\\-", "-").replace("\\(aq", "'").replace("\\(dq", '"').replace("\\e", "\\")
+
+
+def sections(text: str) -> dict[str, str]:
+    """The page's text by ``.SH`` section title."""
+    found = re.findall(r"^\.SH (.*)\n((?:(?!^\.SH ).*\n)*)", text, re.M)
+    return {title.strip().strip('"'): body for title, body in found}
+
+
+def terms(section: str) -> dict[str, str]:
+    """Each definition-list term of a section: key -> what the parentheses after it say."""
+    return dict(re.findall(r"^(?:\.B )?(\w+) \(([^)\n]*)\)", section, re.M))
+
+
+def kind(field: Any) -> str:
+    """The reader's kind of a field, whether a string or an Enum member."""
+    return str(getattr(field.kind, "value", field.kind))
+
+
+def shown(default: object) -> str:
+    """A default as the page writes it."""
+    if isinstance(default, bool):
+        return "true" if default else "false"
+    if isinstance(default, float):
+        return f"{default:g}"
+    return str(default)
 
 
 def cli_words(parser: argparse.ArgumentParser) -> set[str]:
@@ -82,11 +112,39 @@ def test_every_verb_and_option_is_in_qubes_socksvc_1(pages: dict[str, Path]) -> 
 
 
 def test_every_manifest_key_is_in_qubes_socksvc_yaml_5(pages: dict[str, Path]) -> None:
-    text = roff_text(pages["5"])
-    keys = {*TOP_LEVEL_KEYS, "services", *manifest.DAEMON_FIELDS, *manifest.SERVICE_FIELDS}
-    # each key as a term of its own: a bold line ".B key" or "key (type, ...)"
-    missing = sorted(k for k in keys if not re.search(rf"^(?:\.B )?{re.escape(k)} \(", text, re.M))
-    assert not missing, f"manifest keys not documented in man/qubes-socksvc.yaml.5.rst: {missing}"
+    """Every key the reader accepts is a term ``key (type, ...)`` of its own section, with the reader's type."""
+    page = sections(roff_text(pages["5"]))
+    tables = {"DAEMON KEYS": manifest.DAEMON_FIELDS, "SERVICE KEYS": manifest.SERVICE_FIELDS,
+              "FORWARD KEYS": manifest.FORWARD_FIELDS, "POLICY ENTRY": manifest.POLICY_FIELDS}
+    expected: dict[tuple[str, str], tuple[str, ...]] = {
+        ("TOP-LEVEL KEYS", key): (word,) for key, word in TOP_LEVEL_KEYS.items()}
+    expected[("DAEMON KEYS", "services")] = ("mapping",)
+    for title, fields in tables.items():
+        assert fields, title  # the walk works
+        expected |= {(title, key): KIND_WORDS[kind(field)] for key, field in fields.items()}
+    problems = []
+    for (title, key), words in sorted(expected.items()):
+        said = terms(page.get(title, "")).get(key)
+        if said is None:
+            problems.append(f"{title}: {key} has no term")
+        elif not said.startswith(words):
+            problems.append(f"{title}: {key} ({said}): expected the type {' or '.join(words)}")
+    assert not problems, f"man/qubes-socksvc.yaml.5.rst disagrees with the manifest reader: {problems}"
+
+
+def test_the_page_states_the_runtime_models_defaults(pages: dict[str, Path]) -> None:
+    """The manifest's only reference says the defaults the daemon really uses (model.Daemon, model.Service)."""
+    page = sections(roff_text(pages["5"]))
+    checked = 0
+    for title, cls in (("DAEMON KEYS", model.Daemon), ("SERVICE KEYS", model.Service)):
+        said = terms(page[title])
+        for f in dataclasses.fields(cls):
+            if f.default is dataclasses.MISSING or f.default is None or f.name not in said:
+                continue  # required, derived from the name, or not a manifest key
+            assert re.search(rf"\bdefault \"?{re.escape(shown(f.default))}\"?$", said[f.name]), \
+                f"{title}: {f.name} ({said[f.name]}): the model's default is {shown(f.default)}"
+            checked += 1
+    assert checked >= 10, checked  # the walk works
 
 
 def test_the_cli_page_follows_the_parser() -> None:

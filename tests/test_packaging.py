@@ -8,6 +8,8 @@ spec, setup.cfg and an SPDX header in every source file) and .qubesbuilder.
 
 from __future__ import annotations
 
+import datetime
+import email.utils
 import re
 import shutil
 import subprocess
@@ -27,8 +29,10 @@ MODULES = sorted(p.name for p in (REPO / "qubes_socksvc").glob("*.py"))
 TEMPLATES = sorted(p.name for p in (REPO / "templates").glob("*.j2"))
 DEB_SITELIB = "/usr/lib/python3/dist-packages"
 RUNTIME_DEPENDS = ("python3-jinja2", "python3-yaml", "python3-systemd", "systemd")
-#: Lintian warnings we accept, each explained in the README.
+#: Lintian warnings we accept, each explained in docs/packaging.md.
 ACCEPTED_LINTIAN = {"initial-upload-closes-no-bugs"}
+#: The documentation both packages ship, uncompressed (the Markdown files link to each other and to NEWS).
+DOCS = ("README.md", "NEWS", "SECURITY.md", *(f"docs/{p.name}" for p in sorted((REPO / "docs").glob("*.md"))))
 MAN_PAGES = ("/usr/share/man/man1/qubes-socksvc.1.gz", "/usr/share/man/man5/qubes-socksvc.yaml.5.gz")
 SPDX = "SPDX-License-Identifier: GPL-2.0-or-later"
 
@@ -106,8 +110,9 @@ def test_deb_ships_runtime_cli_templates_and_an_inactive_conffile(packages: Buil
     assert "/etc/qubes-socksvc.yaml" in files
     assert "/usr/share/doc/qubes-socksvc/examples/qubes-socksvc.yaml" in files
     assert "/usr/share/doc/qubes-socksvc/copyright" in files
-    if (REPO / "README.md").exists():
-        assert "/usr/share/doc/qubes-socksvc/README.md" in files  # the conffile points at it
+    assert "/usr/share/doc/qubes-socksvc/README.md" in files  # the conffile points at it
+    missing_docs = [d for d in DOCS if f"/usr/share/doc/qubes-socksvc/{d}" not in files]
+    assert "docs/safety.md" in DOCS and not missing_docs, f"documentation not shipped: {missing_docs}"
     assert not [f for f in files if f.startswith("/usr/local/")]
     for page in MAN_PAGES:
         assert page in files
@@ -177,7 +182,7 @@ def test_lintian_reports_no_errors(packages: Built) -> None:
     assert warnings <= ACCEPTED_LINTIAN, f"new lintian warnings: {warnings - ACCEPTED_LINTIAN}"
     docs = "".join(p.read_text() for p in [REPO / "README.md", *(REPO / "docs").glob("*.md")] if p.exists())
     for tag in warnings:
-        assert tag in docs, f"lintian warning {tag} is not explained in the README"
+        assert tag in docs, f"lintian warning {tag} is not explained in docs/packaging.md"
 
 
 # --- the .rpm ----------------------------------------------------------------------
@@ -200,6 +205,8 @@ def test_rpm_file_list(packages: Built) -> None:
     for template in TEMPLATES:
         assert f"/usr/share/qubes-socksvc/templates/{template}" in files
     assert "/usr/share/doc/qubes-socksvc/examples/qubes-socksvc.yaml" in files
+    missing_docs = [d for d in DOCS if f"/usr/share/doc/qubes-socksvc/{d}" not in files]
+    assert "docs/safety.md" in DOCS and not missing_docs, f"documentation not shipped: {missing_docs}"
     assert f"{sitelib}/qubes_socksvc-{VERSION}.dist-info/METADATA" in files  # a wheel's metadata, not an egg's
     for page in MAN_PAGES:
         assert page in files
@@ -261,7 +268,7 @@ def test_rpm_scriptlets_as_built_remove_only_the_directories_apply_created(packa
 
 @slow
 @slow
-def test_rpmlint_reports_only_what_the_readme_explains(packages: Built) -> None:
+def test_rpmlint_reports_only_what_docs_packaging_explains(packages: Built) -> None:
     if shutil.which("rpmlint") is None:
         pytest.skip("rpmlint not installed ('make setup-test' installs it)")
     with tempfile.NamedTemporaryFile("w", suffix=".toml") as config:
@@ -270,10 +277,10 @@ def test_rpmlint_reports_only_what_the_readme_explains(packages: Built) -> None:
         result = subprocess.run(["rpmlint", "-c", config.name, str(packages.rpm)], capture_output=True, text=True,
                                 timeout=300)
     tags = set(re.findall(r"^qubes-socksvc\.noarch: [EW]: (\S+)", result.stdout, re.M))
-    readme = (REPO / "README.md").read_text()
-    section = readme[readme.index("#### rpmlint"):]
+    packaging = (REPO / "docs/packaging.md").read_text()
+    section = packaging[packaging.index("### rpmlint"):]
     unexplained = sorted(t for t in tags if f"`{t}`" not in section)
-    assert not unexplained, f"rpmlint tags not in the README's rpmlint section: {unexplained}\n{result.stdout}"
+    assert not unexplained, f"rpmlint tags not in docs/packaging.md's rpmlint section: {unexplained}\n{result.stdout}"
 
 
 @slow
@@ -311,7 +318,7 @@ def test_deb_and_rpm_install_the_same_files(packages: Built) -> None:
 # --- without building: licence, metadata, Qubes Builder -------------------------------
 
 #: Files that are data, not source: they carry no header (the licence covers them through debian/copyright).
-NOT_SOURCE = re.compile(r"(LICENSE|version|.*\.md|\.gitignore|requirements-test\.txt|tests/golden/.*|.*/py\.typed"
+NOT_SOURCE = re.compile(r"(LICENSE|NEWS|version|.*\.md|\.gitignore|requirements-test\.txt|tests/golden/.*|.*/py\.typed"
                         r"|debian/(changelog|copyright|control|source/format)|etc/.*\.yaml|examples/.*\.yaml)")
 
 
@@ -375,6 +382,19 @@ def test_maintainer_fields_agree_and_name_no_repository_that_does_not_exist() ->
         assert "QubesOS/qubes-socksvc" not in text, f"{name} names a repository that does not exist"
         assert not re.search(r"^(Homepage|URL|url|Source) *[:=] *https?://", text, re.M), \
             f"{name}: a project URL with nothing behind it"
+
+
+def test_news_is_in_step_with_both_changelogs() -> None:
+    """NEWS has one section per released version, with the version and date of debian/changelog and %changelog."""
+    news = re.findall(r"^(\d+(?:\.\d+)+) \((\d{4}-\d\d-\d\d)\)\n-+$", (REPO / "NEWS").read_text(), re.M)
+    debian = [(version, email.utils.parsedate_to_datetime(date).strftime("%Y-%m-%d")) for version, date in zip(
+        re.findall(r"^qubes-socksvc \(([^)]+)-\d+\) ", (REPO / "debian/changelog").read_text(), re.M),
+        re.findall(r"^ -- .*?>  (.*)$", (REPO / "debian/changelog").read_text(), re.M), strict=True)]
+    spec = (REPO / "rpm_spec/qubes-socksvc.spec.in").read_text()
+    rpm = [(version, datetime.datetime.strptime(date, "%a %b %d %Y").strftime("%Y-%m-%d")) for date, version in
+           re.findall(r"^\* (\w{3} \w{3} \d\d \d{4}) .* - ([^-\s]+)-\d+$", spec[spec.index("%changelog"):], re.M)]
+    assert news and news == debian == rpm, f"NEWS {news}, debian/changelog {debian}, %changelog {rpm}"
+    assert news[0][0] == VERSION, "NEWS has no section for the version file's version"
 
 
 def test_qubesbuilder_builds_the_deb_and_the_rpm_from_the_version_file() -> None:

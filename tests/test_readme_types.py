@@ -1,6 +1,6 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
 # Copyright (C) 2026 qubes-socksvc developers
-"""Every Python example in README.md passes mypy --strict as a user's code would see the package.
+"""Every Python example in README.md and docs/*.md passes mypy --strict as a user's code would see the package.
 
 The package is put where an installed one would be (a directory on the interpreter's
 path, not mypy's source path), so mypy types it only through its py.typed marker;
@@ -18,18 +18,32 @@ from pathlib import Path
 
 from tests.conftest import REPO
 
+#: Where the examples live, and how many each must keep at least (the API, the kit, the client, the notes example).
+EXAMPLE_FILES = {"README.md": 2, "docs/handlers.md": 2, "docs/calling.md": 1, "docs/example-notes.md": 1}
 
-def readme_examples() -> list[str]:
-    blocks = re.findall(r"^```python\n(.*?)^```", (REPO / "README.md").read_text(), re.MULTILINE | re.DOTALL)
-    assert len(blocks) >= 4, "README.md lost its Python examples"
-    return blocks
+
+def python_blocks(path: Path) -> list[str]:
+    return re.findall(r"^```python\n(.*?)^```", path.read_text(), re.MULTILINE | re.DOTALL)
+
+
+def readme_examples() -> dict[str, str]:
+    """Every Python block of the README and of docs/, named after its file."""
+    examples: dict[str, str] = {}
+    for path in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        name = str(path.relative_to(REPO))
+        blocks = python_blocks(path)
+        assert len(blocks) >= EXAMPLE_FILES.get(name, 0), f"{name} lost its Python examples"
+        for number, block in enumerate(blocks):
+            examples[f"{re.sub(r'[^a-z0-9]+', '_', name.lower())}_{number}.py"] = block
+    assert len(examples) >= sum(EXAMPLE_FILES.values())
+    return examples
 
 
 def mypy_as_user(tmp_path: Path, site: Path) -> subprocess.CompletedProcess[str]:
     project = tmp_path / "project"
     project.mkdir()
-    for number, block in enumerate(readme_examples()):
-        (project / f"readme_example_{number}.py").write_text(block)
+    for name, block in readme_examples().items():
+        (project / name).write_text(block)
     env = {**os.environ, "PYTHONPATH": str(site)}
     env.pop("MYPYPATH", None)
     return subprocess.run(
