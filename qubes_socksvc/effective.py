@@ -217,10 +217,10 @@ class Tree:
 
     def config(self, path: str | None) -> rpcconfig.Config:
         if path is None:
-            return rpcconfig.Config()
+            return rpcconfig.Config().effective()
         artifact = self.changes.get(path)
         if isinstance(artifact, File):
-            return rpcconfig.Config.from_options(rpcconfig.parse(artifact.content))
+            return rpcconfig.parse(artifact.content).effective()
         return lookup.read_config(self.disk.real(path))
 
     def config_for(self, call: str) -> tuple[str | None, rpcconfig.Config]:
@@ -406,7 +406,7 @@ def _skips(tree: Tree, call: str) -> tuple[str | None, bool]:
     except lookup.LookupFailed:
         return None, False
     try:
-        return path, tree.config(path).skip_service_descriptor
+        return path, tree.config(path).skip_service_descriptor is True
     except lookup.Unreadable:
         return path, True
     except lookup.LookupFailed:
@@ -442,16 +442,16 @@ class _Settler:
         self.sockets = sockets(root, manifest, [lay for lay in LAYOUTS if lay != layout])
         declared = {key: service.rpc_config() for key, (_, service) in manifest.services().items()}
         declared.update({key: forward.rpc_config() for key, forward in manifest.forwards.items()})
-        #: our qubes-rpc link -> (its key, the options the manifest declares)
-        self.declared = {f"{layout.rpc_dir}/{key}": (key, options) for key, options in declared.items()}
+        #: our qubes-rpc link -> (its key, the rpc-config the manifest declares)
+        self.declared = {f"{layout.rpc_dir}/{key}": (key, config) for key, config in declared.items()}
         self.findings: list[Finding] = []
         self._now: set[str] | None = None
 
-    def _add(self, path: str, options: dict[str, bool | str], note: str) -> bool:
+    def _add(self, path: str, config: rpcconfig.Config, note: str) -> bool:
         """Pin: an rpc-config of ours at ``path``, unless one is there already."""
         if self.tree.changes.get(path) is not None:
             return False
-        artifact = File(path, rpcconfig.render(options, self.source, note))
+        artifact = File(path, rpcconfig.render(config, self.source, note))
         self.artifacts.append(artifact)
         self.tree.update({path: artifact})
         return True
@@ -500,12 +500,12 @@ class _Settler:
         try:
             config = self.tree.config(path)
         except lookup.LookupFailed:  # unreadable to us: pin qrexec's defaults, descriptor sent
-            config = rpcconfig.Config(skip_service_descriptor=True)
+            config = rpcconfig.Config(skip_service_descriptor=True).effective()
         keys = qrexec.lookup_keys(call)
         if skips and keys:
             pin = f"{self.layout.rpc_config_dir}/{keys[0]}"
-            options = {**config.options(), "skip-service-descriptor": False}
-            self._add(pin, options, f"Explicit: calls of {_shown(call)} can reach a socket that reads a "
+            pinned = replace(config.away_from_defaults(), skip_service_descriptor=False)
+            self._add(pin, pinned, f"Explicit: calls of {_shown(call)} can reach a socket that reads a "
                       f"descriptor; without this file they would take {path} (skip-service-descriptor=true).")
 
     def _declared_config(self, call: str) -> None:
@@ -516,13 +516,12 @@ class _Settler:
             return  # reported as a shadow
         if found is None or found[0] not in self.declared:
             return
-        key, declared_options = self.declared[found[0]]
-        want = rpcconfig.Config.from_options(declared_options)
+        key, declared = self.declared[found[0]]
+        want = declared.effective()
         own = f"{self.layout.rpc_config_dir}/{key}"
         try:
             path, got = self.tree.config_for(call)
-            explicit = {k: v for k, v in want.options(explicit=True).items() if k in want.differences(got)}
-            if got != want and self._add(own, {**explicit, **declared_options},
+            if got != want and self._add(own, want.only(want.differences(got)).updated(declared),
                                          f"Explicit: without this file qrexec would apply {path or 'no rpc-config'} "
                                          f"to {key} too ({', '.join(want.differences(got))})."):
                 path, got = self.tree.config_for(call)
@@ -532,7 +531,7 @@ class _Settler:
             except lookup.LookupFailed:
                 cause = None
             if isinstance(e, lookup.Unreadable):
-                if self._add(own, {**want.options(explicit=True), **declared_options},
+                if self._add(own, want,
                              f"Explicit: qubes-socksvc cannot judge {cause} ({e}), which qrexec would apply "
                              f"to {key} too."):
                     self._declared_config(call)
@@ -678,6 +677,6 @@ def _preference(action: install.Action, layout: Layout) -> tuple[int, str]:
         if action.verb == "remove":
             return 4, action.path
         assert isinstance(artifact, File)  # an rpc-config is a file
-        skips = rpcconfig.parse(artifact.content).get("skip-service-descriptor") is True
+        skips = rpcconfig.parse(artifact.content).skip_service_descriptor is True
         return (3 if skips else 0), action.path
     return (1 if action.verb == "remove" else 2), action.path

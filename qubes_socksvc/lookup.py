@@ -135,7 +135,7 @@ def read_config(path: str) -> rpcconfig.Config:
     except files.FileRefused as e:
         raise Unreadable(str(e)) from e
     try:
-        return rpcconfig.Config.from_options(rpcconfig.parse(data.decode("latin-1")))
+        return rpcconfig.parse(data.decode("latin-1")).effective()
     except rpcconfig.RpcConfigError as e:
         raise LookupFailed(f"{path}: invalid rpc-config, qrexec fails the call (125): {e}") from e
 
@@ -143,4 +143,4 @@ def read_config(path: str) -> rpcconfig.Config:
 def config_for(service: str, directories: Sequence[str] = qrexec.RPC_CONFIG_SEARCH_PATH) -> rpcconfig.Config:
     """The effective rpc-config of a call (qrexec's defaults when no file matches)."""
     path = find_config(service, directories)
-    return rpcconfig.Config() if path is None else read_config(path)
+    return rpcconfig.Config().effective() if path is None else read_config(path)

@@ -310,6 +310,10 @@ def service_key_problem(key: str) -> str | None:
     return None
 
 
+#: The rpc-config keys a service's field does not spell as qrexec does (the others: ``-`` as ``_``).
+_SERVICE_FIELD_OF_KEY = {"skip-service-descriptor": "service_descriptor"}
+
+
 def _service(node: yaml.Node, key: str, problems: _Problems, full_name: str,
              policies: dict[str, Policy]) -> Service | None:
     """Validate one service; its ``policy:`` entry, if any, goes to ``policies``."""
@@ -320,13 +324,11 @@ def _service(node: yaml.Node, key: str, problems: _Problems, full_name: str,
         problems.add(node, key, 'missing "handler: module:callable"')
     if len(problems.items) != before:
         return None
-    if values.get("force_user") is not None:
-        # libqrexec/exec.c: load_service_config_v2 refuses force-user only with these *set*.
-        clash = [k for k, on in (("service_descriptor", False), ("exit_on_client_eof", True),
-                                 ("exit_on_service_eof", True)) if values.get(k, not on) is on]
-        if clash:
-            problems.add(node, key, f"force_user cannot be combined with {', '.join(clash)} (qrexec rejects it)")
-            return None
+    clash = Service(full_name=full_name, **values).rpc_config().force_user_conflicts()
+    if clash:
+        names = ", ".join(_SERVICE_FIELD_OF_KEY.get(k, k.replace("-", "_")) for k in clash)
+        problems.add(node, key, f"force_user cannot be combined with {names} (qrexec rejects it)")
+        return None
     descriptor = values.get("service_descriptor", True)
     if descriptor and "socket" in values:
         problems.add(node, f"{key}.socket", "only a service_descriptor: false service has its own socket")

@@ -22,6 +22,7 @@ from typing import Any
 from . import qrexec
 from .errors import SocksvcError
 from .files import FileRefused, read_regular
+from .rpcconfig import Config
 
 #: The spec's format; a daemon refuses a spec of another version (run apply again).
 SPEC_VERSION = 1
@@ -90,16 +91,12 @@ class Service:
     timeout: float = 0
     """Seconds a call may take; 0 = no limit."""
 
-    def rpc_config(self) -> dict[str, bool | str]:
-        """The rpc-config keys this service sets, in qrexec's spelling."""
-        options: dict[str, bool | str | None] = {
-            "wait-for-session": self.wait_for_session,
-            "skip-service-descriptor": True if not self.service_descriptor else None,
-            "exit-on-client-eof": self.exit_on_client_eof,
-            "exit-on-service-eof": self.exit_on_service_eof,
-            "force-user": self.force_user,
-        }
-        return {key: value for key, value in options.items() if value is not None}
+    def rpc_config(self) -> Config:
+        """The rpc-config keys this service sets."""
+        return Config(wait_for_session=self.wait_for_session,
+                      skip_service_descriptor=None if self.service_descriptor else True,
+                      exit_on_client_eof=self.exit_on_client_eof, exit_on_service_eof=self.exit_on_service_eof,
+                      force_user=self.force_user)
 
 
 @dataclass(frozen=True)
@@ -323,12 +320,11 @@ class Forward:
         """What the qubes-rpc symlink points to: the socket path or ``/dev/tcp[/HOST[/PORT]]``."""
         return forward_link(self.target)
 
-    def rpc_config(self) -> dict[str, bool | str]:
-        """The rpc-config keys this forward sets, in qrexec's spelling."""
-        options = {"wait-for-session": self.wait_for_session,
-                   "skip-service-descriptor": None if self.service_descriptor else True,
-                   "exit-on-client-eof": self.exit_on_client_eof, "exit-on-service-eof": self.exit_on_service_eof}
-        return {key: value for key, value in options.items() if value is not None}
+    def rpc_config(self) -> Config:
+        """The rpc-config keys this forward sets."""
+        return Config(wait_for_session=self.wait_for_session,
+                      skip_service_descriptor=None if self.service_descriptor else True,
+                      exit_on_client_eof=self.exit_on_client_eof, exit_on_service_eof=self.exit_on_service_eof)
 
 
 @dataclass(frozen=True)

@@ -92,10 +92,10 @@ def render(manifest: Manifest, layout: Layout, exec_start: list[str] | None = No
     return sorted(artifacts, key=lambda a: a.path)
 
 
-def _rpc_entry(layout: Layout, full_name: str, link_target: str, options: dict[str, bool | str],
+def _rpc_entry(layout: Layout, full_name: str, link_target: str, config: rpcconfig.Config,
                source: str) -> list[Artifact]:
     """One declared key's qubes-rpc symlink, and its rpc-config file when it sets an option."""
     link = Link(f"{layout.rpc_dir}/{full_name}", link_target)
-    if not options:
+    if config == rpcconfig.Config():
         return [link]
-    return [link, File(f"{layout.rpc_config_dir}/{full_name}", rpcconfig.render(options, source))]
+    return [link, File(f"{layout.rpc_config_dir}/{full_name}", rpcconfig.render(config, source))]

@@ -146,7 +146,7 @@ def test_no_caller_can_forge_its_descriptor(conf_daemon: RunningDaemon) -> None:
     try:
         assert code == 0, err
         config = root / "etc/qubes/rpc-config/conf.Raw+x"
-        assert rpcconfig.parse(config.read_text()) == {"skip-service-descriptor": False}
+        assert rpcconfig.parse(config.read_text()).options() == {"skip-service-descriptor": False}
         dirs = tuple(str(root / d) for d in ("run/qubes/rpc-config", "etc/qubes/rpc-config"))
         assert lookup.config_for("conf.Raw+x", dirs).skip_service_descriptor is False
         assert lookup.config_for("conf.Raw+y", dirs).skip_service_descriptor is True  # reaches conf.Raw
@@ -271,7 +271,7 @@ def test_rpc_config_parses_like_qrexec(text: str, expected: dict[str, object] | 
         with pytest.raises(rpcconfig.RpcConfigError, match=re.escape(expected)):
             rpcconfig.parse(text)
     else:
-        assert rpcconfig.parse(text) == expected, source
+        assert rpcconfig.parse(text).options() == expected, source
 
 
 @pytest.mark.parametrize("option", ["wait_for_session", "exit_on_client_eof", "exit_on_service_eof"])
@@ -285,8 +285,8 @@ def test_an_argument_service_keeps_qrexecs_default_against_its_names_option(opti
     try:
         assert code == 0, err
         key = option.replace("_", "-")
-        assert rpcconfig.parse((root / "etc/qubes/rpc-config/pin.A").read_text()) == {key: True}
-        assert rpcconfig.parse((root / "etc/qubes/rpc-config/pin.A+x").read_text()) == {key: False}
+        assert rpcconfig.parse((root / "etc/qubes/rpc-config/pin.A").read_text()).options() == {key: True}
+        assert rpcconfig.parse((root / "etc/qubes/rpc-config/pin.A+x").read_text()).options() == {key: False}
     finally:
         shutil.rmtree(root)
 

@@ -92,7 +92,7 @@ def test_the_notes_file_is_replaced_whole(service: Service, tmp_path: Path) -> N
 
 
 def test_the_manifest_asks_for_wait_for_session(service: Service) -> None:
-    assert service.rpc_config() == {"wait-for-session": True}
+    assert service.rpc_config().options() == {"wait-for-session": True}
 
 
 def test_the_number_of_notes_is_bounded(service: Service, monkeypatch: pytest.MonkeyPatch) -> None:

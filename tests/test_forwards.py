@@ -58,14 +58,14 @@ def test_target_forms_become_qrexec_links(target: str, link: str) -> None:
     parsed = parse(forward("my.Fwd", target))
     fwd = parsed.forwards["my.Fwd"]
     assert fwd.link_target == link
-    assert fwd.rpc_config() == {"skip-service-descriptor": True}  # not Qubes-aware by default
+    assert fwd.rpc_config().options() == {"skip-service-descriptor": True}  # not Qubes-aware by default
     assert parsed.daemons == {}
 
 
 def test_forward_options_are_rpc_config() -> None:
     fwd = parse(forward("my.Fwd", "tcp:127.0.0.1:22", "    service_descriptor: true\n    wait_for_session: true\n"
                         "    exit_on_client_eof: true\n")).forwards["my.Fwd"]
-    assert fwd.rpc_config() == {"wait-for-session": True, "exit-on-client-eof": True}
+    assert fwd.rpc_config().options() == {"wait-for-session": True, "exit-on-client-eof": True}
 
 
 # (key, target, extra YAML, "line:col", key in the message, words in the message)

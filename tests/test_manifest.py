@@ -37,7 +37,7 @@ def test_defaults_follow_the_spec() -> None:
     assert (daemon.idle_exit, daemon.max_connections) == (300, 256)
     service = daemon.services["demo.Echo"]
     assert service.service_descriptor is True
-    assert service.rpc_config() == {}
+    assert service.rpc_config().options() == {}
     assert service.max_input == 1 << 20 and service.timeout == 0
 
 
@@ -46,7 +46,7 @@ def test_bundled_example_is_valid() -> None:
     assert set(parsed.daemons) == {"example", "raw"}
     raw = parsed.daemons["raw"].services["example.RawEcho"]
     assert raw.socket == "/run/qubes/socksvc-example.RawEcho.sock"
-    assert raw.rpc_config() == {"skip-service-descriptor": True}
+    assert raw.rpc_config().options() == {"skip-service-descriptor": True}
 
 
 def test_shipped_manifest_declares_nothing() -> None:

@@ -62,7 +62,8 @@ def test_a_forward_name_plus_beside_a_service_name_applies(tmp_path: Path) -> No
                            f"      my.Svc:\n{HANDLER}forwards:\n  my.Svc+:\n    target: tcp:127.0.0.1:22\n")
     code, output = run("apply", manifest, root)
     assert code == 0 and "conflict" not in output, output
-    assert rpcconfig.parse((root / "etc/qubes/rpc-config/my.Svc+").read_text()) == {"skip-service-descriptor": True}
+    pin = rpcconfig.parse((root / "etc/qubes/rpc-config/my.Svc+").read_text())
+    assert pin == rpcconfig.Config(skip_service_descriptor=True)
     assert not (root / "etc/qubes/rpc-config/my.Svc").exists()
     assert not qrexec_view.forgeable(root, {"/run/qubes/socksvc-d.sock"},
                                      {"qubes-socksvc-d.socket": {"/run/qubes/socksvc-d.sock"}})
@@ -224,7 +225,7 @@ def test_an_rpc_config_too_large_to_judge_counts_as_skipping(tmp_path: Path) -> 
     (root / "etc/qubes/rpc-config/svc").write_text(BIG_SKIP)
     code, output = run("apply", manifest, root)
     assert code == 0, output
-    assert rpcconfig.parse((root / "etc/qubes/rpc-config/svc+x").read_text())["skip-service-descriptor"] is False
+    assert rpcconfig.parse((root / "etc/qubes/rpc-config/svc+x").read_text()).skip_service_descriptor is False
     units = {"qubes-socksvc-d.socket": {"/run/qubes/socksvc-d.sock"}}
     assert not qrexec_view.forgeable(root, {"/run/qubes/socksvc-d.sock"}, units)
     (root / "run/qubes/rpc-config").mkdir(parents=True)
