@@ -17,12 +17,14 @@ import math
 import os.path
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import qrexec
 from .errors import SocksvcError
 from .files import FileRefused, read_regular
-from .rpcconfig import Config
+
+if TYPE_CHECKING:
+    from .rpcconfig import Config
 
 #: The spec's format; a daemon refuses a spec of another version (run apply again).
 SPEC_VERSION = 1
@@ -93,6 +95,8 @@ class Service:
 
     def rpc_config(self) -> Config:
         """The rpc-config keys this service sets."""
+        from .rpcconfig import Config  # apply's business: the daemon never loads rpcconfig
+
         return Config(wait_for_session=self.wait_for_session,
                       skip_service_descriptor=None if self.service_descriptor else True,
                       exit_on_client_eof=self.exit_on_client_eof, exit_on_service_eof=self.exit_on_service_eof,
@@ -322,6 +326,8 @@ class Forward:
 
     def rpc_config(self) -> Config:
         """The rpc-config keys this forward sets."""
+        from .rpcconfig import Config
+
         return Config(wait_for_session=self.wait_for_session,
                       skip_service_descriptor=None if self.service_descriptor else True,
                       exit_on_client_eof=self.exit_on_client_eof, exit_on_service_eof=self.exit_on_service_eof)
