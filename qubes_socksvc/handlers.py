@@ -146,13 +146,14 @@ def watch_stalls(coro: Coroutine[Any, Any, T], on_stall: Callable[[float], None]
 
 
 class Registry:
-    """Handlers by spec, loaded once each."""
+    """Handlers by spec, loaded once each (by ``loader``: :func:`load` unless told)."""
 
-    def __init__(self) -> None:
+    def __init__(self, loader: Callable[[str], Handler] | None = None) -> None:
         self._loaded: dict[str, Handler] = {}
+        self._loader = loader or load
 
     def get(self, spec: str) -> Handler:
         handler = self._loaded.get(spec)
         if handler is None:
-            handler = self._loaded[spec] = load(spec)
+            handler = self._loaded[spec] = self._loader(spec)
         return handler

@@ -1,16 +1,15 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
 # Copyright (C) 2026 qubes-socksvc developers
-"""The runtime daemon: listening sockets, accept, descriptor, dispatch, limits, notify.
+"""The runtime daemon: listening sockets, accept, limits, reload, notify, and the log of each
+call, which callcore.py serves (the testing kit runs the same code).
 
-Imports stay light (no Jinja2, no YAML beyond the manifest model): a
-socket-activated call waits for this module to start.
+Imports stay light (no Jinja2, no YAML): a socket-activated call waits for this module to start.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import faulthandler
 import fcntl
 import grp
@@ -24,11 +23,12 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from . import descriptor, handlers, logs, qrexec, stalls
+from . import callcore, logs, qrexec, stalls
+from .callcore import ByDescriptor, Ending, OneService, Outcome, Result, Serves
 from .errors import SocksvcError
-from .handlers import HandlerError, Registry
+from .handlers import Registry
 from .model import Daemon, Service
-from .request import InputTooLarge, Request
+from .request import Request
 
 log = logging.getLogger("qubes_socksvc.server")
 
@@ -39,8 +39,6 @@ STATUS_INTERVAL = 2.0
 SPEC_CHECK_INTERVAL = 2.0
 #: Seconds in-flight calls get to finish after SIGTERM.
 STOP_TIMEOUT = 20.0
-#: Seconds a finished call's unread output may linger before the connection is cut.
-LINGER_TIMEOUT = 10.0
 #: File descriptors a call may need (its connection, and one for the handler's own use) ...
 FDS_PER_CALL = 2
 #: ... and those the daemon needs for itself (listeners, event loop, log, imports).
@@ -51,7 +49,18 @@ class ServeError(SocksvcError):
     """The daemon cannot start; the message says why and what to do."""
 
 
-Listener = tuple[socket.socket, "Service | None"]
+@dataclass(frozen=True)
+class Listener:
+    """A listening socket, and what it serves."""
+
+    sock: socket.socket
+    serves: Serves
+    """ByDescriptor() for the daemon's shared socket, OneService(s) for a service's own."""
+
+    @classmethod
+    def for_path(cls, sock: socket.socket, service: Service | None) -> Listener:
+        """``sock`` listening on a path of Daemon.sockets(), with the service it maps to."""
+        return cls(sock, ByDescriptor() if service is None else OneService(service))
 
 
 def activated_sockets(daemon: Daemon) -> list[Listener] | None:
@@ -74,7 +83,7 @@ def activated_sockets(daemon: Daemon) -> list[Listener] | None:
             sock.close()
             continue
         sock.setblocking(False)
-        listeners.append((sock, by_path.pop(path)))
+        listeners.append(Listener.for_path(sock, by_path.pop(path)))
     for path in by_path:
         log.warning("socket %s is declared but systemd did not pass it; reload the units", path)
     if not listeners:
@@ -119,7 +128,7 @@ def bind_sockets(daemon: Daemon, bind_dir: str | None = None, owned: list[OwnedS
             with _directory_locked(os.path.dirname(path)):  # two daemons started at once: one wins
                 _remove_stale_socket(path, daemon)
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                listeners.append((sock, service))
+                listeners.append(Listener.for_path(sock, service))
                 old_umask = os.umask(0o777 & ~mode)
                 try:
                     sock.bind(path)
@@ -139,8 +148,8 @@ def bind_sockets(daemon: Daemon, bind_dir: str | None = None, owned: list[OwnedS
                 sock.listen(socket.SOMAXCONN)  # before the lock is released: bound but not listening looks stale
             sock.setblocking(False)
     except BaseException:
-        for sock, _ in listeners:
-            sock.close()
+        for listener in listeners:
+            listener.sock.close()
         raise
     return listeners
 
@@ -204,47 +213,6 @@ def fd_budget(max_connections: int) -> int:
                 "most %d calls at once. Raise the limit (LimitNOFILE= in the unit, or ulimit -n) or lower "
                 "max_connections", soft, hard, max_connections, needed, allowed)
     return allowed
-
-
-class _CallProtocol(asyncio.StreamReaderProtocol):
-    """A connection's protocol, which also measures ``descriptor_timeout`` honestly.
-
-    The deadline is a timer.  When a handler held the event loop past it, the timer fires once
-    the loop is free again, and by then the caller's descriptor may have arrived in time: both
-    loops read the sockets that became readable during a stall before they run the timers that
-    expired during it (asyncio's queues I/O callbacks first; libuv compares timers with the time
-    cached when the iteration began), so the NUL is in the StreamReader, but the task that reads
-    it has only been woken, not run.  So the timer cuts the connection one loop turn later, and
-    only if the descriptor has still not been received: callbacks run in the order they were
-    scheduled, so every task woken before the timer fired has run by then.
-    """
-
-    received = False
-    """The whole descriptor has been read (set by the reading task)."""
-    cut = False
-    """The deadline cut this connection: no handler may run for it."""
-
-    def descriptor_deadline(self, transport: asyncio.WriteTransport) -> None:
-        if not self.received:
-            asyncio.get_running_loop().call_soon(self._cut_unless_received, transport)
-
-    def _cut_unless_received(self, transport: asyncio.WriteTransport) -> None:
-        if not self.received:
-            self.cut = True
-            transport.abort()
-
-
-class Outcome(enum.Enum):
-    """How a call ended: what STATUS= counts, and whether its output may still be flushed."""
-
-    SERVED = "served"
-    REJECTED = "rejected"
-    """Refused before any handler ran: a bad or late descriptor, an unknown service."""
-    FAILED = "failed"
-    """The handler raised, timed out, exceeded max_input, or its caller went away."""
-
-    # Each call counts its outcome in a dict: the identity hash, in C, not Enum's hash(name).
-    __hash__ = object.__hash__
 
 
 @dataclass(frozen=True)
@@ -331,8 +299,8 @@ class Server:
             for task in (self._watchdog, reporter, spec_watch):
                 if task is not None:
                     task.cancel()
-            for sock, _ in listeners:
-                sock.close()
+            for listener in listeners:
+                listener.sock.close()
             await self._finish_in_flight()
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(signum)
@@ -441,22 +409,22 @@ class Server:
 
     def _watch_listeners(self) -> None:
         loop = asyncio.get_running_loop()
-        for listener, service in self._listeners:
-            loop.add_reader(listener.fileno(), self._accept, listener, service)
+        for listener in self._listeners:
+            loop.add_reader(listener.sock.fileno(), self._accept, listener)
         self._accepting = True
 
     def _pause_accepting(self) -> None:
         if self._accepting:
             loop = asyncio.get_running_loop()
-            for listener, _ in self._listeners:
-                loop.remove_reader(listener.fileno())
+            for listener in self._listeners:
+                loop.remove_reader(listener.sock.fileno())
             self._accepting = False
 
     def _resume_accepting(self) -> None:
         if not self._accepting and self._free > 0 and self._listeners and not self._stopping.is_set():
             self._watch_listeners()
 
-    def _accept(self, listener: socket.socket, service: Service | None) -> None:
+    def _accept(self, listener: Listener) -> None:
         """Accept the callers waiting on ``listener``, while slots are free.
 
         With no call in progress, one caller is accepted and the rest wait for the loop's next
@@ -468,7 +436,7 @@ class Server:
         lone = not self._tasks
         while self._free > 0:
             try:
-                conn, _ = listener.accept()
+                conn, _ = listener.sock.accept()
             except (BlockingIOError, InterruptedError):  # none left (or the caller gave up)
                 return
             except OSError as e:  # EMFILE and the like: wait and retry, never die
@@ -477,7 +445,7 @@ class Server:
                 loop.call_later(0.1, self._resume_accepting)
                 return
             self._free -= 1
-            task = loop.create_task(self._connection(conn, service))
+            task = loop.create_task(self._connection(conn, listener.serves))
             self._tasks.add(task)
             task.add_done_callback(self._done)
             if lone:  # with no slot left, the next caller's turn finds none and pauses accepting
@@ -491,140 +459,67 @@ class Server:
         if not self._accepting:
             self._resume_accepting()
 
-    async def _connection(self, conn: socket.socket, bound: Service | None) -> None:
+    async def _connection(self, conn: socket.socket, serves: Serves) -> None:
         self._reload_if_changed()
-        daemon = self.daemon  # the spec this call starts with is the one it finishes with
-        loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader(limit=qrexec.MAX_DESCRIPTOR_LEN, loop=loop)
-        protocol = _CallProtocol(reader, loop=loop)
-        try:
-            transport, _ = await loop.connect_accepted_socket(lambda: protocol, sock=conn)
-        except OSError:
-            conn.close()
-            return
-        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
-        outcome = Outcome.FAILED
-        try:
-            outcome = await self._call(daemon, reader, writer, protocol, bound)
-        except ConnectionError:  # BrokenPipeError and resets too
-            log.info("caller went away")
-        except asyncio.CancelledError:
-            log.warning("call cancelled: the daemon is stopping")
-            raise  # the task ends cancelled, as asked
-        except BaseException:  # a handler's SystemExit must not end the daemon
-            log.exception("internal error while serving a call")
-        finally:
-            self.counts[outcome] += 1
-            if outcome is Outcome.SERVED:
-                transport.close()
-                if transport.get_write_buffer_size():
-                    await self._linger(writer)
-            else:
-                transport.abort()
+        # The spec this call starts with is the one it finishes with.
+        await callcore.run(conn, self.daemon, serves, self.registry, self)
 
-    @staticmethod
-    async def _linger(writer: asyncio.StreamWriter) -> None:
-        """Give a finished call's unread output LINGER_TIMEOUT to reach the caller, then cut it.
+    # --- a call's events (callcore.Reporter) --------------------------------
 
-        The call keeps its slot meanwhile: a lingering connection still holds an fd and up
-        to the high-water mark of output, and max_connections must bound both.
-        """
-        try:
-            async with asyncio.timeout(LINGER_TIMEOUT):
-                await writer.wait_closed()
-        except Exception:  # timed out, or the caller went away
-            writer.transport.abort()
-        except asyncio.CancelledError:
-            writer.transport.abort()
-            raise
-
-    async def _call(self, daemon: Daemon, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                    protocol: _CallProtocol, bound: Service | None) -> Outcome:
-        """Serve one call with ``daemon``'s spec; only a SERVED call's output is flushed (a rejected
-        or failed one is aborted: the caller sees the connection reset, not a clean end)."""
-        if bound is None:
-            # A timer that cuts the connection, rather than asyncio.timeout(): the same limit at a
-            # third of the cost on every call.  The cut ends readuntil() with IncompleteReadError.
-            loop = asyncio.get_running_loop()
-            deadline = loop.call_later(daemon.descriptor_timeout, protocol.descriptor_deadline, writer.transport)
-            try:
-                untrusted_descriptor = await reader.readuntil(b"\0")
-            except asyncio.IncompleteReadError as e:
-                if protocol.cut:
-                    log.warning("rejected call: no descriptor within %ss", daemon.descriptor_timeout)
-                elif e.partial:
-                    log.warning("rejected call: connection closed before the descriptor's NUL (%d bytes)",
-                                len(e.partial))
-                else:  # a connect and nothing else: a probe, e.g. a second 'serve' checking the socket
-                    log.info("rejected call: connection closed before sending anything")
-                return Outcome.REJECTED
-            except asyncio.LimitOverrunError:
-                log.warning("rejected call: descriptor longer than %d bytes", qrexec.MAX_DESCRIPTOR_LEN)
-                return Outcome.REJECTED
-            finally:
-                deadline.cancel()
-            protocol.received = True
-            if protocol.cut:  # never serve a connection the deadline has cut
-                return Outcome.REJECTED  # a net: _CallProtocol's ordering keeps the cut from coming first
-            try:
-                desc = descriptor.parse(untrusted_descriptor[:-1])
-            except descriptor.DescriptorError as e:
-                log.warning("rejected call: %s", e)
-                return Outcome.REJECTED
-            service = _lookup(daemon, desc.service)
-            if service is None:
-                log.warning("rejected call: service %s is not handled by daemon %s", logs.cut(desc.service),
-                            daemon.name)
-                return Outcome.REJECTED
-            request = Request(reader, writer, desc.name, desc.argument, desc.source,
-                              desc.target_type, desc.target, max_input=service.max_input)
-        else:
-            current = daemon.services.get(bound.full_name)
-            if current is None or current.socket != bound.socket:  # removed (or moved) by a reload
-                log.warning("rejected call: service %s on %s is no longer declared", bound.full_name, bound.socket)
-                return Outcome.REJECTED
-            service = current
-            name, argument = qrexec.split_service(service.full_name)
-            request = Request(reader, writer, name, argument, None, max_input=service.max_input)
-        # The service as called, cut for the log (its argument may be 65 000 bytes); source and
-        # target are short already (descriptor.parse: at most 31 and 63 characters).
-        called = logs.cut(request.service)
+    def started(self, request: Request, called: str) -> None:
         # From here on, every line logged in this call's context carries its journal fields.
         logs.call_fields.set({"SERVICE": called, "SOURCE": request.source or "",
                               "TARGET": request.target or "", "TARGET_TYPE": request.target_type or ""})
         _log_info("call %s from %s%s", called, request.source or "(no descriptor)",
-                 f" to {request.target_type} {request.target}" if request.target else "")
+                  f" to {request.target_type} {request.target}" if request.target else "")
 
-        def stalled(seconds: float) -> None:
-            self._fault(("stall", service.handler), logging.WARNING, stalls.MESSAGE, called, service.handler, seconds)
+    def stalled(self, service: Service, called: str, seconds: float) -> None:
+        self._fault(("stall", service.handler), logging.WARNING, stalls.MESSAGE, called, service.handler, seconds)
 
-        try:
-            await handlers.invoke(self.registry.get(service.handler), request, service.timeout, stalled)
-        except HandlerError as e:
-            self._fault(("load", service.handler), logging.ERROR, "call %s failed: %s", called, e)
-            return Outcome.FAILED
-        except InputTooLarge as e:
-            log.warning("call %s rejected: %s", called, e)
-            return Outcome.FAILED
-        except TimeoutError:
+    def cancelled(self) -> None:
+        self.counts[Outcome.FAILED] += 1
+        log.warning("call cancelled: the daemon is stopping")
+
+    def ended(self, daemon: Daemon, result: Result) -> None:
+        """Count the call; log how it ended unless it was served (its one line is logged at its start)."""
+        ending = result.ending
+        self.counts[ending.outcome] += 1
+        if ending is not Ending.SERVED:
+            self._log_ending(daemon, result)
+
+    def _log_ending(self, daemon: Daemon, result: Result) -> None:
+        ending, called, service, error = result.ending, result.called, result.service, result.error
+        if ending is Ending.LATE:
+            log.warning("rejected call: no descriptor within %ss", daemon.descriptor_timeout)
+        elif ending is Ending.CUT_SHORT:
+            partial = error.partial if isinstance(error, asyncio.IncompleteReadError) else b""
+            log.warning("rejected call: connection closed before the descriptor's NUL (%d bytes)", len(partial))
+        elif ending is Ending.EMPTY:  # a connect and nothing else: a probe, e.g. a second 'serve' checking the socket
+            log.info("rejected call: connection closed before sending anything")
+        elif ending is Ending.TOO_LONG:
+            log.warning("rejected call: descriptor longer than %d bytes", qrexec.MAX_DESCRIPTOR_LEN)
+        elif ending is Ending.MALFORMED:
+            log.warning("rejected call: %s", error)
+        elif ending is Ending.UNKNOWN:
+            log.warning("rejected call: service %s is not handled by daemon %s", called, daemon.name)
+        elif ending is Ending.CALLER_GONE and not called:  # before the descriptor was read
+            log.info("caller went away")
+        elif ending is Ending.INTERNAL:
+            log.error("internal error while serving a call", exc_info=error)
+        elif service is None:
+            raise AssertionError(f"a call that ended {ending} names no service")
+        elif ending is Ending.UNDECLARED:
+            log.warning("rejected call: service %s on %s is no longer declared", service.full_name, service.socket)
+        elif ending is Ending.LOAD_FAILED:
+            self._fault(("load", service.handler), logging.ERROR, "call %s failed: %s", called, error)
+        elif ending is Ending.INPUT_TOO_LARGE:
+            log.warning("call %s rejected: %s", called, error)
+        elif ending is Ending.TIMED_OUT:
             log.warning("call %s timed out after %ss", called, service.timeout)
-            return Outcome.FAILED
-        except ConnectionError as e:  # BrokenPipeError and resets too
-            if not writer.transport.is_closing():  # not the caller's connection: one of the handler's own
-                self._handler_raised(called, service, e)
-                return Outcome.FAILED
+        elif ending is Ending.CALLER_GONE:
             log.info("call %s: caller went away", called)
-            return Outcome.FAILED
-        except asyncio.CancelledError as e:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():  # the daemon is stopping: _connection logs it
-                raise
-            self._handler_raised(called, service, e)  # the handler's own CancelledError
-            return Outcome.FAILED
-        except (Exception, SystemExit, KeyboardInterrupt) as e:
-            self._handler_raised(called, service, e)
-            return Outcome.FAILED
-        return Outcome.SERVED
+        elif ending is Ending.RAISED and error is not None:
+            self._handler_raised(called, service, error)
 
     def _handler_raised(self, called: str, service: Service, e: BaseException) -> None:
         # Keyed by the declared service and the exception's type, never its message: a message
@@ -664,22 +559,6 @@ class Server:
         # Keyed like a handler's fault: by type, not by a message that may quote a caller's bytes.
         key = ("loop", type(error)) if error is not None else ("loop", message[:64])
         self._fault(key, logging.ERROR, "%s", message, exc_info=error)
-
-def _lookup(daemon: Daemon, service: str) -> Service | None:
-    """The declared service whose qubes-rpc link qrexec matched for this call.
-
-    qrexec tries key 1 (the service as called, ``+`` appended if it has none), then
-    NAME, and stops at the first file it finds (libqrexec/exec.c: find_qrexec_service).
-    The first declared key is therefore the one whose link brought the call here; a
-    ``service_descriptor: false`` service found that way listens on its own socket,
-    so a descriptor naming it on this one is refused, never passed on to NAME.
-    """
-    for key in qrexec.lookup_keys(service):
-        found = daemon.services.get(key)
-        if found is not None:
-            return found if found.service_descriptor else None
-    return None
-
 
 def _log_info(msg: str, *args: object) -> None:
     """``log.info()`` without findCaller()'s walk up the stack: the same record (the caller's

@@ -2,11 +2,12 @@
 # Copyright (C) 2026 qubes-socksvc developers
 """Run a handler in-process, as the daemon would, for a service author's tests.
 
-No daemon, root, systemd or qrexec needed: each call gets a real Unix socket
-pair with asyncio streams on both ends, a real :class:`~qubes_socksvc.Request`
-built from a descriptor the daemon's own parser validated, the handler adapted
-exactly as the daemon adapts it (a plain function runs in a thread of its own
-with ``request.input``), and the same ``max_input`` and ``timeout`` rules.
+No daemon, root, systemd or qrexec needed: each call runs through the daemon's own
+call core (callcore.run) on a real Unix socket pair, from the descriptor it reads and
+validates to the end of the connection: the same :class:`~qubes_socksvc.Request`,
+the handler adapted exactly as the daemon adapts it (a plain function runs in a
+thread of its own with ``request.input``), and the same ``max_input`` and ``timeout``
+rules.
 What the daemon would log and cut off is raised here instead: ``InputTooLarge``,
 ``TimeoutError``, ``HandlerError`` (a ``module:callable`` that cannot be
 loaded), ``TypeError`` (a wrong return type) or the handler's own exception.
@@ -32,12 +33,13 @@ import warnings
 from collections.abc import AsyncGenerator, Callable
 from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 
-from . import descriptor, handlers, qrexec, stalls
+from . import callcore, descriptor, handlers, qrexec, stalls
+from .callcore import ByDescriptor, Ending, OneService, Result
 from .chunks import Input, chunks
 from .handlers import HandlerError
 from .manifest import Manifest, ManifestError
 from .manifest import load as load_manifest
-from .model import Service
+from .model import Daemon, Service
 from .request import CHUNK_SIZE, Request
 
 if TYPE_CHECKING:
@@ -116,22 +118,23 @@ async def stream_handler(
     without its ``@``).  ``source=None`` is a ``service_descriptor: false`` call.  Invalid
     values raise ``ValueError``, as the daemon would reject the descriptor.
     """
-    request_fields = _descriptor_fields(service, source, target_type, target)
-    adapted = _adapt(handler)
+    wire = _descriptor(service, source, target_type, target)
     handler_name = handler if isinstance(handler, str) else _spec_of(handler)
+    daemon, serves = _one_service(service, handler_name, wire is not None, max_input, timeout)
+    registry = handlers.Registry(lambda _: _adapt(handler))
+    reporter = _Reporter()
     loop = asyncio.get_running_loop()
     daemon_end, caller_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     caller_end.setblocking(False)
     tasks: list[asyncio.Task[Any]] = []
     try:
-        reader, writer = await _daemon_streams(loop, daemon_end)
-        request = Request(reader, writer, *request_fields, max_input=max_input)
-        call = loop.create_task(_run(adapted, request, writer, timeout, _stall_reporter(service, handler_name)))
-        sender = loop.create_task(_send(loop, input, caller_end))
+        call = loop.create_task(callcore.run(daemon_end, daemon, serves, registry, reporter))
+        sender = loop.create_task(_send(loop, wire or b"", input, caller_end))
         tasks = [call, sender]
         while chunk := await _receive(loop, caller_end):
             yield chunk
-        error = await call
+        await call
+        error = reporter.error()
         if error is not None:
             raise error  # where the daemon would log it and cut the connection
         failure = sender.exception() if sender.done() and not sender.cancelled() else None
@@ -169,10 +172,9 @@ def check_manifest(path: str) -> Manifest:
 # --- the daemon's side of one call ---------------------------------------------
 
 
-def _descriptor_fields(
-    service: str, source: str | None, target_type: str | None, target: str | None,
-) -> tuple[str, str | None, str | None, str | None, str | None]:
-    """(name, argument, source, target_type, target), validated by the daemon's own rules."""
+def _descriptor(service: str, source: str | None, target_type: str | None, target: str | None) -> bytes | None:
+    """The descriptor the caller sends, NUL included (None: a ``service_descriptor: false``
+    call); ValueError where the daemon would reject it."""
     if not qrexec.is_service(service):
         raise ValueError(f"invalid service {service!r}; expected NAME, NAME+ or NAME+ARG in qrexec's charset")
     if (target_type is None) != (target is None):
@@ -180,16 +182,70 @@ def _descriptor_fields(
     if source is None:  # service_descriptor: false: the daemon knows the service, nothing else
         if target is not None:
             raise ValueError("a call without descriptor (source=None) has no target")
-        name, argument = qrexec.split_service(service)
-        return name, argument, None, None, None
+        return None
     wire = " ".join([service, source] + ([target_type, target] if target_type and target else []))
     try:
-        parsed = descriptor.parse(wire.encode())
+        descriptor.parse(wire.encode())
     except UnicodeEncodeError as e:
         raise ValueError(f"invalid descriptor {wire!r}: not ASCII") from e
     except descriptor.DescriptorError as e:
         raise ValueError(f"the daemon would reject the descriptor {wire!r}: {e}") from e
-    return parsed.name, parsed.argument, parsed.source, parsed.target_type, parsed.target
+    return wire.encode() + b"\0"
+
+
+def _one_service(service: str, handler: str, reads_descriptor: bool, max_input: int,
+                 timeout: float) -> tuple[Daemon, callcore.Serves]:
+    """A daemon declaring the one service called, and what the call's socket serves.
+
+    With a descriptor the service is declared as its NAME (any argument reaches it: qrexec's
+    lookup, callcore.lookup); without one, as called, on a socket of its own.
+    """
+    if reads_descriptor:
+        declared = Service(qrexec.split_service(service)[0], handler, max_input=max_input, timeout=timeout)
+        serves: callcore.Serves = ByDescriptor()
+    else:
+        declared = Service(service, handler, service_descriptor=False, socket=_OWN_SOCKET, max_input=max_input,
+                           timeout=timeout)
+        serves = OneService(declared)
+    daemon = Daemon("testing", "the testing kit's", _SHARED_SOCKET, services={declared.full_name: declared})
+    return daemon, serves
+
+
+_SHARED_SOCKET = "(the testing kit's descriptor socket)"
+_OWN_SOCKET = "(the testing kit's socket for the service)"
+
+
+class _Reporter:
+    """The kit's callcore.Reporter: a stall is warned of and logged as the daemon logs it (every
+    one: the daemon holds back repeats within a minute, and a test is one call); the call's end
+    is kept, for the test to raise what the daemon would have logged."""
+
+    def __init__(self) -> None:
+        self.result: Result | None = None
+
+    def started(self, request: Request, called: str) -> None:
+        pass
+
+    def stalled(self, service: Service, called: str, seconds: float) -> None:
+        text = stalls.message(called, service.handler, seconds)
+        log.warning("%s", text)
+        warnings.warn(HandlerStalled(text), stacklevel=2)
+
+    def ended(self, daemon: Daemon, result: Result) -> None:
+        self.result = result
+
+    def cancelled(self) -> None:
+        pass
+
+    def error(self) -> BaseException | None:
+        """What the test gets instead of the daemon's log line: None for a served call."""
+        result = self.result
+        if result is None or result.ending is Ending.SERVED:
+            return None
+        if result.ending.outcome is callcore.Outcome.FAILED and result.error is not None:
+            return result.error
+        return ValueError(f"the daemon would reject the call: {result.ending.value}"
+                          + (f": {result.error}" if result.error is not None else ""))
 
 
 def _spec_of(function: Callable[[Request], Any]) -> str:
@@ -198,52 +254,9 @@ def _spec_of(function: Callable[[Request], Any]) -> str:
     return f"{module}:{getattr(function, '__qualname__', None) or type(function).__qualname__}"
 
 
-def _stall_reporter(service: str, handler: str) -> Callable[[float], None]:
-    """server.Server._call's ``stalled``: the daemon's text, as a warning and a log line.
-    Every stall is reported (the daemon holds back repeats within a minute: a test is one call)."""
-    def stalled(seconds: float) -> None:
-        text = stalls.message(service, handler, seconds)
-        log.warning("%s", text)
-        warnings.warn(HandlerStalled(text), stacklevel=2)
-
-    return stalled
-
-
 def _adapt(handler: HandlerLike) -> Handler:
     """What ``handlers.load`` does, for a spec or for the function itself."""
     return handlers.load(handler) if isinstance(handler, str) else handlers.adapt(handler)
-
-
-async def _daemon_streams(
-    loop: asyncio.AbstractEventLoop, conn: socket.socket,
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """The streams server.Server._connection builds around an accepted connection."""
-    reader = asyncio.StreamReader(limit=qrexec.MAX_DESCRIPTOR_LEN, loop=loop)
-    protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
-    transport, _ = await loop.connect_accepted_socket(lambda: protocol, sock=conn)
-    return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
-
-
-async def _run(
-    handler: Handler, request: Request, writer: asyncio.StreamWriter, timeout: float,
-    on_stall: Callable[[float], None] | None = None,
-) -> BaseException | None:
-    """The handler part of server.Server._call: timeout, returned bytes/str written, drain, close.
-
-    On a failure the connection is cut (the caller sees its output end early) and the
-    exception is returned, to be raised outside the task: a handler's ``SystemExit``
-    must not escape through the event loop, in the daemon or here.
-    """
-    try:
-        await handlers.invoke(handler, request, timeout, on_stall)
-    except (Exception, SystemExit, KeyboardInterrupt) as e:
-        writer.transport.abort()
-        return e
-    except asyncio.CancelledError:
-        writer.transport.abort()
-        raise
-    writer.close()
-    return None
 
 
 # --- the caller's side: qrexec's agent, as agent.call does it ---------------------
@@ -260,10 +273,12 @@ async def _receive(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> byte
         return b""
 
 
-async def _send(loop: asyncio.AbstractEventLoop, input: Input, sock: socket.socket) -> None:
-    """The caller's stdin: every chunk as the socket takes it (backpressure), then half-close.
-    A handler that stops reading ends it quietly, as it ends qrexec's agent."""
+async def _send(loop: asyncio.AbstractEventLoop, wire: bytes, input: Input, sock: socket.socket) -> None:
+    """The descriptor, then the caller's stdin: every chunk as the socket takes it (backpressure),
+    then half-close.  A handler that stops reading ends it quietly, as it ends qrexec's agent."""
     try:
+        if wire:
+            await loop.sock_sendall(sock, wire)
         async for chunk in chunks(input):
             try:
                 await loop.sock_sendall(sock, chunk)

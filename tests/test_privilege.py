@@ -164,8 +164,8 @@ def test_socket_is_never_world_accessible_not_even_while_binding(tmp_path: Path,
         assert os.umask(0) == 0, "bind_sockets did not restore the umask"
     finally:
         os.umask(old_umask)
-    for sock, _ in listeners:
-        sock.close()
+    for listener in listeners:
+        listener.sock.close()
     assert len(seen) >= 4, seen  # chmod and listen, for both sockets
     for path, mode in seen:
         assert mode & 0o007 == 0, f"{path} was {oct(mode)} at some point"

@@ -1,0 +1,183 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (C) 2026 qubes-socksvc developers
+"""One corpus of calls, through the real daemon (real sockets, its log) and through the testing
+kit: both run callcore.run, so each call ends the same way, with the same output.
+
+The daemon says how a call ended in its log (one line per callcore.Ending), the kit by what it
+raises; the table below names the ending each call must have, and the STATUS= counters must
+add up to the same outcomes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import socket
+import warnings
+from dataclasses import dataclass, field
+
+from qubes_socksvc import testing
+from qubes_socksvc.callcore import Ending, Outcome
+from qubes_socksvc.handlers import HandlerError
+from qubes_socksvc.request import InputTooLarge
+from tests.conftest import NotifySocket, RunningDaemon
+
+
+@dataclass(frozen=True)
+class Case:
+    """A call: the service declared (``declared``: its manifest lines), how it is called, and how it ends."""
+
+    name: str
+    declared: str
+    handler: str
+    called: str
+    ending: Ending
+    input: bytes = b""
+    source: str | None = "work"
+    target: tuple[str, str] | None = None
+    settings: dict[str, float | bool] = field(default_factory=dict)
+    stalls: bool = False
+
+
+CORPUS = [
+    Case("returns, VM descriptor", "c.Fields", "handlers:fields", "c.Fields+arg", Ending.SERVED),
+    Case("returns, dom0 descriptor", "c.Fields", "handlers:fields", "c.Fields", Ending.SERVED,
+         target=("keyword", "adminvm")),
+    Case("NAME+", "c.Fields", "handlers:fields", "c.Fields+", Ending.SERVED, target=("name", "work")),
+    Case("argument holding +", "c.Fields", "handlers:fields", "c.Fields+fe80++1+22", Ending.SERVED),
+    Case("streams", "c.Echo", "qubes_socksvc.examples:echo", "c.Echo", Ending.SERVED,
+         input=bytes(range(256)) * 1200, settings={"max_input": 0}),
+    Case("plain function", "c.Upper", "qubes_socksvc.examples:upper", "c.Upper", Ending.SERVED, input=b"abc"),
+    Case("no descriptor", "c.Raw", "qubes_socksvc.examples:echo", "c.Raw", Ending.SERVED, input=b"raw\0 bytes",
+         source=None, settings={"service_descriptor": False}),
+    Case("blocks the loop", "c.Blocks", "handlers:blocks_the_loop", "c.Blocks+0.15", Ending.SERVED, stalls=True),
+    Case("raises", "c.Raises", "handlers:raises", "c.Raises", Ending.RAISED),
+    Case("SystemExit", "c.Exits", "handlers:exits", "c.Exits", Ending.RAISED),
+    Case("returns an int", "c.Int", "handlers:returns_int", "c.Int", Ending.RAISED),
+    Case("its own connection fails", "c.Backend", "handlers:backend_down", "c.Backend", Ending.RAISED),
+    Case("times out", "c.Slow", "handlers:slow", "c.Slow+5", Ending.TIMED_OUT, settings={"timeout": 0.3}),
+    Case("past max_input", "c.Small", "qubes_socksvc.examples:echo", "c.Small", Ending.INPUT_TOO_LARGE,
+         input=b"x" * 100, settings={"max_input": 16}),
+    Case("cannot be loaded", "c.Missing", "no_such_module:nothing", "c.Missing", Ending.LOAD_FAILED),
+    Case("invalid source", "c.Fields", "handlers:fields", "c.Fields", Ending.MALFORMED, source="bad$qube"),
+    Case("invalid argument", "c.Fields", "handlers:fields", "c.Fields+a/b", Ending.MALFORMED),
+]
+
+
+def manifest() -> str:
+    lines = ["version: 1", "daemons:", "  c:", "    idle_exit: 0", "    services:"]
+    declared: dict[str, Case] = {}
+    for case in CORPUS:
+        if declared.setdefault(case.declared, case).handler != case.handler:
+            raise AssertionError(f"{case.declared} declared twice")
+    for name, case in declared.items():
+        lines += [f"      {name}:", f"        handler: {case.handler}"]
+        lines += [f"        {key}: {str(value).lower()}" for key, value in case.settings.items()]
+    return "\n".join(lines) + "\n"
+
+
+#: The daemon's line for each way a call fails (a served call logs only its "call ..." line).
+DAEMON_LINES = {
+    Ending.MALFORMED: r": rejected call: ",
+    Ending.RAISED: r": call \S+: handler \S+ raised",
+    Ending.TIMED_OUT: r": call \S+ timed out after ",
+    Ending.INPUT_TOO_LARGE: r": call \S+ rejected: input exceeds max_input",
+    Ending.LOAD_FAILED: r": call \S+ failed: handler \S+ cannot be loaded",
+}
+
+
+def through_daemon(daemon: RunningDaemon, case: Case) -> tuple[Ending, bytes, bool, str]:
+    """The ending the daemon logged, the caller's output, whether a stall was logged, the new log."""
+    before = len(daemon.log_text())
+    if case.source is None:
+        path, wire = daemon.socket(f"socksvc-{case.declared}.sock"), b""
+    else:
+        path = daemon.socket()
+        wire = " ".join([case.called, case.source, *(case.target or ())]).encode() + b"\0"
+    output = exchange(path, wire + case.input)
+    logged = daemon.log_text()[before:]
+    endings = [ending for ending, line in DAEMON_LINES.items() if re.search(line, logged)]
+    assert len(endings) <= 1, logged
+    return (endings[0] if endings else Ending.SERVED), output, "held the event loop" in logged, logged
+
+
+def exchange(path: str, payload: bytes) -> bytes:
+    """A qrexec caller: send, half-close, read until the end (a cut connection ends it too)."""
+    received = []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(path)
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            sock.sendall(payload)
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_WR)
+        with contextlib.suppress(ConnectionResetError):
+            while data := sock.recv(65536):
+                received.append(data)
+    return b"".join(received)
+
+
+def through_kit(case: Case) -> tuple[Ending, bytes, bool, BaseException | None]:
+    """The ending the kit's exception stands for, the output, whether a stall was warned of."""
+    options: testing.CallOptions = {"service": case.called, "source": case.source}
+    if case.target is not None:
+        options["target_type"], options["target"] = case.target
+    if "max_input" in case.settings:
+        options["max_input"] = int(case.settings["max_input"])
+    if "timeout" in case.settings:
+        options["timeout"] = float(case.settings["timeout"])
+    received: list[bytes] = []
+
+    async def call() -> None:
+        async for chunk in testing.stream_handler(in_process(case.handler), case.input, **options):
+            received.append(chunk)
+
+    error: BaseException | None = None
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        try:
+            asyncio.run(call())
+        except BaseException as e:  # SystemExit too: the handler's
+            error = e
+    stalled = any(issubclass(w.category, testing.HandlerStalled) for w in seen)
+    return kit_ending(error), b"".join(received), stalled, error
+
+
+def in_process(handler: str) -> str:
+    """The daemon finds tests/handlers.py as ``handlers`` (its PYTHONPATH), pytest as ``tests.handlers``."""
+    return f"tests.{handler}" if handler.startswith("handlers:") else handler
+
+
+def kit_ending(error: BaseException | None) -> Ending:
+    if error is None:
+        return Ending.SERVED
+    if isinstance(error, InputTooLarge):
+        return Ending.INPUT_TOO_LARGE
+    if isinstance(error, TimeoutError):
+        return Ending.TIMED_OUT
+    if isinstance(error, HandlerError):
+        return Ending.LOAD_FAILED
+    if isinstance(error, ValueError):  # the kit refuses what the daemon would reject (no handler here raises it)
+        return Ending.MALFORMED
+    return Ending.RAISED
+
+
+def test_the_daemon_and_the_kit_end_every_call_alike(start_daemon: type[RunningDaemon]) -> None:
+    notify = NotifySocket()
+    try:
+        daemon = start_daemon(manifest(), "c", extra_env={"NOTIFY_SOCKET": str(notify.path)})
+        counts = dict.fromkeys(Outcome, 0)
+        for case in CORPUS:
+            d_ending, d_output, d_stalled, logged = through_daemon(daemon, case)
+            k_ending, k_output, k_stalled, error = through_kit(case)
+            assert (d_ending, d_output, d_stalled) == (k_ending, k_output, k_stalled) == \
+                (case.ending, d_output, case.stalls), f"{case.name}: daemon logged\n{logged}kit raised {error!r}"
+            if case.ending is Ending.SERVED:
+                assert d_output, case.name
+            elif case.ending is Ending.RAISED:  # the same exception: the daemon's traceback ends with it
+                assert f"{type(error).__name__}" in logged, case.name
+            counts[case.ending.outcome] += 1
+        notify.wait_for("calls: " + ", ".join(f"{counts[o]} {o.value}" for o in Outcome))
+    finally:
+        notify.close()
