@@ -36,9 +36,6 @@ class Outcome(enum.Enum):
     FAILED = "failed"
     """The handler raised, timed out, exceeded max_input, or its caller went away."""
 
-    # Each call counts its outcome in a dict: the identity hash, in C, not Enum's hash(name).
-    __hash__ = object.__hash__
-
 
 class Ending(enum.Enum):
     """How a call ended, in detail: one member for each line the daemon logs about it."""
