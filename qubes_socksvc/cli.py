@@ -84,7 +84,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
             else:
                 plan = ordered
         for action in plan.actions:
-            if action.verb != "unchanged" or args.verbose:
+            if action.verb is not install.Verb.UNCHANGED or args.verbose:
                 print(action)
         for finding in findings:
             print(finding, file=sys.stderr)

@@ -651,7 +651,7 @@ def safe_order(plan: install.Plan, manifest: Manifest) -> install.Plan | Finding
         pending = sorted(groups[name], key=lambda a: _preference(a, layout))
         while pending:
             for action in pending:
-                undo = tree.update({action.path: None if action.verb == "remove" else action.artifact})
+                undo = tree.update({action.path: None if action.verb is install.Verb.REMOVE else action.artifact})
                 if set(forgeable_calls(tree, known, [name])) <= before:
                     ordered.append(action)
                     pending.remove(action)
@@ -664,7 +664,9 @@ def safe_order(plan: install.Plan, manifest: Manifest) -> install.Plan | Finding
     # Units and specs after the links and configs: a new daemon's socket unit (and so its
     # socket) exists only once every call that could reach it is pinned; a link to a socket
     # not there yet dangles, which forgeable_calls already allows for.
-    order = [*ordered, *(a for a in others if a.verb != "remove"), *(a for a in others if a.verb == "remove")]
+    kept = [a for a in others if a.verb is not install.Verb.REMOVE]
+    removals = [a for a in others if a.verb is install.Verb.REMOVE]
+    order = [*ordered, *kept, *removals]
     first = {a.path for a in order}
     return replace(plan, actions=[*order, *(a for a in plan.actions if a.path not in first)])
 
@@ -674,9 +676,9 @@ def _preference(action: install.Action, layout: Layout) -> tuple[int, str]:
     coming, then configs that turn skipping on, then configs going."""
     artifact = action.artifact
     if os.path.dirname(action.path) == layout.rpc_config_dir:
-        if action.verb == "remove":
+        if action.verb is install.Verb.REMOVE:
             return 4, action.path
         assert isinstance(artifact, File)  # an rpc-config is a file
         skips = rpcconfig.parse(artifact.content).skip_service_descriptor is True
         return (3 if skips else 0), action.path
-    return (1 if action.verb == "remove" else 2), action.path
+    return (1 if action.verb is install.Verb.REMOVE else 2), action.path

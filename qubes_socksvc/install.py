@@ -16,6 +16,7 @@ swept by the next apply.
 from __future__ import annotations
 
 import contextlib
+import enum
 import fcntl
 import hashlib
 import json
@@ -48,9 +49,27 @@ class ApplyError(SocksvcError):
     pass
 
 
+class Verb(enum.Enum):
+    """What a plan does with one path."""
+
+    CREATE = "create"
+    UPDATE = "update"
+    REMOVE = "remove"
+    UNCHANGED = "unchanged"
+    CONFLICT = "conflict"
+    """Nothing may be written: the plan changes nothing at all."""
+    SWEEP = "sweep"
+    """A temporary file an interrupted apply left, removed."""
+
+    @property
+    def changes(self) -> bool:
+        """Whether the path is written or removed (and so its state recorded before)."""
+        return self in (Verb.CREATE, Verb.UPDATE, Verb.REMOVE)
+
+
 @dataclass(frozen=True)
 class Action:
-    verb: str  # "create", "update", "remove", "unchanged", "conflict", "sweep"
+    verb: Verb
     path: str  # absolute on the target system
     artifact: Artifact | None = None
     reason: str = ""
@@ -58,7 +77,7 @@ class Action:
     """For "update" and "remove": the fingerprint of what is there now (one the record accepts)."""
 
     def __str__(self) -> str:
-        text = f"{self.verb:9} {self.path}"
+        text = f"{self.verb.value:9} {self.path}"
         if isinstance(self.artifact, Link):
             text += f" -> {self.artifact.target}"
         return text + (f"  ({self.reason})" if self.reason else "")
@@ -72,16 +91,16 @@ class Plan:
 
     @property
     def changes(self) -> list[Action]:
-        return [a for a in self.actions if a.verb in ("create", "update", "remove")]
+        return [a for a in self.actions if a.verb.changes]
 
     @property
     def conflicts(self) -> list[Action]:
-        return [a for a in self.actions if a.verb == "conflict"]
+        return [a for a in self.actions if a.verb is Verb.CONFLICT]
 
     @property
     def sweeps(self) -> list[Action]:
         """Temporary files an interrupted apply left behind."""
-        return [a for a in self.actions if a.verb == "sweep"]
+        return [a for a in self.actions if a.verb is Verb.SWEEP]
 
 
 def fingerprint(artifact: Artifact) -> str:
@@ -192,7 +211,7 @@ def _leftovers(root: str, layout: Layout, checks: dict[str, _DirCheck]) -> list[
         for entry in entries:
             if ((TEMP_RE.match(entry.name) or OLD_TEMP_RE.match(entry.name))
                     and (entry.is_symlink() or entry.is_file(follow_symlinks=False))):
-                actions.append(Action("sweep", f"{directory}/{entry.name}", None, "left by an interrupted apply"))
+                actions.append(Action(Verb.SWEEP, f"{directory}/{entry.name}", None, "left by an interrupted apply"))
     return sorted(actions, key=lambda a: a.path)
 
 
@@ -236,13 +255,13 @@ def plan(artifacts: list[Artifact], layout: Layout, root: str = "/") -> Plan:
     for path in sorted(set(wanted) | set(owned)):
         artifact = wanted.get(path)
         if not _in_layout(layout, path):  # only an edited record can name one
-            actions.append(Action("conflict", path, artifact, "the ownership record names a path qubes-socksvc "
+            actions.append(Action(Verb.CONFLICT, path, artifact, "the ownership record names a path qubes-socksvc "
                                   "never writes (outside its directories, or a name longer than "
                                   f"{NAME_MAX} bytes); remove it from {layout.state_file}"))
             continue
         check = checks[os.path.dirname(path)]
         if check.problem is not None:
-            actions.append(Action("conflict", path, artifact, check.problem))
+            actions.append(Action(Verb.CONFLICT, path, artifact, check.problem))
             continue
         real = real_path(root, path)
         current = current_fingerprint(real)
@@ -250,32 +269,32 @@ def plan(artifacts: list[Artifact], layout: Layout, root: str = "/") -> Plan:
         if artifact is None:
             if current is None:
                 continue  # already gone
-            actions.append(Action("remove", path, current=current) if mine else Action(
-                "conflict", path, None, "changed since qubes-socksvc wrote it; remove it by hand"))
+            actions.append(Action(Verb.REMOVE, path, current=current) if mine else Action(
+                Verb.CONFLICT, path, None, "changed since qubes-socksvc wrote it; remove it by hand"))
         elif current is None:
-            actions.append(Action("create", path, artifact))
+            actions.append(Action(Verb.CREATE, path, artifact))
         elif current == fingerprint(artifact) and (mine or path not in owned):
-            actions.append(Action("unchanged", path, artifact))
+            actions.append(Action(Verb.UNCHANGED, path, artifact))
         elif mine:
-            actions.append(Action("update", path, artifact, current=current))
+            actions.append(Action(Verb.UPDATE, path, artifact, current=current))
         elif path in owned:
-            actions.append(Action("conflict", path, artifact,
+            actions.append(Action(Verb.CONFLICT, path, artifact,
                                   "changed since qubes-socksvc wrote it; remove it or restore it"))
         else:
-            actions.append(Action("conflict", path, artifact,
+            actions.append(Action(Verb.CONFLICT, path, artifact,
                                   "exists and is not owned by qubes-socksvc; remove it or rename the service"))
     actions = [_refused_if_unwritable(a, root, checks) for a in actions]
     record_dir = checks[os.path.dirname(layout.state_file)]
     if record_dir.problem is not None:  # the record is written too
-        actions.append(Action("conflict", layout.state_file, None, record_dir.problem))
-    elif any(a.verb in ("create", "update", "remove") for a in actions):
+        actions.append(Action(Verb.CONFLICT, layout.state_file, None, record_dir.problem))
+    elif any(a.verb.changes for a in actions):
         problem = record_dir.unwritable or _write_problem(real_path(root, layout.state_file))
         if problem is not None:
-            actions.append(Action("conflict", layout.state_file, None, problem))
+            actions.append(Action(Verb.CONFLICT, layout.state_file, None, problem))
     result = Plan(_leftovers(root, layout, checks) + actions, layout, root)
     size = len(_record(_widened(result)))  # the largest record execute writes: old and new states
     if size > MAX_STATE_SIZE:
-        return Plan([*result.actions, Action("conflict", layout.state_file, None, (
+        return Plan([*result.actions, Action(Verb.CONFLICT, layout.state_file, None, (
             f"the ownership record would be {size} bytes while apply works, more than it reads back "
             f"({MAX_STATE_SIZE}); apply fewer services at once, or split them between /etc and /usr/local"))],
             layout, root)
@@ -284,10 +303,10 @@ def plan(artifacts: list[Artifact], layout: Layout, root: str = "/") -> Plan:
 
 def _refused_if_unwritable(action: Action, root: str, checks: dict[str, _DirCheck]) -> Action:
     """A change that would fail half-way (see _write_problem) as a conflict, before any write."""
-    if action.verb not in ("create", "update", "remove"):
+    if not action.verb.changes:
         return action
     problem = checks[os.path.dirname(action.path)].unwritable or _write_problem(real_path(root, action.path))
-    return action if problem is None else Action("conflict", action.path, action.artifact, problem)
+    return action if problem is None else Action(Verb.CONFLICT, action.path, action.artifact, problem)
 
 
 #: Only root can create files in /run (0755), so no user can hold this lock and hang
@@ -382,7 +401,7 @@ def _widened(plan_: Plan) -> dict[str, list[str]]:
     (repeated interrupted applies never make it grow)."""
     owned = {}
     for action in plan_.actions:
-        new = fingerprint(action.artifact) if action.artifact is not None and action.verb != "remove" else None
+        new = fingerprint(action.artifact) if action.artifact is not None and action.verb is not Verb.REMOVE else None
         states = [h for h in (action.current, new) if h is not None]
         if states:
             owned[action.path] = states
@@ -395,7 +414,7 @@ def execute(plan_: Plan) -> None:
         raise ApplyError("the plan has conflicts; nothing was changed")
     root, layout = plan_.root, plan_.layout
     final = {a.path: [fingerprint(a.artifact)] for a in plan_.actions
-             if a.artifact is not None and a.verb in ("create", "update", "unchanged")}
+             if a.artifact is not None and a.verb in (Verb.CREATE, Verb.UPDATE, Verb.UNCHANGED)}
     with _umask(0o022):
         for action in plan_.sweeps:
             with contextlib.suppress(FileNotFoundError):
@@ -409,7 +428,7 @@ def execute(plan_: Plan) -> None:
         _save_state(root, layout, _widened(plan_))
         for action in plan_.changes:
             real = real_path(root, action.path)
-            if action.verb == "remove":
+            if action.verb is Verb.REMOVE:
                 os.unlink(real)
                 continue
             artifact = action.artifact

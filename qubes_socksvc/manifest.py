@@ -1,9 +1,10 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
 # Copyright (C) 2026 qubes-socksvc developers
-"""The manifest: YAML -> a validated, typed model; every error at file:line:column.
+"""The manifest: YAML -> the validated model (model.py); every error at file:line:column.
 
 Loading composes the YAML into nodes (so each value keeps its position) and
-validates them against the schema below; no Jinja2 here, so ``serve`` can use it.
+validates them against the schema below.  The only module that reads YAML: check,
+apply, list and policy use it; a daemon never does (it loads the compiled spec).
 """
 
 from __future__ import annotations
@@ -33,8 +34,6 @@ from .model import Manifest as Manifest  # re-exported: what load returns
 from .model import ManifestError as ManifestError  # ... and what it raises
 from .policy import source_problem
 
-DEFAULT_PATH = "/etc/qubes-socksvc.yaml"
-LOCAL_PATH = "/usr/local/etc/qubes-socksvc.yaml"
 SCHEMA_VERSION = 1
 
 #: Socket paths must live here: qrexec's socket directory (2770 root:qubes) is
@@ -124,7 +123,8 @@ def _mapping(node: yaml.Node, key: str, problems: _Problems) -> dict[str, tuple[
 
 @dataclass(frozen=True)
 class _Field:
-    kind: str  # "str", "bool", "int", "number"; "node": ``parse`` reads the node
+    kind: type[str] | type[bool] | type[int] | type[float] | None
+    """The scalar's type (float: any number); None: ``parse`` reads the node."""
     check: Callable[[Any], str | None] | None = None
     parse: Callable[[yaml.Node, str, _Problems], Any] | None = None
     """For a value that is not a scalar: node, dotted key, problems -> value (None: invalid)."""
@@ -174,16 +174,16 @@ def _check_unit_text(value: str) -> str | None:
 
 
 DAEMON_FIELDS: dict[str, _Field] = {
-    "description": _Field("str", _check_unit_text),
-    "socket": _Field("str", _check_socket),
-    "socket_mode": _Field("str", _check_mode),
-    "socket_group": _Field("str", _pattern(GROUP_RE, "a group name")),
-    "condition_user": _Field("str", _check_condition_user),
-    "condition_group": _Field("str", _pattern(CONDITION_RE, 'a group name or GID, optionally after "!"')),
+    "description": _Field(str, _check_unit_text),
+    "socket": _Field(str, _check_socket),
+    "socket_mode": _Field(str, _check_mode),
+    "socket_group": _Field(str, _pattern(GROUP_RE, "a group name")),
+    "condition_user": _Field(str, _check_condition_user),
+    "condition_group": _Field(str, _pattern(CONDITION_RE, 'a group name or GID, optionally after "!"')),
     # Ranges: model.py's, which the daemon applies to its spec again.
-    "idle_exit": _Field("number", DAEMON_RANGES["idle_exit"]),
-    "max_connections": _Field("int", DAEMON_RANGES["max_connections"]),
-    "descriptor_timeout": _Field("number", DAEMON_RANGES["descriptor_timeout"]),
+    "idle_exit": _Field(float, DAEMON_RANGES["idle_exit"]),
+    "max_connections": _Field(int, DAEMON_RANGES["max_connections"]),
+    "descriptor_timeout": _Field(float, DAEMON_RANGES["descriptor_timeout"]),
 }
 # --- policy: (see policy.py) ---------------------------------------------------------
 
@@ -240,31 +240,31 @@ def _policy(node: yaml.Node, key: str, problems: _Problems) -> Policy | None:
 
 #: An argument's own rules: the same, but no deeper ``arguments``.
 ARGUMENT_POLICY_FIELDS: dict[str, _Field] = {
-    "allow": _Field("node", parse=_callers),
-    "ask": _Field("node", parse=_callers),
-    "deny": _Field("node", parse=_callers),
-    "default_target": _Field("bool"),
-    "autostart": _Field("bool"),
-    "notify": _Field("bool"),
+    "allow": _Field(None, parse=_callers),
+    "ask": _Field(None, parse=_callers),
+    "deny": _Field(None, parse=_callers),
+    "default_target": _Field(bool),
+    "autostart": _Field(bool),
+    "notify": _Field(bool),
 }
-POLICY_FIELDS: dict[str, _Field] = {**ARGUMENT_POLICY_FIELDS, "arguments": _Field("node", parse=_policy_arguments)}
+POLICY_FIELDS: dict[str, _Field] = {**ARGUMENT_POLICY_FIELDS, "arguments": _Field(None, parse=_policy_arguments)}
 SERVICE_FIELDS: dict[str, _Field] = {
-    "handler": _Field("str", _pattern(HANDLER_RE, '"module:callable", e.g. "mypkg.handlers:echo"')),
-    "wait_for_session": _Field("bool"),
-    "service_descriptor": _Field("bool"),
-    "exit_on_client_eof": _Field("bool"),
-    "exit_on_service_eof": _Field("bool"),
-    "force_user": _Field("str", _pattern(GROUP_RE, "a user name")),
-    "socket": _Field("str", _check_socket),
-    "max_input": _Field("int", SERVICE_RANGES["max_input"]),
-    "timeout": _Field("number", SERVICE_RANGES["timeout"]),
-    "policy": _Field("node", parse=_policy),
+    "handler": _Field(str, _pattern(HANDLER_RE, '"module:callable", e.g. "mypkg.handlers:echo"')),
+    "wait_for_session": _Field(bool),
+    "service_descriptor": _Field(bool),
+    "exit_on_client_eof": _Field(bool),
+    "exit_on_service_eof": _Field(bool),
+    "force_user": _Field(str, _pattern(GROUP_RE, "a user name")),
+    "socket": _Field(str, _check_socket),
+    "max_input": _Field(int, SERVICE_RANGES["max_input"]),
+    "timeout": _Field(float, SERVICE_RANGES["timeout"]),
+    "policy": _Field(None, parse=_policy),
 }
-_KINDS: dict[str, tuple[tuple[type, ...], str]] = {
-    "str": ((str,), "a string"),
-    "bool": ((bool,), "a boolean (true/false)"),
-    "int": ((int,), "an integer"),
-    "number": ((int, float), "a number"),
+_KINDS: dict[type, tuple[tuple[type, ...], str]] = {
+    str: ((str,), "a string"),
+    bool: ((bool,), "a boolean (true/false)"),
+    int: ((int,), "an integer"),
+    float: ((int, float), "a number"),
 }
 
 
@@ -287,8 +287,9 @@ def _fields(
                 values[name] = parsed
             continue
         value = _scalar(value_node)
+        assert spec.kind is not None  # a field without a kind has a parse
         types, expected = _KINDS[spec.kind]
-        if not isinstance(value, types) or (spec.kind != "bool" and isinstance(value, bool)):
+        if not isinstance(value, types) or (spec.kind is not bool and isinstance(value, bool)):
             problems.add(value_node, f"{key}.{name}", f"expected {expected}, got {_type_name(value)}")
             continue
         message = spec.check(value) if spec.check else None
@@ -408,12 +409,12 @@ def tcp_call_problem(link_target: str, argument: str | None) -> str | None:
 
 
 FORWARD_FIELDS: dict[str, _Field] = {
-    "target": _Field("str", _check_forward_target),
-    "service_descriptor": _Field("bool"),
-    "wait_for_session": _Field("bool"),
-    "exit_on_client_eof": _Field("bool"),
-    "exit_on_service_eof": _Field("bool"),
-    "policy": _Field("node", parse=_policy),
+    "target": _Field(str, _check_forward_target),
+    "service_descriptor": _Field(bool),
+    "wait_for_session": _Field(bool),
+    "exit_on_client_eof": _Field(bool),
+    "exit_on_service_eof": _Field(bool),
+    "policy": _Field(None, parse=_policy),
 }
 
 
