@@ -133,3 +133,15 @@ def test_serve_loads_only_the_runtime() -> None:
     found = loaded("from qubes_socksvc import cli, model, server")
     assert found["heavy"] == []
     assert set(found["ours"]) <= SERVE_MODULES, set(found["ours"]) - SERVE_MODULES
+
+
+def test_the_version_is_written_once() -> None:
+    """``__version__`` is the top-level version file's (setup.cfg, debian/changelog and the RPM
+    spec follow it), and importing the package for ``serve`` does not look it up."""
+    import qubes_socksvc
+
+    assert qubes_socksvc.__version__ == (PACKAGE.parent / "version").read_text().strip()
+    probe = "import sys, qubes_socksvc; print('importlib.metadata' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=PACKAGE.parent,
+                            check=True)
+    assert result.stdout.strip() == "False", result.stdout
