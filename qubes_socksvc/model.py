@@ -15,8 +15,10 @@ from __future__ import annotations
 import json
 import math
 import os.path
+import types
+import typing
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from . import qrexec
@@ -155,8 +157,29 @@ def dump(daemon: Daemon, manifest: str, manifest_sha256: str) -> str:
     return json.dumps(data, indent=1, sort_keys=True) + "\n"
 
 
-_TYPES: dict[str, tuple[type, ...]] = {"str": (str,), "bool": (bool,), "int": (int,), "float": (int, float),
-                                       "None": (type(None),)}
+#: The JSON values each Python field type takes (a float field takes a JSON integer too).
+_JSON_KINDS: dict[object, tuple[type, ...]] = {str: (str,), bool: (bool,), int: (int,), float: (int, float),
+                                               type(None): (type(None),)}
+
+
+_Kinds = dict[str, tuple[str, tuple[type, ...] | None]]
+_KINDS: dict[type[Any], _Kinds] = {}
+
+
+def _field_kinds(cls: type[Any]) -> _Kinds:
+    """Field -> (its type as written, the JSON values it takes), from the dataclass's own field
+    types (typing.get_type_hints); None for a field built apart (a daemon's services)."""
+    if cls in _KINDS:
+        return _KINDS[cls]
+    kinds: _Kinds = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        members = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+        shown = " | ".join("None" if m is type(None) else getattr(m, "__name__", str(m)) for m in members)
+        allowed = tuple(k for m in members for k in _JSON_KINDS[m]) if all(m in _JSON_KINDS for m in members) \
+            else None
+        kinds[name] = (shown, allowed)
+    _KINDS[cls] = kinds
+    return kinds
 
 
 def _build(cls: type[Any], values: object, where: str,
@@ -165,16 +188,15 @@ def _build(cls: type[Any], values: object, where: str,
     (and only what ``check`` accepts: a reload must never make the daemon stop accepting)."""
     if not isinstance(values, dict):
         raise SpecError(f"{where}: expected an object")
-    known = {f.name: str(f.type) for f in fields(cls)}
+    known = _field_kinds(cls)
     unknown = set(values) - set(known)
     if unknown:
         raise SpecError(f"{where}: unknown keys {', '.join(sorted(unknown))}")
     for name, value in values.items():
-        alternatives = known[name].split(" | ")
-        if all(t in _TYPES for t in alternatives):
-            allowed = tuple(kind for t in alternatives for kind in _TYPES[t])
-            if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
-                raise SpecError(f"{where}.{name}: expected {known[name]}, got {type(value).__name__}")
+        shown, allowed = known[name]
+        wrong = allowed is not None and (not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed))
+        if wrong:
+            raise SpecError(f"{where}.{name}: expected {shown}, got {type(value).__name__}")
         problem = ranges[name](value) if name in ranges else None
         if problem:
             raise SpecError(f"{where}.{name}: {problem}")

@@ -105,7 +105,8 @@ def test_every_line_of_a_call_carries_its_fields(journal: list[dict[str, Any]], 
     assert by_service["t.PlainLogs"][1]["MESSAGE"] == "plain handler's own line"
     assert "held the event loop for 0.1" in by_service["t.Blocks+0.15"][1]["MESSAGE"]
     assert "timed out after 0.2s" in by_service["t.Slow+5"][1]["MESSAGE"]
-    assert by_service["t.Echo+x"][0]["CODE_FUNC"] == "started"  # the record names the daemon's own code (Server.started)
+    # The record names the daemon's own code (Server.started), not logging's machinery.
+    assert by_service["t.Echo+x"][0]["CODE_FUNC"] == "started"
     assert by_service["t.Echo+x"][0]["PRIORITY"] == str(6)  # LOG_INFO
     assert by_service["t.Echo+x"][0]["SYSLOG_IDENTIFIER"] == "qubes-socksvc"
     assert by_service["t.Echo+x"][0]["DAEMON"] == "mydaemon"
