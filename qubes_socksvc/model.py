@@ -194,8 +194,8 @@ def _build(cls: type[Any], values: object, where: str,
         raise SpecError(f"{where}: unknown keys {', '.join(sorted(unknown))}")
     for name, value in values.items():
         shown, allowed = known[name]
-        wrong = allowed is not None and (not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed))
-        if wrong:
+        if allowed is not None and (not isinstance(value, allowed)
+                                    or (isinstance(value, bool) and bool not in allowed)):
             raise SpecError(f"{where}.{name}: expected {shown}, got {type(value).__name__}")
         problem = ranges[name](value) if name in ranges else None
         if problem:
