@@ -23,8 +23,8 @@ from typing import Any, BinaryIO
 
 from . import lookup, qrexec
 from .errors import SocksvcError
+from .qrexec import CHUNK_SIZE
 
-CHUNK_SIZE = 65536
 #: libqrexec/qrexec.h: QREXEC_EXIT_SERVICE_NOT_FOUND, QREXEC_EXIT_PROBLEM.
 EXIT_SERVICE_NOT_FOUND = 127
 EXIT_PROBLEM = 125

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
 
-from .request import CHUNK_SIZE
+from .qrexec import CHUNK_SIZE
 
 #: A call's input: bytes, or chunks of it from an iterable or an async iterable.
 Input = bytes | Iterable[bytes] | AsyncIterable[bytes]

@@ -29,6 +29,7 @@ from collections.abc import AsyncGenerator
 from . import qrexec
 from .chunks import Input, chunks
 from .errors import SocksvcError
+from .qrexec import CHUNK_SIZE
 
 __all__ = ["EXIT_MEANINGS", "Input", "QrexecError", "async_call", "call", "command", "exit_origin", "printable",
            "stream"]
@@ -36,7 +37,6 @@ __all__ = ["EXIT_MEANINGS", "Input", "QrexecError", "async_call", "call", "comma
 #: The tool a VM calls services with (``agent/qrexec-client-vm.c``), and dom0's (``daemon/qrexec-client.c``).
 CLIENT_VM = "qrexec-client-vm"
 CLIENT_DOM0 = "qrexec-client"
-CHUNK_SIZE = 65536
 #: Bytes of the tool's stderr kept for the error message (the rest is dropped as it comes).
 STDERR_KEPT = 8192
 #: What qrexec-client-vm writes, and all it writes, when dom0 refuses the call

@@ -40,7 +40,7 @@ class Descriptor:
     @property
     def service(self) -> str:
         """``QREXEC_SERVICE_FULL_NAME``: ``NAME``, ``NAME+`` or ``NAME+ARG`` as called."""
-        return self.name if self.argument is None else f"{self.name}+{self.argument}"
+        return qrexec.full_name(self.name, self.argument)
 
     def encode(self) -> bytes:
         """The wire form including its terminating NUL."""

@@ -58,6 +58,16 @@ def split_service(service: str) -> tuple[str, str | None]:
     return name, (argument if plus else None)
 
 
+def full_name(name: str, argument: str | None) -> str:
+    """(NAME, ARG) -> the service string as called: ``NAME``, ``NAME+`` or ``NAME+ARG``; the
+    inverse of :func:`split_service` (``QREXEC_SERVICE_FULL_NAME``)."""
+    return name if argument is None else f"{name}+{argument}"
+
+
+#: How much the daemon, ``call`` and the client read or write at a time (ours, not a qrexec limit).
+CHUNK_SIZE = 65536
+
+
 def is_service(service: str) -> bool:
     """A service string qrexec can deliver: ``NAME``, ``NAME+`` or ``NAME+ARG``.
 

@@ -17,7 +17,8 @@ import concurrent.futures
 import threading
 from collections.abc import AsyncIterator
 
-CHUNK_SIZE = 65536
+from . import qrexec
+from .qrexec import CHUNK_SIZE
 
 
 class InputTooLarge(Exception):
@@ -91,7 +92,7 @@ class Request:
     @property
     def service(self) -> str:
         """``NAME``, ``NAME+`` or ``NAME+ARG``, exactly as called."""
-        return self.name if self.argument is None else f"{self.name}+{self.argument}"
+        return qrexec.full_name(self.name, self.argument)
 
     async def read(self, n: int = -1) -> bytes:
         """Up to ``n`` bytes of input (``b""`` at EOF); with ``n < 0`` all of it.

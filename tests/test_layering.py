@@ -31,7 +31,6 @@ LAYERS: list[tuple[str, set[str]]] = [
 HEAVY_BY_DESIGN = {
     "manifest": {"yaml"},
     "render": {"jinja2"},
-    "testing": {"yaml"},  # check_manifest reads a manifest
 }
 #: What ``serve`` may load of ours (cli imports the rest per verb).
 SERVE_MODULES = {"__init__", "cli", "model", "descriptor", "request", "handlers", "server", "qrexec",
