@@ -16,8 +16,9 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -258,3 +259,49 @@ daemons:
 def daemon(start_daemon: type[RunningDaemon]) -> RunningDaemon:
     """A daemon serving TEST_MANIFEST's ``t``."""
     return start_daemon(TEST_MANIFEST, "t")
+
+
+#: apply's file-system operations; a kill comes just before the k-th of them.
+APPLY_OPERATIONS = ("rename", "symlink", "unlink", "write", "fsync", "mkdir")
+
+
+def killed_apply(manifest: Path, root: Path, k: int) -> int | None:
+    """Fork an apply (in this process's state: monkeypatches hold) that SIGKILLs itself before
+    its k-th file-system operation; None if it was killed, else its exit code (it finished first)."""
+    from qubes_socksvc import cli
+
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            count = 0
+
+            def wrap(real: Callable[..., Any]) -> Callable[..., Any]:
+                def operation(*args: Any, **kwargs: Any) -> Any:
+                    nonlocal count
+                    count += 1
+                    if count == k:
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    return real(*args, **kwargs)
+                return operation
+
+            for name in APPLY_OPERATIONS:
+                setattr(os, name, wrap(getattr(os, name)))
+            with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
+                code = cli.main(["apply", "-c", str(manifest), "--root", str(root)])
+            os._exit(code)
+        finally:
+            os._exit(99)
+    deadline = time.monotonic() + 60
+    while True:  # bounded: a child stuck on a lock inherited through fork() is killed
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail(f"apply killed at {k} hung")
+        time.sleep(0.005)
+    if os.WIFSIGNALED(status):
+        assert os.WTERMSIG(status) == signal.SIGKILL
+        return None
+    return os.WEXITSTATUS(status)

@@ -23,9 +23,7 @@ import io
 import os
 import random
 import shutil
-import signal
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +32,7 @@ import pytest
 from qubes_socksvc import cli
 from qubes_socksvc.manifest import Manifest
 from tests import qrexec_view
+from tests.conftest import killed_apply
 
 #: Daemon d1 is the /etc manifest's, d2 the /usr/local one's; their shared sockets read descriptors.
 READING = {"/run/qubes/socksvc-d1.sock", "/run/qubes/socksvc-d2.sock"}
@@ -72,50 +71,6 @@ def apply(manifest: Path, root: Path) -> tuple[int, str]:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
         code = cli.main(["apply", "-c", str(manifest), "--root", str(root)])
     return code, out.getvalue()
-
-
-#: apply's file-system operations; a kill comes just before the k-th of them.
-OPERATIONS = ("rename", "symlink", "unlink", "write", "fsync", "mkdir")
-
-
-def killed_apply(manifest: Path, root: Path, k: int) -> int | None:
-    """Fork an apply that SIGKILLs itself before its k-th file-system operation; None if killed,
-    else its exit code (it finished first)."""
-    pid = os.fork()
-    if pid == 0:
-        try:
-            count = 0
-
-            def wrap(real: Callable[..., Any]) -> Callable[..., Any]:
-                def operation(*args: Any, **kwargs: Any) -> Any:
-                    nonlocal count
-                    count += 1
-                    if count == k:
-                        os.kill(os.getpid(), signal.SIGKILL)
-                    return real(*args, **kwargs)
-                return operation
-
-            for name in OPERATIONS:
-                setattr(os, name, wrap(getattr(os, name)))
-            with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
-                code = cli.main(["apply", "-c", str(manifest), "--root", str(root)])
-            os._exit(code)
-        finally:
-            os._exit(99)
-    deadline = time.monotonic() + 60
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            break
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            pytest.fail(f"apply killed at {k} hung")
-        time.sleep(0.005)
-    if os.WIFSIGNALED(status):
-        assert os.WTERMSIG(status) == signal.SIGKILL
-        return None
-    return os.WEXITSTATUS(status)
 
 
 @contextlib.contextmanager

@@ -21,7 +21,6 @@ import json
 import os
 import pwd
 import shutil
-import signal
 import stat
 import subprocess
 import sys
@@ -35,7 +34,7 @@ import pytest
 from qubes_socksvc import cli, install, render
 from qubes_socksvc.layout import Layout
 from qubes_socksvc.manifest import load as load_manifest
-from tests.conftest import run_cli, world_dir
+from tests.conftest import killed_apply, run_cli, world_dir
 
 A = """\
 version: 1
@@ -377,52 +376,12 @@ def test_concurrent_applies_are_serialised(world: Callable[[str], tuple[Path, Pa
 
 # --- crashes -------------------------------------------------------------------------------
 
-#: The file-system operations apply makes; the crash comes just before the k-th of them.
-CRASH_POINTS = ("rename", "symlink", "unlink", "write", "fsync", "mkdir")
-
-
 def crash_apply(manifest: Path, root: Path, k: int) -> bool:
-    """Fork; in the child run apply and SIGKILL it just before its k-th file-system operation.
+    """Apply, SIGKILLed just before its k-th file-system operation (conftest.killed_apply).
     True if the child was killed, False if apply finished with fewer operations."""
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
-        try:
-            count = 0
-
-            def wrap(name: str) -> Callable[..., Any]:
-                real = getattr(os, name)
-
-                def wrapper(*args: Any, **kwargs: Any) -> Any:
-                    nonlocal count
-                    count += 1
-                    if count == k:
-                        os.kill(os.getpid(), signal.SIGKILL)
-                    return real(*args, **kwargs)
-
-                return wrapper
-
-            for name in CRASH_POINTS:
-                setattr(os, name, wrap(name))
-            with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
-                code = cli.main(["apply", "-c", str(manifest), "--root", str(root)])
-            os._exit(code)
-        finally:
-            os._exit(99)
-    deadline = time.monotonic() + 60
-    while True:  # bounded: a child stuck on a lock inherited through fork() is killed
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            break
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            pytest.fail(f"apply with a crash at {k} hung")
-        time.sleep(0.005)
-    if os.WIFSIGNALED(status):
-        assert os.WTERMSIG(status) == signal.SIGKILL
-        return True
-    assert os.WEXITSTATUS(status) == 0, f"apply failed with {os.WEXITSTATUS(status)} (not a crash)"
-    return False
+    code = killed_apply(manifest, root, k)
+    assert code in (None, 0), f"apply failed with {code} (not a crash)"
+    return code is None
 
 
 def artifact_states(snap: Snapshot) -> dict[str, tuple[str, ...]]:
