@@ -68,27 +68,25 @@ def calls_at_once(daemon: RunningDaemon, wire: bytes, callers: int, timeout: flo
 _WORLD_DIRS: list[Path] = []
 
 
-def world_dir(prefix: str) -> Path:
-    """A temporary directory the daemon's user can use (pytest's tmp_path is root-only),
-    removed when the test run ends."""
-    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
-    path.chmod(0o777)
+def _temporary_dir(prefix: str, parent: str, mode: int) -> Path:
+    """A temporary directory in ``parent`` with ``mode``, removed when the test run ends."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    path.chmod(mode)
     if not _WORLD_DIRS:
         atexit.register(_remove_world_dirs)
     _WORLD_DIRS.append(path)
     return path
+
+
+def world_dir(prefix: str) -> Path:
+    """A temporary directory the daemon's user can use (pytest's tmp_path is root-only)."""
+    return _temporary_dir(prefix, "/tmp", 0o777)
 
 
 def private_dir(prefix: str) -> Path:
     """A temporary directory only root can write, where no user can bind a socket first (a
-    forward's target must not be in a world-writable directory such as /tmp), removed when
-    the test run ends."""
-    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/run"))
-    path.chmod(0o755)
-    if not _WORLD_DIRS:
-        atexit.register(_remove_world_dirs)
-    _WORLD_DIRS.append(path)
-    return path
+    forward's target must not be in a world-writable directory such as /tmp)."""
+    return _temporary_dir(prefix, "/run", 0o755)
 
 
 def _remove_world_dirs() -> None:

@@ -354,11 +354,17 @@ def test_call_with_a_non_blocking_standard_input(rpc_dirs: tuple[Path, Path, Pat
         reply = read_to_end(out_read)
         assert proc.wait(timeout=30) == 0
     finally:
-        proc.kill()
-        assert proc.stderr is not None
-        err = proc.stderr.read().decode()
-        proc.stderr.close()
+        err = killed_stderr(proc)
     assert reply == b"late input" and err == "", err
+
+
+def killed_stderr(proc: subprocess.Popen[bytes]) -> str:
+    """A call process ended (killed if still running), and what it wrote on stderr."""
+    proc.kill()
+    assert proc.stderr is not None
+    err = proc.stderr.read().decode()
+    proc.stderr.close()
+    return err
 
 
 def test_call_with_a_non_blocking_standard_output(rpc_dirs: tuple[Path, Path, Path]) -> None:
@@ -380,8 +386,5 @@ def test_call_with_a_non_blocking_standard_output(rpc_dirs: tuple[Path, Path, Pa
         feeder.join(30)
         assert proc.wait(timeout=30) == 0
     finally:
-        proc.kill()
-        assert proc.stderr is not None
-        err = proc.stderr.read().decode()
-        proc.stderr.close()
+        err = killed_stderr(proc)
     assert hashlib.sha256(reply).digest() == hashlib.sha256(data).digest() and err == "", err

@@ -9,13 +9,9 @@ import contextlib
 import hashlib
 import json
 import os
-import pwd
-import resource
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -24,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from qubes_socksvc import model, server
-from tests.conftest import DAEMON_USER, REPO, TESTS, NotifySocket, raw_call, run_cli, world_dir
+from tests.conftest import NotifySocket, raw_call, run_cli, world_dir
 from tests.test_spec import SpecDaemon
 
 BEFORE = """\
@@ -191,27 +187,6 @@ def test_a_reload_that_removes_a_socket_service_refuses_its_calls() -> None:
 
 # --- a reload is safe in every direction (issue 22.2) ---------------------------------------------
 
-class LimitedDaemon(SpecDaemon):
-    """SpecDaemon under a hard RLIMIT_NOFILE of ``nofile`` (server.fd_budget caps the slots)."""
-
-    def __init__(self, spec: Path, bind_dir: Path, name: str, nofile: int) -> None:
-        pw = pwd.getpwnam(DAEMON_USER)
-        self.bind_dir = bind_dir
-        self.log = bind_dir / "daemon.log"
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-P", "-m", "qubes_socksvc", "serve", name, "--spec", str(spec),
-                 "--bind-dir", str(bind_dir)],
-                env={"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{REPO}:{TESTS}", "HOME": "/tmp"},
-                stdout=log, stderr=subprocess.STDOUT, user=pw.pw_uid, group=pw.pw_gid, extra_groups=[], cwd="/",
-                preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile)))
-        deadline = time.monotonic() + 15
-        while "serving" not in self.log.read_text():
-            assert self.proc.poll() is None and time.monotonic() < deadline, self.log.read_text()
-            time.sleep(0.02)
-        self.socket = str(bind_dir / f"socksvc-{name}.sock")
-
-
 def served(daemon: SpecDaemon, payload: bytes, timeout: float = 8) -> bytes | None:
     """The call's output, or None when the daemon did not answer within ``timeout`` (not accepted)."""
     try:
@@ -234,8 +209,8 @@ def test_a_reload_below_a_limit_the_fd_budget_capped_keeps_accepting() -> None:
     root = world_dir("socksvc-reload-")
     manifest = root / "manifest.yaml"
     apply(root, manifest, BEFORE.replace("idle_exit: 0", "idle_exit: 0\n    max_connections: 200"))
-    daemon = LimitedDaemon(root / "var/lib/qubes-socksvc/daemons/r.json", world_dir("socksvc-reload-bind-"),
-                           "r", nofile=256)
+    daemon = SpecDaemon(root / "var/lib/qubes-socksvc/daemons/r.json", world_dir("socksvc-reload-bind-"),
+                        "r", nofile=256)
     try:
         wait_logged(daemon, "serving at most 96 calls at once")  # capped: the case that went wrong
         apply(root, manifest, BEFORE.replace("idle_exit: 0", "idle_exit: 0\n    max_connections: 10"))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pwd
+import resource
 import shutil
 import signal
 import subprocess
@@ -42,9 +43,12 @@ daemons:
 class SpecDaemon:
     """``serve s --spec SPEC --bind-dir DIR`` as the daemon's user: what the unit runs."""
 
-    def __init__(self, spec: Path, bind_dir: Path, name: str = "s", notify: Path | None = None) -> None:
+    def __init__(self, spec: Path, bind_dir: Path, name: str = "s", notify: Path | None = None,
+                 nofile: int | None = None) -> None:
+        """``nofile``: a hard RLIMIT_NOFILE for the daemon (server.fd_budget caps its slots)."""
         pw = pwd.getpwnam(DAEMON_USER)
         extra = {"NOTIFY_SOCKET": str(notify)} if notify is not None else {}
+        limit = None if nofile is None else (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile)))
         self.bind_dir = bind_dir
         self.log = bind_dir / "daemon.log"
         with open(self.log, "wb") as log:
@@ -52,7 +56,8 @@ class SpecDaemon:
                 [sys.executable, "-P", "-m", "qubes_socksvc", "serve", name, "--spec", str(spec),
                  "--bind-dir", str(bind_dir)],
                 env={"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{REPO}:{TESTS}", "HOME": "/tmp", **extra},
-                stdout=log, stderr=subprocess.STDOUT, user=pw.pw_uid, group=pw.pw_gid, extra_groups=[], cwd="/")
+                stdout=log, stderr=subprocess.STDOUT, user=pw.pw_uid, group=pw.pw_gid, extra_groups=[], cwd="/",
+                preexec_fn=limit)
         deadline = time.monotonic() + 15
         while "serving" not in self.log.read_text():
             assert self.proc.poll() is None and time.monotonic() < deadline, self.log.read_text()
