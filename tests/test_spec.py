@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qubes_socksvc import cli, manifest, model, render
-from qubes_socksvc.layout import Layout
+from qubes_socksvc.layout import File, Layout
 from tests.conftest import DAEMON_USER, REPO, TESTS, raw_call, run_cli, world_dir
 
 MANIFEST = """\
@@ -185,10 +185,11 @@ def test_the_spec_round_trips_every_valid_manifest(daemons: dict[str, object]) -
     except manifest.ManifestError:
         return  # e.g. one service declared by two daemons
     layout = Layout.for_manifest(parsed)
-    specs = {a.path: a.content for a in render.render(parsed, layout) if a.path.startswith(layout.spec_dir)}
+    specs = {a.path: a.content for a in render.render(parsed, layout)
+             if isinstance(a, File) and a.path.startswith(layout.spec_dir)}
     assert len(specs) == len(parsed.daemons)
     for name, from_yaml in parsed.daemons.items():
-        compiled = model.parse(specs[layout.spec(name)] or "", layout.spec(name))
+        compiled = model.parse(specs[layout.spec(name)], layout.spec(name))
         assert compiled.daemon == from_yaml
         assert (compiled.manifest, compiled.manifest_sha256) == ("/etc/qubes-socksvc.yaml", parsed.sha256)
 
