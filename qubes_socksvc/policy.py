@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import os.path
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import Literal
 
 from . import qrexec
+from .errors import SocksvcError
 from .model import Manifest, Policy
 
 #: The actions of a policy line (qrexec/policy/parser.py: class Action).
@@ -156,20 +157,61 @@ def _may_share_a_caller(a: str, b: str) -> bool:
     return True
 
 
+class _Routed:
+    """The callers the routing (``@default``) grants of one service and argument column name,
+    summed up so that :func:`_may_share_a_caller` against all of them is one look-up."""
+
+    def __init__(self) -> None:
+        self.tokens: set[str] = set()
+        self.everyone = self.anyvm = self.groups = False
+        self.names = {False: 0, True: 0}
+        """Named qubes other than dom0, by whether they are ``uuid:`` tokens."""
+
+    def add(self, token: str) -> None:
+        token = "@adminvm" if token in _DOM0 else token
+        self.tokens.add(token)
+        if token == "*":
+            self.everyone = True
+        elif token == "@anyvm":
+            self.anyvm = True
+        elif _source_kind(token)[0] != _NAMED:
+            self.groups = True
+        elif token != "@adminvm":
+            self.names[token.startswith("uuid:")] += 1
+
+    def may_share(self, token: str) -> bool:
+        """Whether ``_may_share_a_caller(token, r)`` for some routed ``r``."""
+        token = "@adminvm" if token in _DOM0 else token
+        if not self.tokens:
+            return False
+        if token in self.tokens or self.everyone or token == "*" or self.groups:
+            return True
+        if token == "@anyvm":
+            return self.tokens != {"@adminvm"}
+        if _source_kind(token)[0] != _NAMED:  # a tag or a type: any qube may carry it
+            return True
+        if token == "@adminvm":
+            return False  # only @adminvm itself (above), or * and groups, match dom0
+        return self.anyvm or self.names[not token.startswith("uuid:")] > 0
+
+
 def _default_denies(text: list[str | _Line]) -> Iterator[str | _Line]:
     """Each ``@default`` deny, only for the arguments where a line of the same service routes
     @default here to a caller it may also match.  A deny must cover every target form a
     broader grant covers; but where no line of ours would take the call, a ``@default`` deny
-    would only take it from other qubes' policy files (the first match wins across files)."""
-    routed = [line for line in text if isinstance(line, _Line) and line.target == "@default"
-              and line.action != "deny"]
+    would only take it from other qubes' policy files (the first match wins across files).
+    The routing grants are summed up per service and argument once: linear in the lines."""
+    routed: dict[str, dict[str, _Routed]] = {}
+    for line in text:
+        if isinstance(line, _Line) and line.target == "@default" and line.action != "deny":
+            routed.setdefault(line.service, {}).setdefault(line.argument, _Routed()).add(line.source)
     for item in text:
         if not isinstance(item, _Line) or item.target != "@default" or item.action != "deny":
             yield item
             continue
-        reach = {line.argument for line in routed if line.service == item.service
-                 and (line.argument == item.argument or "*" in (line.argument, item.argument))
-                 and _may_share_a_caller(line.source, item.source)}
+        columns = routed.get(item.service, {})
+        candidates = columns if item.argument == "*" else {a: columns[a] for a in (item.argument, "*") if a in columns}
+        reach = {argument for argument, grants in candidates.items() if grants.may_share(item.source)}
         # A ``*`` deny that only routed ``+ARG`` lines need is narrowed to those arguments.
         arguments = [item.argument] if item.argument in reach or "*" in reach else sorted(reach)
         yield from (replace(item, argument=argument) for argument in arguments)
@@ -223,17 +265,38 @@ def lines(manifest: Manifest, qube: str, origin: str = "") -> list[str]:
         if policy is not None and (policy.grants() or policy.deny or policy.arguments):
             # An ``arguments`` entry refines its key's callers: @default comes here if either says so.
             for arg, sub in policy.arguments:
-                text += _rules(name, f"+{arg}", _with_key_denies(sub, policy), target,
-                               sub.default_target or policy.default_target)
-            text += _rules(name, argument, policy, target, policy.default_target)
+                _extend(text, _rules(name, f"+{arg}", _with_key_denies(sub, policy), target,
+                                     sub.default_target or policy.default_target), manifest.path)
+            _extend(text, _rules(name, argument, policy, target, policy.default_target), manifest.path)
         else:
             text.append(f"# no policy: in the manifest, so no line allows {key}")
             if general is None or not general.grants():
                 text.append(_Line(name, argument, "@anyvm", target, "deny", commented=True))
         if general is not None and general.grants():
             text.append(f"# not {name}'s callers, unless allowed above:")
-            text += _closing(name, argument, general, target)
+            _extend(text, _closing(name, argument, general, target), manifest.path)
     return _aligned(list(_default_denies(text)))
+
+
+#: The most lines ``policy`` writes.  Some lines multiply (a key's denies are written into each
+#: of its ``arguments`` entries that grant, NAME's callers are denied on each declared NAME+ARG
+#: key): far more than a reviewer can read, and bounded so that no manifest makes unbounded work.
+MAX_LINES = 100_000
+
+
+class PolicyTooLarge(SocksvcError):
+    pass
+
+
+def _extend(text: list[str | _Line], lines: Iterable[_Line], path: str) -> None:
+    """Add ``lines``, refusing to go past MAX_LINES (checked as they come: the work stops there)."""
+    for line in lines:
+        text.append(line)
+        if len(text) > MAX_LINES:
+            raise PolicyTooLarge(f"{path}: the policy would be more than {MAX_LINES} lines: a key's denies are "
+                                 "repeated in each of its arguments entries that grant, and NAME's callers are "
+                                 "denied on each declared NAME+ARG key; name fewer callers there (a @tag: or "
+                                 "@type: names many qubes in one line)")
 
 
 def _aligned(text: list[str | _Line]) -> list[str]:
