@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import io
 import os
 import pwd
 import shutil
@@ -16,7 +17,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,38 @@ def run_cli(*args: str, check: bool = False, input: bytes | None = None,
     if check and result.returncode != 0:
         raise AssertionError(f"qubes-socksvc {' '.join(args)} failed:\n{result.stdout}{result.stderr}")
     return result
+
+
+def apply(manifest: Path, root: Path, *extra: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+    """``qubes-socksvc apply -c MANIFEST --root ROOT [EXTRA...]`` in a subprocess."""
+    return run_cli("apply", "-c", str(manifest), "--root", str(root), *extra, check=check)
+
+
+def apply_in_process(manifest: Path, root: Path) -> tuple[int, str]:
+    """``apply`` through ``cli.main`` in this process (monkeypatches hold): (exit code, its
+    stdout and stderr as written, interleaved)."""
+    from qubes_socksvc import cli
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        code = cli.main(["apply", "-c", str(manifest), "--root", str(root)])
+    return code, out.getvalue()
+
+
+def call_cli(service: str, *args: str, rpc_dirs: Sequence[Path], rpc_config_dir: Path,
+             data: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+    """``qubes-socksvc call SERVICE [ARGS...]`` resolving in ``rpc_dirs`` (first wins) and
+    ``rpc_config_dir``, like the qrexec agent; bytes in and out."""
+    dirs = [arg for d in rpc_dirs for arg in ("--rpc-dir", str(d))]
+    return subprocess.run([sys.executable, "-m", "qubes_socksvc", "call", service, *args, *dirs,
+                           "--rpc-config-dir", str(rpc_config_dir)],
+                          input=data, capture_output=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": f"{REPO}:{TESTS}"})
+
+
+def fields_of(output: bytes) -> dict[str, str]:
+    """What the ``handlers:fields`` handler wrote, as {field: value}."""
+    return dict(line.split("=", 1) for line in output.decode().splitlines())
 
 
 def raw_call(path: str, payload: bytes, *, half_close: bool = True, timeout: float = 30) -> bytes:
@@ -165,8 +198,8 @@ class RunningDaemon:
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
 
-    def call(self, descriptor: bytes, data: bytes = b"", **kwargs: object) -> bytes:
-        return raw_call(self.socket(), descriptor + data, **kwargs)  # type: ignore[arg-type]
+    def call(self, descriptor: bytes, data: bytes = b"", *, half_close: bool = True, timeout: float = 30) -> bytes:
+        return raw_call(self.socket(), descriptor + data, half_close=half_close, timeout=timeout)
 
     def fd_count(self) -> int:
         return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
@@ -196,8 +229,8 @@ def start_daemon() -> Iterator[type[RunningDaemon]]:
     started: list[RunningDaemon] = []
 
     class Factory(RunningDaemon):
-        def __init__(self, *args: object, **kwargs: object) -> None:
-            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
             started.append(self)
 
     yield Factory
