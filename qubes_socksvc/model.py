@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os.path
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -41,9 +42,16 @@ MAX_SPEC_SIZE = 4 << 20
 MIN_IDLE_EXIT = 1
 
 
+#: The longest time a manifest may give (about 31 years): asyncio's and uvloop's timers take it,
+#: where a number with hundreds of digits overflowed them and failed every call.
+MAX_SECONDS = 10**9
+#: Any other number fits a C long long.
+_MAX_INTEGER = 2**63 - 1
+
+
 def _finite(value: float) -> str | None:
-    if isinstance(value, int):  # any int is finite (and math.isfinite(10**400) overflows)
-        return None
+    if isinstance(value, int):  # math.isfinite(10**400) overflows
+        return None if abs(value) <= _MAX_INTEGER else f"must be at most {_MAX_INTEGER}"
     return None if math.isfinite(value) else "must be a finite number"
 
 
@@ -52,10 +60,16 @@ def at_least(minimum: float) -> Callable[[float], str | None]:
     return lambda value: _finite(value) or (None if value >= minimum else f"must be at least {minimum}")
 
 
+def seconds(minimum: float) -> Callable[[float], str | None]:
+    """A time: at least ``minimum``, at most MAX_SECONDS."""
+    least = at_least(minimum)
+    return lambda value: least(value) or (None if value <= MAX_SECONDS else f"must be at most {MAX_SECONDS} seconds")
+
+
 def idle_exit_problem(value: float) -> str | None:
-    """``idle_exit``: 0 (never), or at least MIN_IDLE_EXIT seconds."""
+    """``idle_exit``: 0 (never), or at least MIN_IDLE_EXIT seconds (and at most MAX_SECONDS)."""
     if _finite(value) or value == 0 or value >= MIN_IDLE_EXIT:
-        return _finite(value)
+        return _finite(value) or seconds(0)(value)
     return (f"must be 0 (never exit) or at least {MIN_IDLE_EXIT} seconds: a daemon that idles out "
             "sooner is started again for almost every call")
 
@@ -65,12 +79,36 @@ def idle_exit_problem(value: float) -> str | None:
 DAEMON_RANGES: dict[str, Callable[[float], str | None]] = {
     "idle_exit": idle_exit_problem,
     "max_connections": at_least(1),
-    "descriptor_timeout": at_least(0.1),
+    "descriptor_timeout": seconds(0.1),
 }
 SERVICE_RANGES: dict[str, Callable[[float], str | None]] = {
     "max_input": at_least(0),
-    "timeout": at_least(0),
+    "timeout": seconds(0),
 }
+
+
+#: Where a qube's qvm-services appear: qubes-core-agent-linux vm-systemd/qubes-sysinit.sh creates
+#: ``/run/qubes-service/NAME`` at boot for each ``/qubes-service/NAME`` that dom0 set to 1 in QubesDB.
+QUBES_SERVICE_DIR = "/run/qubes-service"
+#: qubes-core-admin qubes/ext/services.py: ServicesExtension.on_domain_feature_pre_set refuses a
+#: ``service.NAME`` feature longer than this ("Service name must not exceed 48 bytes").
+MAX_QUBES_SERVICE = 48
+#: vm-systemd/qubes-sysinit.sh touches only names matching ``^[[:alnum:]_][[:alnum:]._-]*$``
+#: (ASCII here: what matches in every locale); it also excludes core-admin's ``.``, ``..`` and ``/``.
+QUBES_SERVICE_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*\Z")
+
+
+def qubes_service_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a qvm-service a unit waits for, or None: both sides' rules, dom0's
+    (qubes-core-admin qubes/ext/services.py: on_domain_feature_pre_set) and the qube's
+    (qubes-core-agent-linux vm-systemd/qubes-sysinit.sh, which skips any other name)."""
+    if not QUBES_SERVICE_RE.match(name):
+        return ("expected a qvm-service name of [A-Za-z0-9_.-] not starting with '.' or '-' "
+                "(vm-systemd/qubes-sysinit.sh creates /run/qubes-service/NAME only for those)")
+    if len(name) > MAX_QUBES_SERVICE:
+        return (f"{len(name)} characters; dom0 refuses a qvm-service name longer than {MAX_QUBES_SERVICE} "
+                "(qubes-core-admin qubes/ext/services.py: on_domain_feature_pre_set)")
+    return None
 
 
 class SpecError(SocksvcError):
@@ -121,10 +159,20 @@ class Daemon:
     descriptor_timeout: float = 10
     """Seconds a caller gets to send its whole descriptor (slow or idle callers hold a slot)."""
     services: dict[str, Service] = field(default_factory=dict)
+    qubes_service: str | None = None
+    """The qvm-service that turns the daemon on per qube: both units get
+    ``ConditionPathExists=/run/qubes-service/NAME``."""
+    enable: bool = False
+    """``apply`` writes the ``sockets.target.wants`` link ``systemctl --global enable`` would."""
 
     @property
     def unit(self) -> str:
         return f"qubes-socksvc-{self.name}"
+
+    @property
+    def condition_path(self) -> str | None:
+        """What both units wait for: the qvm-service's file, or None (no condition)."""
+        return None if self.qubes_service is None else f"{QUBES_SERVICE_DIR}/{self.qubes_service}"
 
     def sockets(self) -> dict[str, Service | None]:
         """Socket path -> the service bound to it, or None for the descriptor socket."""
@@ -150,10 +198,15 @@ class Spec:
         return self.manifest_sha256[:12]
 
 
+#: Daemon fields a spec carries only when set: specs of daemons without them stay as they were.
+_OPTIONAL_IN_SPEC = {"qubes_service": None, "enable": False}
+
+
 def dump(daemon: Daemon, manifest: str, manifest_sha256: str) -> str:
     """The spec file's text (stable: the same daemon always gives the same bytes)."""
+    fields = {k: v for k, v in asdict(daemon).items() if k not in _OPTIONAL_IN_SPEC or v != _OPTIONAL_IN_SPEC[k]}
     data = {"version": SPEC_VERSION, "manifest": manifest, "manifest_sha256": manifest_sha256,
-            "daemon": asdict(daemon)}
+            "daemon": fields}
     return json.dumps(data, indent=1, sort_keys=True) + "\n"
 
 
