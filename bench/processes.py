@@ -15,7 +15,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -151,6 +150,19 @@ class Process:
     def rss_kib(self) -> int:
         return self._status("VmRSS:")
 
+    def rss_pss_kib(self) -> tuple[int, int]:
+        """Resident and proportional set size (/proc/PID/smaps_rollup, Linux >= 4.14): PSS
+        charges each shared page to its sharers in equal parts, so pages shared with other
+        processes (libpython, libc) weigh as they do on a machine running several daemons."""
+        found: dict[str, int] = {}
+        for line in Path(f"/proc/{self.pid}/smaps_rollup").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if key in ("Rss", "Pss"):
+                found[key] = int(rest.split()[0])
+        if len(found) != 2:
+            raise BenchError(f"no Rss/Pss in /proc/{self.pid}/smaps_rollup for {self.name}")
+        return found["Rss"], found["Pss"]
+
     def peak_rss_kib(self) -> int:
         return self._status("VmHWM:")
 
@@ -198,11 +210,12 @@ def start_daemon(work: Workdir, spec: Path, daemon: str, socket_path: str, tag: 
                    env=child_env(PYTHONPATH=pythonpath)).wait_listening()
 
 
-def start_floor(work: Workdir, tag: str) -> Process:
-    """The floor server (bench/floor.py) on a socket of its own."""
+def start_floor(work: Workdir, tag: str, pythonpath: str = f"{NO_UVLOOP}:{REPO}") -> Process:
+    """The floor (bench/floor.py) binding a socket of its own; on asyncio's loop unless
+    ``pythonpath`` lets it import uvloop."""
     path = str(work.path / f"floor-{tag}.sock")
-    return Process("floor", [SYSTEM_PYTHON, str(BENCH / "floor.py"), path], path,
-                   work.path / f"floor-{tag}.log").wait_listening()
+    return Process("floor", floor_argv(path), path, work.path / f"floor-{tag}.log",
+                   env=child_env(PYTHONPATH=pythonpath)).wait_listening()
 
 
 def start_socat(work: Workdir, tag: str, block: int, forward_to: str) -> Process:
@@ -220,28 +233,24 @@ def start_socat(work: Workdir, tag: str, block: int, forward_to: str) -> Process
     return Process("socat", argv, path, work.path / f"socat-{tag}.log").wait_listening()
 
 
-#: Execs the rest with the socket on fd 3 and LISTEN_PID/LISTEN_FDS/LISTEN_FDNAMES set, as systemd
-#: does for a .socket unit (the same pid after exec, so LISTEN_PID holds).
-_AS_SYSTEMD_DOES = ("import os, sys; fd = int(sys.argv[1]); os.dup2(fd, 3); os.close(fd); "
-                    "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1', LISTEN_FDNAMES=sys.argv[2]); "
-                    "os.execv(sys.argv[3], sys.argv[3:])")
-
-
-def start_activated_daemon(work: Workdir, spec: Path, daemon: str, socket_path: str, tag: str,
-                           pythonpath: str = str(REPO), name: str = "qubes-socksvc") -> Process:
-    """The daemon exactly as its unit runs it (``serve DAEMON --spec SPEC``), handed a listening
-    socket at the manifest's path the way systemd hands it: already listening before it starts."""
+def start_activated(work: Workdir, argv: Sequence[str], socket_path: str, tag: str, name: str,
+                    pythonpath: str = str(REPO), fdname: str | None = None) -> Process:
+    """``argv`` socket-activated as systemd does it, by ``systemd-socket-activate``: the socket
+    listens at ``socket_path`` and the first connection starts the server, exec'd through
+    setpriv as the unprivileged account (the same pid throughout, so ``LISTEN_PID`` holds and
+    the Process's pid is the server's once a call has started it)."""
+    activate = shutil.which("systemd-socket-activate")
+    if activate is None:
+        raise BenchError("systemd-socket-activate is not installed (Debian package systemd)")
     if os.path.exists(socket_path):
         os.unlink(socket_path)
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        listener.bind(socket_path)
-        os.chmod(socket_path, 0o666)
-        listener.listen(socket.SOMAXCONN)
-        argv = [SYSTEM_PYTHON, "-c", _AS_SYSTEMD_DOES, str(listener.fileno()), f"socksvc-{daemon}",
-                *serve_argv(daemon, spec)]
-        proc = Process(name, argv, socket_path, work.path / f"daemon-{tag}.log",
-                       env=child_env(PYTHONPATH=pythonpath), pass_fds=(listener.fileno(),))
-    finally:
-        listener.close()
-    return proc.wait_logged("serving")
+    fdname = fdname or os.path.basename(socket_path).removesuffix(".sock")
+    full = [activate, "-l", socket_path, f"--fdname={fdname}", "-E", f"PYTHONPATH={pythonpath}", "--",
+            *drop_privileges_argv(), *argv]
+    return Process(name, full, socket_path, work.path / f"{name.replace(' ', '-')}-{tag}.log", drop=False,
+                   env=child_env(PYTHONPATH=pythonpath)).wait_listening()
+
+
+def floor_argv(socket_path: str, *python_options: str) -> list[str]:
+    """The floor (bench/floor.py, the seed document's example server) on ``socket_path``."""
+    return [SYSTEM_PYTHON, *python_options, str(BENCH / "floor.py"), socket_path]

@@ -17,7 +17,7 @@ GROUPS = {
     "2": ("warm_and_concurrent", ("1a", "1b", "2a", "2b", "2c")),
     "3": ("streaming", ("3a", "3b")),
     "4": ("cold", ("4",)),
-    "5": ("idle_rss", ("5a", "5b")),
+    "5": ("idle_memory", ("5a", "5b")),
     "6": ("apply", ("6a", "6b")),
 }
 
