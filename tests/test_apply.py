@@ -12,7 +12,7 @@ import pytest
 
 from qubes_socksvc import manifest, render
 from qubes_socksvc.layout import File, Layout
-from tests.conftest import run_cli
+from tests.conftest import apply, apply_in_process, run_cli
 from tests.test_manifest import GOOD, tree_digest
 
 TWO = GOOD + """\
@@ -27,11 +27,6 @@ TWO = GOOD + """\
 """
 
 
-def apply(manifest: Path, root: Path, *extra: str) -> tuple[int, str, str]:
-    result = run_cli("apply", "-c", str(manifest), "--root", str(root), *extra)
-    return result.returncode, result.stdout, result.stderr
-
-
 def write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "m.yaml"
     path.write_text(text)
@@ -41,13 +36,13 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_apply_creates_then_is_idempotent(tmp_path: Path) -> None:
     root = tmp_path / "root"
     manifest = write(tmp_path, TWO)
-    code, out, _ = apply(manifest, root)
-    assert code == 0 and "applied 11 changes" in out
-    assert out.count("create ") == 11
+    result = apply(manifest, root)
+    assert result.returncode == 0 and "applied 11 changes" in result.stdout
+    assert result.stdout.count("create ") == 11
     before = tree_digest(root)
     mtimes = {p: p.lstat().st_mtime_ns for p in root.rglob("*")}
-    code, out, _ = apply(manifest, root)
-    assert code == 0 and out == f"{manifest}: up to date, nothing to do\n"
+    result = apply(manifest, root)
+    assert result.returncode == 0 and result.stdout == f"{manifest}: up to date, nothing to do\n"
     assert tree_digest(root) == before
     assert {p: p.lstat().st_mtime_ns for p in root.rglob("*")} == mtimes  # nothing rewritten
 
@@ -57,12 +52,12 @@ def test_removed_services_and_daemons_are_cleaned_up(tmp_path: Path) -> None:
     manifest = write(tmp_path, TWO)
     apply(manifest, root)
     manifest.write_text(GOOD)
-    code, out, _ = apply(manifest, root)
-    assert code == 0, out
+    result = apply(manifest, root)
+    assert result.returncode == 0, result.stdout
     for gone in ("etc/qubes-rpc/demo.Later", "etc/qubes/rpc-config/demo.Later", "etc/qubes-rpc/second.Raw",
                  "etc/systemd/user/qubes-socksvc-second.socket", "etc/systemd/user/qubes-socksvc-second.service",
                  "var/lib/qubes-socksvc/daemons/second.json"):
-        assert f"remove    /{gone}" in out
+        assert f"remove    /{gone}" in result.stdout
         assert not os.path.lexists(root / gone)
     assert (root / "etc/qubes-rpc/demo.Echo").is_symlink()
     owned = json.loads((root / "var/lib/qubes-socksvc/owned.json").read_text())["owned"]
@@ -75,9 +70,9 @@ def test_changed_manifest_updates_in_place(tmp_path: Path) -> None:
     manifest = write(tmp_path, GOOD)
     apply(manifest, root)
     manifest.write_text(GOOD.replace("demo:\n", "demo:\n    description: Changed\n"))
-    code, out, _ = apply(manifest, root)
-    assert code == 0
-    assert "update    /etc/systemd/user/qubes-socksvc-demo.service" in out
+    result = apply(manifest, root)
+    assert result.returncode == 0
+    assert "update    /etc/systemd/user/qubes-socksvc-demo.service" in result.stdout
     assert "Description=Changed\n" in (root / "etc/systemd/user/qubes-socksvc-demo.service").read_text()
 
 
@@ -88,10 +83,10 @@ def test_foreign_executable_service_is_a_conflict(tmp_path: Path) -> None:
     foreign.write_text("#!/bin/sh\necho mine\n")
     foreign.chmod(0o755)
     before = tree_digest(root)
-    code, out, err = apply(write(tmp_path, TWO), root)
-    assert code == 1
-    assert "conflict  /etc/qubes-rpc/demo.Later" in out and "not owned by qubes-socksvc" in out
-    assert "1 conflicts; nothing was changed" in err
+    result = apply(write(tmp_path, TWO), root)
+    assert result.returncode == 1
+    assert "conflict  /etc/qubes-rpc/demo.Later" in result.stdout and "not owned by qubes-socksvc" in result.stdout
+    assert "1 conflicts; nothing was changed" in result.stderr
     assert tree_digest(root) == before
 
 
@@ -103,8 +98,8 @@ def test_owned_file_edited_by_hand_is_a_conflict_not_a_casualty(tmp_path: Path) 
     unit.write_text(unit.read_text() + "# local change\n")
     manifest.write_text(GOOD)
     before = tree_digest(root)
-    code, out, _ = apply(manifest, root)
-    assert code == 1 and "changed since qubes-socksvc wrote it" in out
+    result = apply(manifest, root)
+    assert result.returncode == 1 and "changed since qubes-socksvc wrote it" in result.stdout
     assert tree_digest(root) == before
 
 
@@ -114,11 +109,12 @@ def test_dry_run_changes_nothing(tmp_path: Path) -> None:
     apply(manifest, root)
     manifest.write_text(TWO)
     before = tree_digest(root)
-    code, out, _ = apply(manifest, root, "--dry-run")
-    assert code == 0 and "dry run: 8 changes not made" in out
+    result = apply(manifest, root, "--dry-run")
+    assert result.returncode == 0 and "dry run: 8 changes not made" in result.stdout
     # A link's line names where it will point; a file's names nothing more.
-    assert "create    /etc/qubes-rpc/demo.Later -> /run/qubes/socksvc-demo.sock\n" in out, out
-    assert "-> None" not in out and " -> " not in next(line for line in out.splitlines() if ".service" in line)
+    assert "create    /etc/qubes-rpc/demo.Later -> /run/qubes/socksvc-demo.sock\n" in result.stdout, result.stdout
+    service_line = next(line for line in result.stdout.splitlines() if ".service" in line)
+    assert "-> None" not in result.stdout and " -> " not in service_line
     assert tree_digest(root) == before
 
 
@@ -127,8 +123,8 @@ def test_missing_artifact_is_recreated(tmp_path: Path) -> None:
     manifest = write(tmp_path, GOOD)
     apply(manifest, root)
     (root / "etc/qubes-rpc/demo.Echo").unlink()
-    code, out, _ = apply(manifest, root)
-    assert code == 0 and "create    /etc/qubes-rpc/demo.Echo" in out
+    result = apply(manifest, root)
+    assert result.returncode == 0 and "create    /etc/qubes-rpc/demo.Echo" in result.stdout
     assert os.readlink(root / "etc/qubes-rpc/demo.Echo") == "/run/qubes/socksvc-demo.sock"
 
 
@@ -154,8 +150,8 @@ def test_the_ownership_record_keeps_the_format_installed_systems_have(tmp_path: 
     read) that format, or an upgrade would orphan every file the old one applied."""
     manifest = write(tmp_path, GOOD)
     root = tmp_path / "root"
-    code, _, err = apply(manifest, root)
-    assert code == 0, err
+    result = apply(manifest, root)
+    assert result.returncode == 0, result.stderr
     record = json.loads((root / "var/lib/qubes-socksvc/owned.json").read_text())
     assert record["version"] == 1 and record["owned"]
 
@@ -184,18 +180,20 @@ def test_a_spec_up_to_4_mib_applies_and_reapplies_and_a_larger_one_is_refused(tm
     exactly = services(most, "qubes-socksvc daemon big" + "d" * padding)
     path.write_text(exactly)
     root = tmp_path / "root"
-    assert apply(path, root)[0] == 0
+    assert apply(path, root).returncode == 0
     assert (root / "var/lib/qubes-socksvc/daemons/big.json").stat().st_size == 4 << 20
-    code, out, err = apply(path, root)
-    assert code == 0 and "up to date, nothing to do" in out, out + err
+    result = apply(path, root)
+    assert result.returncode == 0 and "up to date, nothing to do" in result.stdout, result.stdout + result.stderr
     before = tree_digest(root)
     path.write_text(exactly.replace("description: ", "description: d", 1))
-    code, _, err = apply(path, root)
-    assert code == 1 and f"{path}: daemons.big: its spec would be 4194305 bytes, more than a daemon reads (4194304); " \
-                          f"split its {most} services among more daemons" in err, err
+    result = apply(path, root)
+    assert result.returncode == 1
+    assert f"{path}: daemons.big: its spec would be 4194305 bytes, more than a daemon reads (4194304); " \
+           f"split its {most} services among more daemons" in result.stderr, result.stderr
     path.write_text(services(most + 1))
-    code, _, err = apply(path, root)
-    assert code == 1 and f"split its {most + 1} services among more daemons" in err, err
+    result = apply(path, root)
+    assert result.returncode == 1
+    assert f"split its {most + 1} services among more daemons" in result.stderr, result.stderr
     assert tree_digest(root) == before
 
 
@@ -205,17 +203,17 @@ def test_a_deleted_record_is_rebuilt_by_the_next_apply(tmp_path: Path) -> None:
     later removes what the manifest drops."""
     manifest = write(tmp_path, TWO)
     root = tmp_path / "root"
-    assert apply(manifest, root)[0] == 0
+    assert apply(manifest, root).returncode == 0
     tree = tree_digest(root)
     record = root / "var/lib/qubes-socksvc/owned.json"
     owned = json.loads(record.read_text())
     record.unlink()
-    code, out, err = apply(manifest, root)
-    assert code == 0 and "conflict" not in out, out + err
+    result = apply(manifest, root)
+    assert result.returncode == 0 and "conflict" not in result.stdout, result.stdout + result.stderr
     assert tree_digest(root) == tree and json.loads(record.read_text()) == owned
     manifest.write_text(GOOD)
-    code, out, err = apply(manifest, root)
-    assert code == 0 and "remove" in out, out + err
+    result = apply(manifest, root)
+    assert result.returncode == 0 and "remove" in result.stdout, result.stdout + result.stderr
 
 
 def test_an_ownership_record_over_its_cap_is_refused_before_the_first_write(
@@ -223,26 +221,19 @@ def test_an_ownership_record_over_its_cap_is_refused_before_the_first_write(
     """The record is read back up to MAX_STATE_SIZE (load_state): one that apply would write
     larger, while it works (old and new states) or after, is a conflict in the plan, so nothing
     is written; with the cap as large as the record, the same apply goes through."""
-    import contextlib
-    import io
-
-    from qubes_socksvc import cli, install
+    from qubes_socksvc import install
 
     path = write(tmp_path, GOOD)
     root = tmp_path / "root"
     size = len(install._record({}))  # the record of nothing; the real one is far larger
     monkeypatch.setattr(install, "MAX_STATE_SIZE", size + 200)
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-        code = cli.main(["apply", "-c", str(path), "--root", str(root)])
-    assert code == 1, out.getvalue()
-    assert "conflict  /var/lib/qubes-socksvc/owned.json" in out.getvalue()
-    assert f"more than it reads back ({size + 200})" in out.getvalue()
+    code, output = apply_in_process(path, root)
+    assert code == 1, output
+    assert "conflict  /var/lib/qubes-socksvc/owned.json" in output
+    assert f"more than it reads back ({size + 200})" in output
     assert not root.exists()
     monkeypatch.setattr(install, "MAX_STATE_SIZE", 16 << 20)
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-        assert cli.main(["apply", "-c", str(path), "--root", str(root)]) == 0
+    assert apply_in_process(path, root)[0] == 0
     written = (root / "var/lib/qubes-socksvc/owned.json").stat().st_size
     monkeypatch.setattr(install, "MAX_STATE_SIZE", written)  # exactly the cap: read back, up to date
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-        assert cli.main(["apply", "-c", str(path), "--root", str(root)]) == 0
+    assert apply_in_process(path, root)[0] == 0

@@ -12,7 +12,7 @@ import shutil
 import pytest
 
 from qubes_socksvc import manifest, model
-from tests.conftest import run_cli, world_dir
+from tests.conftest import apply, world_dir
 from tests.test_spec import SpecDaemon
 
 CRASHING = """\
@@ -32,7 +32,7 @@ def test_a_crashing_c_extension_leaves_its_cause_in_the_log() -> None:
     root = world_dir("socksvc-avail-")
     path = root / "manifest.yaml"
     path.write_text(CRASHING)
-    run_cli("apply", "-c", str(path), "--root", str(root), check=True)
+    apply(path, root, check=True)
     daemon = SpecDaemon(root / "var/lib/qubes-socksvc/daemons/c.json", world_dir("socksvc-avail-bind-"), "c")
     try:
         assert daemon.call(b"c.Segfault+ work\0") == b""

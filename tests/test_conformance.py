@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from qubes_socksvc import lookup, qrexec, rpcconfig
-from tests.conftest import RunningDaemon, run_cli, world_dir
+from tests.conftest import RunningDaemon, apply, run_cli, world_dir
 
 MANIFEST = """\
 version: 1
@@ -120,7 +120,7 @@ def staged(manifest: str, daemon: RunningDaemon | None = None,
         real.parent.mkdir(parents=True, exist_ok=True)
         real.write_text(text)
     (root / "manifest.yaml").write_text(manifest)
-    result = run_cli("apply", "-c", str(root / "manifest.yaml"), "--root", str(root))
+    result = apply(root / "manifest.yaml", root)
     if daemon is not None and result.returncode == 0:
         for link in (root / "etc/qubes-rpc").iterdir():
             target = os.readlink(link)

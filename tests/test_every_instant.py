@@ -32,7 +32,7 @@ import pytest
 from qubes_socksvc import cli
 from qubes_socksvc.manifest import Manifest
 from tests import qrexec_view
-from tests.conftest import killed_apply
+from tests.conftest import apply_in_process, killed_apply
 
 #: Daemon d1 is the /etc manifest's, d2 the /usr/local one's; their shared sockets read descriptors.
 READING = {"/run/qubes/socksvc-d1.sock", "/run/qubes/socksvc-d2.sock"}
@@ -64,13 +64,6 @@ def local_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def manifest_path(tmp_path: Path, local: bool) -> Path:
     return tmp_path / ("local.yaml" if local else "etc.yaml")
-
-
-def apply(manifest: Path, root: Path) -> tuple[int, str]:
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-        code = cli.main(["apply", "-c", str(manifest), "--root", str(root)])
-    return code, out.getvalue()
 
 
 @contextlib.contextmanager
@@ -140,7 +133,7 @@ def build(tmp_path: Path, name: str, history: list[tuple[bool, dict[str, str]]],
     for local, services in history:
         manifest = manifest_path(tmp_path, local)
         manifest.write_text(text("d2" if local else "d1", services))
-        code, output = apply(manifest, root)
+        code, output = apply_in_process(manifest, root)
         assert code == 0, output
         assert_unforgeable(root, f"after applying {services}")
     return root
@@ -169,7 +162,7 @@ def test_apply_killed_before_any_operation_leaves_nothing_forgeable(tmp_path: Pa
     else:
         pytest.fail("apply never finished")
     assert kills >= 3, f"only {kills} kill points: the kills do not reach apply's writes"
-    code, output = apply(manifest, root)
+    code, output = apply_in_process(manifest, root)
     assert code == 0, output
     assert_unforgeable(root, "after a whole apply")
 
@@ -187,7 +180,7 @@ def test_apply_whose_write_fails_leaves_nothing_forgeable(tmp_path: Path, transi
         root = tmp_path / f"fail{after}"
         shutil.copytree(start, root, symlinks=True)
         with failing(operation, after) as calls:
-            code, output = apply(manifest, root)
+            code, output = apply_in_process(manifest, root)
         assert_unforgeable(root, f"{operation} failing after {after}")
         shutil.rmtree(root)
         if calls[0] <= after:  # apply made fewer calls: it finished
@@ -221,7 +214,7 @@ def test_a_random_run_of_applies_kills_and_foreign_files_is_never_forgeable(tmp_
             code = killed_apply(manifest, root, rng.randrange(1, 30))
             kills += code is None
         else:
-            code, output = apply(manifest, root)
+            code, output = apply_in_process(manifest, root)
             assert code == 0 or "conflict" in output, output
         applied += code == 0
         now = set(qrexec_view.forgeable(root, READING, UNITS))
@@ -236,7 +229,7 @@ def forge_by_hand(tmp_path: Path) -> tuple[Path, Path]:
     manifest = manifest_path(tmp_path, False)
     manifest.write_text(text("d1", {"svc": "own", "svc+x": "shared"}))
     root = tmp_path / "root"
-    code, output = apply(manifest, root)
+    code, output = apply_in_process(manifest, root)
     assert code == 0, output
     assert_unforgeable(root, "after apply")
     (root / "etc/qubes/rpc-config/svc+x").unlink()  # the pin, gone
@@ -252,7 +245,7 @@ def test_check_and_list_fail_on_a_forgeable_disk_whatever_made_it(tmp_path: Path
             code = cli.main([verb, "-c", str(manifest), "--root", str(root)])
         assert code == 1, out.getvalue()
         assert "FORGEABLE: calls of svc+x can reach /etc/qubes-rpc/svc+x" in out.getvalue(), out.getvalue()
-    code, output = apply(manifest, root)  # apply pins it again
+    code, output = apply_in_process(manifest, root)  # apply pins it again
     assert code == 0, output
     assert_unforgeable(root, "after the repairing apply")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from qubes_socksvc import files, lookup, manifest
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, apply, run_cli
 from tests.test_manifest import GOOD
 
 #: A FIFO nobody writes to: reading it the ordinary way blocks forever. Every test that
@@ -77,7 +77,7 @@ def test_a_huge_manifest_is_refused_quickly(tmp_path: Path) -> None:
         f.write(GOOD.encode())
         f.truncate(50 << 20)
     start = time.monotonic()
-    result = run_cli("apply", "-c", str(big), "--root", str(tmp_path / "root"))
+    result = apply(big, tmp_path / "root")
     elapsed = time.monotonic() - start
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert f"{big}: the manifest is larger than {manifest.MAX_MANIFEST_SIZE} bytes" in result.stderr

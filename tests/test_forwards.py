@@ -25,7 +25,7 @@ import pytest
 
 from qubes_socksvc import manifest, model, qrexec, status
 from qubes_socksvc.manifest import ManifestError
-from tests.conftest import REPO, TESTS, private_dir, run_cli
+from tests.conftest import REPO, TESTS, apply, private_dir, run_cli
 from tests.test_manifest import tree_digest
 
 PATH = "/etc/qubes-socksvc.yaml"
@@ -151,7 +151,7 @@ def test_a_manifest_with_only_forwards_renders_no_units(tmp_path: Path) -> None:
     path = tmp_path / "m.yaml"
     path.write_text(forward("my.Web", "tcp:127.0.0.1:8080"))
     root = tmp_path / "root"
-    result = run_cli("apply", "-c", str(path), "--root", str(root), check=True)
+    result = apply(path, root, check=True)
     assert "applied 2 changes" in result.stdout
     files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if not p.is_dir())
     assert files == ["etc/qubes-rpc/my.Web", "etc/qubes/rpc-config/my.Web", "var/lib/qubes-socksvc/owned.json"]
@@ -226,7 +226,7 @@ def apply_text(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "m.yaml"
     path.write_text(text)
     root = tmp_path / "root"
-    result = run_cli("apply", "-c", str(path), "--root", str(root))
+    result = apply(path, root)
     assert result.returncode == 0, result.stdout + result.stderr
     return root
 
@@ -314,19 +314,19 @@ def test_apply_owns_forward_links_like_service_links(tmp_path: Path) -> None:
     path = tmp_path / "m.yaml"
     root = tmp_path / "root"
     path.write_text(forward("my.A", "tcp:127.0.0.1:22") + '  my.B:\n    target: "unix:/run/b.sock"\n')
-    run_cli("apply", "-c", str(path), "--root", str(root), check=True)
+    apply(path, root, check=True)
     before = tree_digest(root)
-    again = run_cli("apply", "-c", str(path), "--root", str(root), check=True)
+    again = apply(path, root, check=True)
     assert "up to date" in again.stdout and tree_digest(root) == before
     path.write_text(forward("my.A", "tcp:127.0.0.1:2222"))
-    result = run_cli("apply", "-c", str(path), "--root", str(root), check=True)
+    result = apply(path, root, check=True)
     assert "update    /etc/qubes-rpc/my.A -> /dev/tcp/127.0.0.1/2222" in result.stdout
     assert "remove    /etc/qubes-rpc/my.B" in result.stdout and "remove    /etc/qubes/rpc-config/my.B" in result.stdout
     assert not (root / "etc/qubes-rpc/my.B").is_symlink()
     (root / "etc/qubes-rpc/my.C").write_text("#!/bin/sh\n")
     path.write_text(forward("my.C", "tcp:127.0.0.1:22"))
     before = tree_digest(root)
-    result = run_cli("apply", "-c", str(path), "--root", str(root))
+    result = apply(path, root)
     assert result.returncode == 1 and "conflict  /etc/qubes-rpc/my.C" in result.stdout
     assert tree_digest(root) == before
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
-import io
 import json
 import os
 import pwd
@@ -31,10 +30,10 @@ from typing import Any
 
 import pytest
 
-from qubes_socksvc import cli, install, render
+from qubes_socksvc import install, render
 from qubes_socksvc.layout import Layout
 from qubes_socksvc.manifest import load as load_manifest
-from tests.conftest import killed_apply, run_cli, world_dir
+from tests.conftest import apply, apply_in_process, killed_apply, world_dir
 
 A = """\
 version: 1
@@ -133,17 +132,6 @@ def reference(manifest: Path, *texts: str) -> tuple[Snapshot, Path]:
         finally:
             manifest.write_text(saved)
     return relative(snapshot(root), root), root
-
-
-def apply(manifest: Path, root: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    return run_cli("apply", "-c", str(manifest), "--root", str(root), *extra)
-
-
-def apply_in_process(manifest: Path, root: Path) -> tuple[int, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = cli.main(["apply", "-c", str(manifest), "--root", str(root)])
-    return code, out.getvalue() + err.getvalue()
 
 
 def assert_refused(result: subprocess.CompletedProcess[str], before: Snapshot, *roots: Path, words: str) -> None:

@@ -13,7 +13,7 @@ import pytest
 
 from qubes_socksvc import manifest, model
 from qubes_socksvc.manifest import ManifestError
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, apply, run_cli
 
 GOOD = """\
 version: 1
@@ -136,7 +136,7 @@ def test_bad_manifest_changes_nothing(case: str, tmp_path: Path) -> None:
     root = tmp_path / "root"
     good = tmp_path / "good.yaml"
     good.write_text(GOOD)
-    run_cli("apply", "-c", str(good), "--root", str(root), check=True)
+    apply(good, root, check=True)
     before = tree_digest(root)
     bad = tmp_path / "bad.yaml"
     bad.write_text(BAD[case][0])

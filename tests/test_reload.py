@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from qubes_socksvc import model, server
-from tests.conftest import NotifySocket, raw_call, run_cli, world_dir
+from tests.conftest import NotifySocket, apply, raw_call, run_cli, world_dir
 from tests.test_spec import SpecDaemon
 
 BEFORE = """\
@@ -47,7 +47,7 @@ def world() -> Iterator[tuple[Path, Path, SpecDaemon]]:
     root = world_dir("socksvc-reload-")
     manifest = root / "manifest.yaml"
     manifest.write_text(BEFORE)
-    run_cli("apply", "-c", str(manifest), "--root", str(root), check=True)
+    apply(manifest, root, check=True)
     daemon = SpecDaemon(root / "var/lib/qubes-socksvc/daemons/r.json", world_dir("socksvc-reload-bind-"), "r")
     yield root, manifest, daemon
     daemon.stop()
@@ -55,9 +55,10 @@ def world() -> Iterator[tuple[Path, Path, SpecDaemon]]:
     shutil.rmtree(daemon.bind_dir, ignore_errors=True)
 
 
-def apply(root: Path, manifest: Path, text: str) -> str:
+def reapply(manifest: Path, root: Path, text: str) -> str:
+    """Rewrite the manifest to ``text`` and apply it; apply's output."""
     manifest.write_text(text)
-    return run_cli("apply", "-c", str(manifest), "--root", str(root), check=True).stdout
+    return apply(manifest, root, check=True).stdout
 
 
 class Stream:
@@ -99,7 +100,7 @@ def test_apply_reaches_the_running_daemon_without_dropping_a_call(world: tuple[P
     assert b"source='work'" in daemon.call(b"r.Gone+ work\0")
     stream = Stream(daemon.socket)
     time.sleep(0.5)
-    output = apply(root, manifest, AFTER)
+    output = reapply(manifest, root, AFTER)
     assert "running daemons pick the new spec up at their next call" in output, output
     assert b"source='work'" in daemon.call(b"r.Added+ work\0")  # added
     assert daemon.call(b"r.Gone+ work\0") == b""  # removed
@@ -120,7 +121,7 @@ def test_sighup_reloads_what_the_file_stamp_did_not_show(world: tuple[Path, Path
     other = root / "other"
     other.mkdir()
     (other / "manifest.yaml").write_text(BEFORE.replace("timeout: 1", "timeout: 9"))
-    run_cli("apply", "-c", str(other / "manifest.yaml"), "--root", str(other), check=True)
+    apply(other / "manifest.yaml", other, check=True)
     new = (other / "var/lib/qubes-socksvc/daemons/r.json").read_bytes().replace(
         str(other / "manifest.yaml").encode(), str(manifest).encode())
     with open(spec, "r+b") as f:  # same inode
@@ -163,14 +164,14 @@ def test_a_reload_that_removes_a_socket_service_refuses_its_calls() -> None:
     manifest = root / "manifest.yaml"
     manifest.write_text(BEFORE + "      r.Raw:\n        handler: qubes_socksvc.examples:echo\n"
                         "        service_descriptor: false\n")
-    run_cli("apply", "-c", str(manifest), "--root", str(root), check=True)
+    apply(manifest, root, check=True)
     notify = NotifySocket()
     daemon = SpecDaemon(root / "var/lib/qubes-socksvc/daemons/r.json", world_dir("socksvc-reload-bind-"), "r",
                         notify.path)
     try:
         raw = [str(p) for p in daemon.bind_dir.iterdir() if p.is_socket() and str(p) != daemon.socket]
         assert len(raw) == 1 and raw_call(raw[0], b"no descriptor") == b"no descriptor"
-        apply(root, manifest, BEFORE)
+        reapply(manifest, root, BEFORE)
         # Refused at once: the connection is cut, perhaps before the input is even sent.
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             assert raw_call(raw[0], b"no descriptor") == b""
@@ -208,12 +209,12 @@ def test_a_reload_below_a_limit_the_fd_budget_capped_keeps_accepting() -> None:
     and the calls in flight (it used to add 10 - 200 to 96, and the daemon never accepted again)."""
     root = world_dir("socksvc-reload-")
     manifest = root / "manifest.yaml"
-    apply(root, manifest, BEFORE.replace("idle_exit: 0", "idle_exit: 0\n    max_connections: 200"))
+    reapply(manifest, root, BEFORE.replace("idle_exit: 0", "idle_exit: 0\n    max_connections: 200"))
     daemon = SpecDaemon(root / "var/lib/qubes-socksvc/daemons/r.json", world_dir("socksvc-reload-bind-"),
                         "r", nofile=256)
     try:
         wait_logged(daemon, "serving at most 96 calls at once")  # capped: the case that went wrong
-        apply(root, manifest, BEFORE.replace("idle_exit: 0", "idle_exit: 0\n    max_connections: 10"))
+        reapply(manifest, root, BEFORE.replace("idle_exit: 0", "idle_exit: 0\n    max_connections: 10"))
         for i in range(12):  # more calls than the new limit, one after the other
             assert served(daemon, b"r.Echo+ work\0hi") == b"hi", (i, daemon.log.read_text())
         assert daemon.log.read_text().count("reloaded: serving spec") == 1
@@ -235,7 +236,7 @@ def test_the_spec_loader_checks_ranges_with_checks_messages(key: str, value: flo
     root = world_dir("socksvc-reload-")
     try:
         manifest = root / "manifest.yaml"
-        apply(root, manifest, BEFORE)
+        reapply(manifest, root, BEFORE)
         spec_path = root / "var/lib/qubes-socksvc/daemons/r.json"
         spec = json.loads(spec_path.read_text())
         target = spec["daemon"] if where == "daemon" else spec["daemon"]["services"]["r.Slow"]
@@ -278,7 +279,7 @@ def test_a_daemon_that_cannot_accept_still_sees_a_new_spec() -> None:
         "      r.Hang:\n        handler: handlers:hangs\n"
     root = world_dir("socksvc-reload-")
     manifest = root / "manifest.yaml"
-    apply(root, manifest, text)
+    reapply(manifest, root, text)
     daemon = SpecDaemon(root / "var/lib/qubes-socksvc/daemons/r.json", world_dir("socksvc-reload-bind-"), "r")
     hanging = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -286,7 +287,7 @@ def test_a_daemon_that_cannot_accept_still_sees_a_new_spec() -> None:
         hanging.sendall(b"r.Hang+ work\0")
         wait_logged(daemon, "call r.Hang+ from work")  # the only slot is taken
         assert served(daemon, b"r.Echo+ work\0waits", timeout=1) is None  # in the backlog
-        apply(root, manifest, text.replace("max_connections: 1", "max_connections: 2"))
+        reapply(manifest, root, text.replace("max_connections: 1", "max_connections: 2"))
         started = time.monotonic()
         assert served(daemon, b"r.Echo+ work\0in", timeout=server.SPEC_CHECK_INTERVAL + 8) == b"in", \
             daemon.log.read_text()

@@ -13,7 +13,7 @@ import pytest
 
 from qubes_socksvc import manifest, render, rpcconfig
 from qubes_socksvc.layout import Artifact, File, Layout
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, apply
 
 GOLDEN = Path(__file__).parent / "golden"
 EXEC = ["/usr/bin/python3", "-P", "-m", "qubes_socksvc"]
@@ -77,7 +77,7 @@ def test_special_characters_are_escaped_in_units() -> None:
 
 def applied_example(tmp_path: Path) -> Path:
     root = tmp_path / "root"
-    run_cli("apply", "-c", str(REPO / "examples/qubes-socksvc.yaml"), "--root", str(root), check=True)
+    apply(REPO / "examples/qubes-socksvc.yaml", root, check=True)
     return root
 
 

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from qubes_socksvc import cli, manifest, model, render
 from qubes_socksvc.layout import File, Layout
-from tests.conftest import DAEMON_USER, REPO, TESTS, raw_call, run_cli, world_dir
+from tests.conftest import DAEMON_USER, REPO, TESTS, apply, raw_call, run_cli, world_dir
 
 MANIFEST = """\
 version: 1
@@ -78,7 +78,7 @@ def applied() -> Iterator[tuple[Path, Path]]:
     root = world_dir("socksvc-spec-")
     path = root / "manifest.yaml"
     path.write_text(MANIFEST)
-    run_cli("apply", "-c", str(path), "--root", str(root), check=True)
+    apply(path, root, check=True)
     yield root, path
     shutil.rmtree(root, ignore_errors=True)
 
@@ -216,7 +216,7 @@ def test_check_refuses_what_systemd_would_not_read_back(tmp_path: Path, descript
 def test_a_manifest_path_that_would_inject_into_comments_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "m\nExecStartPre=evil.yaml"
     path.write_text(MANIFEST)
-    result = run_cli("apply", "-c", str(path), "--root", str(tmp_path / "root"))
+    result = apply(path, tmp_path / "root")
     assert result.returncode == 1 and "a manifest path must be printable" in result.stderr
     assert not (tmp_path / "root").exists()
 
