@@ -1,11 +1,14 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
 # Copyright (C) 2026 qubes-socksvc developers
-"""The processes under test: the daemon, the floor, socat; started as an unprivileged user.
+"""The one process harness, for the benchmarks and the tests: servers started as an unprivileged user.
 
-Run as root (``make bench``), every server runs as ``nobody`` like a user's
-daemon would; run as a user, they run as that user.  Every server is started
-with the system interpreter (what the package uses), the checkout first on
-``PYTHONPATH``.
+``Process`` starts a server with its output in a log, waits until it listens (or until
+its log or a check says it is ready), reads its memory and file descriptors from /proc and
+stops it; ``tests/conftest.py``'s ``RunningDaemon`` is a daemon on a ``Process``.
+
+Run as root (``make bench``, the test suite), every server runs as ``nobody`` like a user's
+daemon would; run as a user, they run as that user.  The bench starts every server with the
+system interpreter (what the package uses), the checkout first on ``PYTHONPATH``.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .client import BenchError, wait_listening
@@ -35,10 +38,10 @@ def as_root() -> bool:
     return os.geteuid() == 0
 
 
-def account() -> tuple[int, int]:
-    """(uid, gid) the servers run as."""
+def account(user: str = UNPRIVILEGED) -> tuple[int, int]:
+    """(uid, gid) the servers run as: ``user``'s when run as root, else ours."""
     if as_root():
-        pw = pwd.getpwnam(UNPRIVILEGED)
+        pw = pwd.getpwnam(user)
         return pw.pw_uid, pw.pw_gid
     return os.getuid(), os.getgid()
 
@@ -106,19 +109,24 @@ class Workdir:
 class Process:
     """A server under test: its pid, its log, and its memory from /proc."""
 
-    def __init__(self, name: str, argv: Sequence[str], socket_path: str, log: Path,
-                 drop: bool = True, env: dict[str, str] | None = None, pass_fds: Sequence[int] = ()) -> None:
+    def __init__(self, name: str, argv: Sequence[str], socket_path: str, log: Path, drop: bool = True,
+                 env: dict[str, str] | None = None, pass_fds: Sequence[int] = (), user: str = UNPRIVILEGED) -> None:
+        """``drop``: run as ``user`` when we are root (False: ``argv`` drops privileges itself)."""
         self.name = name
         self.socket = socket_path
         self.log = log
         self._log_file = open(log, "ab")  # noqa: SIM115 - closed in stop()
-        uid, gid = account()
+        uid, gid = account(user)
         privileges: dict[str, object] = {}
         if drop and as_root():
             privileges = {"user": uid, "group": gid, "extra_groups": []}
-        self.proc: subprocess.Popen[bytes] = subprocess.Popen(
-            list(argv), env=env or child_env(), stdin=subprocess.DEVNULL, stdout=self._log_file,
-            stderr=subprocess.STDOUT, cwd="/", pass_fds=pass_fds, **privileges)  # type: ignore[call-overload]
+        try:
+            self.proc: subprocess.Popen[bytes] = subprocess.Popen(
+                list(argv), env=env or child_env(), stdin=subprocess.DEVNULL, stdout=self._log_file,
+                stderr=subprocess.STDOUT, cwd="/", pass_fds=pass_fds, **privileges)  # type: ignore[call-overload]
+        except BaseException:
+            self._log_file.close()
+            raise
         self.pid = self.proc.pid
 
     def wait_listening(self) -> Process:
@@ -128,14 +136,16 @@ class Process:
             raise BenchError(f"{self.name}: {e}\n{self.log_text()}") from e
         return self
 
-    def wait_logged(self, words: str, timeout: float = 30) -> Process:
-        """Until the server's log says ``words`` (a socket-activated daemon: a probe connection
-        would be its first call)."""
+    def wait_until(self, ready: Callable[[], bool], what: str, timeout: float = 30) -> Process:
+        """Until ``ready()`` (``what`` it means, for the error); BenchError, with the log, if the
+        server exits first or the time runs out."""
         deadline = time.monotonic() + timeout
-        while words not in self.log_text():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise BenchError(f"{self.name}: never logged {words!r}\n{self.log_text()}")
-            time.sleep(0.01)
+        while not ready():
+            if self.proc.poll() is not None:
+                raise BenchError(f"{self.name} exited {self.proc.returncode} before {what}:\n{self.log_text()}")
+            if time.monotonic() > deadline:
+                raise BenchError(f"{self.name}: not {what} after {timeout:g} s:\n{self.log_text()}")
+            time.sleep(0.02)
         return self
 
     def log_text(self) -> str:
@@ -166,6 +176,9 @@ class Process:
     def peak_rss_kib(self) -> int:
         return self._status("VmHWM:")
 
+    def fd_count(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
     def reset_peak_rss(self) -> bool:
         """Reset VmHWM to the current RSS (Linux >= 4.0; needs to own the process or be root)."""
         try:
@@ -174,11 +187,12 @@ class Process:
         except OSError:
             return False
 
-    def stop(self) -> int | None:
+    def stop(self) -> int:
+        """SIGTERM (in-flight calls finish), SIGKILL after 30 s; the exit status."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(timeout=20)
+                self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()

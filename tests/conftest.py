@@ -8,7 +8,6 @@ import atexit
 import contextlib
 import io
 import os
-import pwd
 import shutil
 import signal
 import socket
@@ -22,6 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from bench.client import BenchError
+from bench.processes import Process
 
 REPO = Path(__file__).resolve().parent.parent
 TESTS = REPO / "tests"
@@ -152,7 +154,8 @@ class NotifySocket:
 
 
 class RunningDaemon:
-    """``qubes-socksvc serve`` as an unprivileged user, sockets bound in ``bind_dir``."""
+    """``qubes-socksvc serve`` as an unprivileged user, sockets bound in ``bind_dir``: a daemon
+    on the bench's process harness (``bench.processes.Process``), with the test's manifest."""
 
     def __init__(self, manifest_text: str, name: str, user: str = DAEMON_USER,
                  extra_env: dict[str, str] | None = None) -> None:
@@ -167,14 +170,11 @@ class RunningDaemon:
         self.log = self.dir / "daemon.log"
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": f"{REPO}:{TESTS}",
                "HOME": "/tmp", **(extra_env or {})}
-        pw = pwd.getpwnam(user)
-        self._log_file = open(self.log, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "qubes_socksvc", "serve", name, "-c", str(self.manifest),
-             "--bind-dir", str(self.bind_dir)],
-            env=env, stdout=self._log_file, stderr=subprocess.STDOUT,
-            user=pw.pw_uid, group=pw.pw_gid, extra_groups=[], cwd="/",
-        )
+        self.process = Process(
+            f"daemon {name}", [sys.executable, "-m", "qubes_socksvc", "serve", name, "-c", str(self.manifest),
+                               "--bind-dir", str(self.bind_dir)],
+            self.socket(), self.log, env=env, user=user)
+        self.proc = self.process.proc
         try:
             self.wait_listening()
         except BaseException:
@@ -185,42 +185,31 @@ class RunningDaemon:
         return str(self.bind_dir / (basename or f"socksvc-{self.name}.sock"))
 
     def wait_listening(self, timeout: float = 15) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"daemon exited {self.proc.returncode}:\n{self.log_text()}")
+        def serving() -> bool:
             # run()'s "daemon D serving N services on M sockets" (a warning may say "serving" too)
-            if any(p.is_socket() for p in self.bind_dir.iterdir()) and " services on " in self.log_text():
-                return
-            time.sleep(0.02)
-        raise AssertionError(f"daemon did not start:\n{self.log_text()}")
+            return any(p.is_socket() for p in self.bind_dir.iterdir()) and " services on " in self.log_text()
+
+        try:
+            self.process.wait_until(serving, "serving", timeout)
+        except BenchError as e:
+            raise AssertionError(str(e)) from e
 
     def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
+        return self.process.log_text()
 
     def call(self, descriptor: bytes, data: bytes = b"", *, half_close: bool = True, timeout: float = 30) -> bytes:
         return raw_call(self.socket(), descriptor + data, half_close=half_close, timeout=timeout)
 
     def fd_count(self) -> int:
-        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+        return self.process.fd_count()
 
     def rss_kib(self) -> int:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        raise AssertionError("no VmRSS")
+        return self.process.rss_kib()
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log_file.close()
+        code = self.process.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
-        return self.proc.returncode
+        return code
 
 
 @pytest.fixture
