@@ -25,6 +25,8 @@ from .request import InputTooLarge, Request
 
 #: Seconds a finished call's unread output may linger before the connection is cut.
 LINGER_TIMEOUT = 10.0
+#: The message of a call task's cancellation when its caller is gone (server._watch_callers).
+CALLER_GONE = "caller went away"
 
 
 class Outcome(enum.Enum):
@@ -174,10 +176,12 @@ async def run(sock: socket.socket, daemon: Daemon, serves: Serves, registry: Reg
         result = await _serve(daemon, call, serves, registry, reporter)
     except ConnectionError as e:  # BrokenPipeError and resets too, before a handler ran
         result = Result(Ending.CALLER_GONE, error=e)
-    except asyncio.CancelledError:
-        call.writer.transport.abort()
-        reporter.cancelled()
-        raise  # the task ends cancelled, as asked
+    except asyncio.CancelledError as e:
+        if not _caller_gone(e):
+            call.writer.transport.abort()
+            reporter.cancelled()
+            raise  # the task ends cancelled, as asked
+        result = Result(Ending.CALLER_GONE, error=ConnectionResetError(CALLER_GONE))
     except BaseException as e:  # a handler's SystemExit must not end the daemon
         result = Result(Ending.INTERNAL, error=e)
     try:
@@ -266,6 +270,8 @@ async def _handle(call: _Connection, service: Service, request: Request, called:
             return Result(Ending.RAISED, called, service, e)
         return Result(Ending.CALLER_GONE, called, service, e)
     except asyncio.CancelledError as e:
+        if _caller_gone(e):
+            return Result(Ending.CALLER_GONE, called, service, ConnectionResetError(CALLER_GONE))
         task = asyncio.current_task()
         if task is not None and task.cancelling():  # the task itself is cancelled: run() says so
             raise
@@ -273,6 +279,16 @@ async def _handle(call: _Connection, service: Service, request: Request, called:
     except (Exception, SystemExit, KeyboardInterrupt) as e:
         return Result(Ending.RAISED, called, service, e)
     return _SERVED
+
+
+def _caller_gone(e: asyncio.CancelledError) -> bool:
+    """Whether this task was cancelled because its caller is gone (then it is taken back: the
+    call ends as CALLER_GONE, its task is not cancelled)."""
+    task = asyncio.current_task()
+    if task is None or not task.cancelling() or e.args[:1] != (CALLER_GONE,):
+        return False
+    task.uncancel()
+    return True
 
 
 async def _end(call: _Connection, served: bool) -> None:

@@ -77,6 +77,21 @@ async def invoke(handler: Handler, request: Request, timeout: float,
     await request.drain()
 
 
+_orphans = 0
+_orphans_lock = threading.Lock()
+
+
+def orphaned_threads() -> int:
+    """Plain handlers' threads still running after their call ended (timed out, cancelled)."""
+    return _orphans
+
+
+def _orphaned(delta: int) -> None:
+    """Count orphans (the caller holds _orphans_lock)."""
+    global _orphans
+    _orphans += delta
+
+
 def _threaded(function: Callable[[Request], Any]) -> Handler:
     """Run a plain function in a thread of its own, a daemon thread.
 
@@ -98,18 +113,33 @@ def _threaded(function: Callable[[Request], Any]) -> Handler:
             else:
                 future.set_exception(error)
 
+        abandoned = threading.Event()  # set when the call ended without the thread: it is an orphan
+
         def target() -> None:
             try:
                 outcome: tuple[Any, BaseException | None] = (function(request), None)
             except BaseException as e:  # SystemExit too: it belongs to the call, not the thread
                 outcome = (None, e)
+            finally:
+                with _orphans_lock:
+                    finished.set()
+                    if abandoned.is_set():
+                        _orphaned(-1)
             with contextlib.suppress(RuntimeError):  # the loop is gone: the daemon stopped
                 loop.call_soon_threadsafe(settle, *outcome)
 
         # In a copy of the call's context: the handler's own log lines carry the call's fields.
         context = contextvars.copy_context()
+        finished = threading.Event()
         threading.Thread(target=context.run, args=(target,), name=f"handler {request.service}", daemon=True).start()
-        result = await future
+        try:
+            result = await future
+        except asyncio.CancelledError:  # a timeout or a caller gone: the thread runs on
+            with _orphans_lock:
+                if not finished.is_set():
+                    abandoned.set()
+                    _orphaned(1)
+            raise
         if inspect.isawaitable(result):
             result = await result
         return result  # type: ignore[no-any-return]

@@ -36,6 +36,9 @@ CUT_MARK = "...[{} more characters not logged]"
 #: Lines of a handler's traceback logged (each cut to MAX_LOGGED): the last ones, which end
 #: with the exception raised.
 MAX_TRACEBACK_LINES = 64
+#: Characters of a line logged by anything but the daemon's own code (a handler's ``logging``
+#: calls, asyncio): a handler that logs its caller's 65 000-byte argument must not fill the journal.
+MAX_OTHER_LINE = 4096
 
 
 def cut(text: str, limit: int = MAX_LOGGED) -> str:
@@ -59,6 +62,8 @@ class CallFields(logging.Filter):
     """Adds the current call's fields to every record that does not set them itself."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("qubes_socksvc"):  # the daemon's own lines are cut already
+            _bound(record)
         fields = call_fields.get()
         if fields is not None:
             missing = record.__dict__.keys().isdisjoint  # the usual case: none of them set yet
@@ -68,6 +73,15 @@ class CallFields(logging.Filter):
                 for key, value in fields.items():
                     record.__dict__.setdefault(key, value)
         return True
+
+
+def _bound(record: logging.LogRecord) -> None:
+    """Cut a line to MAX_OTHER_LINE characters, and its traceback as the daemon's own."""
+    message = record.getMessage()
+    if len(message) > MAX_OTHER_LINE:
+        record.msg, record.args = cut(message, MAX_OTHER_LINE), None
+    if record.exc_info and record.exc_info[1] is not None:
+        record.exc_text, record.exc_info = traceback_text(record.exc_info[1]), None
 
 
 def tag_log_handlers(logger: logging.Logger | None = None) -> None:

@@ -16,6 +16,7 @@ import grp
 import logging
 import os
 import resource
+import select
 import signal
 import socket
 import stat
@@ -23,7 +24,7 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from . import callcore, logs, qrexec, stalls
+from . import callcore, handlers, logs, qrexec, stalls
 from .callcore import ByDescriptor, Ending, OneService, Outcome, Result, Serves
 from .errors import SocksvcError
 from .handlers import Registry
@@ -39,6 +40,12 @@ STATUS_INTERVAL = 2.0
 SPEC_CHECK_INTERVAL = 2.0
 #: Seconds in-flight calls get to finish after SIGTERM.
 STOP_TIMEOUT = 20.0
+#: Seconds between two looks at whether the callers of the calls in flight are still there: a
+#: handler that neither reads nor writes (a hung one, with no timeout) never learns it otherwise.
+CALLER_CHECK_INTERVAL = 2.0
+#: Plain handlers' threads still running after their call ended (timed out, caller gone): a thread
+#: cannot be stopped, so past this many the daemon exits, and the next call starts a fresh one.
+MAX_ORPHANED_THREADS = 64
 #: File descriptors a call may need (its connection, and one for the handler's own use) ...
 FDS_PER_CALL = 2
 #: ... and those the daemon needs for itself (listeners, event loop, log, imports).
@@ -258,7 +265,8 @@ class Server:
         the limit below the calls in flight, until enough of them end)."""
         self._listeners: list[Listener] = []
         self._accepting = False
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: dict[asyncio.Task[None], socket.socket] = {}
+        """Each call in flight, and its connection."""
         self._stopping = asyncio.Event()
         self._last_activity = 0.0
         self._repeats = logs.Repeats()
@@ -286,6 +294,7 @@ class Server:
         self._restart_watchdog()
         reporter = loop.create_task(self._report_status()) if on_status is not None else None
         spec_watch = loop.create_task(self._watch_spec()) if self.source and self.source.watch else None
+        caller_watch = loop.create_task(self._watch_callers())
         log.info("daemon %s serving %d services on %d sockets%s (%s event loop)", self.daemon.name,
                  len(self.daemon.services), len(listeners), f", spec {self.spec_id}" if self.spec_id else "",
                  type(loop).__module__.partition(".")[0])
@@ -296,7 +305,7 @@ class Server:
         finally:
             self._pause_accepting()
             self._listeners = []
-            for task in (self._watchdog, reporter, spec_watch):
+            for task in (self._watchdog, reporter, spec_watch, caller_watch):
                 if task is not None:
                     task.cancel()
             for listener in listeners:
@@ -367,6 +376,26 @@ class Server:
         while True:
             await asyncio.sleep(SPEC_CHECK_INTERVAL)
             self._reload_if_changed()
+
+    async def _watch_callers(self) -> None:
+        """End the calls whose callers are gone, every CALLER_CHECK_INTERVAL.
+
+        A caller that went away closed its end: its connection polls POLLHUP (net/unix/af_unix.c:
+        unix_poll, both directions shut), which a mere half-close never gives.  Such a call's task
+        is cancelled as CALLER_GONE, so a hung handler gives its slot back."""
+        while True:
+            await asyncio.sleep(CALLER_CHECK_INTERVAL)
+            if not self._tasks:
+                continue
+            poll = select.poll()
+            by_fd = {}
+            for task, conn in self._tasks.items():
+                if conn.fileno() >= 0:
+                    poll.register(conn.fileno(), select.POLLRDHUP)
+                    by_fd[conn.fileno()] = task
+            for fd, events in poll.poll(0):
+                if events & (select.POLLHUP | select.POLLERR) and fd in by_fd:
+                    by_fd[fd].cancel(callcore.CALLER_GONE)
 
     def _restart_watchdog(self) -> None:
         if self._watchdog is not None:
@@ -439,21 +468,26 @@ class Server:
                 conn, _ = listener.sock.accept()
             except (BlockingIOError, InterruptedError):  # none left (or the caller gave up)
                 return
-            except OSError as e:  # EMFILE and the like: wait and retry, never die
-                log.error("accept failed: %s", e)
+            except OSError as e:  # EMFILE and the like: wait for a call to end and retry
+                if not self._tasks:  # no call of ours holds the descriptors: a handler leaked them
+                    log.error("accept failed: %s, and no call is in flight: exiting, so that the next "
+                              "call starts a fresh daemon", e)
+                    self.stop()
+                    return
+                self._fault(("accept", e.errno), logging.ERROR, "accept failed: %s", e)
                 self._pause_accepting()
                 loop.call_later(0.1, self._resume_accepting)
                 return
             self._free -= 1
             task = loop.create_task(self._connection(conn, listener.serves))
-            self._tasks.add(task)
+            self._tasks[task] = conn
             task.add_done_callback(self._done)
             if lone:  # with no slot left, the next caller's turn finds none and pauses accepting
                 return
         self._pause_accepting()
 
     def _done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
+        self._tasks.pop(task, None)
         self._free += 1
         self._last_activity = asyncio.get_running_loop().time()
         if not self._accepting:
@@ -486,6 +520,12 @@ class Server:
         self.counts[ending.outcome] += 1
         if ending is not Ending.SERVED:
             self._log_ending(daemon, result)
+            orphans = handlers.orphaned_threads()
+            if orphans > MAX_ORPHANED_THREADS and not self._stopping.is_set():
+                log.error("%d plain handlers' threads still run after their calls ended (timed out, or the "
+                          "caller went away): exiting, so that the next call starts a fresh daemon; make "
+                          "those handlers return", orphans)
+                self.stop()
 
     def _log_ending(self, daemon: Daemon, result: Result) -> None:
         ending, called, service, error = result.ending, result.called, result.service, result.error
