@@ -110,12 +110,14 @@ class Process:
     """A server under test: its pid, its log, and its memory from /proc."""
 
     def __init__(self, name: str, argv: Sequence[str], socket_path: str, log: Path, drop: bool = True,
-                 env: dict[str, str] | None = None, pass_fds: Sequence[int] = (), user: str = UNPRIVILEGED) -> None:
-        """``drop``: run as ``user`` when we are root (False: ``argv`` drops privileges itself)."""
+                 env: dict[str, str] | None = None, pass_fds: Sequence[int] = (), user: str = UNPRIVILEGED,
+                 preexec_fn: Callable[[], object] | None = None) -> None:
+        """``drop``: run as ``user`` when we are root (False: ``argv`` drops privileges itself);
+        ``preexec_fn`` runs in the child before the exec (e.g. to set a resource limit)."""
         self.name = name
         self.socket = socket_path
         self.log = log
-        self._log_file = open(log, "ab")  # noqa: SIM115 - closed in stop()
+        self._log_file = open(log, "wb")  # noqa: SIM115 - closed in stop()
         uid, gid = account(user)
         privileges: dict[str, object] = {}
         if drop and as_root():
@@ -123,7 +125,8 @@ class Process:
         try:
             self.proc: subprocess.Popen[bytes] = subprocess.Popen(
                 list(argv), env=env or child_env(), stdin=subprocess.DEVNULL, stdout=self._log_file,
-                stderr=subprocess.STDOUT, cwd="/", pass_fds=pass_fds, **privileges)  # type: ignore[call-overload]
+                stderr=subprocess.STDOUT, cwd="/", pass_fds=pass_fds, preexec_fn=preexec_fn,
+                **privileges)  # type: ignore[call-overload]
         except BaseException:
             self._log_file.close()
             raise

@@ -9,7 +9,6 @@ import os
 import pwd
 import resource
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -20,6 +19,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bench.client import BenchError
+from bench.processes import Process
 from qubes_socksvc import cli, manifest, model, render
 from qubes_socksvc.layout import File, Layout
 from tests.conftest import DAEMON_USER, REPO, TESTS, apply, raw_call, run_cli, world_dir
@@ -41,35 +42,35 @@ daemons:
 
 
 class SpecDaemon:
-    """``serve s --spec SPEC --bind-dir DIR`` as the daemon's user: what the unit runs."""
+    """``serve s --spec SPEC --bind-dir DIR`` as the daemon's user: what the unit runs (on the
+    process harness, ``bench.processes.Process``)."""
 
     def __init__(self, spec: Path, bind_dir: Path, name: str = "s", notify: Path | None = None,
                  nofile: int | None = None) -> None:
         """``nofile``: a hard RLIMIT_NOFILE for the daemon (server.fd_budget caps its slots)."""
-        pw = pwd.getpwnam(DAEMON_USER)
         extra = {"NOTIFY_SOCKET": str(notify)} if notify is not None else {}
         limit = None if nofile is None else (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile)))
         self.bind_dir = bind_dir
         self.log = bind_dir / "daemon.log"
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-P", "-m", "qubes_socksvc", "serve", name, "--spec", str(spec),
-                 "--bind-dir", str(bind_dir)],
-                env={"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{REPO}:{TESTS}", "HOME": "/tmp", **extra},
-                stdout=log, stderr=subprocess.STDOUT, user=pw.pw_uid, group=pw.pw_gid, extra_groups=[], cwd="/",
-                preexec_fn=limit)
-        deadline = time.monotonic() + 15
-        while "serving" not in self.log.read_text():
-            assert self.proc.poll() is None and time.monotonic() < deadline, self.log.read_text()
-            time.sleep(0.02)
         self.socket = str(bind_dir / f"socksvc-{name}.sock")
+        self.process = Process(
+            f"daemon {name}", [sys.executable, "-P", "-m", "qubes_socksvc", "serve", name, "--spec", str(spec),
+                               "--bind-dir", str(bind_dir)],
+            self.socket, self.log, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{REPO}:{TESTS}", "HOME": "/tmp",
+                                        **extra},
+            user=DAEMON_USER, preexec_fn=limit)
+        self.proc = self.process.proc
+        try:
+            self.process.wait_until(lambda: "serving" in self.log.read_text(), "serving", timeout=15)
+        except BenchError as e:
+            self.process.stop()
+            raise AssertionError(str(e)) from e
 
     def call(self, payload: bytes) -> bytes:
         return raw_call(self.socket, payload)
 
     def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(timeout=30)
+        self.process.stop()
 
 
 @pytest.fixture
