@@ -16,7 +16,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,13 +59,23 @@ def apply_in_process(manifest: Path, root: Path) -> tuple[int, str]:
     return code, out.getvalue()
 
 
-def call_cli(service: str, *args: str, rpc_dirs: Sequence[Path], rpc_config_dir: Path,
-             data: bytes = b"") -> subprocess.CompletedProcess[bytes]:
-    """``qubes-socksvc call SERVICE [ARGS...]`` resolving in ``rpc_dirs`` (first wins) and
-    ``rpc_config_dir``, like the qrexec agent; bytes in and out."""
-    dirs = [arg for d in rpc_dirs for arg in ("--rpc-dir", str(d))]
-    return subprocess.run([sys.executable, "-m", "qubes_socksvc", "call", service, *args, *dirs,
-                           "--rpc-config-dir", str(rpc_config_dir)],
+@dataclass(frozen=True)
+class RpcDirs:
+    """Where a qrexec agent looks for a service: qubes-rpc directories (first wins), rpc-config."""
+
+    services: tuple[Path, ...]
+    config: Path
+
+    @classmethod
+    def under(cls, root: Path) -> RpcDirs:
+        """The system directories in a tree ``apply --root ROOT`` staged."""
+        return cls((root / "etc/qubes-rpc",), root / "etc/qubes/rpc-config")
+
+
+def call_cli(service: str, *args: str, dirs: RpcDirs, data: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+    """``qubes-socksvc call SERVICE [ARGS...]`` resolving in ``dirs`` like the agent; bytes in and out."""
+    options = [*(arg for d in dirs.services for arg in ("--rpc-dir", str(d))), "--rpc-config-dir", str(dirs.config)]
+    return subprocess.run([sys.executable, "-m", "qubes_socksvc", "call", service, *args, *options],
                           input=data, capture_output=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": f"{REPO}:{TESTS}"})
 

@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 
 from qubes_socksvc import lookup
-from tests.conftest import REPO, TESTS, RunningDaemon, run_cli, world_dir
+from tests.conftest import REPO, TESTS, RpcDirs, RunningDaemon, call_cli, run_cli, world_dir
 
 
 @pytest.fixture
-def rpc_dirs(daemon: RunningDaemon) -> tuple[Path, Path, Path]:
+def rpc_dirs(daemon: RunningDaemon) -> RpcDirs:
     """Two qubes-rpc directories (searched in order) and an rpc-config dir, linking to the daemon."""
     base = world_dir("socksvc-rpc-")
     first, second, config = base / "run-qubes-rpc", base / "etc-qubes-rpc", base / "rpc-config"
@@ -37,57 +37,58 @@ def rpc_dirs(daemon: RunningDaemon) -> tuple[Path, Path, Path]:
     (config / "test.Raw").write_text("skip-service-descriptor=true\n")
     (second / "test.Gone").symlink_to(base / "no-such.sock")
     (second / "test.Exec").write_text("#!/bin/sh\n")
-    return first, second, config
+    return RpcDirs((first, second), config)
 
 
-def call(dirs: tuple[Path, Path, Path], *args: str, data: bytes = b"") -> tuple[int, str, str]:
-    first, second, config = dirs
-    result = run_cli("call", *args, "--rpc-dir", str(first), "--rpc-dir", str(second),
-                     "--rpc-config-dir", str(config), input=data)
-    return result.returncode, result.stdout, result.stderr
+def test_call_streams_stdin_and_stdout(rpc_dirs: RpcDirs) -> None:
+    result = call_cli("test.Echo", dirs=rpc_dirs, data=b"hello through the symlink")
+    assert (result.returncode, result.stdout, result.stderr) == (0, b"hello through the symlink", b"")
 
 
-def test_call_streams_stdin_and_stdout(rpc_dirs: tuple[Path, Path, Path]) -> None:
-    assert call(rpc_dirs, "test.Echo", data=b"hello through the symlink") == (0, "hello through the symlink", "")
-
-
-def test_call_resolves_name_plus_arg_then_name(rpc_dirs: tuple[Path, Path, Path]) -> None:
-    code, out, _ = call(rpc_dirs, "test.Fields+other", "--source", "work")
+def test_call_resolves_name_plus_arg_then_name(rpc_dirs: RpcDirs) -> None:
+    result = call_cli("test.Fields+other", "--source", "work", dirs=rpc_dirs)
+    code, out = result.returncode, result.stdout.decode()
     assert code == 0 and "service=test.Fields+other" in out and "source='work'" in out
-    code, out, _ = call(rpc_dirs, "test.Fields+special")
+    result = call_cli("test.Fields+special", dirs=rpc_dirs)
+    code, out = result.returncode, result.stdout.decode()
     assert "argument=special" in out  # the NAME+ARG entry in the first directory
 
 
-def test_call_sends_dom0_descriptor(rpc_dirs: tuple[Path, Path, Path]) -> None:
-    code, out, _ = call(rpc_dirs, "test.Fields", "--dom0", "--target-type", "keyword", "--target", "@dispvm")
+def test_call_sends_dom0_descriptor(rpc_dirs: RpcDirs) -> None:
+    result = call_cli("test.Fields", "--dom0", "--target-type", "keyword", "--target", "@dispvm", dirs=rpc_dirs)
+    code, out = result.returncode, result.stdout.decode()
     assert code == 0 and "target_type='keyword'" in out and "target='dispvm'" in out
 
 
-def test_call_honours_skip_service_descriptor(rpc_dirs: tuple[Path, Path, Path]) -> None:
-    assert call(rpc_dirs, "test.Raw", data=b"raw bytes") == (0, "raw bytes", "")
+def test_call_honours_skip_service_descriptor(rpc_dirs: RpcDirs) -> None:
+    result = call_cli("test.Raw", dirs=rpc_dirs, data=b"raw bytes")
+    assert (result.returncode, result.stdout, result.stderr) == (0, b"raw bytes", b"")
 
 
-def test_call_missing_service_exits_127(rpc_dirs: tuple[Path, Path, Path]) -> None:
+def test_call_missing_service_exits_127(rpc_dirs: RpcDirs) -> None:
     """agent/qrexec-agent-data.c: find_qrexec_service -1 -> QREXEC_EXIT_SERVICE_NOT_FOUND (127)."""
-    code, _, err = call(rpc_dirs, "test.Nothing")
+    result = call_cli("test.Nothing", dirs=rpc_dirs)
+    code, err = result.returncode, result.stderr.decode()
     assert code == 127 and err.startswith("qubes-socksvc call: service test.Nothing not found: no test.Nothing+ "
                                           "then test.Nothing in "), err  # one plain line, the message alone
     assert err.count("\n") == 1
 
 
 @pytest.mark.parametrize("where", [0, 2])  # the qubes-rpc entry, the rpc-config file
-def test_call_fails_like_qrexec_on_an_entry_stat_cannot_read(rpc_dirs: tuple[Path, Path, Path], where: int) -> None:
+def test_call_fails_like_qrexec_on_an_entry_stat_cannot_read(rpc_dirs: RpcDirs, where: int) -> None:
     """libqrexec/exec.c: find_file: a stat() error other than ENOENT (here ELOOP, a link to
     itself) fails the call (125), it does not skip the file as a missing one."""
-    loop = rpc_dirs[where] / "test.Echo+"
+    loop = (*rpc_dirs.services, rpc_dirs.config)[where] / "test.Echo+"
     loop.symlink_to("test.Echo+")
-    code, _, err = call(rpc_dirs, "test.Echo")
+    result = call_cli("test.Echo", dirs=rpc_dirs)
+    code, err = result.returncode, result.stderr.decode()
     assert code == 125 and f"{loop}: Too many levels of symbolic links" in err, err
 
 
-def test_call_dangling_symlink_is_skipped_like_qrexec(rpc_dirs: tuple[Path, Path, Path]) -> None:
+def test_call_dangling_symlink_is_skipped_like_qrexec(rpc_dirs: RpcDirs) -> None:
     """libqrexec/exec.c: find_file: stat() of a dangling link is ENOENT, so the search goes on."""
-    code, _, err = call(rpc_dirs, "test.Gone")
+    result = call_cli("test.Gone", dirs=rpc_dirs)
+    code, err = result.returncode, result.stderr.decode()
     assert code == 127 and "not found" in err
 
 
@@ -156,22 +157,24 @@ def test_call_tcp_refuses_what_the_agent_refuses(tmp_path: Path, link: str, serv
     assert result.returncode == 125 and words in result.stderr, result.stderr
 
 
-def test_call_never_blocks_on_a_fifo_rpc_config(rpc_dirs: tuple[Path, Path, Path]) -> None:
-    os.mkfifo(rpc_dirs[2] / "test.Echo")
-    code, _, err = call(rpc_dirs, "test.Echo")
+def test_call_never_blocks_on_a_fifo_rpc_config(rpc_dirs: RpcDirs) -> None:
+    os.mkfifo(rpc_dirs.config / "test.Echo")
+    result = call_cli("test.Echo", dirs=rpc_dirs)
+    code, err = result.returncode, result.stderr.decode()
     assert code == 125 and "not a regular file" in err
 
 
-def test_call_rpc_config_is_looked_up_on_its_own(rpc_dirs: tuple[Path, Path, Path]) -> None:
+def test_call_rpc_config_is_looked_up_on_its_own(rpc_dirs: RpcDirs) -> None:
     """libqrexec/exec.c: load_service_config_raw: test.Fields+special's link matched, but with no
     config of its own it takes test.Fields's: here skip-service-descriptor=true."""
-    (rpc_dirs[2] / "test.Fields").write_text("skip-service-descriptor=true # inherited\n")
-    code, out, _ = call(rpc_dirs, "test.Fields+special", data=b"test.Fields+forged dom0\0")
+    (rpc_dirs.config / "test.Fields").write_text("skip-service-descriptor=true # inherited\n")
+    result = call_cli("test.Fields+special", dirs=rpc_dirs, data=b"test.Fields+forged dom0\0")
+    code, out = result.returncode, result.stdout.decode()
     assert code == 0 and "argument='forged'" in out and "source='dom0'" in out  # what apply prevents
 
 
-def test_call_ctrl_c_exits_130_without_a_traceback(rpc_dirs: tuple[Path, Path, Path]) -> None:
-    _, second, config = rpc_dirs
+def test_call_ctrl_c_exits_130_without_a_traceback(rpc_dirs: RpcDirs) -> None:
+    second, config = rpc_dirs.services[1], rpc_dirs.config
     proc = subprocess.Popen(
         [sys.executable, "-m", "qubes_socksvc", "call", "test.Slow+30", "--rpc-dir", str(second),
          "--rpc-config-dir", str(config)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -199,9 +202,9 @@ def test_call_rejects_invalid_names(service: str) -> None:
     assert result.returncode == 2 and "invalid service" in result.stderr
 
 
-def test_call_streams_large_input_both_ways(rpc_dirs: tuple[Path, Path, Path]) -> None:
+def test_call_streams_large_input_both_ways(rpc_dirs: RpcDirs) -> None:
     data = os.urandom(8 << 20)
-    second = rpc_dirs[1]
+    second = rpc_dirs.services[1]
     result = subprocess.run(
         [sys.executable, "-m", "qubes_socksvc", "call", "test.Echo", "--rpc-dir", str(second)],
         input=data, capture_output=True, env={**os.environ, "PYTHONPATH": f"{REPO}:{TESTS}"}, timeout=60)
@@ -225,20 +228,20 @@ def test_invalid_rpc_config_fails_like_qrexec(tmp_path: Path) -> None:
         lookup.config_for("x.Y", (str(tmp_path),))
 
 
-def test_call_with_no_standard_input_at_all(rpc_dirs: tuple[Path, Path, Path]) -> None:
+def test_call_with_no_standard_input_at_all(rpc_dirs: RpcDirs) -> None:
     """Started with fd 0 closed (as by some service managers): an empty input, not a crash."""
     result = subprocess.run(
-        [sys.executable, "-m", "qubes_socksvc", "call", "test.Fields", "--rpc-dir", str(rpc_dirs[1])],
+        [sys.executable, "-m", "qubes_socksvc", "call", "test.Fields", "--rpc-dir", str(rpc_dirs.services[1])],
         preexec_fn=lambda: os.close(0), capture_output=True, text=True, timeout=60,
         env={**os.environ, "PYTHONPATH": f"{REPO}:{TESTS}"})
     assert result.returncode == 0, result.stderr
     assert "service=test.Fields" in result.stdout
 
 
-def test_call_streams_output_as_it_comes_and_ends_with_the_service(rpc_dirs: tuple[Path, Path, Path]) -> None:
+def test_call_streams_output_as_it_comes_and_ends_with_the_service(rpc_dirs: RpcDirs) -> None:
     """Output reaches call's stdout as the service writes it (an interactive service works), and
     call ends when the service's output ends, even while its own stdin is still open."""
-    argv = [sys.executable, "-m", "qubes_socksvc", "call", "--rpc-dir", str(rpc_dirs[1])]
+    argv = [sys.executable, "-m", "qubes_socksvc", "call", "--rpc-dir", str(rpc_dirs.services[1])]
     env = {**os.environ, "PYTHONPATH": f"{REPO}:{TESTS}"}
     env.pop("PYTHONUNBUFFERED", None)  # stdout buffered, as it is for a user
     echo = subprocess.Popen([*argv, "test.Echo"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
@@ -298,40 +301,40 @@ def assert_one_line(err: str, *words: str) -> None:
         assert word in err, err
 
 
-def test_call_with_standard_output_closed(rpc_dirs: tuple[Path, Path, Path]) -> None:
+def test_call_with_standard_output_closed(rpc_dirs: RpcDirs) -> None:
     """``>&-``: nowhere for the reply to go; the call is not made (before: an AttributeError)."""
-    code, err = run_call(rpc_dirs[1], "test.Echo", stdin=subprocess.DEVNULL, preexec_fn=lambda: os.close(1))
+    code, err = run_call(rpc_dirs.services[1], "test.Echo", stdin=subprocess.DEVNULL, preexec_fn=lambda: os.close(1))
     assert code == 125
     assert_one_line(err, "standard output is closed")
 
 
-def test_call_whose_standard_output_fails(rpc_dirs: tuple[Path, Path, Path]) -> None:
+def test_call_whose_standard_output_fails(rpc_dirs: RpcDirs) -> None:
     """A write error on stdout (here EPIPE: its reader has gone) ends the call at once, in one
     line (before: "[Errno 32] Broken pipe" and exit 1, then Python's own flush error)."""
     read_end, write_end = os.pipe()
     os.close(read_end)
     try:
-        code, err = run_call(rpc_dirs[1], "test.Fields", stdin=subprocess.DEVNULL, stdout=write_end)
+        code, err = run_call(rpc_dirs.services[1], "test.Fields", stdin=subprocess.DEVNULL, stdout=write_end)
     finally:
         os.close(write_end)
     assert code == 125
     assert_one_line(err, "cannot write the reply to standard output", "Broken pipe")
 
 
-def test_call_whose_standard_input_fails(rpc_dirs: tuple[Path, Path, Path], tmp_path: Path) -> None:
+def test_call_whose_standard_input_fails(rpc_dirs: RpcDirs, tmp_path: Path) -> None:
     """A read error on stdin (EBADF: opened write-only) cuts the call: no end of input is sent,
     so the service cannot take what it got for all of the input (before: a thread traceback,
     no half-close, and a call that hung)."""
     fd = os.open(tmp_path / "write-only", os.O_WRONLY | os.O_CREAT, 0o600)
     try:
-        code, err = run_call(rpc_dirs[1], "test.Echo", stdin=fd, stdout=subprocess.DEVNULL)
+        code, err = run_call(rpc_dirs.services[1], "test.Echo", stdin=fd, stdout=subprocess.DEVNULL)
     finally:
         os.close(fd)
     assert code == 125
     assert_one_line(err, "cannot read standard input: Bad file descriptor")
 
 
-def test_call_with_a_non_blocking_standard_input(rpc_dirs: tuple[Path, Path, Path]) -> None:
+def test_call_with_a_non_blocking_standard_input(rpc_dirs: RpcDirs) -> None:
     """stdin's O_NONBLOCK belongs to its open file, shared with whoever set it: EAGAIN means
     "not yet", and the call waits for input as qrexec does (libqrexec/remote.c: handle_input_v2
     on EAGAIN; libqrexec/process_io.c sets its own stdin non-blocking).  Before: a thread
@@ -340,7 +343,7 @@ def test_call_with_a_non_blocking_standard_input(rpc_dirs: tuple[Path, Path, Pat
     os.set_blocking(read_end, False)
     out_read, out_write = os.pipe()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "qubes_socksvc", "call", "test.Echo", "--rpc-dir", str(rpc_dirs[1])],
+        [sys.executable, "-m", "qubes_socksvc", "call", "test.Echo", "--rpc-dir", str(rpc_dirs.services[1])],
         stdin=read_end, stdout=out_write, stderr=subprocess.PIPE,
         env={**os.environ, "PYTHONPATH": f"{REPO}:{TESTS}"})
     os.close(read_end)
@@ -367,13 +370,13 @@ def killed_stderr(proc: subprocess.Popen[bytes]) -> str:
     return err
 
 
-def test_call_with_a_non_blocking_standard_output(rpc_dirs: tuple[Path, Path, Path]) -> None:
+def test_call_with_a_non_blocking_standard_output(rpc_dirs: RpcDirs) -> None:
     """A full non-blocking stdout (EAGAIN) is waited for, not a lost reply or a traceback."""
     data = os.urandom(1 << 20)
     out_read, out_write = os.pipe()
     os.set_blocking(out_write, False)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "qubes_socksvc", "call", "test.Echo", "--rpc-dir", str(rpc_dirs[1])],
+        [sys.executable, "-m", "qubes_socksvc", "call", "test.Echo", "--rpc-dir", str(rpc_dirs.services[1])],
         stdin=subprocess.PIPE, stdout=out_write, stderr=subprocess.PIPE,
         env={**os.environ, "PYTHONPATH": f"{REPO}:{TESTS}"})
     os.close(out_write)

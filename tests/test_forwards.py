@@ -14,8 +14,6 @@ import hashlib
 import os
 import shutil
 import socket
-import subprocess
-import sys
 import textwrap
 import threading
 from collections.abc import Iterator
@@ -25,7 +23,7 @@ import pytest
 
 from qubes_socksvc import manifest, model, qrexec, status
 from qubes_socksvc.manifest import ManifestError
-from tests.conftest import REPO, TESTS, apply, private_dir, run_cli
+from tests.conftest import RpcDirs, apply, call_cli, private_dir, run_cli
 from tests.test_manifest import tree_digest
 
 PATH = "/etc/qubes-socksvc.yaml"
@@ -162,15 +160,6 @@ def test_a_manifest_with_only_forwards_renders_no_units(tmp_path: Path) -> None:
 # --- apply and call through the generated links ---------------------------------------------
 
 
-def call(root: Path, service: str, data: bytes = b"", *args: str) -> subprocess.CompletedProcess[bytes]:
-    """``qubes-socksvc call`` on the staged tree, bytes in and out."""
-    env = {**os.environ, "PYTHONPATH": f"{REPO}:{TESTS}"}
-    return subprocess.run([sys.executable, "-m", "qubes_socksvc", "call", service, *args,
-                           "--rpc-dir", str(root / "etc/qubes-rpc"),
-                           "--rpc-config-dir", str(root / "etc/qubes/rpc-config")],
-                          input=data, capture_output=True, env=env, timeout=120)
-
-
 class Server:
     """A real stream server (TCP or Unix) that echoes, records what it received and counts
     its connections; ``first`` bytes of each connection are kept apart (a descriptor)."""
@@ -254,7 +243,7 @@ forwards:
 """)
     digest = hashlib.sha256(PAYLOAD).hexdigest()
     for service in ("my.Tcp", f"my.Port+{port}", f"my.Any+127.0.0.1+{port}", "my.Unix"):
-        result = call(root, service, PAYLOAD)
+        result = call_cli(service, dirs=RpcDirs.under(root), data=PAYLOAD)
         assert result.returncode == 0, (service, result.stderr)
         assert hashlib.sha256(result.stdout).hexdigest() == digest, service
     assert [hashlib.sha256(r).hexdigest() for r in tcp_server.received] == [digest] * 3
@@ -265,7 +254,7 @@ def test_a_qubes_aware_forward_gets_the_descriptor(tmp_path: Path, unix_server: 
     server, upath = unix_server
     root = apply_text(tmp_path, forward("my.Aware", f"unix:{upath}", "    service_descriptor: true\n"))
     assert not (root / "etc/qubes/rpc-config/my.Aware").exists()
-    result = call(root, "my.Aware+arg", b"data", "--source", "work")
+    result = call_cli("my.Aware+arg", "--source", "work", dirs=RpcDirs.under(root), data=b"data")
     assert result.returncode == 0 and result.stdout == b"my.Aware+arg work\0data"
     assert server.received == [b"my.Aware+arg work\0data"]
 
@@ -299,14 +288,16 @@ forwards:
   my.Gone:
     target: unix:{directory}/gone.sock
 """)
-    tcp, stale_call, gone = call(root, "my.Tcp"), call(root, "my.Stale"), call(root, "my.Gone")
+    dirs = RpcDirs.under(root)
+    tcp, stale_call, gone = (call_cli("my.Tcp", dirs=dirs), call_cli("my.Stale", dirs=dirs),
+                             call_cli("my.Gone", dirs=dirs))
     assert tcp.returncode == 125 and b"Connection refused" in tcp.stderr, tcp.stderr
     assert stale_call.returncode == 125 and b"Connection refused" in stale_call.stderr, stale_call.stderr
     assert gone.returncode == 127 and b"not found" in gone.stderr, gone.stderr
     # The argument-taking forms refuse at call time what qrexec refuses (find_qrexec_service).
     root2 = apply_text(tmp_path / "2", forward("my.Port", "tcp:127.0.0.1"))
-    assert call(root2, "my.Port").returncode == 125
-    assert b"invalid port '022'" in call(root2, "my.Port+022").stderr
+    assert call_cli("my.Port", dirs=RpcDirs.under(root2)).returncode == 125
+    assert b"invalid port '022'" in call_cli("my.Port+022", dirs=RpcDirs.under(root2)).stderr
 
 
 def test_apply_owns_forward_links_like_service_links(tmp_path: Path) -> None:
@@ -434,8 +425,9 @@ def test_ipv6_forward_calls_through_its_link(tmp_path: Path) -> None:
     try:
         port = server.sock.getsockname()[1]
         root = apply_text(tmp_path, forward("my.V6", f"tcp:[::1]:{port}") + '  my.Any6:\n    target: "tcp:"\n')
-        assert call(root, "my.V6", b"six").stdout == b"six"
-        assert call(root, f"my.Any6+++1+{port}", b"six too").stdout == b"six too"  # "+" stands for ":"
+        dirs = RpcDirs.under(root)
+        assert call_cli("my.V6", dirs=dirs, data=b"six").stdout == b"six"
+        assert call_cli(f"my.Any6+++1+{port}", dirs=dirs, data=b"six too").stdout == b"six too"  # "+" stands for ":"
     finally:
         server.close()
 
