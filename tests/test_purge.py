@@ -140,3 +140,26 @@ def test_purge_keeps_what_was_there_before_even_when_empty(tmp_path: Path) -> No
     left = paths(listing)
     assert {"/usr/local/var", "/usr/local/var/lib", "/usr/local/lib/systemd"} <= left
     assert "/usr/local/lib/systemd/user" not in left and "/usr/local/etc/qubes-rpc" not in left
+
+
+@pytest.mark.parametrize("system", ["deb", "rpm"])
+def test_purge_keeps_a_directory_a_package_made_its_own_since(tmp_path: Path, system: str) -> None:
+    """/etc/qubes was absent at first install (listed), and a package installed since owns it
+    (a stand-in dpkg-query or rpm says so): purge leaves it."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    tool, query = ("dpkg-query", "-S") if system == "deb" else ("rpm", "-qf")
+    (bindir / tool).write_text(f'#!/bin/sh\n[ "$1" = "{query}" ] && [ "$2" = /etc/qubes ]\n')
+    (bindir / tool).chmod(0o755)
+    if system == "deb":
+        scripts = REPO / "debian"
+        script = (f"sh {scripts}/postinst configure\nsh {scripts}/prerm remove\nsh {scripts}/postrm remove\n"
+                  f"rm /etc/qubes-socksvc.yaml\nsh {scripts}/postrm purge\n")
+    else:
+        spec = (REPO / "rpm_spec/qubes-socksvc.spec.in").read_text()
+        for section in ("post", "preun", "postun"):
+            (tmp_path / section).write_text(rpm_scriptlet(spec, section, bindir))
+        script = (f"sh {tmp_path}/post 1\nsh {tmp_path}/preun 0\nsh {tmp_path}/postun 0\n"
+                  "rm /etc/qubes-socksvc.yaml\n")
+    left = paths(in_sandbox(script, bindir))
+    assert "/etc/qubes" in left and "/etc/qubes/rpc-config" not in left, sorted(left)
