@@ -1,6 +1,6 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
 # Copyright (C) 2026 qubes-socksvc developers
-"""``qubes-socksvc``: check, apply, list/status, call, policy, serve.
+"""``qubes-socksvc``: check, apply, list/status, call, policy, features, serve.
 
 Each verb imports only the wing it needs: ``serve`` and ``call`` never load
 Jinja2, and ``serve`` pays for nothing but the runtime.
@@ -50,6 +50,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(finding, file=sys.stderr)
     for finding in now:
         print(f"{finding} (on disk now)", file=sys.stderr)
+    _explain_switches(manifest)
     if now:
         print(f"{manifest.path}: the disk as it is now lets callers forge their descriptors; "
               "fix the files named above (or apply, where it pins them)", file=sys.stderr)
@@ -62,6 +63,17 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"{manifest.path}: OK, {len(manifest.daemons)} daemons, {services} services, "
           f"{len(manifest.forwards)} forwards")
     return EXIT_OK
+
+
+def _explain_switches(manifest: Manifest) -> None:
+    """Each daemon's Qubes switches (qubes_service, enable) in words: notes, and warnings on stderr."""
+    from . import features
+
+    for daemon in manifest.daemons.values():
+        explained = features.explain(daemon)
+        if explained is not None:
+            text, warning = explained
+            print(f"{'warning' if warning else 'note':9} {text}", file=sys.stderr if warning else sys.stdout)
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
@@ -199,6 +211,24 @@ def cmd_policy(args: argparse.Namespace) -> int:
         raise SocksvcError(f"{e}; pass --qube NAME") from e
     print("\n".join(text))
     return EXIT_OK
+
+
+def cmd_features(args: argparse.Namespace) -> int:
+    from . import features
+
+    if args.persistence is not None:
+        mode, origin = args.persistence, "--persistence"
+    else:
+        mode, origin = features.persistence()
+    if mode not in features.PERSISTENCE:
+        print(f"qubes-socksvc features: persistence {mode!r} ({origin}): nothing here survives a restart, "
+              "so nothing is announced", file=sys.stderr)
+    announcement, problems = features.announce(os.path.abspath(args.root), mode)
+    for line in (*problems, *announcement.refused):
+        print(f"qubes-socksvc features: {line}", file=sys.stderr)
+    for feature in announcement.features:
+        print(feature)
+    return EXIT_FAILED if problems else EXIT_OK
 
 
 def _activation_fds() -> range:
@@ -355,6 +385,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="this qube's name, the lines' target (default: qubesdb-read /name, else the host name; "
                      "dom0 -> @adminvm)")
     sub.set_defaults(func=cmd_policy)
+
+    sub = add("features", "print the qvm-features-request lines that tell dom0 what apply installed "
+              "(supported-rpc.NAME=1, supported-service.NAME=1); the post-install hook runs it")
+    sub.add_argument("--root", default="/", metavar="DIR", help="read this staging tree instead of /")
+    sub.add_argument("--persistence", metavar="MODE",
+                     help="this qube's persistence: full (/etc's manifest), rw-only (/usr/local's), anything "
+                     "else: none (default: qubesdb-read /qubes-vm-persistence; full if that fails)")
+    sub.set_defaults(func=cmd_features)
 
     sub = add("serve", "run the shared daemon for one manifest daemon (started by systemd)")
     sub.add_argument("daemon", metavar="DAEMON")

@@ -663,9 +663,15 @@ def safe_order(plan: install.Plan, manifest: Manifest) -> install.Plan | Finding
                                f"{name}, then add the new ones)", True)
     # Units and specs after the links and configs: a new daemon's socket unit (and so its
     # socket) exists only once every call that could reach it is pinned; a link to a socket
-    # not there yet dangles, which forgeable_calls already allows for.
+    # not there yet dangles, which forgeable_calls already allows for.  An enable link
+    # (sockets.target.wants) comes after the unit it names and goes before it: a manager
+    # never finds a wants link to a unit that is not there.
+    wanted = [a for a in others if os.path.dirname(a.path) == layout.wants_dir]
+    others = [a for a in others if a not in wanted]
     kept = [a for a in others if a.verb is not install.Verb.REMOVE]
-    removals = [a for a in others if a.verb is install.Verb.REMOVE]
+    kept += [a for a in wanted if a.verb is not install.Verb.REMOVE]
+    removals = [a for a in wanted if a.verb is install.Verb.REMOVE]
+    removals += [a for a in others if a.verb is install.Verb.REMOVE]
     order = [*ordered, *kept, *removals]
     first = {a.path for a in order}
     return replace(plan, actions=[*order, *(a for a in plan.actions if a.path not in first)])

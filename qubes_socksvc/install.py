@@ -127,7 +127,7 @@ def real_path(root: str, path: str) -> str:
 
 def _artifact_dirs(layout: Layout) -> tuple[str, ...]:
     """The directories artifacts live in (a record naming any other is refused)."""
-    return (layout.unit_dir, layout.rpc_dir, layout.rpc_config_dir, layout.spec_dir)
+    return (layout.unit_dir, layout.wants_dir, layout.rpc_dir, layout.rpc_config_dir, layout.spec_dir)
 
 
 def _written_dirs(layout: Layout) -> tuple[str, ...]:

@@ -49,6 +49,12 @@ class Layout:
     def spec(self, daemon: str) -> str:
         return f"{self.spec_dir}/{daemon}.json"
 
+    @property
+    def wants_dir(self) -> str:
+        """Where ``enable: true`` puts a socket's link, as ``systemctl --global enable`` would
+        (the socket unit's ``WantedBy=sockets.target``; systemd.unit(5), ``.wants/``)."""
+        return f"{self.unit_dir}/sockets.target.wants"
+
     @classmethod
     def for_manifest(cls, manifest: Manifest) -> Layout:
         return LOCAL if manifest.is_local else SYSTEM

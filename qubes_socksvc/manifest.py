@@ -29,6 +29,7 @@ from .model import (
     Policy,
     Service,
     forward_link,
+    qubes_service_problem,
 )
 from .model import Manifest as Manifest  # re-exported: what load returns
 from .model import ManifestError as ManifestError  # ... and what it raises
@@ -184,6 +185,8 @@ DAEMON_FIELDS: dict[str, _Field] = {
     "idle_exit": _Field(float, DAEMON_RANGES["idle_exit"]),
     "max_connections": _Field(int, DAEMON_RANGES["max_connections"]),
     "descriptor_timeout": _Field(float, DAEMON_RANGES["descriptor_timeout"]),
+    "qubes_service": _Field(str, qubes_service_problem),
+    "enable": _Field(bool),
 }
 # --- policy: (see policy.py) ---------------------------------------------------------
 

@@ -274,6 +274,9 @@ def parse(text: str, path: str) -> Spec:
     services = {key: _build(Service, value, f"{path}: daemon.services.{key}", SERVICE_RANGES)
                 for key, value in raw["services"].items()}
     daemon = _build(Daemon, {**raw, "services": services}, f"{path}: daemon", DAEMON_RANGES)
+    problem = daemon.qubes_service is not None and qubes_service_problem(daemon.qubes_service)
+    if problem:  # it is written into units and announced to dom0: only what check accepts
+        raise SpecError(f"{path}: daemon.qubes_service: {problem}; {fix}")
     manifest, manifest_sha256 = data.get("manifest"), data.get("manifest_sha256")
     if not isinstance(manifest, str) or not isinstance(manifest_sha256, str):
         raise SpecError(f"{path}: no manifest recorded in the spec; {fix}")

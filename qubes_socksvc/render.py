@@ -85,11 +85,18 @@ def render(manifest: Manifest, layout: Layout, exec_start: list[str] | None = No
         for kind in ("socket", "service"):
             text = env.get_template(f"{kind}.j2").render(context)
             artifacts.append(File(f"{layout.unit_dir}/{daemon.unit}.{kind}", text))
+        if daemon.enable:
+            artifacts.append(enable_link(layout, daemon.unit))
         for full_name, service in daemon.services.items():
             artifacts += _rpc_entry(layout, full_name, service.socket or daemon.socket, service.rpc_config(), source)
     for full_name, forward in manifest.forwards.items():  # a link and a config: no unit, no daemon
         artifacts += _rpc_entry(layout, full_name, forward.link_target, forward.rpc_config(), source)
     return sorted(artifacts, key=lambda a: a.path)
+
+
+def enable_link(layout: Layout, unit: str) -> Link:
+    """The link ``systemctl --global enable UNIT.socket`` makes, in the layout's unit directory."""
+    return Link(f"{layout.wants_dir}/{unit}.socket", f"{layout.unit_dir}/{unit}.socket")
 
 
 def _rpc_entry(layout: Layout, full_name: str, link_target: str, config: rpcconfig.Config,

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from . import effective, install, qrexec, unixdiag
-from .layout import Artifact, Layout
-from .model import Forward, Manifest
+from .layout import LAYOUTS, Artifact, Layout
+from .model import Daemon, Forward, Manifest
 
 #: What qrexec connects to a socket service with (libqrexec/exec.c: find_qrexec_service:
 #: ``socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0)``): a SOCK_SEQPACKET listener is no server for it.
@@ -202,12 +202,24 @@ def _artifact_state(root: str, artifact: Artifact, owned: dict[str, list[str]]) 
 
 
 def _enabled(root: str, unit: str) -> str:
-    pattern_global = os.path.join(root, "etc/systemd/user/*.wants", f"{unit}.socket")
+    """Who the socket is enabled for: everyone (a ``.wants`` link in either manifest's unit
+    directory: ``systemctl --global enable`` or ``enable: true``), and which users of /home."""
+    patterns_global = [os.path.join(root, lay.unit_dir.lstrip("/"), "*.wants", f"{unit}.socket") for lay in LAYOUTS]
     pattern_user = os.path.join(root, "home/*/.config/systemd/user/*.wants", f"{unit}.socket")
     users = sorted({p.split("/home/", 1)[1].split("/", 1)[0] for p in glob.glob(pattern_user)})
-    if glob.glob(pattern_global):
+    if any(glob.glob(pattern) for pattern in patterns_global):
         return "enabled globally" + (f", and for {', '.join(users)}" if users else "")
     return f"enabled for {', '.join(users)}" if users else "not enabled"
+
+
+def qubes_service_state(root: str, daemon: Daemon) -> str | None:
+    """Whether the daemon's qvm-service is on in this qube (its file exists), or None (no condition)."""
+    if daemon.condition_path is None:
+        return None
+    if os.path.exists(install.real_path(root, daemon.condition_path)):
+        return f"on in this qube ({daemon.condition_path} exists)"
+    return (f"off in this qube ({daemon.condition_path} is missing: in dom0, 'qvm-service --enable QUBE "
+            f"{daemon.qubes_service}', then restart the qube); the units do not start")
 
 
 def running_state(unit: str, spec_path: str) -> str:
@@ -252,6 +264,12 @@ def report(manifest: Manifest, root: str = "/") -> tuple[str, bool]:
     lines = [f"manifest {manifest.path}: {len(manifest.daemons)} daemons, {len(manifest.forwards)} forwards"]
     for daemon in manifest.daemons.values():
         lines.append(f"daemon {daemon.name}: {daemon.description} [{_enabled(root, daemon.unit)}]")
+        service_state = qubes_service_state(root, daemon)
+        if service_state is not None:
+            lines.append(f"  qubes_service {daemon.qubes_service}: {service_state}")
+        if daemon.enable:
+            link = render.enable_link(layout, daemon.unit)
+            lines.append(f"  enable link {link.path}: {_artifact_state(root, link, owned)}")
         for kind in ("socket", "service"):
             path = f"{layout.unit_dir}/{daemon.unit}.{kind}"
             lines.append(f"  unit {path}: {_artifact_state(root, artifacts[path], owned)}")

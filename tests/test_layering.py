@@ -22,7 +22,8 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("the model and one call's pieces", {"model", "request", "descriptor", "chunks", "handlers", "lookup"}),
     ("the runtime, where artifacts go, dom0's policy", {"callcore", "server", "client", "agent", "examples",
                                                           "examples_notes", "layout", "policy"}),
-    ("the tools: YAML in, artifacts out, the disk judged", {"manifest", "render", "install", "effective", "testing"}),
+    ("the tools: YAML in, artifacts out, the disk judged", {"manifest", "render", "install", "effective", "testing",
+                                                           "features"}),
     ("what list shows", {"status"}),
     ("the front", {"cli", "__main__", "__init__"}),
 ]

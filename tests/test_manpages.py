@@ -73,8 +73,8 @@ def terms(section: str) -> dict[str, str]:
 
 
 def kind(field: Any) -> str:
-    """The reader's kind of a field, whether a string or an Enum member."""
-    return str(getattr(field.kind, "value", field.kind))
+    """The reader's kind of a field (manifest._Field.kind: a type, None for a node read apart)."""
+    return {str: "str", bool: "bool", int: "int", float: "number", None: "node"}[field.kind]
 
 
 def shown(default: object) -> str:
