@@ -113,6 +113,8 @@ install-data: man
 	install -m 0644 templates/*.j2 $(DESTDIR)$(PREFIX)/share/qubes-socksvc/templates/
 	install -d $(DESTDIR)$(SYSCONFDIR)
 	install -m 0644 etc/qubes-socksvc.yaml $(DESTDIR)$(SYSCONFDIR)/qubes-socksvc.yaml
+	install -d $(DESTDIR)$(SYSCONFDIR)/qubes/post-install.d
+	install -m 0755 etc/post-install.d/20-qubes-socksvc.sh $(DESTDIR)$(SYSCONFDIR)/qubes/post-install.d/
 	install -d $(DESTDIR)$(DOCDIR)/examples
 	install -m 0644 examples/qubes-socksvc.yaml $(DESTDIR)$(DOCDIR)/examples/
 	$(if $(wildcard README.md),install -m 0644 README.md $(DESTDIR)$(DOCDIR)/)

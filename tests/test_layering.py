@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (C) 2026 qubes-socksvc developers
 """The house's layering: which module may import which, and what each one loads.
 
 Only manifest.py reads YAML and only render.py uses Jinja2; the daemon's start-up loads

@@ -12,6 +12,7 @@ import datetime
 import email.utils
 import re
 import shutil
+import stat
 import subprocess
 import tarfile
 import tempfile
@@ -33,6 +34,9 @@ RUNTIME_DEPENDS = ("python3-jinja2", "python3-yaml", "python3-systemd", "systemd
 ACCEPTED_LINTIAN = {"initial-upload-closes-no-bugs"}
 #: The documentation both packages ship, uncompressed (the Markdown files link to each other and to NEWS).
 DOCS = ("README.md", "NEWS", "SECURITY.md", *(f"docs/{p.name}" for p in sorted((REPO / "docs").glob("*.md"))))
+#: The hook qubes.PostInstall runs (qubes-core-agent-linux qubes-rpc/qubes.PostInstall: every executable
+#: /etc/qubes/post-install.d/*.sh), which announces the applied services to dom0.
+POST_INSTALL_HOOK = "/etc/qubes/post-install.d/20-qubes-socksvc.sh"
 MAN_PAGES = ("/usr/share/man/man1/qubes-socksvc.1.gz", "/usr/share/man/man5/qubes-socksvc.yaml.5.gz")
 SPDX = "SPDX-License-Identifier: GPL-2.0-or-later"
 
@@ -65,6 +69,16 @@ def deb_member_text(deb: Path, path: str) -> str:
             member = tar.extractfile("." + path)
             assert member is not None
             return member.read().decode()
+
+
+def deb_modes(deb: Path) -> dict[str, str]:
+    """Absolute path -> its permissions as ``ls -l`` shows them, for every member of the .deb."""
+    with tempfile.TemporaryFile() as f:
+        subprocess.run(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=f, check=True)
+        f.seek(0)
+        with tarfile.open(fileobj=f) as tar:
+            return {m.name.removeprefix("."): stat.filemode(m.mode | (stat.S_IFDIR if m.isdir() else stat.S_IFREG))
+                    for m in tar.getmembers()}
 
 
 def deb_control_file(deb: Path, name: str) -> str:
@@ -116,7 +130,8 @@ def test_deb_ships_runtime_cli_templates_and_an_inactive_conffile(packages: Buil
     assert not [f for f in files if f.startswith("/usr/local/")]
     for page in MAN_PAGES:
         assert page in files
-    assert deb_control_file(packages.deb, "conffiles").split() == ["/etc/qubes-socksvc.yaml"]
+    assert sorted(deb_control_file(packages.deb, "conffiles").split()) == [POST_INSTALL_HOOK, "/etc/qubes-socksvc.yaml"]
+    assert POST_INSTALL_HOOK in files and deb_modes(packages.deb)[POST_INSTALL_HOOK] == "-rwxr-xr-x"
     script = deb_member_text(packages.deb, "/usr/bin/qubes-socksvc")
     # dh-python 5 (Debian 12) writes "#!/usr/bin/python3", dh-python 6 (Debian 13) "#! /usr/bin/python3":
     # both are the same interpreter line to the kernel
@@ -214,6 +229,7 @@ def test_rpm_file_list(packages: Built) -> None:
         "rpm", "-qp", "--qf", "[%{FILENAMES} %{FILEFLAGS:fflags}\n]", str(packages.rpm)).splitlines()
         if line.count(" ") == 1)
     assert set(flags["/etc/qubes-socksvc.yaml"]) >= {"c", "n"}, "the manifest must be %config(noreplace)"
+    assert set(flags[POST_INSTALL_HOOK]) >= {"c", "n"}, "the post-install hook: %config(noreplace), as in the .deb"
     assert "d" in flags["/usr/share/doc/qubes-socksvc/examples/qubes-socksvc.yaml"]
     licences = [f for f in files if re.fullmatch(r"/usr/share/licenses/qubes-socksvc[^/]*/LICENSE", f)]
     assert len(licences) == 1 and "l" in flags[licences[0]], "%license LICENSE"
@@ -223,6 +239,7 @@ def test_rpm_file_list(packages: Built) -> None:
     assert modes["/var/lib/qubes-socksvc"].startswith("d")
     assert "g" in flags["/var/lib/qubes-socksvc/owned.json"]
     assert modes["/var/lib/qubes-socksvc/owned.json"] == "-rw-r--r--"
+    assert modes[POST_INSTALL_HOOK] == "-rwxr-xr-x"  # qubes.PostInstall runs only executable hooks
     requires = out("rpm", "-qpR", str(packages.rpm)).split()
     for name in ("python3-jinja2", "python3-pyyaml", "python3-systemd", "systemd"):
         assert name in requires
