@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from qubes_socksvc import client, examples_notes
-from tests.conftest import REPO, TESTS, RunningDaemon, world_dir
+from tests.conftest import REPO, TESTS, RunningDaemon, fields_of, world_dir
 
 STANDIN = TESTS / "standin"
 TARGET = "notes"  # the one other qube of the stand-in's world
@@ -90,10 +90,6 @@ def in_dom0(world: World, monkeypatch: pytest.MonkeyPatch) -> World:
     return world
 
 
-def fields(output: bytes) -> dict[str, str]:
-    return dict(line.split("=", 1) for line in output.decode().splitlines())
-
-
 # --- the command line ----------------------------------------------------------------
 
 
@@ -134,18 +130,18 @@ def test_call_round_trip(world: World) -> None:
 
 def test_calls_from_a_vm_always_carry_a_plus(world: World) -> None:
     """daemon/qrexec-daemon.c handle_execute_service appends '+' when the service has none."""
-    out = fields(client.call(TARGET, "test.Fields"))
+    out = fields_of(client.call(TARGET, "test.Fields"))
     assert (out["service"], out["argument"], out["source"]) == ("test.Fields+", "''", "'work'")
-    assert fields(client.call(TARGET, "test.Fields+x"))["argument"] == "'x'"
+    assert fields_of(client.call(TARGET, "test.Fields+x"))["argument"] == "'x'"
 
 
 def test_calls_from_dom0_arrive_as_called(in_dom0: World) -> None:
-    out = fields(client.call(TARGET, "test.Fields"))
+    out = fields_of(client.call(TARGET, "test.Fields"))
     assert (out["service"], out["argument"], out["source"]) == ("test.Fields", "None", "'dom0'")
 
 
 def test_default_target_is_the_policys(world: World) -> None:
-    assert fields(client.call("", "test.Fields"))["service"] == "test.Fields+"
+    assert fields_of(client.call("", "test.Fields"))["service"] == "test.Fields+"
 
 
 # --- failures: one exception type, qrexec's exit codes --------------------------------
@@ -309,7 +305,7 @@ def test_a_service_that_answers_without_reading_its_input(world: World) -> None:
         return out, list(closed)
 
     out, closed_when_returned = asyncio.run(run())
-    assert fields(out)["service"] == "test.Fields+" and closed_when_returned == [True]
+    assert fields_of(out)["service"] == "test.Fields+" and closed_when_returned == [True]
 
 
 CHATTY_CLIENT = """#!/bin/sh

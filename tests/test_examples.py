@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 
 from qubes_socksvc import InputTooLarge
-from qubes_socksvc.testing import call_handler, check_manifest, stream_handler
+from qubes_socksvc.testing import CallOptions, call_handler, check_manifest, stream_handler
 from tests.conftest import REPO
 
 ECHO, HELLO, SHA256, UPPER = (f"qubes_socksvc.examples:{name}" for name in ("echo", "hello", "sha256", "upper"))
@@ -49,8 +49,8 @@ def test_echo_answers_while_the_input_still_comes() -> None:
     ({"service": "example.Hello+", "source": "personal", "target_type": "keyword", "target": "dispvm"},
      "service=example.Hello+\nname=example.Hello\nargument=\nsource=personal\ntarget=keyword:dispvm\n"),
 ])
-def test_hello_shows_the_descriptor(kwargs: dict[str, str], expected: str) -> None:
-    assert call_handler(HELLO, **kwargs).decode() == expected  # type: ignore[arg-type]
+def test_hello_shows_the_descriptor(kwargs: CallOptions, expected: str) -> None:
+    assert call_handler(HELLO, **kwargs).decode() == expected
 
 
 def test_sha256_of_a_large_streamed_input() -> None:

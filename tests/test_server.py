@@ -18,12 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, TEST_MANIFEST, TESTS, RunningDaemon, raw_call, run_cli, world_dir
-
-
-def fields(daemon: RunningDaemon, wire: bytes) -> dict[str, str]:
-    out = daemon.call(wire).decode()
-    return dict(line.split("=", 1) for line in out.splitlines())
+from tests.conftest import REPO, TEST_MANIFEST, TESTS, RunningDaemon, fields_of, raw_call, run_cli, world_dir
 
 
 def assert_still_serving(daemon: RunningDaemon) -> None:
@@ -32,18 +27,18 @@ def assert_still_serving(daemon: RunningDaemon) -> None:
 
 
 def test_vm_descriptor_forms(daemon: RunningDaemon) -> None:
-    assert fields(daemon, b"test.Fields+abc work\0") == {
+    assert fields_of(daemon.call(b"test.Fields+abc work\0")) == {
         "service": "test.Fields+abc", "name": "test.Fields", "argument": "'abc'", "source": "'work'",
         "target_type": "None", "target": "None"}
-    assert fields(daemon, b"test.Fields+ work\0")["argument"] == "''"
-    assert fields(daemon, b"test.Fields work\0")["argument"] == "None"
-    assert fields(daemon, b"test.Fields work\0")["service"] == "test.Fields"
+    assert fields_of(daemon.call(b"test.Fields+ work\0"))["argument"] == "''"
+    assert fields_of(daemon.call(b"test.Fields work\0"))["argument"] == "None"
+    assert fields_of(daemon.call(b"test.Fields work\0"))["service"] == "test.Fields"
 
 
 def test_dom0_descriptor_forms(daemon: RunningDaemon) -> None:
-    named = fields(daemon, b"test.Fields+x sys-usb name dom0\0")
+    named = fields_of(daemon.call(b"test.Fields+x sys-usb name dom0\0"))
     assert (named["source"], named["target_type"], named["target"]) == ("'sys-usb'", "'name'", "'dom0'")
-    keyword = fields(daemon, b"test.Fields work keyword dispvm\0")
+    keyword = fields_of(daemon.call(b"test.Fields work keyword dispvm\0"))
     assert (keyword["target_type"], keyword["target"]) == ("'keyword'", "'dispvm'")
 
 

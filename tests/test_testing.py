@@ -23,22 +23,18 @@ from qubes_socksvc.handlers import HandlerError
 from qubes_socksvc.manifest import ManifestError
 from qubes_socksvc.testing import (
     DEFAULT_MAX_INPUT,
+    CallOptions,
     HandlerStalled,
     async_call_handler,
     call_handler,
     check_manifest,
     stream_handler,
 )
-from tests.conftest import REPO, RunningDaemon
+from tests.conftest import REPO, RunningDaemon, fields_of
 from tests.handlers import blocks_the_loop
 from tests.test_hostile import wait_for_log
 
 FIELDS = "tests.handlers:fields"
-
-
-def fields(**kwargs: object) -> dict[str, str]:
-    out = call_handler(FIELDS, **kwargs).decode()  # type: ignore[arg-type]
-    return dict(line.split("=", 1) for line in out.splitlines())
 
 
 # --- the same Request as the daemon builds ---------------------------------------
@@ -53,29 +49,29 @@ def fields(**kwargs: object) -> dict[str, str]:
     (b"test.Fields+x personal name dom0\0",
      {"service": "test.Fields+x", "source": "personal", "target_type": "name", "target": "dom0"}),
 ])
-def test_same_output_as_the_daemon(daemon: RunningDaemon, wire: bytes, kwargs: dict[str, str]) -> None:
+def test_same_output_as_the_daemon(daemon: RunningDaemon, wire: bytes, kwargs: CallOptions) -> None:
     """The daemon (tests/conftest.py TEST_MANIFEST, test.Fields) and call_handler agree, byte for byte."""
-    assert call_handler(FIELDS, **kwargs) == daemon.call(wire)  # type: ignore[arg-type]
+    assert call_handler(FIELDS, **kwargs) == daemon.call(wire)
 
 
 def test_service_forms_split_at_the_first_plus() -> None:
     """libqrexec/exec.c parse_qubes_rpc_command: NAME, NAME+ (empty argument), NAME+ARG."""
-    assert fields(service="x.Test")["argument"] == "None"
-    assert fields(service="x.Test+")["argument"] == "''"
-    assert fields(service="x.Test+arg") == {
+    assert fields_of(call_handler(FIELDS, service="x.Test"))["argument"] == "None"
+    assert fields_of(call_handler(FIELDS, service="x.Test+"))["argument"] == "''"
+    assert fields_of(call_handler(FIELDS, service="x.Test+arg")) == {
         "service": "x.Test+arg", "name": "x.Test", "argument": "'arg'", "source": "'work'",
         "target_type": "None", "target": "None"}
 
 
 def test_argument_may_contain_plus() -> None:
     """parse_qubes_rpc_command splits at the first '+': qubes.ConnectTCP+fe80++1+22 is a real form."""
-    out = fields(service="x.Test+fe80++1+22")
+    out = fields_of(call_handler(FIELDS, service="x.Test+fe80++1+22"))
     assert (out["name"], out["argument"]) == ("x.Test", "'fe80++1+22'")
 
 
 def test_without_descriptor() -> None:
     """source=None: a service_descriptor: false call (the service as declared, no source)."""
-    assert fields(service="x.Raw", source=None)["source"] == "None"
+    assert fields_of(call_handler(FIELDS, service="x.Raw", source=None))["source"] == "None"
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -84,9 +80,9 @@ def test_without_descriptor() -> None:
     {"target_type": "other", "target": "dom0"}, {"target_type": "name"}, {"target": "dom0"},
     {"source": None, "target_type": "name", "target": "dom0"},
 ])
-def test_descriptors_the_daemon_rejects_are_refused(kwargs: dict[str, object]) -> None:
+def test_descriptors_the_daemon_rejects_are_refused(kwargs: CallOptions) -> None:
     with pytest.raises(ValueError):
-        call_handler(FIELDS, **kwargs)  # type: ignore[arg-type]
+        call_handler(FIELDS, **kwargs)
 
 
 # --- the same adaptation ---------------------------------------------------------
