@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from qubes_socksvc import cli, logs, manifest, server
+from qubes_socksvc.model import Daemon
 from tests.handlers import QUEUED_OUTPUT
 
 
@@ -31,7 +32,7 @@ def journal(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[dict[str, Any]]]:
     cli._setup_logging("mydaemon")
     sent: list[dict[str, Any]] = []
     handler = root.handlers[0]
-    handler.send = lambda MESSAGE, **fields: sent.append({"MESSAGE": MESSAGE, **fields})  # type: ignore[attr-defined]
+    monkeypatch.setattr(handler, "send", lambda MESSAGE, **fields: sent.append({"MESSAGE": MESSAGE, **fields}))
     yield sent
     root.handlers, root.level = saved[0], saved[1]
 
@@ -58,7 +59,8 @@ daemons:
 """
 
 
-async def _call(path: str, wire: bytes) -> bytes:
+async def call(path: str, wire: bytes) -> bytes:
+    """One call on the socket at ``path``: send ``wire``, half-close, read the reply to EOF."""
     reader, writer = await asyncio.open_unix_connection(path)
     writer.write(wire)
     writer.write_eof()
@@ -66,6 +68,23 @@ async def _call(path: str, wire: bytes) -> bytes:
         return await reader.read()
     finally:
         writer.close()
+
+
+def serve_calls(daemon: Daemon, bind_dir: Path, wires: Iterable[bytes]) -> list[bytes]:
+    """Serve ``daemon`` in this process (its log lines reach the journal fixture), make each call
+    in turn on its shared socket in ``bind_dir``, stop; each call's reply."""
+    async def scenario() -> list[bytes]:
+        listeners = server.bind_sockets(daemon, str(bind_dir))
+        serving = server.Server(daemon)
+        running = asyncio.create_task(serving.run(listeners))
+        path = str(bind_dir / f"socksvc-{daemon.name}.sock")
+        replies = [await call(path, wire) for wire in wires]
+        serving.stop()
+        await running
+        return replies
+
+    logs.tag_log_handlers()
+    return asyncio.run(scenario())
 
 
 def test_every_line_of_a_call_carries_its_fields(journal: list[dict[str, Any]], tmp_path: Path) -> None:
@@ -78,19 +97,7 @@ def test_every_line_of_a_call_carries_its_fields(journal: list[dict[str, Any]], 
         b"t.Logs work\0": "t.Logs", b"t.PlainLogs work\0": "t.PlainLogs", b"t.Blocks+0.15 work\0": "t.Blocks+0.15",
         b"t.Slow+5 work\0": "t.Slow+5",
     }
-
-    async def scenario() -> None:
-        listeners = server.bind_sockets(daemon, str(tmp_path))
-        serving = server.Server(daemon)
-        running = asyncio.create_task(serving.run(listeners))
-        path = str(tmp_path / "socksvc-t.sock")
-        for wire in calls:
-            await _call(path, wire)
-        serving.stop()
-        await running
-
-    logs.tag_log_handlers()
-    asyncio.run(scenario())
+    serve_calls(daemon, tmp_path, calls)
     by_service: dict[str, list[dict[str, Any]]] = {}
     for entry in journal:
         if "SERVICE" in entry:
@@ -144,11 +151,11 @@ def test_stopping_cuts_a_call_that_outlives_the_stop_timeout(journal: list[dict[
         listeners = server.bind_sockets(daemon, str(tmp_path))
         serving = server.Server(daemon)
         running = asyncio.create_task(serving.run(listeners))
-        call = asyncio.create_task(_call(str(tmp_path / "socksvc-t.sock"), b"t.Slow+30 work\0"))
+        call_task = asyncio.create_task(call(str(tmp_path / "socksvc-t.sock"), b"t.Slow+30 work\0"))
         await asyncio.sleep(0.3)  # the call is running
         serving.stop()
         await asyncio.wait_for(running, 10)
-        return await asyncio.wait_for(call, 10)
+        return await asyncio.wait_for(call_task, 10)
 
     logs.tag_log_handlers()
     assert asyncio.run(scenario()) == b""  # cut, not "done"
@@ -210,20 +217,8 @@ def test_200_varying_faults_log_one_traceback_and_bounded_lines(journal: list[di
     daemon = manifest.parse(VARYING_MANIFEST, str(tmp_path / "m.yaml")).daemons["t"]
     arguments = [f"x{i:04d}" + ("y" * (LONGEST_ARGUMENT - 5) if i % 10 == 0 else "") for i in range(200)]
     unknown = "u" * (65000 - len("t.Nope+"))  # an undeclared service: its rejection quotes it
-
-    async def scenario() -> None:
-        listeners = server.bind_sockets(daemon, str(tmp_path))
-        serving = server.Server(daemon)
-        running = asyncio.create_task(serving.run(listeners))
-        path = str(tmp_path / "socksvc-t.sock")
-        for argument in arguments:
-            assert await _call(path, f"t.Int+{argument} work\0".encode()) == b""
-        assert await _call(path, f"t.Nope+{unknown} work\0".encode()) == b""
-        serving.stop()
-        await running
-
-    logs.tag_log_handlers()
-    asyncio.run(scenario())
+    wires = [f"t.Int+{argument} work\0".encode() for argument in arguments] + [f"t.Nope+{unknown} work\0".encode()]
+    assert serve_calls(daemon, tmp_path, wires) == [b""] * len(wires)
     messages = [entry["MESSAGE"] for entry in journal if "SERVICE" in entry or "rejected" in entry["MESSAGE"]]
     faults = [m for m in messages if "handler tests.handlers:huge raised" in m]
     assert len(faults) == 1, f"{len(faults)} tracebacks for one fault"
