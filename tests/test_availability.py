@@ -22,7 +22,7 @@ daemons:
     idle_exit: 0
     services:
       c.Segfault:
-        handler: test_availability_handlers:segfault
+        handler: fatal_handlers:segfault
 """
 
 
@@ -39,7 +39,7 @@ def test_a_crashing_c_extension_leaves_its_cause_in_the_log() -> None:
         assert daemon.proc.wait(timeout=30) < 0  # killed by the signal
         log = daemon.log.read_text()
         assert log.count("Fatal Python error: Segmentation fault") == 1, log
-        assert "test_availability_handlers.py\", line" in log and "in segfault" in log, log
+        assert "fatal_handlers.py\", line" in log and "in segfault" in log, log
         assert "call c.Segfault+ from work" in log  # the call it served, logged before
     finally:
         shutil.rmtree(root, ignore_errors=True)

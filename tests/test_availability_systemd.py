@@ -145,7 +145,7 @@ daemons:
       av.Echo:
         handler: qubes_socksvc.examples:echo
       av.Crash:
-        handler: test_availability_handlers:crash
+        handler: fatal_handlers:crash
 """
 
 

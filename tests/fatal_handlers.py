@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
 # Copyright (C) 2026 qubes-socksvc developers
 """Handlers that end the daemon's process, for the availability tests (importable as
-``test_availability_handlers:NAME`` with tests/ on the daemon's PYTHONPATH; no tests here)."""
+``fatal_handlers:NAME`` with tests/ on the daemon's PYTHONPATH; no tests here)."""
 
 from __future__ import annotations
 
