@@ -332,6 +332,23 @@ def test_apply_writes_units_links_and_rpc_config(applied: str) -> None:
     assert {str(p) for p in generated_paths()} == set(owned)
 
 
+def test_the_post_install_hook_announces_what_was_applied(applied: str, tmp_path: Path) -> None:
+    """The installed hook, as qubes.PostInstall runs it after an update, against stand-ins for the
+    two dom0 tools only (qvm-features-request, qubesdb-read): every applied NAME, once, without +ARG."""
+    hook = Path("/etc/qubes/post-install.d/20-qubes-socksvc.sh")
+    assert hook.is_file() and os.access(hook, os.X_OK)
+    requests = tmp_path / "requests"
+    (tmp_path / "qvm-features-request").write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" >> {requests}\n')
+    (tmp_path / "qubesdb-read").write_text("#!/bin/sh\necho full\n")
+    for tool in ("qvm-features-request", "qubesdb-read"):
+        (tmp_path / tool).chmod(0o755)
+    result = subprocess.run([str(hook)], env={**SYSTEM_ENV, "PATH": f"{tmp_path}:{SYSTEM_ENV['PATH']}"},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stderr == "", result
+    assert requests.read_text().splitlines() == [f"supported-rpc.e2e.{name}=1" for name in
+                                                 ("Echo", "Hello", "RawEcho", "Sha256", "Upper")]
+
+
 def test_sockets_listen_0660_group_qubes(manager: UserManager) -> None:
     uid, qubes_gid = pwd.getpwnam(USER).pw_uid, grp.getgrnam("qubes").gr_gid
     sockets = {os.readlink(RPC_DIR / name) for name in ("e2e.Echo", "e2e.RawEcho")}

@@ -130,7 +130,8 @@ def test_deb_ships_runtime_cli_templates_and_an_inactive_conffile(packages: Buil
     assert not [f for f in files if f.startswith("/usr/local/")]
     for page in MAN_PAGES:
         assert page in files
-    assert sorted(deb_control_file(packages.deb, "conffiles").split()) == [POST_INSTALL_HOOK, "/etc/qubes-socksvc.yaml"]
+    assert sorted(deb_control_file(packages.deb, "conffiles").split()) == sorted(
+        [POST_INSTALL_HOOK, "/etc/qubes-socksvc.yaml"])  # debhelper makes every file in /etc a conffile
     assert POST_INSTALL_HOOK in files and deb_modes(packages.deb)[POST_INSTALL_HOOK] == "-rwxr-xr-x"
     script = deb_member_text(packages.deb, "/usr/bin/qubes-socksvc")
     # dh-python 5 (Debian 12) writes "#!/usr/bin/python3", dh-python 6 (Debian 13) "#! /usr/bin/python3":
@@ -229,7 +230,7 @@ def test_rpm_file_list(packages: Built) -> None:
         "rpm", "-qp", "--qf", "[%{FILENAMES} %{FILEFLAGS:fflags}\n]", str(packages.rpm)).splitlines()
         if line.count(" ") == 1)
     assert set(flags["/etc/qubes-socksvc.yaml"]) >= {"c", "n"}, "the manifest must be %config(noreplace)"
-    assert set(flags[POST_INSTALL_HOOK]) >= {"c", "n"}, "the post-install hook: %config(noreplace), as in the .deb"
+    assert POST_INSTALL_HOOK in flags and "c" not in flags[POST_INSTALL_HOOK]  # code, as core-agent ships its hooks
     assert "d" in flags["/usr/share/doc/qubes-socksvc/examples/qubes-socksvc.yaml"]
     licences = [f for f in files if re.fullmatch(r"/usr/share/licenses/qubes-socksvc[^/]*/LICENSE", f)]
     assert len(licences) == 1 and "l" in flags[licences[0]], "%license LICENSE"
