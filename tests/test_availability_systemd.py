@@ -14,9 +14,7 @@ file is removed (RemoveOnStop=yes) and every later call gets nothing.
 from __future__ import annotations
 
 import contextlib
-import grp
 import os
-import pwd
 import secrets
 import shutil
 import socket
@@ -30,12 +28,11 @@ import pytest
 from qubes_socksvc import manifest, model, render
 from qubes_socksvc.layout import File, Layout
 from tests.conftest import REPO, TESTS, world_dir
-from tests.usermanager import Unavailable, UserManager, check_available, ensure_user
+from tests.usermanager import Unavailable, UserManager, qubes_vm_user
 
 pytestmark = pytest.mark.slow
 
 USER = "socksvc-avail"
-SOCKET_DIR = Path("/run/qubes")
 
 
 class Units:
@@ -105,34 +102,15 @@ class Units:
 @pytest.fixture(scope="module")
 def um(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UserManager]:
     try:
-        check_available()
+        with qubes_vm_user(USER):
+            manager = UserManager(USER, tmp_path_factory.mktemp("usermanager") / f"{USER}.log")
+            manager.start()
+            try:
+                yield manager
+            finally:
+                manager.stop()
     except Unavailable as e:
         pytest.skip(f"no systemd user manager here: {e}")
-    created_group = not any(g.gr_name == "qubes" for g in grp.getgrall())
-    created_user = USER not in {p.pw_name for p in pwd.getpwall()}
-    created_dir = not SOCKET_DIR.exists()
-    ensure_user(USER, groups=("qubes",))
-    SOCKET_DIR.mkdir(exist_ok=True)
-    os.chown(SOCKET_DIR, 0, grp.getgrnam("qubes").gr_gid)
-    SOCKET_DIR.chmod(0o2770)  # as in a Qubes VM
-    manager = UserManager(USER, tmp_path_factory.mktemp("usermanager") / f"{USER}.log")
-    try:
-        manager.start()
-    except Unavailable as e:
-        pytest.skip(f"no systemd user manager here: {e}")
-    try:
-        yield manager
-    finally:
-        manager.stop()
-        if created_user:
-            import subprocess
-            subprocess.run(["userdel", "--remove", USER], capture_output=True)
-        if created_dir:
-            with contextlib.suppress(OSError):
-                SOCKET_DIR.rmdir()
-        if created_group:
-            import subprocess
-            subprocess.run(["groupdel", "qubes"], capture_output=True)
 
 
 def daemon_text(name: str, idle_exit: float) -> str:

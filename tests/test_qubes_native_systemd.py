@@ -11,12 +11,10 @@ is what a qube's user session is.  ``/run/qubes-service/NAME`` is what the qube'
 from __future__ import annotations
 
 import contextlib
-import grp
 import os
 import pwd
 import secrets
 import shutil
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,12 +24,11 @@ import pytest
 from qubes_socksvc import install, manifest, model, render
 from qubes_socksvc.layout import Layout
 from tests.conftest import REPO, TESTS, raw_call, world_dir
-from tests.usermanager import Unavailable, UserManager, check_available, ensure_user
+from tests.usermanager import Unavailable, UserManager, qubes_vm_user
 
 pytestmark = pytest.mark.slow
 
 USER = "socksvc-native"
-SOCKET_DIR = Path("/run/qubes")
 
 
 class Template:
@@ -79,26 +76,10 @@ class Template:
 @pytest.fixture(scope="module")
 def user() -> Iterator[str]:
     try:
-        check_available()
+        with qubes_vm_user(USER) as name:
+            yield name
     except Unavailable as e:
         pytest.skip(f"no systemd user manager here: {e}")
-    created_group = not any(g.gr_name == "qubes" for g in grp.getgrall())
-    created_user = USER not in {p.pw_name for p in pwd.getpwall()}
-    created_dir = not SOCKET_DIR.exists()
-    ensure_user(USER, groups=("qubes",))
-    SOCKET_DIR.mkdir(exist_ok=True)
-    os.chown(SOCKET_DIR, 0, grp.getgrnam("qubes").gr_gid)
-    SOCKET_DIR.chmod(0o2770)
-    try:
-        yield USER
-    finally:
-        if created_user:
-            subprocess.run(["userdel", "--remove", USER], capture_output=True)
-        if created_dir:
-            with contextlib.suppress(OSError):
-                SOCKET_DIR.rmdir()
-        if created_group:
-            subprocess.run(["groupdel", "qubes"], capture_output=True)
 
 
 @contextlib.contextmanager

@@ -47,6 +47,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar
 
@@ -109,6 +110,33 @@ def ensure_user(name: str, groups: tuple[str, ...] = ()) -> pwd.struct_passwd:
     if groups:
         subprocess.run(["usermod", "--append", "--groups", ",".join(groups), name], check=True)
     return pw
+
+
+@contextlib.contextmanager
+def qubes_vm_user(name: str, socket_dir: Path = Path("/run/qubes")) -> Iterator[str]:
+    """A user in group ``qubes``, and ``socket_dir`` as in a Qubes VM (2770 root:qubes); what
+    this made (the user, the group, the directory) is removed afterwards, nothing else.
+    Raises Unavailable where no user manager can run."""
+    import grp
+
+    check_available()
+    created_group = not any(g.gr_name == "qubes" for g in grp.getgrall())
+    created_user = name not in {p.pw_name for p in pwd.getpwall()}
+    created_dir = not socket_dir.exists()
+    ensure_user(name, groups=("qubes",))
+    socket_dir.mkdir(exist_ok=True)
+    os.chown(socket_dir, 0, grp.getgrnam("qubes").gr_gid)
+    socket_dir.chmod(0o2770)
+    try:
+        yield name
+    finally:
+        if created_user:
+            subprocess.run(["userdel", "--remove", name], capture_output=True)
+        if created_dir:
+            with contextlib.suppress(OSError):
+                socket_dir.rmdir()
+        if created_group:
+            subprocess.run(["groupdel", "qubes"], capture_output=True)
 
 
 class UserManager:
