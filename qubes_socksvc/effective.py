@@ -457,22 +457,17 @@ class _Settler:
         return True
 
     def run(self) -> None:
-        names = {qrexec.split_service(k)[0] for k, _ in self.declared.values()}
-        names |= {n for n in self.disk_names() if n not in names}
+        names = {qrexec.split_service(k)[0] for k, _ in self.declared.values()} | self.disk_names()
         for name in sorted(names):
             calls = _calls(name, self.tree.files(name))
             for call in calls:
                 self._pin_forgeable(call)
             for call in calls:
                 self._declared_config(call)
-            for call in calls:  # what pinning could not fix
-                reached = _reaches(self.tree, call, self.sockets)
-                if reached is None:
-                    continue
-                config_path, skips = _skips(self.tree, call)
-                if skips:  # a volatile cause is a warning only if it is not ours to add
-                    already = _volatile(config_path) and call in self.now()
-                    self.findings.append(_forgeable_finding(call, *reached, config_path, conflict=not already))
+            # What pinning could not fix; a volatile cause is a warning only if it is not ours to add.
+            for call, (link, what, config_path) in forgeable_calls(self.tree, self.sockets, [name]).items():
+                already = _volatile(config_path) and call in self.now()
+                self.findings.append(_forgeable_finding(call, link, what, config_path, conflict=not already))
         for key, _ in self.declared.values():
             self._shadow(key)
         self._forward_targets()
@@ -500,7 +495,7 @@ class _Settler:
         try:
             config = self.tree.config(path)
         except lookup.LookupFailed:  # unreadable to us: pin qrexec's defaults, descriptor sent
-            config = rpcconfig.Config(skip_service_descriptor=True).effective()
+            config = rpcconfig.Config()
         keys = qrexec.lookup_keys(call)
         if skips and keys:
             pin = f"{self.layout.rpc_config_dir}/{keys[0]}"
