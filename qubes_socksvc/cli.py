@@ -315,16 +315,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _setup_logging(daemon: str) -> None:
+    """Run by systemd (JOURNAL_STREAM set, systemd.exec(5)), log to the journal with fields, as
+    native-protocol datagrams; otherwise to stderr.  Both write the line of each call without
+    logging's generic path (logs.line)."""
+    from . import logs
+
     level = logging.DEBUG if os.environ.get("QUBES_SOCKSVC_DEBUG") else logging.INFO
     handler: logging.Handler
     if os.environ.get("JOURNAL_STREAM"):
-        from systemd.journal import JournalHandler
-
-        handler = JournalHandler(SYSLOG_IDENTIFIER="qubes-socksvc", DAEMON=daemon)
+        handler = logs.JournalLines(SYSLOG_IDENTIFIER="qubes-socksvc", DAEMON=daemon)
         handler.setFormatter(logging.Formatter("%(message)s"))
     else:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(f"qubes-socksvc[{daemon}]: %(levelname)s: %(message)s"))
+        handler = logs.StderrLines(f"qubes-socksvc[{daemon}]: ")
     logging.basicConfig(level=level, handlers=[handler])
 
 

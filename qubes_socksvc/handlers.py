@@ -62,12 +62,14 @@ async def invoke(handler: Handler, request: Request, timeout: float,
     """One call of an adapted handler, as the daemon makes it: within ``timeout`` (0: none),
     a returned ``bytes``/``str`` written, the output drained.  Raises what the handler
     raised, TimeoutError, or TypeError for a result of another type."""
-    # No context manager at all without a timeout: ``python -m bench.against`` with one
-    # ``async with asyncio.timeout(timeout or None)`` instead, the daemon's CPU per warm call
-    # 1.047, 1.038, 1.001 and its latency 1.044, 1.013, 1.035 (three runs): 4 % (issue 23.5).
     if timeout:
         async with asyncio.timeout(timeout):
-            return await invoke(handler, request, 0, on_stall)
+            await _run(handler, request, on_stall)
+    else:
+        await _run(handler, request, on_stall)
+
+
+async def _run(handler: Handler, request: Request, on_stall: Callable[[float], None] | None) -> None:
     call = handler(request)
     result = await (watch_stalls(call, on_stall) if on_stall is not None else call)
     if result is not None:

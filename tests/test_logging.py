@@ -2,18 +2,22 @@
 # Copyright (C) 2026 qubes-socksvc developers
 """Run by systemd (JOURNAL_STREAM set), each call is logged to the journal with its fields.
 
-journald itself does not run on this machine, so the handler's sender is replaced
-by a recorder: what is checked is what the daemon hands to python-systemd.
+journald itself does not run on this machine: the handler sends to a datagram socket of the
+test's own standing in for /run/systemd/journal/socket, and the datagrams are parsed as
+journald parses the native protocol (systemd.io/JOURNAL_NATIVE_PROTOCOL; journald-native.c).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
+import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import pytest
 
@@ -22,18 +26,106 @@ from qubes_socksvc.model import Daemon
 from tests.handlers import QUEUED_OUTPUT
 
 
+def parse_native(datagram: bytes) -> dict[str, str]:
+    """One native-protocol entry, parsed as journald does (journald-native.c:
+    server_process_native_message): ``NAME=value`` lines, or ``NAME``, a little-endian 64-bit
+    length and that many bytes then ``\\n``; a repeated or invalid name fails the test."""
+    entry: dict[str, str] = {}
+    rest = datagram
+    while rest:
+        line_end = rest.index(b"\n")
+        line = rest[:line_end]
+        if b"=" in line:
+            name, value = line.split(b"=", 1)
+            rest = rest[line_end + 1:]
+        else:
+            name, size = line, int.from_bytes(rest[line_end + 1:line_end + 9], "little")
+            value = rest[line_end + 9:line_end + 9 + size]
+            assert rest[line_end + 9 + size:line_end + 10 + size] == b"\n", "binary field not ended by a newline"
+            rest = rest[line_end + 10 + size:]
+        key = name.decode("ascii")
+        assert logs._FIELD_NAME.fullmatch(key), f"journald drops field {key!r}"
+        assert key not in entry, f"field {key} sent twice"
+        entry[key] = value.decode()
+    return entry
+
+
+class JournalSink(Sequence[dict[str, str]]):
+    """A datagram socket standing in for journald's, read by a thread of its own (a full queue
+    would block the daemon, as journald's does): the entries sent so far, in order."""
+
+    MARK = b"SINK_MARK=%d\n"
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self._entries: list[dict[str, str]] = []
+        self._marks: set[int] = set()
+        self._seen = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data, fds, _, _ = socket.recv_fds(self.sock, 1 << 20, 1)
+            except OSError:  # closed
+                return
+            if fds:  # too large for a datagram: a sealed memfd (journal-send.c)
+                with os.fdopen(fds[0], "rb") as memfd:
+                    data = memfd.read()
+            with self._seen:
+                if data.startswith(b"SINK_MARK="):
+                    self._marks.add(int(data[10:]))
+                elif data:
+                    self._entries.append(parse_native(data))
+                self._seen.notify_all()
+
+    def sync(self) -> list[dict[str, str]]:
+        """Every entry sent before this call: a mark sent now is read after all of them (one
+        receive queue, first in, first out)."""
+        mark = len(self._marks) + 1
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
+            sender.sendto(self.MARK % mark, self.path)
+        with self._seen:
+            assert self._seen.wait_for(lambda: mark in self._marks, timeout=30), "the sink's reader is stuck"
+            return list(self._entries)
+
+    def __len__(self) -> int:
+        return len(self.sync())
+
+    @overload
+    def __getitem__(self, index: int) -> dict[str, str]: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[dict[str, str]]: ...
+    def __getitem__(self, index: int | slice) -> dict[str, str] | list[dict[str, str]]:
+        return self.sync()[index]
+
+    def __iter__(self) -> Iterator[dict[str, str]]:
+        return iter(self.sync())
+
+    def close(self) -> None:
+        self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        self._reader.join(10)
+
+
 @pytest.fixture
-def journal(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[dict[str, Any]]]:
-    pytest.importorskip("systemd.journal")
+def journal(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> Iterator[JournalSink]:
+    """The daemon's logging as serve sets it up under systemd, its journal socket a sink."""
     monkeypatch.setenv("JOURNAL_STREAM", "8:12345")
+    sink = JournalSink(tmp_path_factory.mktemp("journal") / "socket")
+    monkeypatch.setattr(logs, "JOURNAL_SOCKET", sink.path)
     root = logging.getLogger()
     saved = root.handlers[:], root.level
     root.handlers = []
     cli._setup_logging("mydaemon")
-    sent: list[dict[str, Any]] = []
     handler = root.handlers[0]
-    monkeypatch.setattr(handler, "send", lambda MESSAGE, **fields: sent.append({"MESSAGE": MESSAGE, **fields}))
-    yield sent
+    assert isinstance(handler, logs.JournalLines) and handler.path == sink.path
+    yield sink
+    handler.close()
+    sink.close()
     root.handlers, root.level = saved[0], saved[1]
 
 
@@ -87,7 +179,7 @@ def serve_calls(daemon: Daemon, bind_dir: Path, wires: Iterable[bytes]) -> list[
     return asyncio.run(scenario())
 
 
-def test_every_line_of_a_call_carries_its_fields(journal: list[dict[str, Any]], tmp_path: Path) -> None:
+def test_every_line_of_a_call_carries_its_fields(journal: JournalSink, tmp_path: Path) -> None:
     """The daemon's lines (the call, a fault, a stall, a timeout) and the handler's own, from a
     coroutine or a plain handler's thread, all carry SERVICE/SOURCE/TARGET/TARGET_TYPE: one
     journalctl SERVICE=... query shows everything about a service."""
@@ -129,7 +221,7 @@ def test_repeated_faults_are_counted_then_logged_once_per_interval() -> None:
     assert repeats.check("a") is None
 
 
-def test_handler_tracebacks_reach_the_journal(journal: list[dict[str, Any]]) -> None:
+def test_handler_tracebacks_reach_the_journal(journal: JournalSink) -> None:
     try:
         raise RuntimeError("boom")
     except RuntimeError:
@@ -139,7 +231,7 @@ def test_handler_tracebacks_reach_the_journal(journal: list[dict[str, Any]]) -> 
     assert "RuntimeError: boom" in entry["MESSAGE"]
 
 
-def test_stopping_cuts_a_call_that_outlives_the_stop_timeout(journal: list[dict[str, Any]], tmp_path: Path,
+def test_stopping_cuts_a_call_that_outlives_the_stop_timeout(journal: JournalSink, tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """Server.stop: running calls get STOP_TIMEOUT to finish; one still running then is cancelled,
     the log says why, the caller's connection is cut, and the daemon's run() ends."""
@@ -208,7 +300,7 @@ daemons:
 LONGEST_ARGUMENT = 65000 - len("t.Int+")
 
 
-def test_200_varying_faults_log_one_traceback_and_bounded_lines(journal: list[dict[str, Any]],
+def test_200_varying_faults_log_one_traceback_and_bounded_lines(journal: JournalSink,
                                                                 tmp_path: Path) -> None:
     """``int(request.argument)`` (tests.handlers:huge) fails with a message quoting the argument,
     different on every call: the fault is still one (service, exception type), logged once per
