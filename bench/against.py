@@ -22,7 +22,7 @@ from pathlib import Path
 
 from . import client
 from .figures import DAEMON, DESCRIPTOR, SMALL_INPUT, Bench, Sizes
-from .processes import NO_UVLOOP, REPO, SYSTEM_PYTHON, Process, Workdir, child_env, precompile, start_floor
+from .processes import NO_UVLOOP, REPO, SYSTEM_PYTHON, Journal, Process, Workdir, precompile, start_floor
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -32,7 +32,8 @@ def _cpu_seconds(pid: int) -> float:
 
 
 def _start(bench: Bench, tree: Path, tag: str, stock_loop: bool) -> Process:
-    """``serve`` from ``tree``, with the spec (or, before the compiled spec existed, the manifest)."""
+    """``serve`` from ``tree``, with the spec (or, before the compiled spec existed, the manifest),
+    logging as its unit would: to the journal (a sink standing in for journald, Journal)."""
     bind = bench.work.path / f"against-{tag}"
     bind.mkdir()
     bind.chmod(0o777)
@@ -40,8 +41,10 @@ def _start(bench: Bench, tree: Path, tag: str, stock_loop: bool) -> Process:
         else ["-c", str(bench.manifest)]
     pythonpath = f"{NO_UVLOOP}:{tree}" if stock_loop else str(tree)
     argv = [SYSTEM_PYTHON, "-m", "qubes_socksvc", "serve", DAEMON, *source, "--bind-dir", str(bind)]
-    return Process(tag, argv, str(bind / os.path.basename(bench.activation_socket)), bench.work.path / f"{tag}.log",
-                   env=child_env(PYTHONPATH=pythonpath)).wait_listening()
+    sink = bench.journal.sink(tag)
+    return Process(tag, Journal.argv(sink, argv), str(bind / os.path.basename(bench.activation_socket)),
+                   bench.work.path / f"{tag}.log", drop=False,
+                   env=Journal.env(sink, PYTHONPATH=pythonpath)).wait_listening()
 
 
 def compare(rev: str, rounds: int, calls: int, stock_loop: bool) -> list[str]:
@@ -67,7 +70,7 @@ def compare(rev: str, rounds: int, calls: int, stock_loop: bool) -> list[str]:
                     cpu[name].append((_cpu_seconds(server.pid) - before) / calls)
                     latency[name].append(statistics.median(times))
         finally:
-            for server in servers.values():
+            for server in [*servers.values(), *bench.journal.sinks]:
                 server.stop()
     finally:
         subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(old)], check=False)
@@ -78,13 +81,20 @@ def compare(rev: str, rounds: int, calls: int, stock_loop: bool) -> list[str]:
         return statistics.median(a / b for a, b in zip(values["this"], values[rev], strict=True))
 
     med = statistics.median
+
+    def vs_floor(name: str) -> float:
+        return med(a / b for a, b in zip(latency[name], latency["floor"], strict=True))
     loop = "asyncio's loop" if stock_loop else "the default loop"
+    spread = {name: f"{min(ratios):.3f}-{max(ratios):.3f}" for name, ratios in (
+        ("latency", [a / b for a, b in zip(latency["this"], latency[rev], strict=True)]),
+        ("cpu", [a / b for a, b in zip(cpu["this"], cpu[rev], strict=True)]))}
     return [
-        f"warm call, {rounds} rounds x {calls} calls, {loop}, side by side with {rev}:",
+        f"warm call, {rounds} rounds x {calls} calls, {loop}, side by side with {rev}; logging: {bench.journal.how}:",
         f"  median latency   this {med(latency['this']) * 1e6:.0f} µs   {rev} {med(latency[rev]) * 1e6:.0f} µs"
-        f"   floor {med(latency['floor']) * 1e6:.0f} µs   this/{rev} {ratio(latency):.3f}",
+        f"   floor {med(latency['floor']) * 1e6:.0f} µs   this/{rev} {ratio(latency):.3f} (rounds {spread['latency']})"
+        f"   this/floor {vs_floor('this'):.3f}   {rev}/floor {vs_floor(rev):.3f}",
         f"  daemon CPU/call  this {med(cpu['this']) * 1e6:.1f} µs   {rev} {med(cpu[rev]) * 1e6:.1f} µs"
-        f"   this/{rev} {ratio(cpu):.3f}",
+        f"   this/{rev} {ratio(cpu):.3f} (rounds {spread['cpu']})",
     ]
 
 

@@ -27,6 +27,7 @@ from .processes import (
     NO_UVLOOP,
     REPO,
     SYSTEM_PYTHON,
+    Journal,
     Process,
     Workdir,
     account,
@@ -123,6 +124,9 @@ class Bench:
         self.spec = compile_spec(work, self.manifest, DAEMON)
         self.notes: list[str] = []
         self._tags = 0
+        self.journal = Journal(work)
+        self._sinks: dict[int, Process] = {}
+        """Each daemon's journal sink, by the daemon's pid."""
         uvloop = uvloop_version()
         self.variants = [Variant("", f"uvloop {uvloop}" if uvloop else "asyncio", str(REPO))]
         if uvloop:
@@ -134,8 +138,25 @@ class Bench:
 
     def daemon(self, variant: Variant | None = None) -> Process:
         v = variant or self.variants[0]
-        return start_daemon(self.work, self.spec, DAEMON, self.activation_socket, self._tag(),
-                            pythonpath=v.pythonpath, name=f"qubes-socksvc{v.mark}")
+        tag = self._tag()
+        sink = self.journal.sink(tag)
+        daemon = start_daemon(self.work, self.spec, DAEMON, self.activation_socket, tag,
+                              pythonpath=v.pythonpath, name=f"qubes-socksvc{v.mark}", journal=sink)
+        if sink is not None:
+            self._sinks[daemon.pid] = self.journal.sinks[-1]
+        return daemon
+
+    def _logged_calls(self, daemon: Process) -> int:
+        """How many example.Echo calls the stopped ``daemon`` logged at INFO (to its journal
+        sink, or its log file); BenchError if it logged an error there."""
+        sink = self._sinks.pop(daemon.pid, None)
+        if sink is None:
+            return daemon.log_text().count(": INFO: call example.Echo from dom0")
+        sink.stop()
+        found = re.search(r"entries (\d+) calls (\d+) errors (\d+)", sink.log_text())
+        if found is None or found[3] != "0":
+            raise client.BenchError(f"{daemon.name}'s journal sink: {sink.log_text()[-2000:]}")
+        return int(found[2])
 
     def floor(self) -> Process:
         return start_floor(self.work, self._tag())
@@ -159,28 +180,30 @@ class Bench:
                 exe.append(median([self._exec_call(SMALL_INPUT) for _ in range(s.exec_calls)]))
             rows = []
             for v, d in zip(self.variants, daemons, strict=True):
+                limit = 1.3 if v.mark else 1.1  # issue 26: uvloop's (the package's) within 1.10x
                 vs_floor = median([a / b for a, b in zip(lat[d.name], lat[floor.name], strict=True)])
                 vs_exec = median([e / a for e, a in zip(exe, lat[d.name], strict=True)])
                 rows += [
                     Row(f"1a{v.mark}", v.label(f"warm call, {len(SMALL_INPUT)} B echo: median latency"),
                         seconds(median(lat[d.name])), f"floor {seconds(median(lat[floor.name]))}", ratio(vs_floor),
-                        "≤ 1.3x floor", judge(vs_floor <= 1.3)),
+                        f"≤ {limit}x floor", judge(vs_floor <= limit)),
                     Row(f"1b{v.mark}", v.label("warm call vs one process per call"), seconds(median(lat[d.name])),
                         f"exec {seconds(median(exe))}", f"{ratio(vs_exec)} faster", "≥ 60x faster",
                         judge(vs_exec >= 60)),
                 ]
             rows += self._concurrent(daemons, floor)
-            least = s.rounds * s.warm_calls + s.load_rounds * s.callers * s.calls_each
-            for d in daemons:
-                self._check_log(d)
-                logged = d.log_text().count(": INFO: call example.Echo from dom0")
-                if logged < least:
-                    raise client.BenchError(f"{d.name} logged {logged} calls at INFO, fewer than the {least} made")
-            self.notes.append(f"1, 2: every call was logged at INFO by the daemon (at least {least} lines each)")
-            return rows
         finally:
             for p in servers:
                 p.stop()
+        least = s.rounds * s.warm_calls + s.load_rounds * s.callers * s.calls_each
+        for d in daemons:
+            self._check_log(d)
+            logged = self._logged_calls(d)
+            if logged < least:
+                raise client.BenchError(f"{d.name} logged {logged} calls at INFO, fewer than the {least} made")
+        self.notes.append(f"1, 2, 3: the daemon logs as its unit does: {self.journal.how}; every call of 1 and 2 "
+                          f"was logged at INFO (at least {least} lines each)")
+        return rows
 
     def _exec_call(self, data: bytes) -> float:
         env = child_env(QREXEC_SERVICE_FULL_NAME="example.Echo", QREXEC_REMOTE_DOMAIN="dom0")
@@ -243,6 +266,7 @@ class Bench:
             client.stream(warm.socket, DESCRIPTOR, warm_up, block)
         finally:
             warm.stop()
+            self._logged_calls(warm)
         for r in range(s.stream_rounds):
             for v in _rotated(contenders, r):
                 if v is None:
@@ -260,6 +284,7 @@ class Bench:
                     self._check_log(daemon)
                 finally:
                     daemon.stop()
+                    self._logged_calls(daemon)
         size = f"{s.stream_bytes >> 30} GiB" if s.stream_bytes >= 1 << 30 else f"{s.stream_bytes >> 20} MiB"
         rows = []
         for v in self.variants:

@@ -216,15 +216,63 @@ def serve_argv(daemon: str, spec: Path, *python_options: str) -> list[str]:
     return [SYSTEM_PYTHON, *python_options, "-P", "-m", "qubes_socksvc", "serve", daemon, "--spec", str(spec)]
 
 
+class Journal:
+    """Where the daemons log: to the journal as their units do, through a stand-in for journald.
+
+    journald does not run here (no systemd as PID 1), so bench/journal_sink.py binds a
+    datagram socket at ``DIR/journal/socket`` and each daemon runs in a mount namespace of its
+    own (unshare(1), as root) where ``DIR`` is mounted over /run/systemd: it sends to
+    /run/systemd/journal/socket, unchanged, with ``JOURNAL_STREAM`` set as systemd sets it.
+    Not root (no mount namespace): the daemons log to stderr, a file, and ``how`` says so.
+    """
+
+    def __init__(self, work: Workdir) -> None:
+        self.sinks: list[Process] = []
+        self.work = work
+        self.usable = as_root() and shutil.which("unshare") is not None and os.path.isdir("/run/systemd") \
+            and subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode == 0
+        self.how = ("journal (native protocol) to a datagram sink standing in for /run/systemd/journal/socket"
+                    if self.usable else "stderr to a file (not root: no mount namespace for a journal sink)")
+
+    def sink(self, tag: str) -> Path | None:
+        """A new sink's directory, its socket listening (None when not usable)."""
+        if not self.usable:
+            return None
+        directory = self.work.path / f"journal-{tag}"
+        directory.mkdir()
+        directory.chmod(0o755)
+        # In a network namespace of its own, where its receive queue holds 512 datagrams as
+        # systemd's sysctl.d/50-default.conf sets net.unix.max_dgram_qlen (the kernel's 10 here).
+        argv = ["unshare", "--net", "sh", "-c", 'echo 512 > /proc/sys/net/unix/max_dgram_qlen && exec "$@"', "sh",
+                SYSTEM_PYTHON, str(BENCH / "journal_sink.py"), str(directory)]
+        process = Process(f"journal sink {tag}", argv, "", self.work.path / f"journal-{tag}.log", drop=False)
+        self.sinks.append(process)
+        process.wait_until(lambda: (directory / "journal/socket").exists(), "listening")
+        return directory
+
+    @staticmethod
+    def argv(directory: Path | None, argv: Sequence[str]) -> list[str]:
+        """``argv`` (as root, still) run with ``directory`` over /run/systemd, then as nobody."""
+        if directory is None:
+            return [*drop_privileges_argv(), *argv]
+        return ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                'mount --bind "$0" /run/systemd && exec "$@"', str(directory), *drop_privileges_argv(), *argv]
+
+    @staticmethod
+    def env(directory: Path | None, **extra: str) -> dict[str, str]:
+        return child_env(**extra) if directory is None else child_env(JOURNAL_STREAM="0:0", **extra)
+
+
 def start_daemon(work: Workdir, spec: Path, daemon: str, socket_path: str, tag: str,
-                 pythonpath: str = str(REPO), name: str = "qubes-socksvc") -> Process:
-    """``qubes-socksvc serve`` binding the spec's ``socket_path`` in a directory of its own."""
+                 pythonpath: str = str(REPO), name: str = "qubes-socksvc", journal: Path | None = None) -> Process:
+    """``qubes-socksvc serve`` binding the spec's ``socket_path`` in a directory of its own; logging
+    to the journal sink at ``journal`` (Journal.sink) when given, else to its log file."""
     bind_dir = work.path / f"daemon-{tag}"
     bind_dir.mkdir()
     bind_dir.chmod(0o777)
-    argv = [*serve_argv(daemon, spec), "--bind-dir", str(bind_dir)]
+    argv = Journal.argv(journal, [*serve_argv(daemon, spec), "--bind-dir", str(bind_dir)])
     return Process(name, argv, str(bind_dir / os.path.basename(socket_path)), work.path / f"daemon-{tag}.log",
-                   env=child_env(PYTHONPATH=pythonpath)).wait_listening()
+                   drop=False, env=Journal.env(journal, PYTHONPATH=pythonpath)).wait_listening()
 
 
 def start_floor(work: Workdir, tag: str, pythonpath: str = f"{NO_UVLOOP}:{REPO}") -> Process:

@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
                 notes += extra
             rows += result
     finally:
+        for sink in bench.journal.sinks:
+            sink.stop()
         work.cleanup()
     rows.sort(key=lambda r: r.id)
     mode = " (--quick: sizes too small to mean anything)" if args.quick else ""
