@@ -10,6 +10,7 @@ journald parses the native protocol (systemd.io/JOURNAL_NATIVE_PROTOCOL; journal
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import os
 import socket
@@ -162,9 +163,13 @@ async def call(path: str, wire: bytes) -> bytes:
         writer.close()
 
 
-def serve_calls(daemon: Daemon, bind_dir: Path, wires: Iterable[bytes]) -> list[bytes]:
+def serve_calls(daemon: Daemon, bind_dir: Path, wires: Iterable[bytes],
+                also: Sequence[logging.Handler] = ()) -> list[bytes]:
     """Serve ``daemon`` in this process (its log lines reach the journal fixture), make each call
-    in turn on its shared socket in ``bind_dir``, stop; each call's reply."""
+    in turn on its shared socket in ``bind_dir``, stop; each call's reply.
+
+    Meanwhile the root logger has the daemon's own handlers only, as under ``serve`` (not pytest's
+    capturing handler, which would send the line of each call through ``logging``), and ``also``."""
     async def scenario() -> list[bytes]:
         listeners = server.bind_sockets(daemon, str(bind_dir))
         serving = server.Server(daemon)
@@ -175,8 +180,14 @@ def serve_calls(daemon: Daemon, bind_dir: Path, wires: Iterable[bytes]) -> list[
         await running
         return replies
 
-    logs.tag_log_handlers()
-    return asyncio.run(scenario())
+    root = logging.getLogger()
+    saved = root.handlers
+    root.handlers = [*(h for h in saved if isinstance(h, logs.LineHandler)), *also]
+    try:
+        logs.tag_log_handlers()
+        return asyncio.run(scenario())
+    finally:
+        root.handlers = saved
 
 
 def test_every_line_of_a_call_carries_its_fields(journal: JournalSink, tmp_path: Path) -> None:
@@ -209,6 +220,83 @@ def test_every_line_of_a_call_carries_its_fields(journal: JournalSink, tmp_path:
     assert by_service["t.Echo+x"][0]["PRIORITY"] == str(6)  # LOG_INFO
     assert by_service["t.Echo+x"][0]["SYSLOG_IDENTIFIER"] == "qubes-socksvc"
     assert by_service["t.Echo+x"][0]["DAEMON"] == "mydaemon"
+
+
+class Records(logging.Handler):
+    """A handler that is not the daemon's own: with it installed, logs.line goes through logging."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+#: What the line of a call on t.Echo+x from work (in dom0's form, to name dom0) sends to the journal.
+CALL_LINE_FIELDS = {"MESSAGE": "call t.Echo+x from work to name dom0", "PRIORITY": "6",
+                    "LOGGER": "qubes_socksvc.server", "THREAD_NAME": "MainThread", "PROCESS_NAME": "MainProcess",
+                    "CODE_FUNC": "started", "SERVICE": "t.Echo+x", "SOURCE": "work", "TARGET": "dom0",
+                    "TARGET_TYPE": "name", "SYSLOG_IDENTIFIER": "qubes-socksvc", "DAEMON": "mydaemon"}
+
+
+def test_the_call_line_reaches_the_journal_with_journalhandlers_fields(journal: JournalSink, tmp_path: Path) -> None:
+    """The line each call logs, written straight by the daemon's journal handler (logs.line), is
+    one native-protocol entry with the same fields, and values, as the same line through
+    ``logging``; and those are what python-systemd's JournalHandler sent for it, less what
+    journald drops (lower-case names) and CODE_ARGS, which repeats MESSAGE."""
+    daemon = manifest.parse(FIELDS_MANIFEST, str(tmp_path / "m.yaml")).daemons["t"]
+    wire = b"t.Echo+x work name dom0\0hi"
+    assert serve_calls(daemon, tmp_path, [wire]) == [b"hi"]
+    direct = [e for e in journal if e.get("SERVICE") == "t.Echo+x"]
+    assert len(direct) == 1
+    code = {k: direct[0].pop(k) for k in ("CODE_FILE", "CODE_LINE")}
+    assert direct[0] == CALL_LINE_FIELDS
+    assert code["CODE_FILE"] == server.__file__ and int(code["CODE_LINE"]) > 0
+
+    records = Records()  # now logs.line takes logging's path: the journal gets the record too
+    serve_calls(daemon, tmp_path, [wire], also=[records])
+    through_logging = [e for e in journal if e.get("SERVICE") == "t.Echo+x"][1]
+    assert through_logging == {**CALL_LINE_FIELDS, **code}
+    record = next(r for r in records.records if r.getMessage().startswith("call t.Echo+x"))
+
+    journal_module = pytest.importorskip("systemd.journal")
+    sent: dict[str, Any] = {}
+    handler = journal_module.JournalHandler(SYSLOG_IDENTIFIER="qubes-socksvc", DAEMON="mydaemon",
+                                            sender_function=lambda MESSAGE, **f: sent.update(MESSAGE=MESSAGE, **f))
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.emit(record)
+    kept = {k: str(v) for k, v in sent.items() if logs._FIELD_NAME.fullmatch(k) and k != "CODE_ARGS"}
+    assert kept == {**CALL_LINE_FIELDS, **code}
+
+
+def test_the_stderr_lines_are_unchanged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not run by systemd, each line goes to stderr as ``qubes-socksvc[DAEMON]: LEVEL: message``:
+    the call's line written straight (logs.line), the handler's own and the daemon's other lines
+    through ``logging``; the call's line is the same text when it takes logging's path."""
+    monkeypatch.delenv("JOURNAL_STREAM", raising=False)
+    stderr = io.StringIO()
+    monkeypatch.setattr("sys.stderr", stderr)
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    root.handlers = []
+    try:
+        cli._setup_logging("mydaemon")
+        assert isinstance(root.handlers[0], logs.StderrLines)
+        daemon = manifest.parse(FIELDS_MANIFEST, str(tmp_path / "m.yaml")).daemons["t"]
+        serve_calls(daemon, tmp_path, [b"t.Echo+x work\0hi", b"t.Logs work\0"])
+        direct = stderr.getvalue()
+        stderr.truncate(0)
+        stderr.seek(0)
+        serve_calls(daemon, tmp_path, [b"t.Echo+x work\0hi", b"t.Logs work\0"], also=[Records()])
+        through_logging = stderr.getvalue()
+    finally:
+        root.handlers, root.level = saved[0], saved[1]
+    lines = [line for line in direct.splitlines() if "call" in line or "own line" in line]
+    assert lines == ["qubes-socksvc[mydaemon]: INFO: call t.Echo+x from work",
+                     "qubes-socksvc[mydaemon]: INFO: call t.Logs from work",
+                     "qubes-socksvc[mydaemon]: WARNING: handler's own line"], direct
+    assert through_logging == direct
 
 
 def test_repeated_faults_are_counted_then_logged_once_per_interval() -> None:

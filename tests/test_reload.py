@@ -5,6 +5,7 @@ while calls in flight finish on the spec they started with."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -110,6 +111,76 @@ def test_apply_reaches_the_running_daemon_without_dropping_a_call(world: tuple[P
     assert hashlib.sha256(received).digest() == hashlib.sha256(stream.data).digest()  # byte-exact
     assert daemon.proc.pid == pid and daemon.proc.poll() is None
     assert daemon.log.read_text().count("reloaded: serving spec") == 1
+
+
+def rename_in(spec: Path, data: bytes) -> float:
+    """Write ``data`` beside ``spec`` and rename it into place, as apply does; the rename's time."""
+    tmp = spec.with_name(".r.json.tmp")
+    tmp.write_bytes(data)
+    renamed = time.monotonic()
+    tmp.rename(spec)
+    return renamed
+
+
+def test_the_first_call_after_apply_renames_a_spec_in_is_served_with_it(
+        world: tuple[Path, Path, SpecDaemon]) -> None:
+    """docs/daemon.md, Live reload: a spec apply renamed into place serves every call that starts
+    afterwards, the very first one included (server.SpecWatch: inotify on the spec's directory),
+    whether it comes at once or later; 20 renames, each followed by one call only."""
+    root, manifest, daemon = world
+    spec = root / "var/lib/qubes-socksvc/daemons/r.json"
+    before = spec.read_bytes()
+    reapply(manifest, root, AFTER)
+    assert b"source='work'" in daemon.call(b"r.Added+ work\0")  # the first call after apply itself
+    after = spec.read_bytes()
+    delays = []
+    for i in range(20):
+        added = i % 2 == 0
+        renamed = rename_in(spec, after if added else before)
+        if i % 4 == 1:
+            time.sleep(0.3)  # the call comes later: the reload happened meanwhile
+        reply = daemon.call(b"r.Added+ work\0")
+        delays.append(time.monotonic() - renamed)
+        assert (b"source='work'" in reply) == added, (i, reply, daemon.log.read_text()[-2000:])
+    assert daemon.log.read_text().count("reloaded: serving spec") == 21
+    assert max(d for i, d in enumerate(delays) if i % 4 != 1) < 1.0, delays
+
+
+def test_without_inotify_each_call_looks_at_the_spec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where inotify cannot be had (SpecWatch.start: None, e.g. fs.inotify.max_user_instances
+    reached), the daemon stat()s the spec before each call: just as prompt."""
+    monkeypatch.setattr(server.SpecWatch, "start", classmethod(lambda cls, path, on_change: None))
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))  # the manifest's handlers:fields
+    (tmp_path / "manifest.yaml").write_text(BEFORE)
+    apply(tmp_path / "manifest.yaml", tmp_path, check=True)
+    spec = tmp_path / "var/lib/qubes-socksvc/daemons/r.json"
+    before = spec.read_bytes()
+    reapply(tmp_path / "manifest.yaml", tmp_path, AFTER)
+    after = spec.read_bytes()
+    rename_in(spec, before)
+
+    def load() -> tuple[model.Daemon, str]:
+        loaded = model.load(str(spec))
+        return loaded.daemon, loaded.id
+
+    async def scenario() -> list[bool]:
+        daemon, spec_id = load()
+        listeners = server.bind_sockets(daemon, str(tmp_path))
+        serving = server.Server(daemon, source=server.Source(load, watch=str(spec)), spec_id=spec_id)
+        running = asyncio.create_task(serving.run(listeners))
+        served = []
+        for i in range(6):
+            rename_in(spec, after if i % 2 == 0 else before)
+            reader, writer = await asyncio.open_unix_connection(str(tmp_path / "socksvc-r.sock"))
+            writer.write(b"r.Added+ work\0")
+            writer.write_eof()
+            served.append(b"source='work'" in await reader.read())
+            writer.close()
+        serving.stop()
+        await running
+        return served
+
+    assert asyncio.run(scenario()) == [True, False] * 3
 
 
 def test_sighup_reloads_what_the_file_stamp_did_not_show(world: tuple[Path, Path, SpecDaemon]) -> None:
