@@ -91,10 +91,11 @@ def compare(rev: str, rounds: int, calls: int, stock_loop: bool) -> list[str]:
     return [
         f"warm call, {rounds} rounds x {calls} calls, {loop}, side by side with {rev}; logging: {bench.journal.how}:",
         f"  median latency   this {med(latency['this']) * 1e6:.0f} µs   {rev} {med(latency[rev]) * 1e6:.0f} µs"
-        f"   floor {med(latency['floor']) * 1e6:.0f} µs   this/{rev} {ratio(latency):.3f} (rounds {spread['latency']})"
-        f"   this/floor {vs_floor('this'):.3f}   {rev}/floor {vs_floor(rev):.3f}",
+        f"   floor {med(latency['floor']) * 1e6:.0f} µs   this/{rev} {ratio(latency):.3f}",
         f"  daemon CPU/call  this {med(cpu['this']) * 1e6:.1f} µs   {rev} {med(cpu[rev]) * 1e6:.1f} µs"
-        f"   this/{rev} {ratio(cpu):.3f} (rounds {spread['cpu']})",
+        f"   this/{rev} {ratio(cpu):.3f}",
+        f"  spread of this/{rev} over the rounds: latency {spread['latency']}, CPU {spread['cpu']}; "
+        f"latency/floor: this {vs_floor('this'):.3f}, {rev} {vs_floor(rev):.3f}",
     ]
 
 

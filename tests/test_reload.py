@@ -184,7 +184,7 @@ def test_without_inotify_each_call_looks_at_the_spec(tmp_path: Path, monkeypatch
 
 
 def test_sighup_reloads_what_the_file_stamp_did_not_show(world: tuple[Path, Path, SpecDaemon]) -> None:
-    """A spec rewritten in place with the same size and mtime is not seen by the per-call stat;
+    """A spec rewritten in place with the same size and mtime is not seen by its stamp;
     SIGHUP (systemctl --user reload: ExecReload=) loads it anyway."""
     root, manifest, daemon = world
     spec = root / "var/lib/qubes-socksvc/daemons/r.json"
