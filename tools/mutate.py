@@ -3,18 +3,24 @@
 # Copyright (C) 2026 qubes-socksvc developers
 """Mutation testing of the trust boundary: do the tests fail when the code is wrong?
 
-Each mutant is one small change to one module (a flipped comparison, a dropped
-call or ``raise``, a constant off by one, ``\\Z`` -> ``$``, ``and``/``or``,
-``True``/``False``, a flag dropped from ``A | B``, ``return X`` -> ``return None``,
-one member of the module's own Enum for another, ``continue``/``break``),
-run against the test files that execute its line in a world-readable copy of the
-checkout under /tmp (the daemon runs as "nobody"), never in the checkout itself.
-Which files execute which line is measured first, with coverage, in every process
-a test starts (the daemons too): a mutant runs only those files, fastest first, and
-a mutant on a line no test executes survives without a run.  A mutant is killed when the tests fail, timed out when
-they run past the timeout, survived when they pass.  Mutants listed in
-tools/mutation-equivalent.txt (reviewed: no caller can tell) are counted apart.
-The unmutated tests must pass first.  Ctrl-C prints the table of the mutants run so far.
+Each mutant is one small change to one module (OPERATORS lists them all), run against the
+tests that execute its line, in a world-readable copy of the checkout under /tmp (the daemon
+runs as "nobody"), never in the checkout itself.
+
+Which *tests* execute which line is measured first, with coverage, in every process a test
+starts (the daemons too): each line is tagged with the test (pytest node id) that was running
+when the process executing it started or switched to it.  A mutant runs those tests, fastest
+first, stopping at the first failure.  A mutant that survives them runs again against the
+whole files those tests are in (a daemon a fixture started for one test may serve the next
+ones): only then is it a survivor.  A mutant on a line no test executes is a survivor, without
+a run.  A mutant is killed when a test fails (the failing test is kept in the log), timed out
+when the tests run past the timeout, survived when they pass.
+
+Mutants listed in tools/mutation-equivalent.txt (reviewed: no caller can tell), keyed by module,
+line and text, are counted apart and leave the denominator; those in
+tools/mutation-untestable.txt (real, but no test can arrange it here, e.g. a power cut) are a
+column of their own and stay in it.  The unmutated tests must pass first.  Ctrl-C prints the
+table of the mutants run so far.
 
     python3 tools/mutate.py [--jobs 4] [--timeout SECONDS] [--only MODULE ...] [--list] [--again]
 """
@@ -25,54 +31,81 @@ import argparse
 import ast
 import concurrent.futures
 import difflib
+import json
 import os
 import queue
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 PKG = "qubes_socksvc"
 EQUIVALENT = REPO / "tools" / "mutation-equivalent.txt"
+UNTESTABLE = REPO / "tools" / "mutation-untestable.txt"
 SURVIVORS = REPO / "build" / "mutation-survivors.txt"
+LOG = REPO / "build" / "mutation-log.txt"
+COVERAGE = REPO / "build" / "mutation-coverage.json"
 #: Seconds one test may take in a mutant's run (the slowest unmutated one takes 6 s).
 PER_TEST_TIMEOUT = 60
 
-# module -> (functions to mutate, or None for all; the tests that exercise it)
-MODULES: dict[str, tuple[tuple[str, ...] | None, tuple[str, ...]]] = {
-    "request.py": (None, ("tests/test_testing.py", "tests/test_call_endings.py", "tests/test_server.py",
-                          "tests/test_careless_handlers.py")),
-    "descriptor.py": (None, ("tests/test_descriptor.py", "tests/test_conformance.py", "tests/test_fuzz.py")),
-    "qrexec.py": (None, ("tests/test_descriptor.py", "tests/test_conformance.py", "tests/test_manifest.py",
-                         "tests/test_fuzz.py", "tests/test_call.py", "tests/test_forwards.py",
-                         "tests/test_policy.py")),
-    "rpcconfig.py": (None, ("tests/test_render.py", "tests/test_conformance.py", "tests/test_apply_safety.py",
-                            "tests/test_call.py")),
-    "handlers.py": (None, ("tests/test_testing.py", "tests/test_server.py", "tests/test_spec.py",
-                           "tests/test_careless_handlers.py", "tests/test_hostile.py")),
-    "server.py": (("_call", "_connection", "_accept", "_lookup"),
-                  ("tests/test_call_endings.py", "tests/test_logging.py", "tests/test_server.py",
-                   "tests/test_conformance.py", "tests/test_reload.py", "tests/test_hostile.py",
-                   "tests/test_careless_handlers.py")),
-    "install.py": (None, ("tests/test_apply.py", "tests/test_apply_safety.py", "tests/test_files.py",
-                          "tests/test_render.py")),
-    "lookup.py": (None, ("tests/test_call.py", "tests/test_conformance.py", "tests/test_forwards.py")),
-    "agent.py": (None, ("tests/test_call.py", "tests/test_forwards.py", "tests/test_client_lib.py")),
-    "model.py": (None, ("tests/test_spec.py", "tests/test_testing.py", "tests/test_server.py",
-                        "tests/test_render.py", "tests/test_conformance.py")),
-    "client.py": (None, ("tests/test_client_lib.py",)),
+#: The trust boundary: what reads a caller's bytes, what decides who may call (the generated
+#: units, qubes-rpc entries, rpc-config and dom0 policy) and what writes them to disk.
+MODULES = (
+    # a call: descriptor to handler and back, in the daemon and in `call`
+    "descriptor.py", "qrexec.py", "request.py", "handlers.py", "callcore.py", "server.py", "logs.py",
+    "stalls.py", "lookup.py", "agent.py", "client.py",
+    # the manifest and what apply makes of it
+    "manifest.py", "model.py", "rpcconfig.py", "policy.py", "effective.py", "layout.py", "install.py",
+    "files.py", "features.py",
+)
+#: Test files that check the code's form, not its behaviour (types, lint, imports, packaging
+#: metadata, man pages against the parser): a mutant they alone fail is not killed by a test
+#: a user relies on.  And the benchmark's smoke test, which needs the git history.
+NOT_BEHAVIOUR = ("tests/test_lint.py", "tests/test_readme_types.py", "tests/test_packaging.py",
+                 "tests/test_layering.py", "tests/test_manpages.py", "tests/test_bench_smoke.py")
+
+#: kind: what it does (docs/testing.md shows this table)
+OPERATORS = {
+    "compare": "a comparison flipped or moved off its boundary (== !=, < <=, in / not in, is / is not)",
+    "andor": "and <-> or",
+    "not": "a not dropped",
+    "cond": "a condition (if, elif, a conditional expression) forced True and False; one that is a comparison, "
+            "and/or or not (mutated by its own operators), a while's or a comprehension's, forced False",
+    "bool": "True <-> False",
+    "const": "an integer constant +1 and -1; a float (a time, an interval) 0 and x1000",
+    "arith": "+ <-> -, * <-> //, and the same in augmented assignments (+= <-> -=, |= <-> &=)",
+    "flag": "one operand of A | B dropped",
+    "regex": "\\Z -> $; one member of a character class dropped, or one of @ : / + added",
+    "kwarg": "a keyword argument whose value is not a literal dropped (its default), or 0 for a limit",
+    "assign": "an assignment in a function dropped (to an attribute, an item, or a name bound before)",
+    "call": "a call or await statement dropped",
+    "raise": "a raise dropped",
+    "return": "return X -> return None",
+    "loop": "continue <-> break",
+    "enum": "a member of the module's own Enum for the next one",
 }
 
 FLIP: dict[type[ast.cmpop], type[ast.cmpop]] = {
     ast.Eq: ast.NotEq, ast.NotEq: ast.Eq, ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE,
     ast.GtE: ast.Gt, ast.In: ast.NotIn, ast.NotIn: ast.In, ast.Is: ast.IsNot, ast.IsNot: ast.Is,
 }
+ARITH: dict[type[ast.operator], type[ast.operator]] = {
+    ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.FloorDiv, ast.FloorDiv: ast.Mult,
+}
+AUGMENTED: dict[type[ast.operator], type[ast.operator]] = {**ARITH, ast.BitOr: ast.BitAnd}
+#: A keyword argument with one of these in its name is a limit: 0 is its boundary.
+LIMIT_WORDS = ("max", "limit", "timeout", "size", "len", "count", "interval", "burst", "budget")
+#: What a character class may wrongly let in: qrexec's separators and a path's.
+INTRUDERS = "@:/+"
+REGEX_CALLS = frozenset({"compile", "match", "fullmatch", "search", "sub", "split", "findall", "finditer"})
 
 
 @dataclass(frozen=True)
@@ -86,26 +119,119 @@ class Mutant:
     text: str         # the whole mutated module
 
     @property
-    def ident(self) -> str:
-        return f"{self.module}:{self.line}:{self.kind}: {self.old.strip()} => {self.new.strip()}"
+    def key(self) -> str:
+        """How the equivalent and untestable lists name it: module, line and text together."""
+        return f"{self.module}:{self.line}: {self.old.strip()} => {self.new.strip()}"
+
+    @property
+    def change(self) -> str:
+        """The change without its line, to find it again once lines move."""
+        return f"{self.module}: {self.old.strip()} => {self.new.strip()}"
 
     def diff(self, original: str) -> str:
         return "".join(difflib.unified_diff(original.splitlines(True), self.text.splitlines(True),
                                             f"a/{PKG}/{self.module}", f"b/{PKG}/{self.module}", n=1))
 
 
-def _enums(tree: ast.Module) -> dict[str, list[str]]:
-    """The module's own Enum classes and their members' names."""
-    return {c.name: [t.id for a in c.body if isinstance(a, ast.Assign) for t in a.targets
-                     if isinstance(t, ast.Name) and not t.id.startswith("_")]  # members, not __hash__
-            for c in tree.body if isinstance(c, ast.ClassDef) and any("Enum" in ast.unparse(b) for b in c.bases)}
+@dataclass
+class _Context:
+    """What a node's mutations depend on beyond the node itself."""
+
+    enums: dict[str, list[str]]
+    regexes: set[int] = field(default_factory=set)       # string constants that are patterns
+    conditions: dict[int, str] = field(default_factory=dict)  # test node -> "if" or "while"
+    rebinding: set[int] = field(default_factory=set)     # assignments in a function that can be dropped
 
 
-def _replacements(node: ast.AST, enums: dict[str, list[str]]) -> list[tuple[str, ast.AST | str]]:
+def _rebinding(function: ast.FunctionDef | ast.AsyncFunctionDef) -> Iterator[int]:
+    """The assignments of a function whose loss leaves running code: to an attribute or an item,
+    augmented, or to a name bound before (a parameter, an earlier line).  Dropping a name's first
+    binding only raises NameError at its first use, which any test that runs the line sees."""
+    bound = {a.arg for a in ast.walk(function.args) if isinstance(a, ast.arg)}
+    for node in sorted((n for n in ast.walk(function) if isinstance(n, (ast.Assign, ast.AnnAssign, ast.AugAssign))),
+                       key=lambda n: (n.lineno, n.col_offset)):
+        if getattr(node, "value", None) is None:
+            continue
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+        names = {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+        if isinstance(node, ast.AugAssign) or not all(isinstance(t, ast.Name) for t in targets) or names & bound:
+            yield id(node)
+        bound |= names
+
+
+def _context(tree: ast.Module) -> _Context:
+    enums = {c.name: [t.id for a in c.body if isinstance(a, ast.Assign) for t in a.targets
+                      if isinstance(t, ast.Name) and not t.id.startswith("_")]  # members, not __hash__
+             for c in tree.body if isinstance(c, ast.ClassDef) and any("Enum" in ast.unparse(b) for b in c.bases)}
+    ctx = _Context(enums)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                and isinstance(node.func.value, ast.Name) and node.func.value.id == "re" \
+                and node.func.attr in REGEX_CALLS and node.args and isinstance(node.args[0], ast.Constant):
+            ctx.regexes.add(id(node.args[0]))
+        if isinstance(node, (ast.If, ast.IfExp)) and not isinstance(node.test, ast.Constant) \
+                and "__name__" not in ast.unparse(node.test):
+            # a comparison, and/or or not is mutated by its own operators already: only the check dropped
+            ctx.conditions[id(node.test)] = "guard" if isinstance(node.test, (ast.Compare, ast.BoolOp, ast.UnaryOp)) \
+                else "if"
+        elif isinstance(node, ast.While) and not isinstance(node.test, ast.Constant):
+            ctx.conditions[id(node.test)] = "while"
+        elif isinstance(node, ast.comprehension):
+            ctx.conditions.update((id(test), "if") for test in node.ifs)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            ctx.rebinding.update(_rebinding(node))
+    return ctx
+
+
+def _class_members(pattern: str) -> Iterator[tuple[int, int, list[tuple[int, int]]]]:
+    """(start of the members, end bracket, [(start, end) of each member]) of each character class."""
+    i = 0
+    while i < len(pattern):
+        if pattern[i] == "\\":
+            i += 2
+            continue
+        if pattern[i] != "[":
+            i += 1
+            continue
+        k = i + 1 + (pattern[i + 1:i + 2] == "^")
+        start, members = k, []
+        while k < len(pattern) and (pattern[k] != "]" or k == start):
+            first = k
+            k += 2 if pattern[k] == "\\" else 1
+            if pattern[k:k + 1] == "-" and pattern[k + 1:k + 2] not in ("]", ""):
+                k += 1
+                k += 2 if pattern[k] == "\\" else 1
+            members.append((first, k))
+        yield start, k, members
+        i = k + 1
+
+
+def _regex_mutants(pattern: str) -> list[str]:
+    out = []
+    if "\\Z" in pattern:
+        out.append(pattern.replace("\\Z", "$"))
+    for start, end, members in _class_members(pattern):
+        if len(members) > 1:
+            out += [pattern[:a] + pattern[b:] for a, b in members]
+        cls = pattern[start - 1 if pattern[start - 1] == "[" else start - 2:end + 1]
+        out += [pattern[:start] + ch + pattern[start:] for ch in INTRUDERS if not re.fullmatch(cls, ch)]
+    return out
+
+
+def _is_text(node: ast.AST) -> bool:
+    return isinstance(node, ast.JoinedStr) or (isinstance(node, ast.Constant) and isinstance(node.value, (str, bytes)))
+
+
+def _replacements(node: ast.AST, ctx: _Context) -> list[tuple[str, ast.AST | str]]:
     """(kind, replacement node or source) for every mutation of this one node."""
     out: list[tuple[str, ast.AST | str]] = []
-    if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in enums:
-        out += [("enum", ast.Attribute(node.value, other)) for other in enums[node.value.id] if other != node.attr]
+    role = ctx.conditions.get(id(node))
+    if role is not None:  # `while True` forced would hang: only False
+        out += [("cond", ast.Constant(value)) for value in ((True, False) if role == "if" else (False,))]
+    if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in ctx.enums:
+        members = ctx.enums[node.value.id]
+        if node.attr in members and len(members) > 1:  # the next member: one mutant, not one per member
+            out.append(("enum", ast.Attribute(node.value, members[(members.index(node.attr) + 1) % len(members)])))
     elif isinstance(node, ast.Compare):
         for i, op in enumerate(node.ops):
             if type(op) in FLIP:
@@ -119,11 +245,26 @@ def _replacements(node: ast.AST, enums: dict[str, list[str]]) -> list[tuple[str,
     elif isinstance(node, ast.Constant) and isinstance(node.value, bool):
         out.append(("bool", ast.Constant(not node.value)))
     elif isinstance(node, ast.Constant) and type(node.value) is int:
-        out += [("const+1", ast.Constant(node.value + 1)), ("const-1", ast.Constant(node.value - 1))]
-    elif isinstance(node, ast.Constant) and isinstance(node.value, str) and "\\Z" in node.value:
-        out.append(("regex$", ast.Constant(node.value.replace("\\Z", "$"))))
+        out += [("const", ast.Constant(node.value + 1)), ("const", ast.Constant(node.value - 1))]
+    elif isinstance(node, ast.Constant) and type(node.value) is float and node.value:
+        out += [("const", ast.Constant(0.0)), ("const", ast.Constant(node.value * 1000))]
+    elif isinstance(node, ast.Constant) and id(node) in ctx.regexes and isinstance(node.value, str):
+        out += [("regex", ast.Constant(p)) for p in _regex_mutants(node.value)]
     elif isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr):
         out += [("flag", node.left), ("flag", node.right)]
+    elif isinstance(node, ast.BinOp) and type(node.op) in ARITH and not (_is_text(node.left) or _is_text(node.right)):
+        out.append(("arith", ast.BinOp(node.left, ARITH[type(node.op)](), node.right)))
+    elif isinstance(node, ast.AugAssign) and type(node.op) in AUGMENTED:
+        out.append(("arith", ast.AugAssign(node.target, AUGMENTED[type(node.op)](), node.value)))
+    elif isinstance(node, ast.Call):
+        for i, kw in enumerate(node.keywords):
+            if kw.arg is None or isinstance(kw.value, ast.Constant):
+                continue
+            rest = node.keywords[:i] + node.keywords[i + 1:]
+            out.append(("kwarg", ast.Call(node.func, node.args, rest)))
+            if any(word in kw.arg.lower() for word in LIMIT_WORDS):
+                zero = ast.keyword(kw.arg, ast.Constant(0))
+                out.append(("kwarg", ast.Call(node.func, node.args, [*rest[:i], zero, *rest[i:]])))
     elif isinstance(node, ast.Raise):
         out.append(("raise", "pass"))
     elif isinstance(node, ast.Expr) and isinstance(node.value, (ast.Call, ast.Await)):
@@ -133,11 +274,13 @@ def _replacements(node: ast.AST, enums: dict[str, list[str]]) -> list[tuple[str,
         out.append(("return", "return None"))
     elif isinstance(node, (ast.Continue, ast.Break)):
         out.append(("loop", "break" if isinstance(node, ast.Continue) else "continue"))
+    if id(node) in ctx.rebinding:
+        out.append(("assign", "pass"))
     return out
 
 
 def _skipped(tree: ast.Module) -> set[int]:
-    """ids of nodes never mutated: docstrings, annotations, TYPE_CHECKING blocks, __all__."""
+    """ids of nodes never mutated: docstrings, annotations, TYPE_CHECKING blocks, __all__, f-strings."""
     skip: set[int] = set()
     for node in ast.walk(tree):
         body = getattr(node, "body", None)
@@ -146,7 +289,9 @@ def _skipped(tree: ast.Module) -> set[int]:
             skip.add(id(body[0]))
         annotations = [getattr(node, "returns", None), getattr(node, "annotation", None)]
         if (isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)) \
-                or isinstance(node, ast.JoinedStr):
+                or isinstance(node, ast.JoinedStr) \
+                or (isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__"
+                                                          for t in node.targets)):
             annotations.append(node)
         for ann in annotations:
             if ann is not None:
@@ -154,88 +299,104 @@ def _skipped(tree: ast.Module) -> set[int]:
     return skip
 
 
-def mutants(module: str, functions: tuple[str, ...] | None) -> list[Mutant]:
-    source = (REPO / PKG / module).read_text()
+def mutants(module: str, root: Path = REPO) -> list[Mutant]:
+    """Every mutant of one module, each once (two operators making the same text count once)."""
+    source = (root / PKG / module).read_text()
     tree = ast.parse(source)
     offsets = [0]
     for line in source.splitlines(True):
         offsets.append(offsets[-1] + len(line))
     skip = _skipped(tree)
-    enums = _enums(tree)
-    roots: list[ast.AST] = [tree]
-    if functions is not None:
-        roots = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
-                 and n.name in functions]
-    seen: set[int] = set()
+    ctx = _context(tree)
+    seen: set[str] = set()
     result: list[Mutant] = []
-    for root in roots:
-        node: Any
-        for node in ast.walk(root):
-            if id(node) in skip or id(node) in seen or not hasattr(node, "end_col_offset"):
+    node: Any  # a node with a position (expr, stmt, keyword)
+    for node in ast.walk(tree):
+        if id(node) in skip or not hasattr(node, "end_col_offset"):
+            continue
+        for kind, repl in _replacements(node, ctx):
+            start = offsets[node.lineno - 1] + node.col_offset
+            end = offsets[node.end_lineno - 1] + node.end_col_offset
+            segment = repl if isinstance(repl, str) else f"({ast.unparse(repl)})"
+            text = source[:start] + segment + source[end:]
+            if text in seen:
                 continue
-            seen.add(id(node))
-            for kind, repl in _replacements(node, enums):
-                start = offsets[node.lineno - 1] + node.col_offset
-                end = offsets[node.end_lineno - 1] + node.end_col_offset
-                segment = repl if isinstance(repl, str) else f"({ast.unparse(repl)})"
-                text = source[:start] + segment + source[end:]
-                first = source.splitlines()[node.lineno - 1]
-                new_line = text.splitlines()[node.lineno - 1]
-                result.append(Mutant(module, node.lineno, node.end_lineno, kind, first, new_line, text))
+            try:
+                compile(text, module, "exec", dont_inherit=True)
+            except SyntaxError:  # e.g. `pass` where an expression must stay
+                continue
+            seen.add(text)
+            first = source.splitlines()[node.lineno - 1]
+            new_line = text.splitlines()[node.lineno - 1]
+            result.append(Mutant(module, node.lineno, node.end_lineno, kind, first, new_line, text))
     return sorted(result, key=lambda m: (m.line, m.kind, m.new))
 
 
-def load_equivalent() -> dict[str, str]:
-    """'module:line-text => mutated-text' -> reason, from the reviewed list."""
+def load_reviewed(path: Path) -> dict[str, str]:
+    """'module:LINE: line-text => mutated-text' -> reason, from a reviewed list."""
     known: dict[str, str] = {}
-    if EQUIVALENT.exists():
-        for raw in EQUIVALENT.read_text().splitlines():
+    if path.exists():
+        for raw in path.read_text().splitlines():
             if raw.strip() and not raw.startswith("#"):
                 key, _, reason = raw.rpartition(" # ")
                 known[key.strip()] = reason.strip()
     return known
 
 
-def equivalent_key(m: Mutant) -> str:
-    return f"{m.module}: {m.old.strip()} => {m.new.strip()}"
-
-
-def make_copy() -> Path:
-    """A world-readable copy of the checkout (no .venv, no caches)."""
+def make_copy(rev: str | None) -> Path:
+    """A world-readable copy of commit ``rev``, or of the checkout as it is (no .venv, no caches)."""
     copy = Path(tempfile.mkdtemp(prefix="socksvc-mutation-", dir="/tmp"))
-    ignore = shutil.ignore_patterns(".venv", ".git", "__pycache__", "build", "*.pyc", ".mypy_cache",
-                                    ".ruff_cache", ".pytest_cache")
-    shutil.copytree(REPO, copy / "tree", ignore=ignore, symlinks=True)
+    if rev is None:
+        ignore = shutil.ignore_patterns(".venv", ".git", "__pycache__", "build", "*.pyc", ".mypy_cache",
+                                        ".ruff_cache", ".pytest_cache", "pkgs")
+        shutil.copytree(REPO, copy / "tree", ignore=ignore, symlinks=True)
+    else:
+        (copy / "tree").mkdir()
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", rev], check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(copy / "tree")], input=archive, check=True)
     subprocess.run(["chmod", "-R", "a+rX", str(copy)], check=True)
     return copy / "tree"
 
 
-def run_tests(tree: Path, tests: tuple[str, ...], timeout: float, log: int = subprocess.DEVNULL,
-              stop_at_first: bool = True) -> str:
-    """killed (the tests failed), survived (they passed) or timed out."""
+_FAILED = re.compile(r"^(?:FAILED|ERROR) (\S+)", re.MULTILINE)
+
+
+def run_tests(tree: Path, tests: tuple[str, ...], timeout: float, stop_at_first: bool = True,
+              plugin: str | None = None) -> tuple[str, str]:
+    """(verdict, the first failing test): killed (the tests failed), survived (they passed) or timed out."""
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPATH": str(tree)}
     # A mutant's run stops at the first failure, and a test that hangs fails after PER_TEST_TIMEOUT
     # (pytest-timeout) rather than holding its worker for the whole run's timeout.
     first = ["-x", f"--timeout={PER_TEST_TIMEOUT}"] if stop_at_first else []
-    cmd = [sys.executable, "-m", "pytest", *first, "-q", "-m", "not slow", "-p", "no:cacheprovider", *tests]
-    proc = subprocess.Popen(cmd, cwd=tree, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    try:
-        rc = proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        return "timed out"
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, 9)
-            proc.wait()
-    return "survived" if rc == 0 else "killed"
+    plugins = ["-p", plugin] if plugin else []
+    cmd = [sys.executable, "-m", "pytest", *first, *plugins, "-q", "-rfE", "-m", "not slow",
+           "-p", "no:cacheprovider", *tests]
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(cmd, cwd=tree, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            rc = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return "timed out", ""
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, 9)
+                proc.wait()
+        log.seek(0)
+        output = log.read().decode(errors="replace")
+    if rc in (0, 5):  # 5: no test collected (a file of slow tests only)
+        return "survived", ""
+    failed = _FAILED.search(output)
+    return "killed", failed.group(1) if failed else output.strip()[-300:].replace("\n", " | ")
 
 
 #: Starts coverage in every Python process of the copy while the rc file exists: the test run
-#: itself and each daemon or CLI it starts (as "nobody" too), whatever environment a test gives it.
+#: itself and each daemon or CLI it starts (as "nobody" too), whatever environment a test gives
+#: it.  A process started during a test is tagged with that test (CONTEXT_PLUGIN writes it).
 SITECUSTOMIZE = """\
 import os as _os
-_rc = _os.path.join(_os.path.dirname(_os.path.abspath(__file__)), ".mutation-coveragerc")
+_here = _os.path.dirname(_os.path.abspath(__file__))
+_rc = _os.path.join(_here, ".mutation-coveragerc")
 if _os.path.exists(_rc):
     try:
         import atexit as _atexit
@@ -243,36 +404,90 @@ if _os.path.exists(_rc):
     except ImportError:
         pass
     else:
-        _cov = _coverage.Coverage(config_file=_rc, data_suffix=True)
+        try:
+            with open(_os.path.join(_here, ".mutation-context")) as _f:
+                _context = _f.read()
+        except OSError:
+            _context = ""
+        _cov = _coverage.Coverage(config_file=_rc, data_suffix=True, context=_context or None)
         _cov.start()
         _atexit.register(lambda: (_cov.stop(), _cov.save()))
 """
 
+#: The pytest plugin of the coverage run: tags what each test executes with its node id, in
+#: the test process (a dynamic context) and in the processes it starts (the context file), and
+#: records how long each test takes.
+CONTEXT_PLUGIN = """\
+import json, os, time
+import pytest
+_here = os.path.dirname(os.path.abspath(__file__))
+_took = {}
+
+def _switch(name):
+    with open(os.path.join(_here, ".mutation-context"), "w") as f:
+        f.write(name)
+    import coverage
+    cov = coverage.Coverage.current()
+    if cov is not None:
+        cov.switch_context(name)
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    _switch(item.nodeid)
+    started = time.monotonic()
+    yield
+    _took[item.nodeid] = time.monotonic() - started
+    _switch("")
+
+def pytest_sessionfinish(session):
+    with open(os.path.join(_here, ".mutation-took"), "w") as f:
+        json.dump(_took, f)
+"""
+
+
+def _file_of(test: str) -> str:
+    return test.split("::", 1)[0]
+
 
 @dataclass
 class CoverageMap:
-    """Which test files execute which line of each module, and how long each file takes."""
+    """Which tests execute which line of each module, and how long each test takes."""
 
     lines: dict[tuple[str, int], set[str]]
     seconds: dict[str, float]
     failed: set[str]
     """Test files that failed without any mutant (under coverage: perhaps only slowed down)."""
+    _weights: dict[tuple[str, str], int] = field(default_factory=dict)
 
     def tests_for(self, m: Mutant) -> tuple[str, ...]:
-        """The module's own test files (MODULES) that execute the mutated line, fastest first;
-        else any file that does.  A module's top level runs on import, in every file."""
-        files = set(self.failed)  # a file that failed under coverage may have stopped short: it may run any line
+        """The tests (node ids, or whole files) that execute the mutated line, fastest first."""
+        found = set(self.failed)  # a file that failed under coverage may have stopped short: it may run any line
         for line in range(m.line, m.end_line + 1):
-            files |= self.lines.get((m.module, line), set())
-        own = files & set(MODULES[m.module][1])
-        return tuple(sorted(own or files, key=lambda f: self.seconds.get(f, 0.0)))
+            found |= self.lines.get((m.module, line), set())
+        found = {t for t in found if "::" not in t or _file_of(t) not in found}
+        # A line run on import (a constant, a pattern, a default) is tagged with whole files: those
+        # that run most of the module's own lines come first, the likeliest to see the change.
+        return tuple(sorted(found, key=lambda t: (-self.weight(m.module, t), self.seconds.get(t, 0.0), t)))
+
+    def weight(self, module: str, test: str) -> int:
+        if "::" in test:
+            return 0
+        if not self._weights:
+            for (mod, _), tests in self.lines.items():
+                for t in {_file_of(t) for t in tests}:
+                    self._weights[(mod, t)] = self._weights.get((mod, t), 0) + 1
+        return self._weights.get((module, test), 0)
+
+    def files_for(self, tests: tuple[str, ...]) -> tuple[str, ...]:
+        files = {_file_of(t) for t in tests}
+        return tuple(sorted(files, key=lambda f: (self.seconds.get(f, 0.0), f)))
 
 
 def measure_coverage(trees: list[Path], tests: tuple[str, ...], timeout: float) -> CoverageMap:
     """Run each test file once under coverage (in its own data directory), in parallel trees."""
     import coverage  # requirements-test.txt
 
-    def one(test: str) -> tuple[str, float, bool, dict[tuple[str, int], None]]:
+    def one(test: str) -> tuple[str, float, bool, dict[str, float], dict[tuple[str, int], set[str]]]:
         tree = free.get()
         data = Path(tempfile.mkdtemp(prefix="socksvc-mutation-cov-", dir="/tmp"))
         try:
@@ -280,42 +495,49 @@ def measure_coverage(trees: list[Path], tests: tuple[str, ...], timeout: float) 
             (tree / ".mutation-coveragerc").write_text(
                 f"[run]\ndata_file = {data}/.coverage\nparallel = True\nsource = {tree / PKG}\n")
             started = time.monotonic()
-            passed = run_tests(tree, (test,), timeout, stop_at_first=False) == "survived"
+            verdict, _ = run_tests(tree, (test,), timeout, stop_at_first=False, plugin="mutation_context")
             took = time.monotonic() - started
             combined = coverage.Coverage(data_file=str(data / ".coverage"))
             combined.combine([str(data)], keep=False)
             found = combined.get_data()
-            lines: dict[tuple[str, int], None] = {}
+            lines: dict[tuple[str, int], set[str]] = {}
             for filename in found.measured_files():
-                for line in found.lines(filename) or ():
-                    lines[(Path(filename).name, line)] = None
-            return test, took, passed, lines
+                for line, contexts in found.contexts_by_lineno(filename).items():
+                    # a process started outside any test (a session's set-up): the whole file
+                    tags = {c or test for c in contexts} or {test}
+                    lines.setdefault((Path(filename).name, line), set()).update(tags)
+            per_test = json.loads((tree / ".mutation-took").read_text()) if verdict != "timed out" else {}
+            return test, took, verdict == "survived", per_test, lines
         finally:
-            (tree / ".mutation-coveragerc").unlink(missing_ok=True)
+            for name in (".mutation-coveragerc", ".mutation-context", ".mutation-took"):
+                (tree / name).unlink(missing_ok=True)
             shutil.rmtree(data, ignore_errors=True)
             free.put(tree)
 
     free: queue.Queue[Path] = queue.Queue()
     for tree in trees:
         (tree / "sitecustomize.py").write_text(SITECUSTOMIZE)
+        (tree / "mutation_context.py").write_text(CONTEXT_PLUGIN)
         subprocess.run(["chmod", "-R", "a+rX", str(tree)], check=True)
         free.put(tree)
     result = CoverageMap({}, {}, set())
     with concurrent.futures.ThreadPoolExecutor(len(trees)) as pool:
-        for test, took, passed, lines in pool.map(one, tests):
+        for test, took, passed, per_test, lines in pool.map(one, tests):
             result.seconds[test] = took
+            result.seconds.update(per_test)
             if not passed:
                 result.failed.add(test)
-            for key in lines:
-                result.lines.setdefault(key, set()).add(test)
+            for key, tags in lines.items():
+                result.lines.setdefault(key, set()).update(tags)
             failed = "" if passed else "; it failed under coverage: taken to execute every line"
-            print(f"coverage: {test} ({took:.0f}s{failed})", flush=True)
+            print(f"coverage: {test} ({took:.0f}s, {len(per_test)} tests{failed})", flush=True)
     for tree in trees:
         (tree / "sitecustomize.py").unlink()
+        (tree / "mutation_context.py").unlink()
     return result
 
 
-def run_mutant(tree: Path, m: Mutant, tests: tuple[str, ...], timeout: float) -> str:
+def run_mutant(tree: Path, m: Mutant, tests: tuple[str, ...], timeout: float) -> tuple[str, str]:
     target = tree / PKG / m.module
     original = target.read_text()
     target.write_text(m.text)
@@ -329,118 +551,152 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=4, help="mutants at once (their tests mostly wait: 4 suit 2 cores)")
     parser.add_argument("--timeout", type=float, default=0,
-                        help="seconds per mutant's test run (default: 3x its files' unmutated time, at least 60)")
-    parser.add_argument("--only", nargs="*", default=None, help="modules (e.g. request.py)")
+                        help="seconds per mutant's test run (default: 3x its tests' unmutated time, at least 60)")
+    parser.add_argument("--only", nargs="*", default=None, choices=MODULES, metavar="MODULE",
+                        help="modules (e.g. request.py)")
+    parser.add_argument("--kind", nargs="*", default=None, choices=OPERATORS, help="only these operators")
+    parser.add_argument("--rev", default="HEAD", help="the commit to test (default HEAD: what is committed)")
+    parser.add_argument("--worktree", action="store_true", help="test the checkout as it is, uncommitted changes too")
     parser.add_argument("--list", action="store_true", help="list the mutants, run nothing")
     parser.add_argument("--again", action="store_true", help="only the survivors of the last run (--survivors)")
     parser.add_argument("--survivors", type=Path, default=SURVIVORS,
                         help=f"the survivors file written, and read by --again (default {SURVIVORS})")
+    parser.add_argument("--reuse-coverage", action="store_true",
+                        help=f"take which tests execute which line from the last run ({COVERAGE}), not measure it")
+    parser.add_argument("--log", type=Path, default=LOG, help=f"every verdict and its failing test (default {LOG})")
     args = parser.parse_args()
     # Started in the background by a shell, SIGINT is ignored, and children inherit that: the
     # tests that interrupt a child with SIGINT would fail for a reason no mutant caused.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     chosen = args.only or list(MODULES)
-    known = load_equivalent()
-    work: list[tuple[Mutant, tuple[str, ...]]] = []
-    for module in chosen:
-        functions, tests = MODULES[module]
-        work += [(m, tests) for m in mutants(module, functions)]
-    if args.again:  # by the change, not the line number: lines move as tests lead to fixes
-        prefix = "# equivalent-list key: "
-        last = {line.removeprefix(prefix) for line in args.survivors.read_text().splitlines()
-                if line.startswith(prefix)}
-        work = [(m, tests) for m, tests in work if equivalent_key(m) in last]
-    if args.list:
-        for m, _ in work:
-            print(m.ident)
-        return 0
+    rev = None if args.worktree else subprocess.run(["git", "-C", str(REPO), "rev-parse", args.rev], check=True,
+                                                    capture_output=True, text=True).stdout.strip()
     trees: queue.Queue[Path] = queue.Queue()
     for _ in range(args.jobs):
-        trees.put(make_copy())
-    results: dict[str, dict[str, int]] = {m: dict.fromkeys(
-        ("killed", "survived", "timed out", "equivalent"), 0) for m in chosen}
-    survivors: list[Mutant] = []
-    used_equivalent: set[str] = set()
+        trees.put(make_copy(rev))
+    source = trees.queue[0]
+    try:
+        return _run(args, chosen, trees, source)
+    finally:
+        while not trees.empty():
+            shutil.rmtree(trees.get().parent, ignore_errors=True)
 
-    def one(item: tuple[Mutant, tuple[str, ...]]) -> tuple[Mutant, str]:
-        m, _ = item
+
+def _run(args: argparse.Namespace, chosen: list[str], trees: queue.Queue[Path], source: Path) -> int:
+    equivalent, untestable = load_reviewed(EQUIVALENT), load_reviewed(UNTESTABLE)
+    work = [m for module in chosen for m in mutants(module, source) if args.kind is None or m.kind in args.kind]
+    if args.again:  # by the change, not the line number: lines move as tests lead to fixes
+        prefix = "# change: "
+        last = {line.removeprefix(prefix) for line in args.survivors.read_text().splitlines()
+                if line.startswith(prefix)}
+        work = [m for m in work if m.change in last]
+    if args.list:
+        for m in work:
+            print(m.key)
+        return 0
+    columns = ("killed", "timed out", "survived", "untestable", "equivalent")
+    results: dict[str, dict[str, int]] = {m: dict.fromkeys(columns, 0) for m in chosen}
+    survivors: list[tuple[Mutant, str]] = []
+    used: set[str] = set()
+
+    def one(m: Mutant) -> tuple[Mutant, str, str]:
         tests = covered.tests_for(m)
         if not tests:  # no test executes the line: nothing can fail
-            uncovered.add(m.ident)
-            return m, "survived"
-        # A hang, not a slow run: three times the files' unmutated time (measured under coverage).
-        timeout = args.timeout or max(60.0, 3 * sum(covered.seconds[t] for t in tests))
+            return m, "survived", "no test executes the line"
         tree = trees.get()
         try:
-            return m, run_mutant(tree, m, tests, timeout)
+            # A hang, not a slow run: three times the tests' unmutated time (measured under coverage).
+            timeout = args.timeout or max(60.0, 3 * sum(covered.seconds.get(t, 10.0) for t in tests))
+            verdict, killer = run_mutant(tree, m, tests, timeout)
+            files = covered.files_for(tests)
+            if verdict == "survived" and files != tests:  # the whole files: a daemon may serve later tests
+                timeout = args.timeout or max(60.0, 3 * sum(covered.seconds.get(f, 60.0) for f in files))
+                verdict, killer = run_mutant(tree, m, files, timeout)
+                return m, verdict, killer or f"ran {' '.join(files)}"
+            return m, verdict, killer or f"ran {' '.join(tests) if len(tests) < 6 else f'{len(tests)} tests'}"
         finally:
             trees.put(tree)
 
     started = time.monotonic()
-    everything = tuple(sorted({t for module in chosen for t in MODULES[module][1]}))
-    # Every file once, unmutated, under coverage: which lines it executes, and that it passes.
-    copies = [trees.get() for _ in range(args.jobs)]
-    covered = measure_coverage(copies, everything, 1800)
-    for copy in copies:
-        trees.put(copy)
+    everything = tuple(sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").glob("test_*.py")
+                              if str(p.relative_to(REPO)) not in NOT_BEHAVIOUR))
+    if args.reuse_coverage:  # the map the last run measured (after a change to tests only, say)
+        saved = json.loads(COVERAGE.read_text())
+        covered = CoverageMap({(k.split(":")[0], int(k.split(":")[1])): set(v) for k, v in saved["lines"].items()},
+                              saved["seconds"], set(saved["failed"]))
+    else:  # every file once, unmutated, under coverage: which lines each test executes, and that it passes
+        copies = [trees.get() for _ in range(args.jobs)]
+        covered = measure_coverage(copies, everything, 1800)
+        for copy in copies:
+            trees.put(copy)
+        COVERAGE.parent.mkdir(exist_ok=True)
+        COVERAGE.write_text(json.dumps({"lines": {f"{k[0]}:{k[1]}": sorted(v) for k, v in covered.lines.items()},
+                                        "seconds": covered.seconds, "failed": sorted(covered.failed)}))
     tree = trees.get()
     trees.put(tree)
     for test in sorted(covered.failed):  # the suite has timing-sensitive tests: retried without coverage
         for _attempt in range(2):
-            with tempfile.TemporaryFile() as log:
-                if run_tests(tree, (test,), 1800, log.fileno()) == "survived":
-                    break
-                log.seek(0)
-                failure = log.read().decode(errors="replace")[-4000:]
+            verdict, failure = run_tests(tree, (test,), 1800)
+            if verdict == "survived":
+                break
         else:
-            print(f"{failure}\nthe tests fail without any mutant (python: {sys.executable}): {test}")
+            print(f"the tests fail without any mutant (python: {sys.executable}): {test}: {failure}")
             return 2
-    print(f"unmutated: {' '.join(everything)} pass; coverage measured ({time.monotonic() - started:.0f}s)",
-          flush=True)
-    uncovered: set[str] = set()
+    print(f"unmutated: {len(everything)} test files pass; coverage measured ({time.monotonic() - started:.0f}s); "
+          f"{len(work)} mutants", flush=True)
     done = 0
+    args.log.parent.mkdir(exist_ok=True)
+    log = args.log.open("w")
     pool = concurrent.futures.ThreadPoolExecutor(args.jobs)
     try:
-        for m, verdict in pool.map(one, work):
+        for m, verdict, why in pool.map(one, work):
             done += 1
-            if verdict == "survived" and equivalent_key(m) in known:
-                verdict = "equivalent"
-                used_equivalent.add(equivalent_key(m))
+            if verdict == "survived" and why != "no test executes the line":  # an unreached line is never excused
+                for listed, name in ((equivalent, "equivalent"), (untestable, "untestable")):
+                    if m.key in listed:
+                        verdict = name
+                        used.add(m.key)
             results[m.module][verdict] += 1
             if verdict == "survived":
-                survivors.append(m)
-            unrun = " (no test executes the line)" if m.ident in uncovered else ""
-            print(f"[{done}/{len(work)} {time.monotonic() - started:.0f}s] {verdict:9} {m.ident}{unrun}", flush=True)
+                survivors.append((m, why))
+            line = f"{verdict:10} {m.key}  <- {why}"
+            log.write(line + "\n")
+            log.flush()
+            print(f"[{done}/{len(work)} {time.monotonic() - started:.0f}s] {line}", flush=True)
     except KeyboardInterrupt:  # the table of what has run so far
         print(f"interrupted after {done} of {len(work)} mutants; waiting for the running ones")
     finally:
         pool.shutdown(cancel_futures=True)
-    while not trees.empty():
-        shutil.rmtree(trees.get().parent, ignore_errors=True)
+        log.close()
+    originals = {module: (source / PKG / module).read_text() for module in chosen}
 
     args.survivors.parent.mkdir(exist_ok=True)
     with args.survivors.open("w") as out:
-        for m in survivors:
-            if m.ident in uncovered:
-                out.write("# (no test executes this line)\n")
-            out.write(f"# {m.ident}\n# equivalent-list key: {equivalent_key(m)}\n"
-                      f"{m.diff((REPO / PKG / m.module).read_text())}\n")
+        for m, why in survivors:
+            out.write(f"# {m.key}\n# ({why})\n# change: {m.change}\n{m.diff(originals[m.module])}\n")
     print(f"\nmutation run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
-          f"{time.monotonic() - started:.0f}s; survivors with diffs: {args.survivors}\n")
-    print("| module | mutants | killed | timed out | survived | equivalent | score |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+          f"{time.monotonic() - started:.0f}s, operators: {' '.join(args.kind or OPERATORS)}; "
+          f"survivors with diffs: {args.survivors}; every verdict: {args.log}\n")
+    print("| module | mutants | killed | timed out | survived | untestable | equivalent | score |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     worst = 100.0
     for module, r in results.items():
-        live = r["killed"] + r["timed out"] + r["survived"]
+        ran, planned = sum(r.values()), sum(m.module == module for m in work)
+        live = ran - r["equivalent"]
         score = 100.0 * (r["killed"] + r["timed out"]) / live if live else 100.0
-        ran, planned = live + r["equivalent"], sum(m.module == module for m, _ in work)
         worst = min(worst, score if ran == planned else 0.0)
         shown = f"{score:.1f} %" if ran else "not run"
-        print(f"| {module} | {ran if ran == planned else f'{ran} of {planned} (interrupted)'} | {r['killed']} "
-              f"| {r['timed out']} | {r['survived']} | {r['equivalent']} | {shown} |")
-    stale = {k for k in known if k.split(":")[0] in chosen} - used_equivalent
-    for key in sorted(stale):
-        print(f"note: equivalent-list entry matched no surviving mutant: {key}")
+        print(f"| {module} | {ran if ran == planned else f'{ran} of {planned} (interrupted)'} "
+              + " ".join(f"| {r[c]}" for c in columns) + f" | {shown} |")
+    ran_keys = {m.key for m in work}
+    changes = {m.change: m.key for m in work}
+    for listed in (equivalent, untestable):
+        for key in sorted(k for k in listed if k.split(":")[0] in chosen and k not in used):
+            module, _, rest = key.partition(":")
+            moved = changes.get(f"{module}:{rest.partition(':')[2]}")
+            hint = f" (the same change is now {moved.split(': ')[0]})" if moved and moved != key else ""
+            where = "" if key in ran_keys or moved else " (no such mutant)"
+            print(f"note: listed entry matched no surviving mutant{where}{hint}: {key}")
     return 0 if worst >= 95.0 else 1
 
 
