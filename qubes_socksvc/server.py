@@ -38,8 +38,6 @@ STATUS_INTERVAL = 2.0
 #: Seconds between two looks at the spec file's stamp, besides those inotify prompts (SpecWatch):
 #: the net for what the watch cannot see (the spec's parent directories replaced).
 SPEC_CHECK_INTERVAL = 2.0
-#: Seconds after start before the spec's directory is watched (SpecWatch).
-SPEC_WATCH_DELAY = 0.5
 #: Seconds in-flight calls get to finish after SIGTERM.
 STOP_TIMEOUT = 20.0
 #: Seconds between two looks at whether the callers of the calls in flight are still there: a
@@ -298,9 +296,7 @@ class Server:
         reporter = loop.create_task(self._report_status()) if on_status is not None else None
         spec_watch = loop.create_task(self._watch_spec()) if self.source and self.source.watch else None
         if self.source is not None and self.source.watch is not None:
-            # Once the call that started a socket-activated daemon is served: importing ctypes
-            # takes milliseconds; until then each call stat()s the spec.
-            loop.call_later(SPEC_WATCH_DELAY, self._start_spec_watch, self.source.watch)
+            self._spec_watch = SpecWatch.start(self.source.watch, self._reload_if_changed)
         caller_watch = loop.create_task(self._watch_callers())
         log.info("daemon %s serving %d services on %d sockets%s (%s event loop)", self.daemon.name,
                  len(self.daemon.services), len(listeners), f", spec {self.spec_id}" if self.spec_id else "",
@@ -375,11 +371,6 @@ class Server:
         log.info("reloaded: serving spec %s (%d services)", spec_id, len(new.services))
         if self._on_status is not None:
             self._on_status(self.status())
-
-    def _start_spec_watch(self, path: str) -> None:
-        if not self._stopping.is_set():
-            self._spec_watch = SpecWatch.start(path, self._reload_if_changed)
-            self._reload_if_changed()  # a spec renamed in since the last call's look
 
     def _reload_if_changed(self) -> None:
         """Reload if the spec's stamp changed: a spec that ``apply`` renamed into place is served
