@@ -41,7 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -409,7 +409,7 @@ if _os.path.exists(_rc):
                 _context = _f.read()
         except OSError:
             _context = ""
-        _cov = _coverage.Coverage(config_file=_rc, data_suffix=True, context=_context or None)
+        _cov = _coverage.Coverage(config_file=_rc, data_suffix=True, context="proc|" + _context if _context else None)
         _cov.start()
         _atexit.register(lambda: (_cov.stop(), _cov.save()))
 """
@@ -445,6 +445,55 @@ def pytest_sessionfinish(session):
 """
 
 
+def use_sites(root: Path) -> dict[tuple[str, int], set[tuple[str, int]]]:
+    """For each line of a statement run on import, the lines that run what it defines at call time.
+
+    A function's signature and decorators: its body.  A class's header and decorators: every
+    line naming the class, and its methods.  Anything else (a constant, a pattern, a class
+    body's field or member): every line, in any module of the package, naming what it binds.
+    An over-approximation by name, which only chooses which tests a mutant runs.
+    """
+    sources = {p.name: p.read_text() for p in sorted((root / PKG).glob("*.py"))}
+    named: dict[str, set[tuple[str, int]]] = {}
+    for module, source in sources.items():
+        for number, text in enumerate(source.splitlines(), 1):
+            for word in set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", text)):
+                named.setdefault(word, set()).add((module, number))
+    result: dict[tuple[str, int], set[tuple[str, int]]] = {}
+
+    def lines_of(nodes: Sequence[ast.stmt], module: str) -> set[tuple[str, int]]:
+        return {(module, n) for s in nodes for n in range(s.lineno, (s.end_lineno or s.lineno) + 1)}
+
+    def visit(body: list[ast.stmt], module: str) -> None:
+        for stmt in body:
+            span = range(stmt.lineno, (stmt.end_lineno or stmt.lineno) + 1)
+            if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                inside = lines_of(stmt.body, module)
+                head = range(min([stmt.lineno, *(d.lineno for d in stmt.decorator_list)]), stmt.body[0].lineno)
+                result.update(((module, n), inside) for n in head)
+                continue
+            if isinstance(stmt, ast.ClassDef):
+                users = {site for site in named.get(stmt.name, set()) if site[0] != module or site[1] not in span}
+                methods = [s for s in stmt.body if isinstance(s, (ast.FunctionDef, ast.AsyncFunctionDef))]
+                head = range(min([stmt.lineno, *(d.lineno for d in stmt.decorator_list)]), stmt.body[0].lineno)
+                result.update(((module, n), users | lines_of(methods, module)) for n in head)
+                visit(stmt.body, module)
+                continue
+            names = {n.id for n in ast.walk(stmt) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+            names |= {a.asname or a.name for a in getattr(stmt, "names", ()) if isinstance(a, ast.alias)}
+            users = {site for name in names for site in named.get(name, set())
+                     if site[0] != module or site[1] not in span}
+            result.update(((module, n), users) for n in span)
+
+    for module, source in sources.items():
+        visit(ast.parse(source).body, module)
+    return result
+
+
+#: How a line run by a process that a test started is tagged, before the test's node id.
+PROC = "proc|"
+
+
 def _file_of(test: str) -> str:
     return test.split("::", 1)[0]
 
@@ -458,31 +507,38 @@ class CoverageMap:
     failed: set[str]
     """Test files that failed without any mutant (under coverage: perhaps only slowed down)."""
     _weights: dict[tuple[str, str], int] = field(default_factory=dict)
+    uses: dict[tuple[str, int], set[tuple[str, int]]] = field(default_factory=dict)
+    """For a line run on import: the lines that use what it defines (use_sites)."""
 
-    def tests_for(self, m: Mutant) -> tuple[str, ...]:
-        """The tests (node ids, or whole files) that execute the mutated line, fastest first."""
+    def tests_for(self, m: Mutant) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The tests (node ids, or whole files) that execute the mutated line, fastest first; and
+        the whole files of those among them that ran it in a process of their own (which may
+        outlive its test: a daemon a fixture started for one test serves the next ones too)."""
         # A file that failed under coverage (a timing-sensitive test, slowed down) keeps the lines
         # its tests were seen to run: a lower bound, so at worst a mutant survives it wrongly.
         found: set[str] = set()
         for line in range(m.line, m.end_line + 1):
             found |= self.lines.get((m.module, line), set())
-        found = {t for t in found if "::" not in t or _file_of(t) not in found}
-        # A line run on import (a constant, a pattern, a default) is tagged with whole files: those
-        # that run most of the module's own lines come first, the likeliest to see the change.
-        return tuple(sorted(found, key=lambda t: (-self.weight(m.module, t), self.seconds.get(t, 0.0), t)))
+        if found and all("::" not in t for t in found):
+            # A line run on import only (a constant, a pattern, a default, a decorator) is tagged
+            # with whole files; what it changes shows where it is used: the tests running those lines.
+            used = {t for site in self.uses.get((m.module, m.line), ()) for t in self.lines.get(site, ()) if "::" in t}
+            found = used or found
+        later = {_file_of(t.removeprefix(PROC)) for t in found if t.startswith(PROC)}
+        tests = {t.removeprefix(PROC) for t in found}
+        tests = {t for t in tests if "::" not in t or _file_of(t) not in tests}
+        # Whole files that run most of the module's own lines come first, the likeliest to see it.
+        return (tuple(sorted(tests, key=lambda t: (-self.weight(m.module, t), self.seconds.get(t, 0.0), t))),
+                tuple(sorted(later - tests, key=lambda f: (self.seconds.get(f, 0.0), f))))
 
     def weight(self, module: str, test: str) -> int:
         if "::" in test:
             return 0
         if not self._weights:
             for (mod, _), tests in self.lines.items():
-                for t in {_file_of(t) for t in tests}:
+                for t in {_file_of(t.removeprefix(PROC)) for t in tests}:
                     self._weights[(mod, t)] = self._weights.get((mod, t), 0) + 1
         return self._weights.get((module, test), 0)
-
-    def files_for(self, tests: tuple[str, ...]) -> tuple[str, ...]:
-        files = {_file_of(t) for t in tests}
-        return tuple(sorted(files, key=lambda f: (self.seconds.get(f, 0.0), f)))
 
 
 def measure_coverage(trees: list[Path], tests: tuple[str, ...], timeout: float) -> CoverageMap:
@@ -602,7 +658,7 @@ def _run(args: argparse.Namespace, chosen: list[str], trees: queue.Queue[Path], 
     used: set[str] = set()
 
     def one(m: Mutant) -> tuple[Mutant, str, str]:
-        tests = covered.tests_for(m)
+        tests, later = covered.tests_for(m)
         if not tests:  # no test executes the line: nothing can fail
             return m, "survived", "no test executes the line"
         tree = trees.get()
@@ -610,11 +666,11 @@ def _run(args: argparse.Namespace, chosen: list[str], trees: queue.Queue[Path], 
             # A hang, not a slow run: three times the tests' unmutated time (measured under coverage).
             timeout = args.timeout or max(60.0, 3 * sum(covered.seconds.get(t, 10.0) for t in tests))
             verdict, killer = run_mutant(tree, m, tests, timeout)
-            files = covered.files_for(tests)
-            if verdict == "survived" and files != tests:  # the whole files: a daemon may serve later tests
-                timeout = args.timeout or max(60.0, 3 * sum(covered.seconds.get(f, 60.0) for f in files))
-                verdict, killer = run_mutant(tree, m, files, timeout)
-                return m, verdict, killer or f"ran {' '.join(files)}"
+            if verdict == "survived" and later:  # the whole files: a daemon may serve later tests
+                timeout = args.timeout or max(60.0, 3 * sum(covered.seconds.get(f, 60.0) for f in later))
+                verdict, killer = run_mutant(tree, m, later, timeout)
+                shown = " ".join(later) if len(later) < 6 else f"{len(later)} files"
+                return m, verdict, killer or f"ran {len(tests)} tests, then {shown}"
             return m, verdict, killer or f"ran {' '.join(tests) if len(tests) < 6 else f'{len(tests)} tests'}"
         finally:
             trees.put(tree)
@@ -634,6 +690,7 @@ def _run(args: argparse.Namespace, chosen: list[str], trees: queue.Queue[Path], 
         COVERAGE.parent.mkdir(exist_ok=True)
         COVERAGE.write_text(json.dumps({"lines": {f"{k[0]}:{k[1]}": sorted(v) for k, v in covered.lines.items()},
                                         "seconds": covered.seconds, "failed": sorted(covered.failed)}))
+    covered.uses = use_sites(source)
     tree = trees.get()
     trees.put(tree)
     for test in sorted(covered.failed):  # the suite has timing-sensitive tests: retried without coverage
