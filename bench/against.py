@@ -50,8 +50,9 @@ def _start(bench: Bench, tree: Path, tag: str, stock_loop: bool) -> Process:
 def compare(rev: str, rounds: int, calls: int, stock_loop: bool) -> list[str]:
     work = Workdir()
     old = Path(tempfile.mkdtemp(prefix="socksvc-against-", dir="/tmp")) / "tree"
-    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "-q", str(old), rev], check=True)
     try:
+        # Inside the try: a failed add (a bad REV, git's lock taken) leaves no directory behind.
+        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "-q", str(old), rev], check=True)
         subprocess.run(["chmod", "-R", "a+rX", str(old.parent)], check=True)
         subprocess.run([SYSTEM_PYTHON, "-m", "compileall", "-q", str(old / "qubes_socksvc")], check=True,
                        stdout=subprocess.DEVNULL)

@@ -47,14 +47,14 @@ def measure(rev: str | None, renames: int) -> list[str]:
     work = Workdir()
     trees = {"this": REPO}
     old = None
-    if rev is not None:
-        old = Path(tempfile.mkdtemp(prefix="socksvc-reload-", dir="/tmp")) / "tree"
-        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "-q", str(old), rev], check=True)
-        subprocess.run(["chmod", "-R", "a+rX", str(old.parent)], check=True)
-        trees[rev] = old
     journal = Journal(work)
     servers: dict[str, tuple[Process, Path]] = {}
     try:
+        if rev is not None:
+            old = Path(tempfile.mkdtemp(prefix="socksvc-reload-", dir="/tmp")) / "tree"
+            subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "-q", str(old), rev], check=True)
+            subprocess.run(["chmod", "-R", "a+rX", str(old.parent)], check=True)
+            trees[rev] = old
         socket_path = f"{SOCKET_DIR}/socksvc-{DAEMON}-{os.getpid()}.sock"
         text = MANIFEST.format(daemon=DAEMON, socket=socket_path)
         specs = []
