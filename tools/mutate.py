@@ -595,6 +595,18 @@ def measure_coverage(trees: list[Path], tests: tuple[str, ...], timeout: float) 
     return result
 
 
+def _within(tests: list[str], seconds: dict[str, float], budget: float) -> tuple[str, ...]:
+    """The first tests whose unmutated time adds up to ``budget`` at most (the first one always)."""
+    chosen: list[str] = []
+    spent = 0.0
+    for test in tests:
+        spent += seconds.get(test, 10.0)
+        if chosen and spent > budget:
+            break
+        chosen.append(test)
+    return tuple(chosen)
+
+
 def run_mutant(tree: Path, m: Mutant, tests: tuple[str, ...], timeout: float) -> tuple[str, str]:
     target = tree / PKG / m.module
     original = target.read_text()
@@ -619,6 +631,9 @@ def main() -> int:
     parser.add_argument("--again", action="store_true", help="only the survivors of the last run (--survivors)")
     parser.add_argument("--survivors", type=Path, default=SURVIVORS,
                         help=f"the survivors file written, and read by --again (default {SURVIVORS})")
+    parser.add_argument("--budget", type=float, default=0,
+                        help="seconds of (unmutated) test time a mutant runs at most, fastest tests first; "
+                             "a survivor within the budget says so (default: no budget, every test)")
     parser.add_argument("--reuse-coverage", action="store_true",
                         help=f"take which tests execute which line from the last run ({COVERAGE}), not measure it")
     parser.add_argument("--log", type=Path, default=LOG, help=f"every verdict and its failing test (default {LOG})")
@@ -661,6 +676,11 @@ def _run(args: argparse.Namespace, chosen: list[str], trees: queue.Queue[Path], 
         tests, later = covered.tests_for(m)
         if not tests:  # no test executes the line: nothing can fail
             return m, "survived", "no test executes the line"
+        every = len(tests)
+        if args.budget:  # the fastest tests, up to the budget of their unmutated time
+            tests = _within(sorted(tests, key=lambda t: covered.seconds.get(t, 10.0)), covered.seconds, args.budget)
+            later = later if len(tests) == every else ()
+        cut = "" if len(tests) == every else f" (the fastest {len(tests)} of {every} tests running the line: --budget)"
         tree = trees.get()
         try:
             # A hang, not a slow run: three times the tests' unmutated time (measured under coverage).
@@ -671,7 +691,7 @@ def _run(args: argparse.Namespace, chosen: list[str], trees: queue.Queue[Path], 
                 verdict, killer = run_mutant(tree, m, later, timeout)
                 shown = " ".join(later) if len(later) < 6 else f"{len(later)} files"
                 return m, verdict, killer or f"ran {len(tests)} tests, then {shown}"
-            return m, verdict, killer or f"ran {' '.join(tests) if len(tests) < 6 else f'{len(tests)} tests'}"
+            return m, verdict, killer or f"ran {' '.join(tests) if len(tests) < 6 else f'{len(tests)} tests'}{cut}"
         finally:
             trees.put(tree)
 
@@ -708,7 +728,8 @@ def _run(args: argparse.Namespace, chosen: list[str], trees: queue.Queue[Path], 
     log = args.log.open("w")
     pool = concurrent.futures.ThreadPoolExecutor(args.jobs)
     try:
-        for m, verdict, why in pool.map(one, work):
+        for future in concurrent.futures.as_completed([pool.submit(one, m) for m in work]):
+            m, verdict, why = future.result()
             done += 1
             if verdict == "survived" and why != "no test executes the line":  # an unreached line is never excused
                 for listed, name in ((equivalent, "equivalent"), (untestable, "untestable")):
