@@ -527,18 +527,17 @@ class CoverageMap:
         later = {_file_of(t.removeprefix(PROC)) for t in found if t.startswith(PROC)}
         tests = {t.removeprefix(PROC) for t in found}
         tests = {t for t in tests if "::" not in t or _file_of(t) not in tests}
-        # Whole files that run most of the module's own lines come first, the likeliest to see it.
-        return (tuple(sorted(tests, key=lambda t: (-self.weight(m.module, t), self.seconds.get(t, 0.0), t))),
+        # The tests of the files that run most of the module's own lines come first, the likeliest
+        # to see the change (a pattern's own tests before the many that merely load a manifest).
+        return (tuple(sorted(tests, key=lambda t: (-self.weight(m.module, _file_of(t)), self.seconds.get(t, 0.0), t))),
                 tuple(sorted(later - tests, key=lambda f: (self.seconds.get(f, 0.0), f))))
 
-    def weight(self, module: str, test: str) -> int:
-        if "::" in test:
-            return 0
+    def weight(self, module: str, test_file: str) -> int:
         if not self._weights:
             for (mod, _), tests in self.lines.items():
                 for t in {_file_of(t.removeprefix(PROC)) for t in tests}:
                     self._weights[(mod, t)] = self._weights.get((mod, t), 0) + 1
-        return self._weights.get((module, test), 0)
+        return self._weights.get((module, test_file), 0)
 
 
 def measure_coverage(trees: list[Path], tests: tuple[str, ...], timeout: float) -> CoverageMap:
@@ -678,7 +677,7 @@ def _run(args: argparse.Namespace, chosen: list[str], trees: queue.Queue[Path], 
             return m, "survived", "no test executes the line"
         every = len(tests)
         if args.budget:  # the fastest tests, up to the budget of their unmutated time
-            tests = _within(sorted(tests, key=lambda t: covered.seconds.get(t, 10.0)), covered.seconds, args.budget)
+            tests = _within(list(tests), covered.seconds, args.budget)
             later = later if len(tests) == every else ()
         cut = "" if len(tests) == every else f" (the fastest {len(tests)} of {every} tests running the line: --budget)"
         tree = trees.get()
