@@ -529,7 +529,11 @@ class CoverageMap:
         tests = {t for t in tests if "::" not in t or _file_of(t) not in tests}
         # The tests of the files that run most of the module's own lines come first, the likeliest
         # to see the change (a pattern's own tests before the many that merely load a manifest).
-        return (tuple(sorted(tests, key=lambda t: (-self.weight(m.module, _file_of(t)), self.seconds.get(t, 0.0), t))),
+        # A whole file among tests (a process started outside any test ran the line) comes last.
+        def order(t: str) -> tuple[bool, int, float, str]:
+            return "::" not in t and len(tests) > 1, -self.weight(m.module, _file_of(t)), self.seconds.get(t, 0.0), t
+
+        return (tuple(sorted(tests, key=order)),
                 tuple(sorted(later - tests, key=lambda f: (self.seconds.get(f, 0.0), f))))
 
     def weight(self, module: str, test_file: str) -> int:
