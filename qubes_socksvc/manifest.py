@@ -47,6 +47,8 @@ HANDLER_RE = re.compile(
 )
 GROUP_RE = re.compile(r"[a-z_][a-z0-9_-]*\$?\Z")
 CONDITION_RE = re.compile(r"!?(@system|[a-z_][a-z0-9_-]*\$?|[0-9]+)\Z")
+#: ConditionGroup= takes no ``@system`` (systemd.unit(5)): it would look up a group of that name.
+CONDITION_GROUP_RE = re.compile(r"!?([a-z_][a-z0-9_-]*\$?|[0-9]+)\Z")
 MODE_RE = re.compile(r"0?[0-7]{3}\Z")
 SOCKET_NAME_RE = re.compile(r"[A-Za-z0-9_.+-]+\.sock\Z")
 
@@ -180,7 +182,8 @@ DAEMON_FIELDS: dict[str, _Field] = {
     "socket_mode": _Field(str, _check_mode),
     "socket_group": _Field(str, _pattern(GROUP_RE, "a group name")),
     "condition_user": _Field(str, _check_condition_user),
-    "condition_group": _Field(str, _pattern(CONDITION_RE, 'a group name or GID, optionally after "!"')),
+    "condition_group": _Field(str, _pattern(CONDITION_GROUP_RE, 'a group name or GID, optionally after "!" '
+                                                                '(ConditionGroup= has no @system)')),
     # Ranges: model.py's, which the daemon applies to its spec again.
     "idle_exit": _Field(float, DAEMON_RANGES["idle_exit"]),
     "max_connections": _Field(int, DAEMON_RANGES["max_connections"]),

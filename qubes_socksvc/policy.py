@@ -29,16 +29,22 @@ from .model import Manifest, Policy
 Verb = Literal["deny", "ask", "allow"]
 VERBS: tuple[Verb, ...] = ("deny", "ask", "allow")
 
-#: Values after ``@tag:``, ``@type:`` (and tag names in ``@dispvm:@tag:``): the parser
-#: takes any non-empty word not starting with ``@`` (VMToken.__new__); we keep to
-#: what Qubes names are made of, so that no line can be split or mis-read.
+#: Values after ``@type:``: the parser takes any non-empty word not starting with ``@``
+#: (VMToken.__new__); we keep to what Qubes names are made of, so that no line can be split
+#: or mis-read.
 _WORD_RE = re.compile(r"[A-Za-z0-9_.-]+\Z")
+#: What a tag is made of: qubes-core-admin refuses any other tag (qubes/vm/__init__.py:
+#: Tags.validate_tag), so a line naming another would match no caller.
+_TAG_RE = re.compile(r"[A-Za-z0-9_-]+\Z")
+#: A qube's name (qubes-core-admin qubes/vm/__init__.py: validate_name): a letter first.  The
+#: descriptor takes any source qrexec-daemon passes (qrexec.is_source); a policy line naming
+#: what no qube can be called would match no caller.
+_QUBE_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*\Z")
 _UUID_RE = re.compile(r"uuid:[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
-#: qrexec/policy/parser.py: the prefixed Source tokens (TypeVM, TagVM).  DispVMTemplate and
-#: DispVMTag parse as sources but match no caller: their ``match`` compares only an
+#: qrexec/policy/parser.py: the prefixed Source tokens are TypeVM and TagVM.  DispVMTemplate
+#: and DispVMTag parse as sources but match no caller: their ``match`` compares only an
 #: ``@dispvm``/``@dispvm:X`` *target*, and a request's source is a plain qube name.
 #: Refused: as a deny, they would deny nobody.
-_SOURCE_PREFIXES = ("@type:", "@tag:")
 #: parser.py: is_dom0: one qube under three names.
 _DOM0 = ("@adminvm", "dom0", "uuid:00000000-0000-0000-0000-000000000000")
 #: First-match order among callers: a named qube before a group, a group before everyone.
@@ -51,10 +57,10 @@ def _source_kind(token: str) -> tuple[int, str | None]:
         return _EVERYONE, None
     if token == "@adminvm":
         return _NAMED, None
-    for prefix in _SOURCE_PREFIXES:
-        if token.startswith(prefix):
-            value = token[len(prefix):]
-            return _GROUP, None if _WORD_RE.match(value) else f"expected {prefix}NAME, NAME of [A-Za-z0-9_.-]"
+    if token.startswith("@tag:"):
+        return _GROUP, None if _TAG_RE.match(token[5:]) else "expected @tag:NAME, NAME of [A-Za-z0-9_-]"
+    if token.startswith("@type:"):
+        return _GROUP, None if _WORD_RE.match(token[6:]) else "expected @type:NAME, NAME of [A-Za-z0-9_.-]"
     if token.startswith("@dispvm:"):
         return _NAMED, ("matches no caller: qrexec compares @dispvm:... with a call's target only "
                         "(qrexec/policy/parser.py: DispVMTemplate.match, DispVMTag.match); name "
@@ -64,9 +70,10 @@ def _source_kind(token: str) -> tuple[int, str | None]:
                         "@tag:TAG or @type:TYPE (@default and @dispvm name targets, not callers)")
     if token.startswith("uuid:"):
         return _NAMED, None if _UUID_RE.match(token) else "expected uuid: and a lower-case UUID"
-    if qrexec.is_source(token):
+    if qrexec.is_source(token) and _QUBE_RE.match(token):
         return _NAMED, None
-    return _NAMED, f"expected a qube name of [A-Za-z0-9_.-], at most {qrexec.MAX_SOURCE_LEN} characters"
+    return _NAMED, (f"expected a qube name: a letter, then [A-Za-z0-9_.-], at most {qrexec.MAX_SOURCE_LEN} "
+                    "characters")
 
 
 def source_problem(token: str) -> str | None:

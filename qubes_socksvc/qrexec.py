@@ -120,8 +120,9 @@ def is_target(name: str) -> bool:
 #: A qubes-rpc symlink to this, or to ``/dev/tcp/...``, is a TCP service
 #: (libqrexec/exec.c: find_file; ``/dev/tcp/`` alone fails the call).
 TCP_LINK = "/dev/tcp"
-#: Interface names as a ``%scope`` of an IPv6 address in a link (the kernel's IFNAMSIZ - 1).
-_SCOPE_RE = re.compile(r"[A-Za-z0-9_.:-]{1,15}\Z")
+#: Interface names as a ``%scope`` of an IPv6 address in a link: 1 to IFNAMSIZ - 1 bytes, no
+#: ":" and not "." or ".." (Linux net/core/dev.c: dev_valid_name), or an interface index.
+_SCOPE_RE = re.compile(r"(?!\.\.?\Z)[A-Za-z0-9_.-]{1,15}\Z")
 
 
 def is_tcp_link(target: str) -> bool:
