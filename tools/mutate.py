@@ -506,7 +506,7 @@ class CoverageMap:
     seconds: dict[str, float]
     failed: set[str]
     """Test files that failed without any mutant (under coverage: perhaps only slowed down)."""
-    _weights: dict[tuple[str, str], int] = field(default_factory=dict)
+    _sizes: dict[str, int] = field(default_factory=dict)
     uses: dict[tuple[str, int], set[tuple[str, int]]] = field(default_factory=dict)
     """For a line run on import: the lines that use what it defines (use_sites)."""
 
@@ -527,21 +527,22 @@ class CoverageMap:
         later = {_file_of(t.removeprefix(PROC)) for t in found if t.startswith(PROC)}
         tests = {t.removeprefix(PROC) for t in found}
         tests = {t for t in tests if "::" not in t or _file_of(t) not in tests}
-        # The tests of the files that run most of the module's own lines come first, the likeliest
-        # to see the change (a pattern's own tests before the many that merely load a manifest).
         # A whole file among tests (a process started outside any test ran the line) comes last.
         def order(t: str) -> tuple[bool, int, float, str]:
-            return "::" not in t and len(tests) > 1, -self.weight(m.module, _file_of(t)), self.seconds.get(t, 0.0), t
+            # The most specific tests first: those that run the fewest lines of the package (a
+            # unit's own tests before the end-to-end ones that also pass through it).
+            return "::" not in t and len(tests) > 1, self.size(t), self.seconds.get(t, 0.0), t
 
         return (tuple(sorted(tests, key=order)),
                 tuple(sorted(later - tests, key=lambda f: (self.seconds.get(f, 0.0), f))))
 
-    def weight(self, module: str, test_file: str) -> int:
-        if not self._weights:
-            for (mod, _), tests in self.lines.items():
-                for t in {_file_of(t.removeprefix(PROC)) for t in tests}:
-                    self._weights[(mod, t)] = self._weights.get((mod, t), 0) + 1
-        return self._weights.get((module, test_file), 0)
+    def size(self, test: str) -> int:
+        """How many lines of the package ``test`` runs (a whole file: as many as all of them)."""
+        if not self._sizes:
+            for tags in self.lines.values():
+                for t in {t.removeprefix(PROC) for t in tags}:
+                    self._sizes[t] = self._sizes.get(t, 0) + 1
+        return self._sizes.get(test, len(self.lines)) if "::" in test else len(self.lines)
 
 
 def measure_coverage(trees: list[Path], tests: tuple[str, ...], timeout: float) -> CoverageMap:
