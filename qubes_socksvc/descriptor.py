@@ -9,6 +9,26 @@ qrexec sends the part of its command after ``QUBESRPC `` verbatim, with one NUL
 is ``NAME``, ``NAME+`` or ``NAME+ARG``, the argument possibly holding more ``+``.
 Everything here is checked with qrexec's own charsets and limits (qrexec.py)
 before a handler sees it.
+
+A descriptor validated once is remembered, keyed on its exact bytes (:func:`parse`): a warm
+call's descriptor is usually one seen before (one service, one caller), and its validation was
+5 % of a warm call (issue 26).  Why that cannot let one caller change what another gets:
+
+- The key is the whole untrusted ``bytes`` object as received (without its NUL), compared by
+  value (anything but ``bytes`` itself, a bytearray or a subclass with an equality of its own,
+  is validated without memory): two descriptors share an entry only if they are the same bytes, and validation is a
+  pure function of those bytes (no spec, no state, no time, no caller is consulted), so the
+  remembered result is the one a fresh validation would give.
+- Only a validated result is stored, after every check passed; a malformed descriptor raises
+  before anything is stored, so it is validated again (and rejected again) every time.
+- The value is the frozen, slotted :class:`Descriptor`, whose fields are ``str`` or None:
+  nothing can change it in place, and handlers never see it (callcore copies its fields into
+  the Request).
+- The store is bounded: at PARSE_CACHE_SIZE entries it is emptied before the next one is
+  stored, so a caller sending ever new descriptors costs a validation each, as without it,
+  and at most PARSE_CACHE_SIZE descriptors of at most MAX_DESCRIPTOR_LEN bytes are held.
+  Emptying is one atomic dict operation: a plain handler's thread that validates (the
+  testing kit's ``call``) cannot see a half-evicted store.
 """
 
 from __future__ import annotations
@@ -16,6 +36,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import qrexec
+
+#: Validated descriptors remembered at most (module docstring: why it is safe).  A daemon's
+#: callers send a few distinct descriptors: a service and its argument, from a few qubes.
+PARSE_CACHE_SIZE = 256
+#: Descriptor bytes (exact, without the NUL) -> the Descriptor they validated to.
+_parsed: dict[bytes, Descriptor] = {}
 
 
 class DescriptorError(ValueError):
@@ -51,7 +77,24 @@ class Descriptor:
 
 
 def parse(untrusted_descriptor: bytes) -> Descriptor:
-    """Validate a descriptor without its NUL.  Raises DescriptorError."""
+    """Validate a descriptor without its NUL.  Raises DescriptorError.
+
+    The result for the same bytes validated before is the remembered one (module docstring).
+    """
+    if type(untrusted_descriptor) is not bytes:  # a bytearray, a subclass with its own ==
+        return validate(untrusted_descriptor)
+    found = _parsed.get(untrusted_descriptor)
+    if found is not None:
+        return found
+    validated = validate(untrusted_descriptor)
+    if len(_parsed) >= PARSE_CACHE_SIZE:
+        _parsed.clear()
+    _parsed[untrusted_descriptor] = validated
+    return validated
+
+
+def validate(untrusted_descriptor: bytes) -> Descriptor:
+    """Validate a descriptor without its NUL, every time: :func:`parse` without its memory."""
     if len(untrusted_descriptor) >= qrexec.MAX_DESCRIPTOR_LEN:  # with its NUL, at most the limit
         raise DescriptorError("descriptor too long")
     if not untrusted_descriptor.isascii():

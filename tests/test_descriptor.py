@@ -4,8 +4,11 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
+from qubes_socksvc import descriptor
 from qubes_socksvc.descriptor import Descriptor, DescriptorError, parse
 
 
@@ -73,3 +76,94 @@ def test_a_validated_descriptor_cannot_be_altered() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         desc.source = "dom0"  # type: ignore[misc]
     assert desc.source == "work"
+
+
+# --- the validated descriptors parse remembers (issue 26) ------------------------------------
+
+#: Valid descriptors and malformed ones a byte away from them: prefixes, one byte changed,
+#: a field added or dropped, a valid one with a trailing space.
+NEIGHBOURS = [
+    b"my.Service+arg work", b"my.Service+arg work ", b"my.Service+arg wor", b"my.Service+arg wor/",
+    b"my.Service+arg", b"my.Service+ar/ work", b"my.Service+arg work name dom0", b"my.Service+arg work name",
+    b"my.Service+arg work name dom0 x", b"my.Service+arg work nam dom0", b"my.Service+arg work name @dom0",
+    b"my.Service work", b"my.Service w\xc3\xa9rk", b"my.Service work\n", b"my.Service  work", b"a q", b"a+ q",
+    b"a+x q", b"x" * 65535, b"x" * 65534, b"",
+]
+
+
+def _fresh(wire: bytes) -> Descriptor | str:
+    """What validating ``wire`` alone gives: its Descriptor, or the DescriptorError's message."""
+    try:
+        return descriptor.validate(wire)
+    except DescriptorError as e:
+        return str(e)
+
+
+def _remembered(wire: bytes) -> Descriptor | str:
+    try:
+        return parse(wire)
+    except DescriptorError as e:
+        return str(e)
+
+
+@pytest.fixture
+def empty_memory(monkeypatch: pytest.MonkeyPatch) -> dict[bytes, Descriptor]:
+    """parse's memory, empty at the start of the test and restored after it."""
+    memory: dict[bytes, Descriptor] = {}
+    monkeypatch.setattr(descriptor, "_parsed", memory)
+    return memory
+
+
+def test_a_descriptors_validity_never_depends_on_what_came_before(empty_memory: dict[bytes, Descriptor]) -> None:
+    """Whatever other descriptors a daemon validated before, and in whatever order, each one is
+    accepted or refused exactly as it would be alone: a caller cannot make another's malformed
+    descriptor pass, or a valid one fail or read as another, by calling first."""
+    expected = {wire: _fresh(wire) for wire in NEIGHBOURS}
+    assert {isinstance(e, Descriptor) for e in expected.values()} == {True, False}  # both kinds are tried
+    interleaved = [w for pair in zip(NEIGHBOURS, NEIGHBOURS[::-1], strict=True) for w in pair]
+    orders = [NEIGHBOURS, NEIGHBOURS[::-1], interleaved]
+    rng = random.Random(26)
+    orders += [rng.sample(NEIGHBOURS, len(NEIGHBOURS)) for _ in range(20)]
+    for order in orders:
+        empty_memory.clear()
+        for _ in range(2):  # the second pass answers from memory
+            for wire in order:
+                assert _remembered(wire) == expected[wire], wire[:40]
+
+
+def test_a_malformed_descriptor_is_never_remembered(empty_memory: dict[bytes, Descriptor]) -> None:
+    """Only validated descriptors are remembered: a malformed one is checked, and refused, each
+    time it is sent, and never stored as valid."""
+    for wire in NEIGHBOURS:
+        for _ in range(3):
+            _remembered(wire)
+    assert set(empty_memory) == {w for w in NEIGHBOURS if isinstance(_fresh(w), Descriptor)}
+    assert all(empty_memory[w] == _fresh(w) for w in empty_memory)
+
+
+def test_what_parse_remembers_is_bounded(empty_memory: dict[bytes, Descriptor]) -> None:
+    """A caller sending ever new descriptors (a new argument each call) cannot grow the daemon:
+    at most PARSE_CACHE_SIZE are held, and each is still answered as validated alone."""
+    wires = [b"my.Service+%d work" % i for i in range(descriptor.PARSE_CACHE_SIZE * 3 + 7)]
+    for wire in wires:
+        assert parse(wire) == Descriptor("my.Service", wire.split(b" ")[0][11:].decode(), "work")
+        assert len(empty_memory) <= descriptor.PARSE_CACHE_SIZE
+    assert all(parse(wire) == _fresh(wire) for wire in wires)
+
+
+def test_only_exact_bytes_are_remembered(empty_memory: dict[bytes, Descriptor]) -> None:
+    """A bytearray or a bytes subclass (whose equality could be its own) is validated, never
+    remembered nor answered from memory."""
+
+    class Loose(bytes):
+        def __eq__(self, other: object) -> bool:
+            return True
+
+        def __hash__(self) -> int:
+            return hash(b"my.Service work")
+
+    assert parse(b"my.Service work") == Descriptor("my.Service", None, "work")
+    assert parse(bytearray(b"my.Service+x work")) == Descriptor("my.Service", "x", "work")  # type: ignore[arg-type]
+    with pytest.raises(DescriptorError):
+        parse(Loose(b"my.Service wo/rk"))
+    assert set(empty_memory) == {b"my.Service work"}
