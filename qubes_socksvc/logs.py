@@ -119,6 +119,9 @@ JOURNAL_SNDBUF = 8 << 20
 #: A field name journald keeps (journal-file.c: journal_field_valid): upper-case letters, digits
 #: and "_", not first a digit or "_" (those are journald's trusted fields), at most 64 characters.
 _FIELD_NAME = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
+#: Encoded heads of lines (JournalLines._line_head) kept at most: one per level, logger, thread
+#: and place that writes lines straight; a thread named anew for each call cannot grow it.
+LINE_HEADS = 64
 
 
 class Where(NamedTuple):
@@ -183,6 +186,7 @@ class JournalLines(LineHandler):
         self._constant = b"".join(journal_field(k, v) for k, v in identifiers.items())
         self._reserved = frozenset({"MESSAGE", "PRIORITY", "LOGGER", "THREAD_NAME", "PROCESS_NAME", "CODE_FILE",
                                     "CODE_LINE", "CODE_FUNC", "EXCEPTION_TEXT", *identifiers})
+        self._heads: dict[tuple[int, str, str, Where], bytes] = {}
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         with contextlib.suppress(OSError):
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, JOURNAL_SNDBUF)
@@ -206,17 +210,33 @@ class JournalLines(LineHandler):
             self.handleError(record)
 
     def write_line(self, level: int, logger: str, message: str, fields: Mapping[str, str], where: Where) -> None:
-        data = b"".join([
-            journal_field("MESSAGE", message), b"PRIORITY=%d\n" % priority(level), journal_field("LOGGER", logger),
-            journal_field("THREAD_NAME", threading.current_thread().name), b"PROCESS_NAME=MainProcess\n",
-            journal_field("CODE_FILE", where.file), b"CODE_LINE=%d\n" % where.line,
-            journal_field("CODE_FUNC", where.function),
-            *[journal_field(k, v) for k, v in fields.items() if k not in self._reserved],
-            self._constant])
+        head = self._line_head(level, logger, threading.current_thread().name, where)
+        kept = [(k, v) for k, v in fields.items() if k not in self._reserved]
+        if "\n" in message or any("\n" in v for _, v in kept):
+            data = b"".join([journal_field("MESSAGE", message), head,
+                             *[journal_field(k, v) for k, v in kept], self._constant])
+        else:  # the usual line: its varying fields encoded at once, as journal_field would
+            data = b"".join([f"MESSAGE={message}\n".encode("utf-8", "replace"), head,
+                             "".join([f"{k}={v}\n" for k, v in kept]).encode("utf-8", "replace"), self._constant])
         try:
             self.send(data)
         except Exception:
             self.handleError(_record(level, logger, message, fields, where))
+
+    def _line_head(self, level: int, logger: str, thread: str, where: Where) -> bytes:
+        """The fields from PRIORITY to CODE_FUNC, encoded once for each place that writes lines
+        (the same every call: the daemon's code, not its callers, chooses all of them)."""
+        key = (level, logger, thread, where)
+        head = self._heads.get(key)
+        if head is None:
+            head = b"".join([b"PRIORITY=%d\n" % priority(level), journal_field("LOGGER", logger),
+                             journal_field("THREAD_NAME", thread), b"PROCESS_NAME=MainProcess\n",
+                             journal_field("CODE_FILE", where.file), b"CODE_LINE=%d\n" % where.line,
+                             journal_field("CODE_FUNC", where.function)])
+            if len(self._heads) >= LINE_HEADS:
+                self._heads.clear()
+            self._heads[key] = head
+        return head
 
     def send(self, data: bytes) -> None:
         """One datagram to journald; too large for one (EMSGSIZE, ENOBUFS), a sealed memfd

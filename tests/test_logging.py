@@ -437,3 +437,53 @@ def test_a_traceback_is_cut_line_by_line_and_keeps_its_end() -> None:
     assert lines[0] == "Traceback (most recent call last):" and "lines not logged]" in lines[1]
     assert lines[-2] == "line 499"
     assert lines[-1] == "q" * logs.MAX_LOGGED + logs.CUT_MARK.format(10000 - logs.MAX_LOGGED)
+
+
+def test_a_lines_datagram_is_its_fields_each_encoded_as_the_protocol_says(tmp_path: Path) -> None:
+    """JournalLines.write_line encodes the fields that are the same every call once, and the
+    rest of a plain line at once: the datagram is still, byte for byte, each field encoded on
+    its own (logs.journal_field), in the same order, whatever the message and values hold
+    (newlines, non-ASCII, a lone surrogate), from whichever thread and place the line is written,
+    and once many places have written lines (the encoded heads kept are bounded)."""
+    handler = logs.JournalLines(str(tmp_path / "socket"), SYSLOG_IDENTIFIER="qubes-socksvc", DAEMON="d")
+    sent: list[bytes] = []
+    handler.send = sent.append  # type: ignore[method-assign,assignment]
+
+    def expected(level: int, message: str, fields: dict[str, str], where: logs.Where, thread: str) -> bytes:
+        return b"".join([logs.journal_field("MESSAGE", message), b"PRIORITY=%d\n" % logs.priority(level),
+                         logs.journal_field("LOGGER", "qubes_socksvc.server"),
+                         logs.journal_field("THREAD_NAME", thread), b"PROCESS_NAME=MainProcess\n",
+                         logs.journal_field("CODE_FILE", where.file), b"CODE_LINE=%d\n" % where.line,
+                         logs.journal_field("CODE_FUNC", where.function),
+                         *[logs.journal_field(k, v) for k, v in fields.items()],
+                         logs.journal_field("SYSLOG_IDENTIFIER", "qubes-socksvc"), logs.journal_field("DAEMON", "d")])
+
+    here = logs.Where.of(test_a_lines_datagram_is_its_fields_each_encoded_as_the_protocol_says)
+    cases = [("call t.Echo from work", {"SERVICE": "t.Echo", "SOURCE": "work", "TARGET": "", "TARGET_TYPE": ""}),
+             ("two\nlines", {"SERVICE": "t.Echo"}), ("one", {"SERVICE": "t.Echo+a\nb", "SOURCE": "work"}),
+             ("café \udcff", {"SERVICE": "t.É", "SOURCE": "\udcff"}), ("", {}),
+             ("fields the handler keeps for itself", {"MESSAGE": "x", "PRIORITY": "1", "SERVICE": "s"})]
+    wanted: list[bytes] = []
+    try:
+        for level in (logging.INFO, logging.WARNING):
+            for message, fields in cases:
+                kept = {k: v for k, v in fields.items() if k not in ("MESSAGE", "PRIORITY")}
+                for where in (here, logs.Where("/f.py", 7, "f"), here):
+                    handler.write_line(level, "qubes_socksvc.server", message, fields, where)
+                    wanted.append(expected(level, message, kept, where, "MainThread"))
+                thread = threading.Thread(target=handler.write_line, name="plain-handler-1",
+                                          args=(level, "qubes_socksvc.server", message, fields, here))
+                thread.start()
+                thread.join()
+                wanted.append(expected(level, message, kept, here, "plain-handler-1"))
+        for line in range(logs.LINE_HEADS * 2):
+            where = logs.Where("/g.py", line, "g")
+            handler.write_line(logging.INFO, "qubes_socksvc.server", "m", {}, where)
+            wanted.append(expected(logging.INFO, "m", {}, where, "MainThread"))
+            assert len(handler._heads) <= logs.LINE_HEADS
+        handler.write_line(logging.INFO, "qubes_socksvc.server", "m", {}, here)
+        wanted.append(expected(logging.INFO, "m", {}, here, "MainThread"))
+        assert sent == wanted
+        assert all(parse_native(d) for d in sent)  # journald reads each as one entry of valid fields
+    finally:
+        handler.close()
