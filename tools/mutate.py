@@ -506,7 +506,7 @@ class CoverageMap:
     seconds: dict[str, float]
     failed: set[str]
     """Test files that failed without any mutant (under coverage: perhaps only slowed down)."""
-    _sizes: dict[str, int] = field(default_factory=dict)
+    _runs: dict[tuple[str, str], int] = field(default_factory=dict)
     uses: dict[tuple[str, int], set[tuple[str, int]]] = field(default_factory=dict)
     """For a line run on import: the lines that use what it defines (use_sites)."""
 
@@ -519,30 +519,31 @@ class CoverageMap:
         found: set[str] = set()
         for line in range(m.line, m.end_line + 1):
             found |= self.lines.get((m.module, line), set())
-        if found and all("::" not in t for t in found):
-            # A line run on import only (a constant, a pattern, a default, a decorator) is tagged
-            # with whole files; what it changes shows where it is used: the tests running those lines.
-            used = {t for site in self.uses.get((m.module, m.line), ()) for t in self.lines.get(site, ()) if "::" in t}
+        if found and (m.module, m.line) in self.uses:
+            # A line run on import (a constant, a pattern, a default, a decorator) runs in every
+            # test, or in the process a test started; what it changes shows where it is used.
+            used = {t for site in self.uses[(m.module, m.line)] for t in self.lines.get(site, ()) if "::" in t}
             found = used or found
         later = {_file_of(t.removeprefix(PROC)) for t in found if t.startswith(PROC)}
         tests = {t.removeprefix(PROC) for t in found}
         tests = {t for t in tests if "::" not in t or _file_of(t) not in tests}
         # A whole file among tests (a process started outside any test ran the line) comes last.
-        def order(t: str) -> tuple[bool, int, float, str]:
-            # The most specific tests first: those that run the fewest lines of the package (a
-            # unit's own tests before the end-to-end ones that also pass through it).
-            return "::" not in t and len(tests) > 1, self.size(t), self.seconds.get(t, 0.0), t
+        def order(t: str) -> tuple[bool, float, float, str]:
+            # The tests most about this module first: the largest share of the lines they run is
+            # the module's (a unit's own tests before the end-to-end ones that pass through it).
+            return "::" not in t and len(tests) > 1, -self.focus(m.module, t), self.seconds.get(t, 0.0), t
 
         return (tuple(sorted(tests, key=order)),
                 tuple(sorted(later - tests, key=lambda f: (self.seconds.get(f, 0.0), f))))
 
-    def size(self, test: str) -> int:
-        """How many lines of the package ``test`` runs (a whole file: as many as all of them)."""
-        if not self._sizes:
-            for tags in self.lines.values():
+    def focus(self, module: str, test: str) -> float:
+        """The share of the package's lines ``test`` runs that are ``module``'s."""
+        if not self._runs:
+            for (mod, _), tags in self.lines.items():
                 for t in {t.removeprefix(PROC) for t in tags}:
-                    self._sizes[t] = self._sizes.get(t, 0) + 1
-        return self._sizes.get(test, len(self.lines)) if "::" in test else len(self.lines)
+                    self._runs[(mod, t)] = self._runs.get((mod, t), 0) + 1
+                    self._runs[("", t)] = self._runs.get(("", t), 0) + 1
+        return self._runs.get((module, test), 0) / max(1, self._runs.get(("", test), 0))
 
 
 def measure_coverage(trees: list[Path], tests: tuple[str, ...], timeout: float) -> CoverageMap:
@@ -684,7 +685,7 @@ def _run(args: argparse.Namespace, chosen: list[str], trees: queue.Queue[Path], 
         if args.budget:  # the fastest tests, up to the budget of their unmutated time
             tests = _within(list(tests), covered.seconds, args.budget)
             later = later if len(tests) == every else ()
-        cut = "" if len(tests) == every else f" (the fastest {len(tests)} of {every} tests running the line: --budget)"
+        cut = "" if len(tests) == every else f" (the first {len(tests)} of {every} tests running the line: --budget)"
         tree = trees.get()
         try:
             # A hang, not a slow run: three times the tests' unmutated time (measured under coverage).
