@@ -170,3 +170,25 @@ def test_the_argument_keeps_plus() -> None:
     NAME_RE, and the NAME before the first ``+`` never holds one."""
     assert qrexec.ARGUMENT_RE.match("fe80++1+22") and qrexec.is_service("qubes.ConnectTCP+fe80++1+22")
     assert not qrexec.NAME_RE.match("a+b")
+
+
+def test_more_bytes_than_qrexec_ever_sends_before_the_nul_are_cut_at_once(daemon: RunningDaemon) -> None:
+    """qrexec sends at most MAX_QREXEC_CMD_LEN (65535) bytes before a descriptor's NUL
+    (libqrexec/qrexec.h): a caller that has sent that many and no NUL may still be sending a
+    descriptor and keeps its descriptor_timeout (10 s here); one byte more cannot be one, and
+    the daemon cuts it at once, with the bound in the log."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as waiting:
+        waiting.connect(daemon.socket())
+        waiting.sendall(b"a" * qrexec.MAX_DESCRIPTOR_LEN)
+        waiting.settimeout(1.5)
+        with pytest.raises(TimeoutError):  # neither answered nor cut: still reading the descriptor
+            waiting.recv(1)
+    before = daemon.log_text().count("rejected call: descriptor longer than 65535 bytes")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as too_long:
+        too_long.connect(daemon.socket())
+        started = time.monotonic()
+        send_ignoring_reset(too_long, b"a" * (qrexec.MAX_DESCRIPTOR_LEN + 1))
+        too_long.settimeout(5)
+        assert read_until_closed(too_long) == b""
+        assert time.monotonic() - started < 3, "cut only at the descriptor timeout, not at once"
+    wait_for_log(daemon, "rejected call: descriptor longer than 65535 bytes", before + 1)
