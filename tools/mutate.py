@@ -642,7 +642,11 @@ def main() -> int:
     parser.add_argument("--reuse-coverage", action="store_true",
                         help=f"take which tests execute which line from the last run ({COVERAGE}), not measure it")
     parser.add_argument("--log", type=Path, default=LOG, help=f"every verdict and its failing test (default {LOG})")
+    parser.add_argument("--retally", type=Path, nargs="+", metavar="LOG",
+                        help="print the table from run logs and the reviewed lists as they are now; run nothing")
     args = parser.parse_args()
+    if args.retally:
+        return retally(args.retally)
     # Started in the background by a shell, SIGINT is ignored, and children inherit that: the
     # tests that interrupt a child with SIGINT would fail for a reason no mutant caused.
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -660,6 +664,46 @@ def main() -> int:
             shutil.rmtree(trees.get().parent, ignore_errors=True)
 
 
+COLUMNS = ("killed", "timed out", "survived", "untestable", "equivalent")
+
+
+def print_table(results: dict[str, dict[str, int]], planned: dict[str, int]) -> float:
+    """The table of verdicts by module; the worst score (0 for a module not run whole)."""
+    print("| module | mutants | killed | timed out | survived | untestable | equivalent | score |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    worst = 100.0
+    for module, r in results.items():
+        ran = sum(r.values())
+        live = ran - r["equivalent"]
+        score = 100.0 * (r["killed"] + r["timed out"]) / live if live else 100.0
+        worst = min(worst, score if ran == planned[module] else 0.0)
+        shown = f"{score:.1f} %" if ran else "not run"
+        print(f"| {module} | {ran if ran == planned[module] else f'{ran} of {planned[module]} (interrupted)'} "
+              + " ".join(f"| {r[c]}" for c in COLUMNS) + f" | {shown} |")
+    return worst
+
+
+def retally(logs: list[Path]) -> int:
+    """The table again from run logs (a later log's verdict on a mutant wins), with the reviewed
+    lists as they are now: a survivor listed since counts as equivalent or untestable."""
+    equivalent, untestable = load_reviewed(EQUIVALENT), load_reviewed(UNTESTABLE)
+    verdicts: dict[str, tuple[str, str]] = {}
+    for log in logs:
+        for line in log.read_text().splitlines():
+            verdict = "timed out" if line.startswith("timed out") else line.split(" ", 1)[0]
+            key, _, why = line[len(verdict):].strip().partition("  <- ")
+            verdicts[key] = (verdict, why)
+    results: dict[str, dict[str, int]] = {}
+    for key, (verdict, why) in sorted(verdicts.items()):
+        if verdict in ("survived", "equivalent", "untestable") and why != "no test executes the line":
+            verdict = "equivalent" if key in equivalent else "untestable" if key in untestable else "survived"
+        results.setdefault(key.split(":")[0], dict.fromkeys(COLUMNS, 0))[verdict] += 1
+        if verdict == "survived":
+            print(f"survived: {key}  <- {why}")
+    worst = print_table(results, {module: sum(r.values()) for module, r in results.items()})
+    return 0 if worst >= 95.0 else 1
+
+
 def _run(args: argparse.Namespace, chosen: list[str], trees: queue.Queue[Path], source: Path) -> int:
     equivalent, untestable = load_reviewed(EQUIVALENT), load_reviewed(UNTESTABLE)
     work = [m for module in chosen for m in mutants(module, source) if args.kind is None or m.kind in args.kind]
@@ -672,8 +716,7 @@ def _run(args: argparse.Namespace, chosen: list[str], trees: queue.Queue[Path], 
         for m in work:
             print(m.key)
         return 0
-    columns = ("killed", "timed out", "survived", "untestable", "equivalent")
-    results: dict[str, dict[str, int]] = {m: dict.fromkeys(columns, 0) for m in chosen}
+    results: dict[str, dict[str, int]] = {m: dict.fromkeys(COLUMNS, 0) for m in chosen}
     survivors: list[tuple[Mutant, str]] = []
     used: set[str] = set()
 
@@ -762,17 +805,7 @@ def _run(args: argparse.Namespace, chosen: list[str], trees: queue.Queue[Path], 
     print(f"\nmutation run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
           f"{time.monotonic() - started:.0f}s, operators: {' '.join(args.kind or OPERATORS)}; "
           f"survivors with diffs: {args.survivors}; every verdict: {args.log}\n")
-    print("| module | mutants | killed | timed out | survived | untestable | equivalent | score |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    worst = 100.0
-    for module, r in results.items():
-        ran, planned = sum(r.values()), sum(m.module == module for m in work)
-        live = ran - r["equivalent"]
-        score = 100.0 * (r["killed"] + r["timed out"]) / live if live else 100.0
-        worst = min(worst, score if ran == planned else 0.0)
-        shown = f"{score:.1f} %" if ran else "not run"
-        print(f"| {module} | {ran if ran == planned else f'{ran} of {planned} (interrupted)'} "
-              + " ".join(f"| {r[c]}" for c in columns) + f" | {shown} |")
+    worst = print_table(results, {module: sum(m.module == module for m in work) for module in chosen})
     ran_keys = {m.key for m in work}
     changes = {m.change: m.key for m in work}
     for listed in (equivalent, untestable):
