@@ -16,6 +16,7 @@ import threading
 from collections.abc import Callable
 
 from qubes_socksvc.request import Request
+from qubes_socksvc.testing import call_handler
 
 
 async def _request(sock: socket.socket) -> Request:
@@ -85,3 +86,16 @@ def test_a_plain_handlers_write_waiting_on_a_slow_caller_raises_when_the_daemon_
     assert len(outcome) == 1
     error = outcome[0]
     assert isinstance(error, ConnectionResetError) and "daemon has stopped" in str(error), error
+
+
+def test_request_input_is_the_whole_input_for_a_plain_handler_and_none_for_a_coroutine() -> None:
+    """docs/handlers.md: ``request.input`` holds the whole input for plain functions; a coroutine
+    reads its input itself, and finds ``request.input`` None (never an AttributeError)."""
+    def plain(request: Request) -> bytes:
+        return repr(request.input).encode()
+
+    async def coroutine(request: Request) -> bytes:
+        return repr(request.input).encode()
+
+    assert call_handler(plain, b"whole") == b"b'whole'"
+    assert call_handler(coroutine, b"unread") == b"None"
