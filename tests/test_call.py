@@ -146,7 +146,8 @@ def test_call_tcp_service_like_the_agent(tmp_path: Path, tcp_echo: int, link: st
     ("/dev/tcp", "x.Tcp+a_b+22", "underscore not allowed"),
     ("/dev/tcp/127.0.0.1", "x.Tcp+022", "invalid port '022'"),
     ("/dev/tcp/127.0.0.1", "x.Tcp+65536", "invalid port '65536'"),
-    ("/dev/tcp/localhost/22", "x.Tcp", "a numeric address is required"),
+    ("/dev/tcp/localhost/22", "x.Tcp", "localhost port 22: Name or service not known; a numeric address is required"),
+    ("/dev/tcp/" + "\u00e4" * 70 + "/22", "x.Tcp", "a numeric address is required"),  # no IDNA label: UnicodeError
     ("/dev/tcp/127.0.0.1/", "x.Tcp+22", "takes no argument"),  # an empty port is a port, not none
     ("/dev/tcp/127.0.0.1/", "x.Tcp", "invalid port ''"),
 ])
