@@ -16,9 +16,9 @@ call's descriptor is usually one seen before (one service, one caller), and its 
 
 - The key is the whole untrusted ``bytes`` object as received (without its NUL), compared by
   value (anything but ``bytes`` itself, a bytearray or a subclass with an equality of its own,
-  is validated without memory): two descriptors share an entry only if they are the same bytes, and validation is a
-  pure function of those bytes (no spec, no state, no time, no caller is consulted), so the
-  remembered result is the one a fresh validation would give.
+  is validated without memory): two descriptors share an entry only if they are the same
+  bytes, and validation is a pure function of those bytes (no spec, no state, no time, no
+  caller is consulted), so the remembered result is the one a fresh validation would give.
 - Only a validated result is stored, after every check passed; a malformed descriptor raises
   before anything is stored, so it is validated again (and rejected again) every time.
 - The value is the frozen, slotted :class:`Descriptor`, whose fields are ``str`` or None:
