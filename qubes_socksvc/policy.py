@@ -30,9 +30,10 @@ Verb = Literal["deny", "ask", "allow"]
 VERBS: tuple[Verb, ...] = ("deny", "ask", "allow")
 
 #: Values after ``@type:``: the parser takes any non-empty word not starting with ``@``
-#: (VMToken.__new__); we keep to what Qubes names are made of, so that no line can be split
-#: or mis-read.
-_WORD_RE = re.compile(r"[A-Za-z0-9_.-]+\Z")
+#: (VMToken.__new__), and TypeVM.match compares it with the qube's class name
+#: (``type(vm).__name__``: AppVM, DispVM...): a Python identifier, so anything else matches
+#: no caller.
+_TYPE_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 #: What a tag is made of: qubes-core-admin refuses any other tag (qubes/vm/__init__.py:
 #: Tags.validate_tag), so a line naming another would match no caller.
 _TAG_RE = re.compile(r"[A-Za-z0-9_-]+\Z")
@@ -60,7 +61,7 @@ def _source_kind(token: str) -> tuple[int, str | None]:
     if token.startswith("@tag:"):
         return _GROUP, None if _TAG_RE.match(token[5:]) else "expected @tag:NAME, NAME of [A-Za-z0-9_-]"
     if token.startswith("@type:"):
-        return _GROUP, None if _WORD_RE.match(token[6:]) else "expected @type:NAME, NAME of [A-Za-z0-9_.-]"
+        return _GROUP, None if _TYPE_RE.match(token[6:]) else "expected @type:NAME, NAME a class name (AppVM...)"
     if token.startswith("@dispvm:"):
         return _NAMED, ("matches no caller: qrexec compares @dispvm:... with a call's target only "
                         "(qrexec/policy/parser.py: DispVMTemplate.match, DispVMTag.match); name "
@@ -70,7 +71,7 @@ def _source_kind(token: str) -> tuple[int, str | None]:
                         "@tag:TAG or @type:TYPE (@default and @dispvm name targets, not callers)")
     if token.startswith("uuid:"):
         return _NAMED, None if _UUID_RE.match(token) else "expected uuid: and a lower-case UUID"
-    if qrexec.is_source(token) and _QUBE_RE.match(token):
+    if len(token) <= qrexec.MAX_SOURCE_LEN and _QUBE_RE.match(token):
         return _NAMED, None
     return _NAMED, (f"expected a qube name: a letter, then [A-Za-z0-9_.-], at most {qrexec.MAX_SOURCE_LEN} "
                     "characters")

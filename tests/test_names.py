@@ -571,6 +571,7 @@ WORDS = cases(
     ("@tag:Work", "a tag with an upper-case letter"),
     ("@type:AppVM", "a type"),
     ("@type:DispVM", "another type"),
+    ("@type:_Remote_VM2", "a class name with _ first, _ and a digit later"),
 )
 BAD_WORDS = [
     *placed({"tag first": "@tag:^work", "tag later": "@tag:wo^rk", "type first": "@type:^AppVM",
@@ -578,6 +579,10 @@ BAD_WORDS = [
     *cases(("@tag:work\n", "a tag and a trailing newline"), ("@tag:", "an empty tag"), ("@type:", "an empty type")),
     sourced("@tag:my.tag", "a tag with .", "qubes-core-admin Tags.validate_tag refuses '.', so no qube has that tag "
           "and the line matches no caller"),
+    *cases(("@type:AppVM\n", "a type and a trailing newline")),
+    *(sourced(caller, name, "TypeVM.match compares with a class name: a Python identifier, so this matches no caller")
+      for caller, name in (("@type:App.VM", "a type with ."), ("@type:App-VM", "a type with -"),
+                           ("@type:2VM", "a type with a digit first"))),
 ]
 
 
@@ -589,7 +594,7 @@ def test_a_tag_or_type_accepted(caller: str, tmp_path: Path) -> None:
 @pytest.mark.parametrize("caller", BAD_WORDS)
 def test_a_tag_or_type_refused(caller: str, tmp_path: Path) -> None:
     assert_refused(tmp_path, manifest_text(allow=[caller]), "daemons.demo.services.demo.Echo.policy.allow",
-                   "NAME of [A-Za-z0-9_")
+                   "expected @tag:NAME" if caller.startswith("@tag:") else "expected @type:NAME")
 
 
 # --- uuid:UUID callers ----------------------------------------------------------------------------
