@@ -276,7 +276,7 @@ async def _handle(call: _Connection, service: Service, request: Request, called:
         if task is not None and task.cancelling():  # the task itself is cancelled: run() says so
             raise
         return Result(Ending.RAISED, called, service, e)  # the handler's own CancelledError
-    except (Exception, SystemExit, KeyboardInterrupt) as e:
+    except BaseException as e:  # SystemExit, GeneratorExit, a BaseExceptionGroup: the handler's failure too
         return Result(Ending.RAISED, called, service, e)
     return _SERVED
 

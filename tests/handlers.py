@@ -260,3 +260,15 @@ async def exhausts_fds(request: Request) -> str:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     await asyncio.sleep(3)
     return "released\n"
+
+
+async def raises_generator_exit(request: Request) -> None:
+    raise GeneratorExit("a handler's own GeneratorExit " + (request.argument or "") * 2000)
+
+
+async def raises_base_group(request: Request) -> None:
+    raise BaseExceptionGroup("a handler's group " + (request.argument or "") * 2000, [KeyboardInterrupt()])
+
+
+def plain_raises_base_group(request: Request) -> None:
+    raise BaseExceptionGroup("a plain handler's group " + (request.argument or "") * 2000, [GeneratorExit()])

@@ -24,6 +24,7 @@ import pytest
 
 from qubes_socksvc import cli, logs, manifest, server
 from qubes_socksvc.model import Daemon
+from qubes_socksvc.request import Request
 from tests.handlers import QUEUED_OUTPUT
 
 
@@ -487,3 +488,24 @@ def test_a_lines_datagram_is_its_fields_each_encoded_as_the_protocol_says(tmp_pa
         assert all(parse_native(d) for d in sent)  # journald reads each as one entry of valid fields
     finally:
         handler.close()
+
+
+def test_a_bug_in_the_daemon_costs_only_the_call_it_hit(journal: JournalSink, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """No caller or handler reaches it (a handler's own failure is RAISED, whatever it raises):
+    a fault in the daemon's own code while serving one call is logged as an internal error with
+    its traceback, that call is cut, and the next call is served."""
+    daemon = manifest.parse(FIELDS_MANIFEST, str(tmp_path / "m.yaml")).daemons["t"]
+    started = server.Server.started
+
+    def faulty(self: server.Server, request: Request, called: str) -> None:
+        if request.argument == "bug":
+            raise RuntimeError("a bug in the daemon on purpose")
+        started(self, request, called)
+
+    monkeypatch.setattr(server.Server, "started", faulty)
+    replies = serve_calls(daemon, tmp_path, [b"t.Echo+bug work\0hi", b"t.Echo work\0after"])
+    assert replies == [b"", b"after"]
+    errors = [e for e in journal if e.get("PRIORITY") == "3"]
+    assert [e["MESSAGE"].split("\n")[0] for e in errors] == ["internal error while serving a call"], errors
+    assert "RuntimeError: a bug in the daemon on purpose" in errors[0]["MESSAGE"], errors[0]
