@@ -171,28 +171,27 @@ class _Routed:
 
     def __init__(self) -> None:
         self.tokens: set[str] = set()
-        self.everyone = self.anyvm = self.groups = False
-        self.names = {False: 0, True: 0}
-        """Named qubes other than dom0, by whether they are ``uuid:`` tokens."""
+        self.anyvm = self.broad = False
+        """``broad``: ``*``, a tag or a type, any of which may match any qube."""
+        self.names = {False: False, True: False}
+        """Whether named qubes other than dom0 are routed, by whether they are ``uuid:`` tokens."""
 
     def add(self, token: str) -> None:
         token = "@adminvm" if token in _DOM0 else token
         self.tokens.add(token)
-        if token == "*":
-            self.everyone = True
-        elif token == "@anyvm":
+        if token == "@anyvm":
             self.anyvm = True
-        elif _source_kind(token)[0] != _NAMED:
-            self.groups = True
+        elif _source_kind(token)[0] != _NAMED:  # "*" (everyone), a tag or a type
+            self.broad = True
         elif token != "@adminvm":
-            self.names[token.startswith("uuid:")] += 1
+            self.names[token.startswith("uuid:")] = True
 
     def may_share(self, token: str) -> bool:
         """Whether ``_may_share_a_caller(token, r)`` for some routed ``r``."""
         token = "@adminvm" if token in _DOM0 else token
         if not self.tokens:
             return False
-        if token in self.tokens or self.everyone or token == "*" or self.groups:
+        if token in self.tokens or token == "*" or self.broad:
             return True
         if token == "@anyvm":
             return self.tokens != {"@adminvm"}
@@ -200,7 +199,7 @@ class _Routed:
             return True
         if token == "@adminvm":
             return False  # only @adminvm itself (above), or * and groups, match dom0
-        return self.anyvm or self.names[not token.startswith("uuid:")] > 0
+        return self.anyvm or self.names[not token.startswith("uuid:")]
 
 
 def _default_denies(text: list[str | _Line]) -> Iterator[str | _Line]:
