@@ -572,6 +572,7 @@ WORDS = cases(
     ("@type:AppVM", "a type"),
     ("@type:DispVM", "another type"),
     ("@type:_Remote_VM2", "a class name with _ first, _ and a digit later"),
+    ("@type:myVM", "a class name with a lower-case letter first"),
 )
 BAD_WORDS = [
     *placed({"tag first": "@tag:^work", "tag later": "@tag:wo^rk", "type first": "@type:^AppVM",
