@@ -381,3 +381,19 @@ def test_autostart_no() -> None:
 def test_a_request_for_no_template_is_refused() -> None:
     """IntendedTarget.verify (DispVMTemplate.verify): @dispvm:X must name a disposable template."""
     assert decide("s * work * allow\n", "s", "work", "@dispvm:work").reason == "not a template for dispvm: work"
+
+
+def test_a_key_deny_holds_at_default_for_a_declared_argument_key_that_routes() -> None:
+    """A key denies evil; its declared ``NAME+a`` key routes @default for a tag evil lacks.  evil's
+    @default call to ``NAME+a`` meets the key's deny, narrowed to ``+a``, before any broader
+    rule in a later policy file (here one that would allow it)."""
+    text = ("version: 1\nforwards:\n  my.Svc:\n    target: unix:/run/qubes/a.sock\n"
+            "    policy: {allow: [personal], deny: [evil]}\n"
+            "  my.Svc+a:\n    target: unix:/run/qubes/b.sock\n"
+            "    policy: {allow: ['@tag:trusted'], default_target: true}\n")
+    ours = "\n".join(policy.lines(manifest.parse(text, "/m.yaml"), "web"))
+    rules = parse(ours + "\nmy.Svc * @anyvm @default allow target=web\n")
+    assert evaluate(rules, "my.Svc+a", "evil", "@default", QUBES).action == "deny"
+    assert evaluate(rules, "my.Svc+a", "personal", "@default", QUBES).action == "deny"  # NAME's callers too
+    assert evaluate(rules, "my.Svc+a", "work", "@default", QUBES).action == "allow"  # @tag:trusted
+    assert evaluate(rules, "my.Svc+a", "disp123", "@default", QUBES).action == "allow"  # the later file's
