@@ -130,3 +130,29 @@ def test_a_manifest_at_the_cap_is_checked_in_seconds(tmp_path: Path) -> None:
     elapsed = time.monotonic() - start
     assert result.returncode == 0 and f"{number} services" in result.stdout, result.stderr
     assert elapsed < 60, f"took {elapsed:.0f} s"
+
+
+def test_read_regular_counts_what_it_reads_when_the_size_does_not_tell(tmp_path: Path) -> None:
+    """A regular file whose stat() size is 0 but which has content (procfs; a file that grows
+    while it is read looks the same): the bytes read are counted against the limit."""
+    proc = "/proc/self/cmdline"
+    content = Path(proc).read_bytes()
+    assert os.stat(proc).st_size == 0 and len(content) > 2
+    assert files.read_regular(proc, len(content), "thing") == content
+    with pytest.raises(files.FileRefused, match=f"larger than {len(content) - 1} bytes"):
+        files.read_regular(proc, len(content) - 1, "thing")
+
+
+def test_read_regular_leaves_no_descriptor_open() -> None:
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        files.read_regular("/proc/self/cmdline", 1 << 20, "thing")
+        with pytest.raises(files.FileRefused):
+            files.read_regular("/proc/self/cmdline", 1, "thing")
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_read_regular_names_a_read_error() -> None:
+    """/proc/self/mem is a regular file whose first page cannot be read (EIO)."""
+    with pytest.raises(files.FileRefused, match="/proc/self/mem: cannot read thing: Input/output error"):
+        files.read_regular("/proc/self/mem", 100, "thing")
