@@ -591,16 +591,21 @@ def test_apply_reaches_the_running_daemon_without_a_restart(manager: UserManager
         finally:
             MANIFEST.write_text(EDITED_TEXT)
             system("qubes-socksvc", "apply")
-        listing = manager.run("qubes-socksvc", "list").stdout
-        assert f"serving spec {spec_id}, not the applied" in listing, listing  # stale until its next call
+        # The daemon watches its spec's directory (inotify): the renamed-in spec is loaded without
+        # waiting for a call, and list names it as the applied one.
+        restored = json.loads((STATE_DIR / "daemons" / f"{MAIN}.json").read_text())["manifest_sha256"][:12]
+        assert restored != spec_id
+        wait_for("list to name the restored spec", lambda: f"serving spec {restored}, the applied one"
+                 in manager.run("qubes-socksvc", "list").stdout)
         assert call("e2e.Added", b"back") == b"BACK"
         assert main_pid(manager) == pid
 
 
 def test_systemctl_reload_reloads_the_spec(manager: UserManager) -> None:
     """ExecReload= sends SIGHUP: the daemon loads its spec again, same PID.  The spec is rewritten
-    in place with the same size and mtime (e2e.Echo gets a 1 s timeout), which the per-call check
-    cannot see: only the reload makes the timeout take effect."""
+    in place with the same size and mtime (e2e.Echo gets a 1 s timeout), the mtime put back before
+    the file is closed, so neither the watch (IN_ATTRIB, IN_CLOSE_WRITE: the stamp looks unchanged)
+    nor the timer sees it: only the reload makes the timeout take effect."""
     with keep_running():
         spec = STATE_DIR / "daemons" / f"{MAIN}.json"
         original = spec.read_text()
@@ -611,9 +616,12 @@ def test_systemctl_reload_reloads_the_spec(manager: UserManager) -> None:
         assert slow_echo() == b"slow"
         pid = main_pid(manager)
         try:
-            with open(spec, "r+") as f:
-                f.write(rewritten)
-            os.utime(spec, ns=(before.st_atime_ns, before.st_mtime_ns))
+            fd = os.open(spec, os.O_WRONLY)
+            try:
+                os.write(fd, rewritten.encode())
+                os.utime(fd, ns=(before.st_atime_ns, before.st_mtime_ns))
+            finally:
+                os.close(fd)
             assert slow_echo() == b"slow"  # not reloaded yet
             manager.systemctl("reload", unit(MAIN, "service"))
             assert slow_echo() == b"s"  # the spec read again: cut by the 1 s timeout
