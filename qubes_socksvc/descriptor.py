@@ -26,7 +26,9 @@ call's descriptor is usually one seen before (one service, one caller), and its 
   the Request).
 - The store is bounded: at PARSE_CACHE_SIZE entries it is emptied before the next one is
   stored, so a caller sending ever new descriptors costs a validation each, as without it,
-  and at most PARSE_CACHE_SIZE descriptors of at most MAX_DESCRIPTOR_LEN bytes are held.
+  and only descriptors of at most PARSE_CACHE_MAX_BYTES are remembered (a long argument is
+  validated every time): at most PARSE_CACHE_SIZE x PARSE_CACHE_MAX_BYTES (128 KiB) are held,
+  never 256 callers' 65 KB descriptors.
   Emptying is one atomic dict operation: a plain handler's thread that validates (the
   testing kit's ``call``) cannot see a half-evicted store.
 """
@@ -40,6 +42,9 @@ from . import qrexec
 #: Validated descriptors remembered at most (module docstring: why it is safe).  A daemon's
 #: callers send a few distinct descriptors: a service and its argument, from a few qubes.
 PARSE_CACHE_SIZE = 256
+#: Descriptors longer than this are validated every time, never remembered (a service, its
+#: argument and its qubes fit in far less; a 65 KB argument must not be held for later).
+PARSE_CACHE_MAX_BYTES = 512
 #: Descriptor bytes (exact, without the NUL) -> the Descriptor they validated to.
 _parsed: dict[bytes, Descriptor] = {}
 
@@ -81,8 +86,8 @@ def parse(untrusted_descriptor: bytes) -> Descriptor:
 
     The result for the same bytes validated before is the remembered one (module docstring).
     """
-    if type(untrusted_descriptor) is not bytes:  # a bytearray, a subclass with its own ==
-        return validate(untrusted_descriptor)
+    if type(untrusted_descriptor) is not bytes or len(untrusted_descriptor) > PARSE_CACHE_MAX_BYTES:
+        return validate(untrusted_descriptor)  # a bytearray, a subclass with its own ==; a long one
     found = _parsed.get(untrusted_descriptor)
     if found is not None:
         return found

@@ -137,7 +137,8 @@ def test_a_malformed_descriptor_is_never_remembered(empty_memory: dict[bytes, De
     for wire in NEIGHBOURS:
         for _ in range(3):
             _remembered(wire)
-    assert set(empty_memory) == {w for w in NEIGHBOURS if isinstance(_fresh(w), Descriptor)}
+    assert set(empty_memory) == {w for w in NEIGHBOURS if isinstance(_fresh(w), Descriptor)
+                                 and len(w) <= descriptor.PARSE_CACHE_MAX_BYTES}
     assert all(empty_memory[w] == _fresh(w) for w in empty_memory)
 
 
@@ -167,3 +168,13 @@ def test_only_exact_bytes_are_remembered(empty_memory: dict[bytes, Descriptor]) 
     with pytest.raises(DescriptorError):
         parse(Loose(b"my.Service wo/rk"))
     assert set(empty_memory) == {b"my.Service work"}
+
+
+def test_a_long_descriptor_is_validated_each_time_never_held(empty_memory: dict[bytes, Descriptor]) -> None:
+    """256 callers each sending a valid 65 KB descriptor must not leave 16 MiB held: one longer
+    than PARSE_CACHE_MAX_BYTES is validated, answered, and not remembered."""
+    short = b"my.Service+a work"
+    long = b"my.Service+" + b"a" * (descriptor.PARSE_CACHE_MAX_BYTES) + b" work"
+    assert parse(short) == _fresh(short) and parse(long) == _fresh(long)
+    assert isinstance(_fresh(long), Descriptor)
+    assert set(empty_memory) == {short}
