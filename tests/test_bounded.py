@@ -6,8 +6,10 @@ threads of plain handlers piling up, a handler's own log lines, and numbers past
 
 from __future__ import annotations
 
+import os
 import socket
 import time
+from pathlib import Path
 
 import pytest
 
@@ -79,6 +81,10 @@ def test_leaked_descriptors_end_the_daemon_instead_of_a_log_loop(start_daemon: t
     used to log 'accept failed' ten times a second, serving nothing, for good."""
     daemon = start_daemon(BASE.format(slots=8), "b")
     assert daemon.call(b"b.Leak+ work\0") == b"leaked\n"
+    # The descriptor the Leak call held comes free when it ends: the handler's thread takes it
+    # within 5 ms, but a caller connecting sooner would get it (then its call, waiting for
+    # input, holds one for good and the daemon rightly keeps waiting for it to end).
+    wait_for(lambda: all_descriptors_taken(daemon.proc.pid), "the handler did not take every descriptor")
     waiting = []
     deadline = time.monotonic() + 20
     while daemon.proc.poll() is None:  # callers keep coming, as qrexec's would
@@ -96,6 +102,13 @@ def test_leaked_descriptors_end_the_daemon_instead_of_a_log_loop(start_daemon: t
     assert daemon.proc.returncode == 0, daemon.log_text()
     assert daemon.log_text().count("accept failed") == 1, daemon.log_text()
     assert "no call is in flight: exiting" in daemon.log_text()
+
+
+def all_descriptors_taken(pid: int) -> bool:
+    """Whether process ``pid`` has as many descriptors open as its soft RLIMIT_NOFILE allows."""
+    limits = Path(f"/proc/{pid}/limits").read_text().splitlines()
+    soft = next(int(line.split()[3]) for line in limits if line.startswith("Max open files"))
+    return len(os.listdir(f"/proc/{pid}/fd")) >= soft
 
 
 def test_orphaned_handler_threads_are_bounded(start_daemon: type[RunningDaemon]) -> None:
