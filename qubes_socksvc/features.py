@@ -109,11 +109,21 @@ def announce(root: str, mode: str) -> tuple[Announcement, list[str]]:
     return Announcement([f"{f}=1" for f in sorted(features) if announceable(f)], refused), problems
 
 
+def _who(daemon: Daemon) -> str:
+    """Whose managers start the socket, in words: ConditionGroup= and, unless it is the default
+    ``!root``, ConditionUser= (systemd.unit(5): a leading "!" negates either)."""
+    group = daemon.condition_group
+    who = f"every user not in group {group[1:]}" if group.startswith("!") else f"every user in group {group}"
+    if daemon.condition_user != "!root":
+        who += f" (and ConditionUser={daemon.condition_user})"
+    return who
+
+
 def explain(daemon: Daemon) -> tuple[str, bool] | None:
     """What a daemon's ``qubes_service`` and ``enable`` mean together, and whether that deserves
     a warning (``check``); None for a daemon with neither (nothing new to say)."""
     key = f"daemons.{daemon.name}"
-    who = f"every user in group {daemon.condition_group}" if daemon.condition_group else "every user"
+    who = _who(daemon)
     if daemon.qubes_service is None:
         if not daemon.enable:
             return None

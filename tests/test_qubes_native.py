@@ -149,6 +149,34 @@ def test_check_explains_the_combinations(tmp_path: Path) -> None:
     assert "note" not in result.stdout and "warning" not in result.stderr
 
 
+@pytest.mark.parametrize(("conditions", "who"), [
+    ("", "for every user in group qubes"),
+    ("    condition_group: '!qubes'\n", "for every user not in group qubes"),
+    ("    condition_group: wheel\n    condition_user: alice\n",
+     "for every user in group wheel (and ConditionUser=alice)"),
+])
+def test_check_says_whose_managers_start_the_socket(tmp_path: Path, conditions: str, who: str) -> None:
+    """ConditionGroup=!qubes starts the socket for the users *outside* the group (systemd.unit(5)):
+    check's warning about ``enable: true`` must say so, not the opposite."""
+    path = tmp_path / "m.yaml"
+    path.write_text(manifest_text(qubes_service=True).replace("    enable: true\n", f"    enable: true\n{conditions}"))
+    result = run_cli("check", "-c", str(path), "--root", str(tmp_path / "root"))
+    assert result.returncode == 0 and f"template, {who}; add" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(("length", "warned"), [(27, False), (28, True)])
+def test_check_warns_of_a_qubes_service_qubesdb_cannot_announce(tmp_path: Path, length: int, warned: bool) -> None:
+    """/features-request/supported-service.NAME holds 63 characters (misc/qvm-features-request):
+    a NAME of 27 is announced, one of 28 is warned about, and the warning gives the bound."""
+    path = tmp_path / "m.yaml"
+    path.write_text(manifest_text(service="s" * length))
+    result = run_cli("check", "-c", str(path), "--root", str(tmp_path / "root"))
+    assert result.returncode == 0, result.stderr
+    assert ("too long for qvm-features-request" in result.stderr) is warned, result.stderr
+    if warned:
+        assert "a name of at most 27 characters is announced" in result.stderr
+
+
 # --- apply: the enable link, owned and recorded ---------------------------------------------
 
 
@@ -306,6 +334,43 @@ def test_features_leaves_out_what_qubesdb_cannot_hold(tmp_path: Path) -> None:
     assert result.returncode == 0
     assert result.stdout.splitlines() == [f"supported-rpc.{'p' * 20}.{name}=1" for name in ("Echo", "Greet", "Ssh")]
     assert f"supported-service.{long_service}: not announced" in result.stderr
+
+
+@pytest.mark.parametrize(("length", "announced"), [(31, True), (32, False)])
+def test_features_takes_a_request_path_of_63_characters(tmp_path: Path, length: int, announced: bool) -> None:
+    """/features-request/supported-rpc.NAME: 63 characters are taken (a NAME of 31), 64 are not."""
+    path, root = tmp_path / "m.yaml", tmp_path / "root"
+    prefix = "p" * (length - len(".Echo"))
+    path.write_text(manifest_text(prefix=prefix, qubes_service=True))
+    assert apply_in_process(path, root)[0] == 0
+    result = run_cli("features", "--root", str(root), "--persistence", "full")
+    assert result.returncode == 0
+    assert (f"supported-rpc.{prefix}.Echo=1" in result.stdout.splitlines()) is announced, result
+    assert (f"supported-rpc.{prefix}.Echo: not announced" in result.stderr) is not announced, result.stderr
+
+
+def test_features_announces_no_service_for_a_daemon_without_qubes_service(tmp_path: Path) -> None:
+    path, root = tmp_path / "m.yaml", tmp_path / "root"
+    path.write_text(manifest_text(qubes_service=True))
+    assert apply_in_process(path, root)[0] == 0
+    result = run_cli("features", "--root", str(root), "--persistence", "full")
+    assert result.returncode == 0, result
+    assert result.stdout.splitlines() == ["supported-rpc.nat.Echo=1", "supported-rpc.nat.Greet=1",
+                                          "supported-rpc.nat.Ssh=1"]
+
+
+def test_features_without_qubesdb_read_takes_full(tmp_path: Path) -> None:
+    """No qubesdb-read at all (not a qube, or it cannot run): taken as full, as core-agent's
+    ``qubesdb-read ... || echo full`` does, never a traceback."""
+    path, root = tmp_path / "m.yaml", tmp_path / "root"
+    path.write_text(manifest_text())
+    assert apply_in_process(path, root)[0] == 0
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    result = run_cli("features", "--root", str(root), env={"PATH": str(empty)})
+    assert result.returncode == 0 and result.stderr == "", result
+    assert result.stdout.splitlines() == ["supported-rpc.nat.Echo=1", "supported-rpc.nat.Greet=1",
+                                          "supported-rpc.nat.Ssh=1", "supported-service.socksvc-nat=1"]
 
 
 def test_features_reports_an_unreadable_record(tmp_path: Path) -> None:
