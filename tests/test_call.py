@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from qubes_socksvc import lookup
+from qubes_socksvc import agent, lookup
 from tests.conftest import REPO, TESTS, RpcDirs, RunningDaemon, call_cli, run_cli, world_dir
 
 
@@ -322,6 +322,80 @@ def test_call_whose_standard_output_fails(rpc_dirs: RpcDirs) -> None:
     assert_one_line(err, "cannot write the reply to standard output", "Broken pipe")
 
 
+def test_a_service_gone_before_the_descriptor_fails_the_call_with_125() -> None:
+    """The descriptor is the socket's first data (libqrexec/exec.c): a service that closed its
+    end before it could be sent fails the call as qrexec does (125), not with a traceback."""
+    ours, service = socket.socketpair()
+    service.close()
+    with pytest.raises(agent.CallError) as e, open(os.devnull, "rb") as stdin, open(os.devnull, "wb") as stdout:
+        agent.call(ours, b"test.Echo+ work\0", stdin, stdout)
+    assert e.value.exit_code == 125 and str(e.value) == "cannot send the service descriptor: Broken pipe"
+
+
+class RawService:
+    """A socket service of the test's own, one caller at a time, with a qubes-rpc link to it."""
+
+    def __init__(self, tmp_path: Path, name: str) -> None:
+        self.rpc_dir = tmp_path / "rpc"
+        self.rpc_dir.mkdir()
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(tmp_path / "service.sock"))
+        self.listener.listen()
+        self.listener.settimeout(30)
+        (self.rpc_dir / name).symlink_to(tmp_path / "service.sock")
+
+    def accept(self) -> socket.socket:
+        """The next caller, its descriptor read (up to and with its NUL)."""
+        conn, _ = self.listener.accept()
+        conn.settimeout(30)
+        while (byte := conn.recv(1)) != b"\0":
+            assert byte, "the caller sent no descriptor"
+        return conn
+
+
+def test_the_call_ends_when_the_service_closes_though_input_never_ends(tmp_path: Path) -> None:
+    """A service that replies and closes ends the call, as qrexec-client-vm ends once the
+    service's side is done: a caller whose stdin never ends (a terminal) is not kept waiting."""
+    service = RawService(tmp_path, "test.Quick")
+    read_end, write_end = os.pipe()  # input that never ends: the write end stays open
+    proc = subprocess.Popen([sys.executable, "-m", "qubes_socksvc", "call", "test.Quick", "--rpc-dir",
+                             str(service.rpc_dir)], stdin=read_end, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": f"{REPO}:{TESTS}"})
+    os.close(read_end)
+    try:
+        with service.accept() as conn:
+            conn.sendall(b"bye\n")
+        out, err = proc.communicate(timeout=30)
+    finally:
+        os.close(write_end)
+        proc.kill()
+        proc.wait()
+    assert (proc.returncode, out, err) == (0, b"bye\n", b"")
+
+
+def test_a_service_that_leaves_input_unread_still_gives_its_reply(tmp_path: Path) -> None:
+    """A service that replies and closes without reading the input sent to it: Linux reports
+    ECONNRESET to the caller after the reply (net/unix/af_unix.c: unix_release_sock), which
+    the agent takes for the end of output (libqrexec/remote.c: handle_input_v2): the reply,
+    exit 0."""
+    service = RawService(tmp_path, "test.Quick")
+    proc = subprocess.Popen([sys.executable, "-m", "qubes_socksvc", "call", "test.Quick", "--rpc-dir",
+                             str(service.rpc_dir)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": f"{REPO}:{TESTS}"})
+    try:
+        assert proc.stdin is not None
+        proc.stdin.write(b"input the service never reads")
+        proc.stdin.flush()
+        with service.accept() as conn:
+            select.select([conn], [], [], 30)  # the unread input has arrived
+            conn.sendall(b"bye\n")
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert (proc.returncode, out, err) == (0, b"bye\n", b"")
+
+
 def test_call_whose_standard_input_fails(rpc_dirs: RpcDirs, tmp_path: Path) -> None:
     """A read error on stdin (EBADF: opened write-only) cuts the call: no end of input is sent,
     so the service cannot take what it got for all of the input (before: a thread traceback,
@@ -350,7 +424,8 @@ def test_call_with_a_non_blocking_standard_input(rpc_dirs: RpcDirs) -> None:
     os.close(read_end)
     os.close(out_write)
     try:
-        time.sleep(0.5)  # call reads an empty, non-blocking pipe meanwhile: EAGAIN
+        # call reads an empty, non-blocking pipe meanwhile (EAGAIN): it waits in poll(), never spins
+        assert cpu_while_waiting(proc.pid) < 0.25, "call spun on EAGAIN instead of waiting for input"
         os.write(write_end, b"late ")
         time.sleep(0.2)
         os.write(write_end, b"input")
@@ -360,6 +435,23 @@ def test_call_with_a_non_blocking_standard_input(rpc_dirs: RpcDirs) -> None:
     finally:
         err = killed_stderr(proc)
     assert reply == b"late input" and err == "", err
+
+
+def cpu_while_waiting(pid: int, seconds: float = 1.0) -> float:
+    """CPU seconds process ``pid`` spends in ``seconds``, measured once its sending thread runs
+    (two threads: start-up is over and both directions are under way); /proc/PID/stat's utime
+    and stime (proc(5))."""
+    def cpu() -> float:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    deadline = time.monotonic() + 30
+    while "\nThreads:\t2\n" not in Path(f"/proc/{pid}/status").read_text():
+        assert time.monotonic() < deadline, "call never started its sending thread"
+        time.sleep(0.02)
+    before = cpu()
+    time.sleep(seconds)
+    return cpu() - before
 
 
 def killed_stderr(proc: subprocess.Popen[bytes]) -> str:
@@ -385,7 +477,8 @@ def test_call_with_a_non_blocking_standard_output(rpc_dirs: RpcDirs) -> None:
         assert proc.stdin is not None
         feeder = threading.Thread(target=lambda: (proc.stdin.write(data), proc.stdin.close()))  # type: ignore[union-attr]
         feeder.start()
-        time.sleep(0.5)  # the pipe (64 KiB) is full meanwhile: call's writes meet EAGAIN
+        # the pipe (64 KiB) is full meanwhile: call's writes meet EAGAIN, and it waits in poll()
+        assert cpu_while_waiting(proc.pid) < 0.25, "call spun on EAGAIN instead of waiting for its output"
         reply = read_to_end(out_read)
         feeder.join(30)
         assert proc.wait(timeout=30) == 0

@@ -641,6 +641,9 @@ def main() -> int:
     parser.add_argument("--budget", type=float, default=0,
                         help="seconds of (unmutated) test time a mutant runs at most, fastest tests first; "
                              "a survivor within the budget says so (default: no budget, every test)")
+    parser.add_argument("--recheck-lists", action="store_true",
+                        help="run the mutants listed as equivalent or untestable too (default: counted as "
+                             "listed, not run), to find entries a new test now kills")
     parser.add_argument("--reuse-coverage", action="store_true",
                         help=f"take which tests execute which line from the last run ({COVERAGE}), not measure it")
     parser.add_argument("--log", type=Path, default=LOG, help=f"every verdict and its failing test (default {LOG})")
@@ -726,6 +729,10 @@ def _run(args: argparse.Namespace, chosen: list[str], trees: queue.Queue[Path], 
         tests, later = covered.tests_for(m)
         if not tests:  # no test executes the line: nothing can fail
             return m, "survived", "no test executes the line"
+        if not args.recheck_lists and (m.key in equivalent or m.key in untestable):
+            # Reviewed, and it survived every test of its line when it was listed: running them
+            # again (hundreds, for a line every test runs) would only confirm it.
+            return m, "survived", "listed: not run (--recheck-lists runs it)"
         every = len(tests)
         if args.budget:  # the fastest tests, up to the budget of their unmutated time
             tests = _within(list(tests), covered.seconds, args.budget)
