@@ -143,6 +143,57 @@ def test_read_regular_counts_what_it_reads_when_the_size_does_not_tell(tmp_path:
         files.read_regular(proc, len(content) - 1, "thing")
 
 
+def test_read_regular_refuses_a_file_read_in_pieces_that_ends_past_the_cap() -> None:
+    """procfs hands a multi-record file out a page of whole records per read (fs/seq_file.c:
+    seq_read_iter): a read may end exactly at the cap with more to come.  Such a file is
+    refused as larger than the cap, never taken whole at the cap's length."""
+    idle = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        maps = f"/proc/{idle.pid}/maps"  # stable while the process waits on its stdin
+        whole = b""
+        while whole != (whole := Path(maps).read_bytes()):
+            time.sleep(0.05)
+        fd = os.open(maps, os.O_RDONLY)
+        try:
+            first = len(os.read(fd, len(whole) + 1))
+        finally:
+            os.close(fd)
+        assert first < len(whole), "maps came in one read: nothing to test"
+        with pytest.raises(files.FileRefused, match=f"larger than {first} bytes"):
+            files.read_regular(maps, first, "thing")
+        assert files.read_regular(maps, len(whole), "thing") == whole
+    finally:
+        idle.kill()
+        idle.wait()
+
+
+def test_read_regular_does_not_take_a_terminal_for_its_own() -> None:
+    """A path naming a terminal is refused (not a regular file), and opening it (O_NOCTTY) does
+    not make it the controlling terminal of a process that has none (a daemon, a CLI started by
+    a unit): else that terminal's hang-up would be the process's SIGHUP (tty_ioctl(4))."""
+    master, slave = os.openpty()
+    try:
+        code = (
+            "import os, sys\n"
+            "from qubes_socksvc import files\n"
+            "os.setsid()\n"  # a session of its own: no controlling terminal
+            "try:\n"
+            "    files.read_regular(sys.argv[1], 100, 'thing')\n"
+            "except files.FileRefused as e:\n"
+            "    print(e)\n"
+            "try:\n"
+            "    os.close(os.open('/dev/tty', os.O_RDONLY))\n"
+            "    print('took it as its terminal')\n"
+            "except OSError:\n"
+            "    print('no terminal')\n")
+        result = in_subprocess(code, os.ttyname(slave))
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert result.stdout.splitlines()[1:] == ["no terminal"], result
+    assert "is a character device, not a regular file" in result.stdout, result
+
+
 def test_read_regular_leaves_no_descriptor_open() -> None:
     before = len(os.listdir("/proc/self/fd"))
     for _ in range(20):

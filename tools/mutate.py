@@ -53,8 +53,12 @@ UNTESTABLE = REPO / "tools" / "mutation-untestable.txt"
 SURVIVORS = REPO / "build" / "mutation-survivors.txt"
 LOG = REPO / "build" / "mutation-log.txt"
 COVERAGE = REPO / "build" / "mutation-coverage.json"
-#: Seconds one test may take in a mutant's run (the slowest unmutated one takes 6 s).
-PER_TEST_TIMEOUT = 60
+#: Seconds one test may take in a mutant's run, at least: twice its time under coverage
+#: (itself 2-5 times its plain time) when that is longer.  A hanging mutant costs this, not a
+#: minute: the slowest unmutated test takes 6 s, 26 s under coverage.
+PER_TEST_TIMEOUT = 10
+#: Seconds a mutant's whole run may take, at least (the run's start-up, a daemon's start).
+RUN_TIMEOUT = 30
 
 #: The trust boundary: what reads a caller's bytes, what decides who may call (the generated
 #: units, qubes-rpc entries, rpc-config and dom0 policy) and what writes them to disk.
@@ -362,12 +366,12 @@ _FAILED = re.compile(r"^(?:FAILED|ERROR) (\S+)", re.MULTILINE)
 
 
 def run_tests(tree: Path, tests: tuple[str, ...], timeout: float, stop_at_first: bool = True,
-              plugin: str | None = None) -> tuple[str, str]:
+              plugin: str | None = None, per_test: float = PER_TEST_TIMEOUT) -> tuple[str, str]:
     """(verdict, the first failing test): killed (the tests failed), survived (they passed) or timed out."""
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPATH": str(tree)}
-    # A mutant's run stops at the first failure, and a test that hangs fails after PER_TEST_TIMEOUT
-    # (pytest-timeout) rather than holding its worker for the whole run's timeout.
-    first = ["-x", f"--timeout={PER_TEST_TIMEOUT}"] if stop_at_first else []
+    # A mutant's run stops at the first failure, and a test that hangs fails after ``per_test``
+    # seconds (pytest-timeout) rather than holding its worker for the whole run's timeout.
+    first = ["-x", f"--timeout={per_test:.0f}"] if stop_at_first else []
     plugins = ["-p", plugin] if plugin else []
     # Hypothesis's pytest plugin imports all of hypothesis at start-up: 0.45 s of a 0.65 s run of
     # one quick test file, paid by every mutant.  The tests that use hypothesis import it themselves.
@@ -614,12 +618,16 @@ def _within(tests: list[str], seconds: dict[str, float], budget: float) -> tuple
     return tuple(chosen)
 
 
-def run_mutant(tree: Path, m: Mutant, tests: tuple[str, ...], timeout: float) -> tuple[str, str]:
+def run_mutant(tree: Path, m: Mutant, tests: tuple[str, ...], seconds: dict[str, float],
+               timeout: float) -> tuple[str, str]:
+    """Run ``tests`` on mutant ``m``; a hang is twice the tests' time under coverage (``seconds``)."""
     target = tree / PKG / m.module
     original = target.read_text()
     target.write_text(m.text)
+    per_test = max(PER_TEST_TIMEOUT, 2 * max(seconds.get(t, 30.0) for t in tests))
+    timeout = timeout or max(RUN_TIMEOUT, 2 * sum(seconds.get(t, 30.0) for t in tests))
     try:
-        return run_tests(tree, tests, timeout)
+        return run_tests(tree, tests, timeout, per_test=per_test)
     finally:
         target.write_text(original)
 
@@ -628,7 +636,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=4, help="mutants at once (their tests mostly wait: 4 suit 2 cores)")
     parser.add_argument("--timeout", type=float, default=0,
-                        help="seconds per mutant's test run (default: 3x its tests' unmutated time, at least 60)")
+                        help="seconds per mutant's test run (default: twice its tests' time under coverage, at least "
+                             f"{RUN_TIMEOUT}; a test alone: twice its own, at least {PER_TEST_TIMEOUT})")
     parser.add_argument("--only", nargs="*", default=None, choices=MODULES, metavar="MODULE",
                         help="modules (e.g. request.py)")
     parser.add_argument("--kind", nargs="*", default=None, choices=OPERATORS, help="only these operators")
@@ -726,6 +735,12 @@ def _run(args: argparse.Namespace, chosen: list[str], trees: queue.Queue[Path], 
     used: set[str] = set()
 
     def one(m: Mutant) -> tuple[Mutant, str, str]:
+        begun = time.monotonic()
+        m, verdict, why = judge(m)
+        took = time.monotonic() - begun
+        return m, verdict, f"{why} [{took:.1f}s]" if took > 0.1 else why
+
+    def judge(m: Mutant) -> tuple[Mutant, str, str]:
         tests, later = covered.tests_for(m)
         if not tests:  # no test executes the line: nothing can fail
             return m, "survived", "no test executes the line"
@@ -740,12 +755,9 @@ def _run(args: argparse.Namespace, chosen: list[str], trees: queue.Queue[Path], 
         cut = "" if len(tests) == every else f" (the first {len(tests)} of {every} tests running the line: --budget)"
         tree = trees.get()
         try:
-            # A hang, not a slow run: three times the tests' unmutated time (measured under coverage).
-            timeout = args.timeout or max(60.0, 3 * sum(covered.seconds.get(t, 10.0) for t in tests))
-            verdict, killer = run_mutant(tree, m, tests, timeout)
+            verdict, killer = run_mutant(tree, m, tests, covered.seconds, args.timeout)
             if verdict == "survived" and later:  # the whole files: a daemon may serve later tests
-                timeout = args.timeout or max(60.0, 3 * sum(covered.seconds.get(f, 60.0) for f in later))
-                verdict, killer = run_mutant(tree, m, later, timeout)
+                verdict, killer = run_mutant(tree, m, later, covered.seconds, args.timeout)
                 shown = " ".join(later) if len(later) < 6 else f"{len(later)} files"
                 return m, verdict, killer or f"ran {len(tests)} tests, then {shown}"
             return m, verdict, killer or f"ran {' '.join(tests) if len(tests) < 6 else f'{len(tests)} tests'}{cut}"
