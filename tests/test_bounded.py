@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from qubes_socksvc import logs, manifest, model
-from tests.conftest import RunningDaemon, calls_at_once
+from tests.conftest import REPO, RunningDaemon, calls_at_once
 
 BASE = """\
 version: 1
@@ -121,6 +123,64 @@ def test_orphaned_handler_threads_are_bounded(start_daemon: type[RunningDaemon])
     calls_at_once(daemon, b"b.HangPlain+ work\0", server.MAX_ORPHANED_THREADS + 8, timeout=20)
     wait_for(lambda: daemon.proc.poll() is not None, "the daemon did not exit", timeout=40)
     assert "plain handlers' threads still run after their calls ended" in daemon.log_text(), daemon.log_text()
+
+
+#: Run in a fresh interpreter (no other test's threads counted): plain handlers' threads counted
+#: as orphans while they outlive their call, and only then.
+ORPHANS_SCRIPT = """
+import asyncio, threading, time
+from qubes_socksvc import handlers, testing
+
+counts = [handlers.orphaned_threads()]
+release = threading.Event()
+
+def slow(request):
+    release.wait(20)
+    return b"late"
+
+for _ in range(3):
+    try:
+        testing.call_handler(slow, timeout=0.05)
+    except TimeoutError:
+        pass
+counts.append(handlers.orphaned_threads())  # three threads outlive their calls
+release.set()
+while threading.active_count() > 1:
+    time.sleep(0.01)
+counts.append(handlers.orphaned_threads())  # they returned: none left
+
+started, go = threading.Event(), threading.Event()
+
+def quick(request):
+    started.set()
+    go.wait(20)
+    return b"done"
+
+async def cancelled_just_after_it_returned():
+    task = asyncio.ensure_future(testing.async_call_handler(quick))
+    while not started.is_set():
+        await asyncio.sleep(0.001)
+    go.set()
+    time.sleep(0.2)  # the loop held: the thread returns before the call is cancelled
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+
+asyncio.run(cancelled_just_after_it_returned())
+counts.append(handlers.orphaned_threads())
+print(counts)
+"""
+
+
+def test_plain_handlers_threads_count_as_orphans_only_while_they_outlive_their_call() -> None:
+    """The count the daemon exits on (server.MAX_ORPHANED_THREADS) is exact: a thread counts
+    from its call's end while it still runs, stops counting when it returns, and one that
+    returned just before its call was cancelled never counts."""
+    result = subprocess.run([sys.executable, "-c", ORPHANS_SCRIPT], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0 and result.stdout.strip() == "[0, 3, 0, 0]", result
 
 
 def test_a_handlers_own_log_lines_are_cut(start_daemon: type[RunningDaemon]) -> None:

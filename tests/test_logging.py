@@ -214,6 +214,7 @@ def test_every_line_of_a_call_carries_its_fields(journal: JournalSink, tmp_path:
     assert "RuntimeError: handler failure on purpose" in by_service["t.Raises"][1]["MESSAGE"]
     assert by_service["t.Logs"][1]["MESSAGE"] == "handler's own line"
     assert by_service["t.PlainLogs"][1]["MESSAGE"] == "plain handler's own line"
+    assert by_service["t.PlainLogs"][1]["THREAD_NAME"] == "handler t.PlainLogs"  # its thread, named for its call
     assert "held the event loop for 0.1" in by_service["t.Blocks+0.15"][1]["MESSAGE"]
     assert "timed out after 0.2s" in by_service["t.Slow+5"][1]["MESSAGE"]
     # The record names the daemon's own code (Server.started), not logging's machinery.
