@@ -347,6 +347,45 @@ def load_reviewed(path: Path) -> dict[str, str]:
     return known
 
 
+def _line_of(key: str) -> int:
+    return int(key.split(":")[1])
+
+
+def relist() -> int:
+    """Move each reviewed entry whose line moved (an edit above it) to the line its change is
+    on now, in the checkout: only where the change occurs as often as it is listed (then the
+    n-th entry by line goes to the n-th mutant by line); anything else is printed, not guessed."""
+    lists = {path: path.read_text().splitlines() for path in (EQUIVALENT, UNTESTABLE)}
+    listed: dict[str, list[tuple[Path, int, str]]] = {}  # change -> (file, line index, key)
+    for path, lines in lists.items():
+        for index, raw in enumerate(lines):
+            if raw.strip() and not raw.startswith("#"):
+                key = raw.rpartition(" # ")[0].strip()
+                where, _, text = key.partition(": ")
+                listed.setdefault(f"{where.split(':')[0]}: {text}", []).append((path, index, key))
+    current: dict[str, list[str]] = {}
+    for module in sorted({change.split(":")[0] for change in listed}):
+        for m in mutants(module):
+            current.setdefault(m.change, []).append(m.key)
+    unplaced = 0
+    for change, entries in listed.items():
+        now = current.get(change, [])
+        if {key for _, _, key in entries} <= set(now):
+            continue
+        if len(now) != len(entries):
+            unplaced += 1
+            print(f"cannot place ({len(entries)} listed, {len(now)} now): {change}")
+            continue
+        for (path, index, key), moved in zip(sorted(entries, key=lambda e: _line_of(e[2])),
+                                             sorted(now, key=_line_of), strict=True):
+            if key != moved:
+                lists[path][index] = lists[path][index].replace(key, moved, 1)
+                print(f"moved {key.split(': ')[0]} -> {moved.split(': ')[0]}: {change}")
+    for path, lines in lists.items():
+        path.write_text("\n".join(lines) + "\n")
+    return 1 if unplaced else 0
+
+
 def make_copy(rev: str | None) -> Path:
     """A world-readable copy of commit ``rev``, or of the checkout as it is (no .venv, no caches)."""
     copy = Path(tempfile.mkdtemp(prefix="socksvc-mutation-", dir="/tmp"))
@@ -650,6 +689,8 @@ def main() -> int:
     parser.add_argument("--budget", type=float, default=0,
                         help="seconds of (unmutated) test time a mutant runs at most, fastest tests first; "
                              "a survivor within the budget says so (default: no budget, every test)")
+    parser.add_argument("--relist", action="store_true",
+                        help="move the reviewed lists' entries to the lines their changes moved to; run nothing")
     parser.add_argument("--recheck-lists", action="store_true",
                         help="run the mutants listed as equivalent or untestable too (default: counted as "
                              "listed, not run), to find entries a new test now kills")
@@ -661,6 +702,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.retally:
         return retally(args.retally)
+    if args.relist:
+        return relist()
     # Started in the background by a shell, SIGINT is ignored, and children inherit that: the
     # tests that interrupt a child with SIGINT would fail for a reason no mutant caused.
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -833,7 +876,7 @@ def _run(args: argparse.Namespace, chosen: list[str], trees: queue.Queue[Path], 
         for key in sorted(k for k in listed if k.split(":")[0] in chosen and k not in used):
             module, _, rest = key.partition(":")
             moved = changes.get(f"{module}:{rest.partition(':')[2]}")
-            hint = f" (the same change is now {moved.split(': ')[0]})" if moved and moved != key else ""
+            hint = " (its change is on another line now: --relist moves it)" if moved and moved != key else ""
             where = "" if key in ran_keys or moved else " (no such mutant)"
             print(f"note: listed entry matched no surviving mutant{where}{hint}: {key}")
     return 0 if worst >= 95.0 else 1
