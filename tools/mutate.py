@@ -827,7 +827,7 @@ def _run(args: argparse.Namespace, chosen: list[str], trees: queue.Queue[Path], 
     trees.put(tree)
     for test in sorted(covered.failed):  # the suite has timing-sensitive tests: retried without coverage
         for _attempt in range(2):
-            verdict, failure = run_tests(tree, (test,), 1800)
+            verdict, failure = run_tests(tree, (test,), 1800, per_test=1800)
             if verdict == "survived":
                 break
         else:
