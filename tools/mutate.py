@@ -59,6 +59,8 @@ COVERAGE = REPO / "build" / "mutation-coverage.json"
 PER_TEST_TIMEOUT = 10
 #: Seconds a mutant's whole run may take, at least (the run's start-up, a daemon's start).
 RUN_TIMEOUT = 30
+#: Lines apart that a test's kill counts as "near" a mutant's line (CoverageMap.kill_rank).
+NEAR = 15
 
 #: The trust boundary: what reads a caller's bytes, what decides who may call (the generated
 #: units, qubes-rpc entries, rpc-config and dom0 policy) and what writes them to disk.
@@ -554,6 +556,18 @@ class CoverageMap:
     _runs: dict[tuple[str, str], int] = field(default_factory=dict)
     uses: dict[tuple[str, int], set[tuple[str, int]]] = field(default_factory=dict)
     """For a line run on import: the lines that use what it defines (use_sites)."""
+    killers: dict[str, dict[str, set[int]]] = field(default_factory=dict)
+    """module -> test -> the lines of the mutants it killed (earlier runs' logs, and this run)."""
+
+    def killed(self, module: str, line: int, test: str) -> None:
+        self.killers.setdefault(module, {}).setdefault(test, set()).add(line)
+
+    def kill_rank(self, module: str, line: int, test: str) -> int:
+        """3: ``test`` killed a mutant of this line; 2: one near it; 1: one of the module; 0: none."""
+        lines = self.killers.get(module, {}).get(test)
+        if not lines:
+            return 0
+        return 3 if line in lines else 2 if any(abs(k - line) <= NEAR for k in lines) else 1
 
     def tests_for(self, m: Mutant) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """The tests (node ids, or whole files) that execute the mutated line, fastest first; and
@@ -573,10 +587,13 @@ class CoverageMap:
         tests = {t.removeprefix(PROC) for t in found}
         tests = {t for t in tests if "::" not in t or _file_of(t) not in tests}
         # A whole file among tests (a process started outside any test ran the line) comes last.
-        def order(t: str) -> tuple[bool, float, float, str]:
-            # The tests most about this module first: the largest share of the lines they run is
-            # the module's (a unit's own tests before the end-to-end ones that pass through it).
-            return "::" not in t and len(tests) > 1, -self.focus(m.module, t), self.seconds.get(t, 0.0), t
+        def order(t: str) -> tuple[bool, int, float, float, str]:
+            # The tests that killed mutants of this line, near it, or of this module first (a
+            # mutant is most often killed by what killed its neighbours); then the tests most
+            # about this module: the largest share of the lines they run is the module's (a
+            # unit's own tests before the end-to-end ones that pass through it).
+            return ("::" not in t and len(tests) > 1, -self.kill_rank(m.module, m.line, t),
+                    -self.focus(m.module, t), self.seconds.get(t, 0.0), t)
 
         return (tuple(sorted(tests, key=order)),
                 tuple(sorted(later - tests, key=lambda f: (self.seconds.get(f, 0.0), f))))
@@ -643,6 +660,16 @@ def measure_coverage(trees: list[Path], tests: tuple[str, ...], timeout: float) 
         (tree / "sitecustomize.py").unlink()
         (tree / "mutation_context.py").unlink()
     return result
+
+
+def _kills(log: str) -> Iterator[tuple[str, int, str]]:
+    """(module, line, test) of each killed mutant in a run log's lines."""
+    for line in log.splitlines():
+        if line.startswith("killed "):
+            key, _, why = line.removeprefix("killed").strip().partition("  <- ")
+            test = why.rsplit(" [", 1)[0] if why.endswith("s]") else why
+            if test.startswith("tests/") and "::" in test:
+                yield key.split(":")[0], int(key.split(":")[1]), test
 
 
 def _within(tests: list[str], seconds: dict[str, float], budget: float) -> tuple[str, ...]:
@@ -823,6 +850,10 @@ def _run(args: argparse.Namespace, chosen: list[str], trees: queue.Queue[Path], 
         COVERAGE.write_text(json.dumps({"lines": {f"{k[0]}:{k[1]}": sorted(v) for k, v in covered.lines.items()},
                                         "seconds": covered.seconds, "failed": sorted(covered.failed)}))
     covered.uses = use_sites(source)
+    for earlier in sorted(LOG.parent.glob("mutation-log*.txt")):  # which tests killed what before
+        if earlier.resolve() != args.log.resolve():
+            for module, at, test in _kills(earlier.read_text()):
+                covered.killed(module, at, test)
     tree = trees.get()
     trees.put(tree)
     for test in sorted(covered.failed):  # the suite has timing-sensitive tests: retried without coverage
@@ -849,6 +880,8 @@ def _run(args: argparse.Namespace, chosen: list[str], trees: queue.Queue[Path], 
                         verdict = name
                         used.add(m.key)
             results[m.module][verdict] += 1
+            if verdict == "killed":
+                covered.killed(m.module, m.line, why.rsplit(" [", 1)[0])
             if verdict == "survived":
                 survivors.append((m, why))
             line = f"{verdict:10} {m.key}  <- {why}"
