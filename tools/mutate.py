@@ -403,7 +403,7 @@ def make_copy(rev: str | None) -> Path:
     return copy / "tree"
 
 
-_FAILED = re.compile(r"^(?:FAILED|ERROR) (\S+)", re.MULTILINE)
+_FAILED = re.compile(r"^(?:FAILED|ERROR) (.+?)(?: - .*)?$", re.MULTILINE)  # a node id may hold spaces
 
 
 def run_tests(tree: Path, tests: tuple[str, ...], timeout: float, stop_at_first: bool = True,
