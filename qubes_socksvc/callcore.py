@@ -12,6 +12,7 @@ counts and logs how each call ended, the kit raises it in the test that made the
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import enum
 import socket
@@ -103,11 +104,12 @@ class Reporter(Protocol):
 # --- what a listening socket serves: how a call on it finds its service ---------------
 
 
-class Serves:
+class Serves(abc.ABC):
     """What a listening socket serves; :meth:`identify` is the first step of each call on it."""
 
+    @abc.abstractmethod
     async def identify(self, daemon: Daemon, call: _Connection) -> tuple[Service, Request] | Result:
-        raise NotImplementedError
+        """The service and request of this call, or how it ended before a handler was found."""
 
 
 @dataclass(frozen=True)
