@@ -20,6 +20,7 @@ import pytest
 
 from qubes_socksvc import agent, lookup
 from tests.conftest import REPO, TESTS, RpcDirs, RunningDaemon, call_cli, run_cli, world_dir
+from tests.test_call_endings import cpu_seconds
 
 
 @pytest.fixture
@@ -439,19 +440,14 @@ def test_call_with_a_non_blocking_standard_input(rpc_dirs: RpcDirs) -> None:
 
 def cpu_while_waiting(pid: int, seconds: float = 1.0) -> float:
     """CPU seconds process ``pid`` spends in ``seconds``, measured once its sending thread runs
-    (two threads: start-up is over and both directions are under way); /proc/PID/stat's utime
-    and stime (proc(5))."""
-    def cpu() -> float:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
+    (two threads: start-up is over and both directions are under way)."""
     deadline = time.monotonic() + 30
     while "\nThreads:\t2\n" not in Path(f"/proc/{pid}/status").read_text():
         assert time.monotonic() < deadline, "call never started its sending thread"
         time.sleep(0.02)
-    before = cpu()
+    before = cpu_seconds(pid)
     time.sleep(seconds)
-    return cpu() - before
+    return cpu_seconds(pid) - before
 
 
 def killed_stderr(proc: subprocess.Popen[bytes]) -> str:

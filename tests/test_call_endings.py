@@ -91,9 +91,12 @@ def test_status_counts_each_kind_of_call(start_daemon: type[RunningDaemon]) -> N
     try:
         daemon = start_daemon(MANIFEST, "e", extra_env={"NOTIFY_SOCKET": str(notify.path)})
         assert daemon.call(b"e.Echo work\0", b"hi", timeout=10) == b"hi"
-        # A bad descriptor, an unknown service, no NUL before EOF, no NUL within the limit.
-        for wire in (b"e.Echo bad qube\0", b"e.Nothing work\0", b"e.Echo work", b"e" * 70000):
+        # A bad descriptor, an unknown service, no NUL before EOF, no NUL within the limit, nothing.
+        for wire in (b"e.Echo bad qube\0", b"e.Nothing work\0", b"e.Echo work", b"e" * 70000, b""):
             assert daemon.call(wire, timeout=10) == b""
+        with connect(daemon) as sock:  # no NUL within descriptor_timeout
+            sock.sendall(b"e.Echo wo")
+            wait_for_log(daemon, "rejected call: no descriptor within 1s")
         for wire in (b"e.Writes+raise work\0", b"e.Writes+hang work\0", b"e.Writes+read work\0" + b"x" * 5000,
                      b"e.Writes+cancel work\0", b"e.Writes+refused work\0",
                      b"e.Missing work\0"):  # a handler that cannot be loaded fails the call
@@ -103,7 +106,7 @@ def test_status_counts_each_kind_of_call(start_daemon: type[RunningDaemon]) -> N
             with contextlib.suppress(TimeoutError):
                 sock.sendall(b"e.Echo work\0" + b"x" * (4 << 20))  # echoed back, never read
         wait_for_log(daemon, "call e.Echo: caller went away")
-        notify.wait_for("calls: 1 served, 4 rejected, 7 failed")
+        notify.wait_for("calls: 1 served, 6 rejected, 7 failed")
     finally:
         notify.close()
 

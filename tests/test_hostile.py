@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from qubes_socksvc import callcore
 from tests.conftest import RunningDaemon, calls_at_once, raw_call
 
 DESCRIPTOR_TIMEOUT = 1.0
@@ -409,6 +410,27 @@ def test_unread_output_of_finished_calls_counts_against_max_connections(
     finally:
         for sock in callers:
             sock.close()
+    assert_recovered(daemon, base)
+
+
+def test_a_reply_nobody_reads_holds_its_connection_for_the_linger_time_only(
+        hostile: tuple[RunningDaemon, Baseline]) -> None:
+    """A served call whose caller never reads the rest of its reply keeps its connection (and
+    slot) for callcore.LINGER_TIMEOUT, so a slow reader still gets it whole, and no longer: then
+    the connection is cut, so not reading cannot hold a slot for good."""
+    daemon, base = hostile
+    with connect(daemon, timeout=60) as sock:
+        sock.sendall(b"h.Linger+262144 work\0")
+        sock.shutdown(socket.SHUT_WR)
+        wait_for_log(daemon, "call h.Linger+262144")
+        returned = time.monotonic()
+        deadline = returned + callcore.LINGER_TIMEOUT + 20
+        while daemon.fd_count() != base.fds:
+            assert time.monotonic() < deadline, "the unread reply's connection was never cut"
+            time.sleep(0.05)
+        held = time.monotonic() - returned
+        assert len(read_until_closed(sock)) < 262144  # cut: the rest of the reply never came
+    assert held >= callcore.LINGER_TIMEOUT - 0.5, f"cut after {held:.1f}s, before the linger time"
     assert_recovered(daemon, base)
 
 
