@@ -17,9 +17,10 @@ import socket
 import warnings
 from dataclasses import dataclass, field
 
-from qubes_socksvc import testing
+from qubes_socksvc import callcore, testing
 from qubes_socksvc.callcore import Ending, Outcome
-from qubes_socksvc.handlers import HandlerError
+from qubes_socksvc.handlers import HandlerError, Registry
+from qubes_socksvc.model import Daemon
 from qubes_socksvc.request import InputTooLarge
 from tests.conftest import NotifySocket, RunningDaemon
 
@@ -181,3 +182,79 @@ def test_the_daemon_and_the_kit_end_every_call_alike(start_daemon: type[RunningD
         notify.wait_for("calls: " + ", ".join(f"{counts[o]} {o.value}" for o in Outcome))
     finally:
         notify.close()
+
+
+# --- the nets around a call: what ends it before any handler ran ----------------------------
+
+
+class _Ends:
+    """A Reporter that keeps how each call ended."""
+
+    def __init__(self) -> None:
+        self.endings: list[Ending] = []
+        self.cancelled_calls = 0
+
+    def started(self, request: object, called: str) -> None:
+        raise AssertionError("no handler may start")
+
+    def stalled(self, service: object, called: str, seconds: float) -> None:
+        raise AssertionError("no handler may start")
+
+    def ended(self, daemon: object, result: callcore.Result) -> None:
+        self.endings.append(result.ending)
+
+    def cancelled(self) -> None:
+        self.cancelled_calls += 1
+
+
+class _Failing(callcore.Serves):
+    """A socket whose first step fails as given: the caller's connection breaking under it, or
+    the task waiting there until it is cancelled."""
+
+    def __init__(self, failure: BaseException | None) -> None:
+        self.failure = failure
+
+    async def identify(self, daemon: Daemon, call: object) -> callcore.Result:
+        if self.failure is not None:
+            raise self.failure
+        await asyncio.sleep(3600)
+        raise AssertionError("not cancelled")
+
+
+def _run_call(serves: callcore.Serves, cancel_with: str | None = None) -> tuple[_Ends, bytes, bool]:
+    """One call through callcore.run on a socket pair: the reporter, what the caller got, and
+    whether the call's task ended cancelled."""
+    reporter = _Ends()
+
+    async def main() -> tuple[bytes, bool]:
+        ours, theirs = socket.socketpair()
+        theirs.setblocking(False)
+        task = asyncio.ensure_future(callcore.run(ours, Daemon("d", "", "/s"), serves, Registry(), reporter))
+        await asyncio.sleep(0.05)
+        if cancel_with is not None:
+            task.cancel(cancel_with)
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        got = await asyncio.wait_for(asyncio.get_running_loop().sock_recv(theirs, 100), 5)
+        theirs.close()
+        return got, task.cancelled()
+
+    got, cancelled = asyncio.run(main())
+    return reporter, got, cancelled
+
+
+def test_a_connection_breaking_before_any_handler_is_the_caller_gone() -> None:
+    """A reset under the descriptor's read (the caller's end broke) ends the call as its caller
+    going away, not as an internal error of the daemon."""
+    reporter, got, cancelled = _run_call(_Failing(ConnectionResetError("reset by peer")))
+    assert reporter.endings == [Ending.CALLER_GONE] and got == b"" and not cancelled
+
+
+def test_a_caller_gone_before_any_handler_ends_the_call_not_the_task() -> None:
+    """The daemon's watch cancels the task of a caller that left (callcore.CALLER_GONE): the
+    call ends as CALLER_GONE and its task is not cancelled; any other cancellation (the
+    daemon stopping) cancels the task and is reported as such."""
+    reporter, _, cancelled = _run_call(_Failing(None), cancel_with=callcore.CALLER_GONE)
+    assert reporter.endings == [Ending.CALLER_GONE] and not cancelled and reporter.cancelled_calls == 0
+    reporter, _, cancelled = _run_call(_Failing(None), cancel_with="the daemon is stopping")
+    assert reporter.endings == [] and cancelled and reporter.cancelled_calls == 1
