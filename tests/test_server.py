@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import shutil
@@ -274,5 +275,67 @@ def test_socket_activation_with_systemd_socket_activate(qubes_run_dir: Path) -> 
         proc.wait(timeout=30)
         log.close()
         for path in (main_socket, raw_socket):
+            path.unlink(missing_ok=True)
+        shutil.rmtree(work)
+
+
+def test_socket_activation_with_sockets_the_manifest_does_not_declare(qubes_run_dir: Path) -> None:
+    """systemd passing a socket the spec does not declare (units older or newer than the spec):
+    that socket is closed with an error naming the fix, a declared one it did not pass is named,
+    the declared ones passed are served; with none of them passed the daemon fails at once."""
+    activate = shutil.which("systemd-socket-activate")
+    assert activate is not None, "'make setup-test' installs the systemd package"
+    work = world_dir("socksvc-activate-")
+    name = f"mis{os.getpid()}"
+    main_socket, raw_socket = qubes_run_dir / f"socksvc-{name}.sock", qubes_run_dir / f"socksvc-{name}.Raw.sock"
+    stray = qubes_run_dir / f"socksvc-{name}-stray.sock"
+    manifest = work / "m.yaml"
+    manifest.write_text(
+        f"version: 1\ndaemons:\n  {name}:\n    idle_exit: 0\n    services:\n"
+        f"      mis.Echo:\n        handler: qubes_socksvc.examples:echo\n"
+        f"      mis.Raw:\n        handler: qubes_socksvc.examples:sha256\n        service_descriptor: false\n"
+        f"        socket: {raw_socket}\n")
+    manifest.chmod(0o644)
+
+    def serve(*passed: Path) -> tuple[subprocess.Popen[bytes], Path]:
+        log = work / f"log-{len(passed)}"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [activate, *(arg for path in passed for arg in ("-l", str(path))), "-E", "PYTHONPATH",
+                 "setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+                 sys.executable, "-m", "qubes_socksvc", "serve", name, "-c", str(manifest)],
+                env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)}, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 10
+        while not passed[0].exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return proc, log
+
+    try:
+        proc, log = serve(main_socket, stray)
+        try:
+            assert raw_call(str(main_socket), b"mis.Echo work\0still served") == b"still served"
+            text = log.read_text()
+            assert f"ignoring socket {stray} passed by systemd: the manifest does not declare it for daemon " \
+                   f"{name}; run 'qubes-socksvc apply' and 'systemctl --user daemon-reload'" in text, text
+            assert f"socket {raw_socket} is declared but systemd did not pass it; reload the units" in text, text
+            assert "serving 2 services on 1 sockets" in text, text
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+        for path in (main_socket, stray):
+            path.unlink(missing_ok=True)
+        proc, log = serve(stray)
+        try:
+            with contextlib.suppress(OSError):
+                raw_call(str(stray), b"mis.Echo work\0")  # starts the daemon, which serves nothing
+            deadline = time.monotonic() + 30
+            while f"systemd passed no socket declared for daemon {name}" not in log.read_text():
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.05)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    finally:
+        for path in (main_socket, raw_socket, stray):
             path.unlink(missing_ok=True)
         shutil.rmtree(work)
