@@ -236,3 +236,39 @@ def test_security_md_names_only_existing_tests() -> None:
     for path, name in sorted(named):
         source = (REPO / path).read_text()
         assert re.search(rf"^def {name}\(", source, re.M), f"SECURITY.md names {path}::{name}, which does not exist"
+
+
+@needs_root
+def test_a_socket_group_the_daemon_is_not_in_is_said_and_the_socket_kept_private(
+        start_daemon: type[RunningDaemon]) -> None:
+    """socket_group names a group the daemon's user is not in (chown(2): EPERM): the daemon says
+    so for each socket, in words that name the group, and serves with the sockets left in its
+    own group, mode unchanged: never wider than declared."""
+    text = PRIV_MANIFEST.format(mode="0660").replace("    socket_mode:", "    socket_group: root\n    socket_mode:")
+    daemon = start_daemon(text, "p")
+    nobody = pwd.getpwnam("nobody")
+    for name in ("socksvc-p.sock", "socksvc-p.Raw.sock"):
+        path = daemon.bind_dir / name
+        st = path.lstat()
+        assert (st.st_gid, stat.S_IMODE(st.st_mode)) == (nobody.pw_gid, 0o660), (name, st)
+        assert f"cannot give {path} to group root: not a member" in daemon.log_text(), daemon.log_text()
+    assert daemon.call(b"p.Echo work\0served") == b"served"
+
+
+@needs_root
+def test_a_socket_directory_the_daemon_cannot_write_fails_the_start_in_one_line() -> None:
+    """``serve`` as a user who cannot write the socket directory: one line naming the socket and
+    the reason, exit 1, no traceback and no socket."""
+    work = world_dir("socksvc-nobind-")
+    closed = work / "closed"
+    closed.mkdir(mode=0o755)  # root's: nobody may not create the socket there
+    manifest_path = work / "m.yaml"
+    manifest_path.write_text(PRIV_MANIFEST.format(mode="0660"))
+    manifest_path.chmod(0o644)
+    result = subprocess.run(
+        ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", sys.executable, "-m", "qubes_socksvc",
+         "serve", "p", "-c", str(manifest_path), "--bind-dir", str(closed)],
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{REPO}:{TESTS}"}, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result
+    assert f"cannot bind {closed}/socksvc-p" in result.stderr and "Permission denied" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and list(closed.iterdir()) == []
