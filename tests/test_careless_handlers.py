@@ -410,6 +410,20 @@ def test_serve_replaces_a_stale_socket_and_removes_its_own_at_exit(start_daemon:
 
 # --- 6. resource limits -------------------------------------------------------------------------
 
+#: Runs the sitecustomize this one shadows on the path, if any (the mutation run's coverage
+#: hook, tools/mutate.py), so the daemon's lines are seen as run.
+NEXT_SITECUSTOMIZE = """\
+import os as _os, sys as _sys
+_here = _os.path.dirname(_os.path.abspath(__file__))
+for _entry in _sys.path[1:]:
+    _next = _os.path.join(_os.path.abspath(_entry or "."), "sitecustomize.py")
+    if _os.path.dirname(_next) != _here and _os.path.exists(_next):
+        with open(_next) as _f:
+            exec(compile(_f.read(), _next, "exec"), {"__file__": _next, "__name__": "sitecustomize"})
+        break
+"""
+
+
 @contextlib.contextmanager
 def nofile_limit(soft: int, hard: int) -> Iterator[dict[str, str]]:
     """The environment of a daemon that starts with RLIMIT_NOFILE ``soft:hard``: a sitecustomize
@@ -418,7 +432,7 @@ def nofile_limit(soft: int, hard: int) -> Iterator[dict[str, str]]:
     work = world_dir("socksvc-nofile-")
     try:
         (work / "sitecustomize.py").write_text(
-            f"import resource\nresource.setrlimit(resource.RLIMIT_NOFILE, ({soft}, {hard}))\n")
+            f"import resource\nresource.setrlimit(resource.RLIMIT_NOFILE, ({soft}, {hard}))\n" + NEXT_SITECUSTOMIZE)
         (work / "sitecustomize.py").chmod(0o644)
         yield {"PYTHONPATH": f"{work}:{REPO}:{TESTS}"}
     finally:
