@@ -255,20 +255,44 @@ def test_a_socket_group_the_daemon_is_not_in_is_said_and_the_socket_kept_private
     assert daemon.call(b"p.Echo work\0served") == b"served"
 
 
+def serve_as_nobody(bind_dir: Path) -> subprocess.CompletedProcess[str]:
+    """``serve p`` (PRIV_MANIFEST) as nobody, binding in ``bind_dir``: a start that fails."""
+    manifest_path = bind_dir.parent / "m.yaml"
+    manifest_path.write_text(PRIV_MANIFEST.format(mode="0660"))
+    manifest_path.chmod(0o644)
+    return subprocess.run(
+        ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", sys.executable, "-m", "qubes_socksvc",
+         "serve", "p", "-c", str(manifest_path), "--bind-dir", str(bind_dir)],
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{REPO}:{TESTS}"}, capture_output=True, text=True, timeout=60)
+
+
 @needs_root
 def test_a_socket_directory_the_daemon_cannot_write_fails_the_start_in_one_line() -> None:
     """``serve`` as a user who cannot write the socket directory: one line naming the socket and
     the reason, exit 1, no traceback and no socket."""
-    work = world_dir("socksvc-nobind-")
-    closed = work / "closed"
+    closed = world_dir("socksvc-nobind-") / "closed"
     closed.mkdir(mode=0o755)  # root's: nobody may not create the socket there
-    manifest_path = work / "m.yaml"
-    manifest_path.write_text(PRIV_MANIFEST.format(mode="0660"))
-    manifest_path.chmod(0o644)
-    result = subprocess.run(
-        ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", sys.executable, "-m", "qubes_socksvc",
-         "serve", "p", "-c", str(manifest_path), "--bind-dir", str(closed)],
-        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{REPO}:{TESTS}"}, capture_output=True, text=True, timeout=60)
+    result = serve_as_nobody(closed)
     assert result.returncode == 1, result
     assert f"cannot bind {closed}/socksvc-p" in result.stderr and "Permission denied" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and list(closed.iterdir()) == []
+
+
+@needs_root
+def test_a_socket_in_the_way_the_daemon_cannot_probe_is_left_alone() -> None:
+    """A socket at the path that the daemon may not connect to (root's, 0600): whether a daemon
+    listens there cannot be told, so it is neither removed nor bound over; one line says so."""
+    shared = world_dir("socksvc-probe-") / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    in_the_way = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    in_the_way.bind(str(shared / "socksvc-p.sock"))  # root's, not listening
+    (shared / "socksvc-p.sock").chmod(0o600)
+    try:
+        result = serve_as_nobody(shared)
+    finally:
+        in_the_way.close()
+    assert result.returncode == 1, result
+    assert (f"{shared}/socksvc-p.sock: cannot tell whether a daemon listens on it (Permission denied); "
+            "remove it if it is stale") in result.stderr, result.stderr
+    assert (shared / "socksvc-p.sock").is_socket() and (shared / "socksvc-p.sock").stat().st_uid == 0
