@@ -258,3 +258,31 @@ def test_a_caller_gone_before_any_handler_ends_the_call_not_the_task() -> None:
     assert reporter.endings == [Ending.CALLER_GONE] and not cancelled and reporter.cancelled_calls == 0
     reporter, _, cancelled = _run_call(_Failing(None), cancel_with="the daemon is stopping")
     assert reporter.endings == [] and cancelled and reporter.cancelled_calls == 1
+
+
+def test_a_lingering_reply_cancelled_is_cut_and_stays_cancelled() -> None:
+    """A served call's unread reply lingers (callcore._linger); when the daemon cancels it (its
+    stop timeout ran out), the connection is cut at once, the rest of the reply dropped, and the
+    task ends cancelled, as asked."""
+    size = 4 << 20
+
+    async def main() -> tuple[bool, int]:
+        ours, theirs = socket.socketpair()
+        _, writer = await asyncio.open_connection(sock=ours)
+        writer.write(b"x" * size)  # more than the socket takes: the rest waits in the transport
+        writer.close()
+        task = asyncio.ensure_future(callcore._linger(writer))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        got = 0
+        loop = asyncio.get_running_loop()
+        theirs.setblocking(False)
+        while chunk := await asyncio.wait_for(loop.sock_recv(theirs, 1 << 20), 5):
+            got += len(chunk)
+        theirs.close()
+        return task.cancelled(), got
+
+    cancelled, got = asyncio.run(main())
+    assert cancelled and got < size
