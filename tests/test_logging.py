@@ -16,6 +16,7 @@ import os
 import socket
 import threading
 import time
+import traceback
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, overload
@@ -434,9 +435,12 @@ def test_a_traceback_is_cut_line_by_line_and_keeps_its_end() -> None:
         raise ValueError("\n".join(f"line {i}" for i in range(500)) + "\n" + "q" * 10000)
     except ValueError as e:
         text = logs.traceback_text(e)
+        whole = len("".join(traceback.format_exception(e)).rstrip("\n").split("\n"))
     lines = text.split("\n")
     assert len(lines) == logs.MAX_TRACEBACK_LINES
-    assert lines[0] == "Traceback (most recent call last):" and "lines not logged]" in lines[1]
+    # The count is honest: the lines shown (all but this one) and those left out are the whole.
+    assert lines[0] == "Traceback (most recent call last):"
+    assert lines[1] == f"  ...[{whole - (logs.MAX_TRACEBACK_LINES - 1)} lines not logged]"
     assert lines[-2] == "line 499"
     assert lines[-1] == "q" * logs.MAX_LOGGED + logs.CUT_MARK.format(10000 - logs.MAX_LOGGED)
 
