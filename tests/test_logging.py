@@ -514,3 +514,19 @@ def test_a_bug_in_the_daemon_costs_only_the_call_it_hit(journal: JournalSink, tm
     errors = [e for e in journal if e.get("PRIORITY") == "3"]
     assert [e["MESSAGE"].split("\n")[0] for e in errors] == ["internal error while serving a call"], errors
     assert "RuntimeError: a bug in the daemon on purpose" in errors[0]["MESSAGE"], errors[0]
+
+
+def test_a_traceback_of_exactly_the_bound_is_logged_whole() -> None:
+    """logs.MAX_TRACEBACK_LINES lines are logged as they are; one more, and the middle is cut."""
+    def lines_of(extra: int) -> tuple[list[str], list[str]]:
+        try:
+            raise ValueError("\n".join(["first", *(f"line {i}" for i in range(extra))]))
+        except ValueError as e:
+            return (logs.traceback_text(e).split("\n"),
+                    "".join(traceback.format_exception(e)).rstrip("\n").split("\n"))
+
+    base = len(lines_of(0)[1])
+    shown, whole = lines_of(logs.MAX_TRACEBACK_LINES - base)
+    assert len(whole) == logs.MAX_TRACEBACK_LINES and shown == whole
+    shown, whole = lines_of(logs.MAX_TRACEBACK_LINES - base + 1)
+    assert len(shown) == logs.MAX_TRACEBACK_LINES and shown[1] == "  ...[2 lines not logged]"
