@@ -26,6 +26,7 @@ import pytest
 from qubes_socksvc import cli, logs, manifest, server
 from qubes_socksvc.model import Daemon
 from qubes_socksvc.request import Request
+from tests.conftest import REPO
 from tests.handlers import QUEUED_OUTPUT
 
 
@@ -530,3 +531,36 @@ def test_a_traceback_of_exactly_the_bound_is_logged_whole() -> None:
     assert len(whole) == logs.MAX_TRACEBACK_LINES and shown == whole
     shown, whole = lines_of(logs.MAX_TRACEBACK_LINES - base + 1)
     assert len(shown) == logs.MAX_TRACEBACK_LINES and shown[1] == "  ...[2 lines not logged]"
+
+
+def test_a_handlers_record_keeps_its_own_fields_and_gets_the_calls() -> None:
+    """CallFields adds the call's journal fields to a record from a handler's own logging, except
+    those the record set itself (``extra=``): a handler may name its own TARGET, say."""
+    fields = logs.CallFields()
+    token = logs.call_fields.set({"SERVICE": "t.Echo", "SOURCE": "work"})
+    try:
+        own = logging.LogRecord("mine", logging.INFO, __file__, 1, "its own", None, None)
+        own.SOURCE = "as the handler says"
+        plain = logging.LogRecord("mine", logging.INFO, __file__, 1, "plain", None, None)
+        assert fields.filter(own) and fields.filter(plain)
+    finally:
+        logs.call_fields.reset(token)
+    assert (own.SERVICE, own.SOURCE) == ("t.Echo", "as the handler says")  # type: ignore[attr-defined]
+    assert (plain.SERVICE, plain.SOURCE) == ("t.Echo", "work")  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(("length", "cut"), [(logs.MAX_OTHER_LINE, False), (logs.MAX_OTHER_LINE + 1, True)])
+def test_a_handlers_line_of_exactly_the_bound_is_kept_whole(length: int, cut: bool) -> None:
+    """A line from a handler's own logging: 4096 characters are kept, one more and it is cut."""
+    record = logging.LogRecord("mine", logging.INFO, __file__, 1, "%s", ("a" * length,), None)
+    logs.CallFields().filter(record)
+    assert (record.getMessage() != "a" * length) is cut
+
+
+def test_the_log_bounds_are_those_docs_daemon_md_states() -> None:
+    """What a user reads about the journal is what the daemon does."""
+    text = " ".join((REPO / "docs" / "daemon.md").read_text().split())
+    for words in ("cut to 256 characters", "at most 64 lines", "lines are cut to 4096 characters",
+                  "logged once a minute"):
+        assert words in text, words
+    assert (logs.MAX_LOGGED, logs.MAX_TRACEBACK_LINES, logs.MAX_OTHER_LINE, logs.REPEAT_INTERVAL) == (256, 64, 4096, 60)
