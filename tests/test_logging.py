@@ -564,3 +564,20 @@ def test_the_log_bounds_are_those_docs_daemon_md_states() -> None:
                   "logged once a minute"):
         assert words in text, words
     assert (logs.MAX_LOGGED, logs.MAX_TRACEBACK_LINES, logs.MAX_OTHER_LINE, logs.REPEAT_INTERVAL) == (256, 64, 4096, 60)
+
+
+def test_a_records_attributes_become_fields_only_under_names_journald_keeps(tmp_path: Path) -> None:
+    """journal_field_valid (journal-file.c): upper-case letters, digits and "_", not first a digit
+    or "_", at most 64 characters.  A record's other attributes (a handler's ``extra=`` may hold
+    any name) are not sent as fields."""
+    handler = logs.JournalLines(str(tmp_path / "socket"), SYSLOG_IDENTIFIER="qubes-socksvc")
+    sent: list[bytes] = []
+    handler.send = sent.append  # type: ignore[method-assign,assignment]
+    record = logging.LogRecord("mine", logging.INFO, __file__, 1, "m", None, None, "its_function")
+    names = ["KEPT", "K" * 64, "K" * 65, "_TRUSTED", "9LIVES", "lower", "A+B", "A/B", "A:B", "A@B", "+A", "/A", ":A",
+             "@A"]
+    for name in names:
+        setattr(record, name, "v")
+    handler.emit(record)
+    fields = {line.split(b"=", 1)[0].decode() for line in sent[0].split(b"\n") if b"=" in line}
+    assert {name for name in names if name in fields} == {"KEPT", "K" * 64}
