@@ -581,3 +581,12 @@ def test_a_records_attributes_become_fields_only_under_names_journald_keeps(tmp_
     handler.emit(record)
     fields = {line.split(b"=", 1)[0].decode() for line in sent[0].split(b"\n") if b"=" in line}
     assert {name for name in names if name in fields} == {"KEPT", "K" * 64}
+
+
+def test_each_level_maps_to_the_priority_python_systemd_gives_it() -> None:
+    """The daemon's own journal handler sends PRIORITY= as python-systemd's JournalHandler
+    (map_priority) would, for every level, custom ones between and beyond included."""
+    from systemd.journal import JournalHandler
+
+    for level in range(0, 80):
+        assert logs.priority(level) == JournalHandler.map_priority(level), level
