@@ -16,6 +16,7 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -296,3 +297,35 @@ def test_a_socket_in_the_way_the_daemon_cannot_probe_is_left_alone() -> None:
     assert (f"{shared}/socksvc-p.sock: cannot tell whether a daemon listens on it (Permission denied); "
             "remove it if it is stale") in result.stderr, result.stderr
     assert (shared / "socksvc-p.sock").is_socket() and (shared / "socksvc-p.sock").stat().st_uid == 0
+
+
+@needs_root
+def test_the_sockets_go_to_a_socket_group_the_daemon_is_in() -> None:
+    """socket_group names the daemon's own group: each socket is given to it (chown), whatever
+    group the directory would give (here a setgid directory of root's group), at the declared
+    mode; nothing is said."""
+    shared = world_dir("socksvc-group-") / "shared"
+    shared.mkdir()
+    shared.chmod(0o2777)  # setgid, group root: a socket born here is root's group until given away
+    manifest_path = shared.parent / "m.yaml"
+    manifest_path.write_text(PRIV_MANIFEST.format(mode="0660").replace("    socket_mode:",
+                                                                       "    socket_group: nogroup\n    socket_mode:"))
+    manifest_path.chmod(0o644)
+    log = shared.parent / "log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", sys.executable, "-m", "qubes_socksvc",
+             "serve", "p", "-c", str(manifest_path), "--bind-dir", str(shared)],
+            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{REPO}:{TESTS}"}, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while " services on " not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        for name in ("socksvc-p.sock", "socksvc-p.Raw.sock"):
+            st = (shared / name).lstat()
+            assert (st.st_gid, stat.S_IMODE(st.st_mode)) == (pwd.getpwnam("nobody").pw_gid, 0o660), (name, st)
+        assert "cannot give" not in log.read_text() and "does not exist" not in log.read_text()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
