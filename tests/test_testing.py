@@ -502,3 +502,16 @@ def test_no_stall_is_reported_for_a_plain_handler_or_a_short_step() -> None:
         assert call_handler(plain_sleeps) == b"slept"
         assert call_handler(BLOCKS, service="h.Blocks+0.01") == b"woke\n"
     assert stall_warnings(record) == []
+
+
+def test_a_plain_handler_may_return_an_awaitable() -> None:
+    """A plain function's result that is awaitable (a coroutine it made) is awaited in the
+    event loop, and what that gives is the reply."""
+    async def later() -> bytes:
+        await asyncio.sleep(0)
+        return b"awaited"
+
+    def plain(request: Request) -> object:
+        return later()
+
+    assert call_handler(plain) == b"awaited"
