@@ -131,3 +131,20 @@ def test_125_and_127_after_output_are_the_services(on_path: Path, code: int) -> 
     assert fail("call").meaning.startswith(f"the service itself exited with {code}")
     fake_client(on_path, f"exit {code}")
     assert fail("call").meaning == client.EXIT_MEANINGS[code]  # no output: qrexec's, or the service's
+
+
+@pytest.mark.parametrize(("program", "code", "stderr", "output", "by_service"), [
+    ("qrexec-client-vm", 1, b"", False, False),           # not one of qrexec's codes: nothing to tell apart
+    ("qrexec-client-vm", 125, b"", False, False),         # without output: may be qrexec's
+    ("qrexec-client-vm", 127, b"", False, False),
+    ("qrexec-client-vm", 125, b"", True, True),           # after output: the service's
+    ("qrexec-client-vm", 127, b"", True, True),
+    ("qrexec-client-vm", 126, client.REFUSAL, False, False),  # dom0's refusal, as the VM client says it
+    ("qrexec-client-vm", 126, b"Request refused\nmore\n", False, True),
+    ("qrexec-client-vm", 126, b"", False, True),
+    ("/usr/bin/qrexec-client", 126, client.REFUSAL, False, True),  # dom0's client never exits 126 itself
+])
+def test_whose_exit_code_a_failed_call_has(program: str, code: int, stderr: bytes, output: bool,
+                                           by_service: bool) -> None:
+    """client.exit_origin: qrexec's 125/126/127 against a service's own, where qrexec leaves a trace."""
+    assert client.exit_origin(program, code, stderr, output) is by_service
