@@ -590,3 +590,56 @@ def test_each_level_maps_to_the_priority_python_systemd_gives_it() -> None:
 
     for level in range(0, 80):
         assert logs.priority(level) == JournalHandler.map_priority(level), level
+
+
+def test_a_line_too_large_for_a_datagram_reaches_journald_in_a_sealed_memfd(tmp_path: Path) -> None:
+    """journald-native.c (server_process_native_file) takes a message too large for one datagram
+    as a memfd passed with SCM_RIGHTS, and only a sealed one: the line arrives whole, sealed
+    against shrinking, growing and writing."""
+    import array
+    import fcntl
+
+    sink = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sink.bind(str(tmp_path / "journal"))
+    handler = logs.JournalLines(str(tmp_path / "journal"), SYSLOG_IDENTIFIER="qubes-socksvc")
+    handler._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # a datagram holds ~4 KiB now
+    message = "m" * 100_000
+    try:
+        handler.write_line(logging.INFO, "qubes_socksvc.server", message, {"SERVICE": "t.Echo"},
+                           logs.Where("f.py", 1, "f"))
+        sink.settimeout(5)
+        data, ancillary, _, _ = sink.recvmsg(1 << 20, socket.CMSG_SPACE(4))
+        assert data == b"" and len(ancillary) == 1 and ancillary[0][:2] == (socket.SOL_SOCKET, socket.SCM_RIGHTS)
+        fd = array.array("i", ancillary[0][2][:4])[0]
+        try:
+            seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+            wanted = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
+            assert seals & wanted == wanted
+            content = os.pread(fd, 1 << 20, 0)
+        finally:
+            os.close(fd)
+        assert content.startswith(f"MESSAGE={message}\n".encode()) and b"SERVICE=t.Echo\n" in content
+    finally:
+        handler.close()
+        sink.close()
+
+
+def test_a_line_that_cannot_be_written_is_said_on_stderr_and_the_daemon_goes_on(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """No journald at the address, or stderr closed: the line is lost, logging says so on stderr
+    (Handler.handleError), and nothing is raised into the call that logged it."""
+    where = logs.Where("f.py", 1, "f")
+    journal = logs.JournalLines(str(tmp_path / "no-journald-here"), SYSLOG_IDENTIFIER="qubes-socksvc")
+    closed = io.StringIO()
+    closed.close()
+    stderr = logs.StderrLines("qubes-socksvc[t]: ", closed)
+    record = logging.LogRecord("qubes_socksvc.server", logging.INFO, __file__, 1, "via emit", None, None, "f")
+    try:
+        journal.write_line(logging.INFO, "qubes_socksvc.server", "the lost line", {}, where)
+        journal.emit(record)
+        stderr.write_line(logging.INFO, "qubes_socksvc.server", "the other lost line", {}, where)
+    finally:
+        journal.close()
+    said = capsys.readouterr().err
+    assert said.count("--- Logging error ---") == 3, said
+    assert "the lost line" in said and "via emit" in said and "the other lost line" in said
