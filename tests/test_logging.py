@@ -14,6 +14,7 @@ import io
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 import traceback
@@ -643,3 +644,17 @@ def test_a_line_that_cannot_be_written_is_said_on_stderr_and_the_daemon_goes_on(
     said = capsys.readouterr().err
     assert said.count("--- Logging error ---") == 3, said
     assert "the lost line" in said and "via emit" in said and "the other lost line" in said
+
+
+def test_a_handlers_own_traceback_is_cut_as_the_daemons() -> None:
+    """A handler's ``log.exception()`` (a record from outside the daemon, with exc_info) has its
+    traceback cut to MAX_TRACEBACK_LINES lines of MAX_LOGGED characters, as the daemon's own."""
+    try:
+        raise ValueError("\n".join("q" * 1000 for _ in range(500)))
+    except ValueError:
+        record = logging.LogRecord("mine", logging.ERROR, __file__, 1, "it failed", None, sys.exc_info(), "f")
+    logs.CallFields().filter(record)
+    assert record.exc_info is None and record.exc_text is not None
+    lines = record.exc_text.split("\n")
+    assert len(lines) == logs.MAX_TRACEBACK_LINES and "lines not logged]" in lines[1]
+    assert all(len(line) <= logs.MAX_LOGGED + len(logs.CUT_MARK) + 10 for line in lines)
