@@ -204,6 +204,16 @@ def test_timeout_kills_the_call(world: World, how: str) -> None:
     assert time.monotonic() - started < 15
 
 
+def test_an_error_in_the_callers_own_code_kills_the_call(world: World) -> None:
+    """Anything raised while the call runs (here input that is no bytes; Ctrl-C alike) kills the
+    qrexec client and is raised as it is: the call is not left to finish (test.Slow+30 answers
+    after 30 s)."""
+    started = time.monotonic()
+    with pytest.raises(TypeError, match="memoryview"):
+        client.call(TARGET, "test.Slow+30", "text, not bytes")  # type: ignore[arg-type]
+    assert time.monotonic() - started < 15
+
+
 # --- streaming ----------------------------------------------------------------------
 
 
