@@ -167,13 +167,14 @@ def lookup(daemon: Daemon, service: str) -> Service | None:
 
 
 async def run(sock: socket.socket, daemon: Daemon, serves: Serves, registry: Registry,
-              reporter: Reporter) -> Result | None:
-    """Serve one call on the accepted connection ``sock`` with ``daemon``'s spec; None when the
-    connection was gone before it could be set up.  Only a SERVED call's output is flushed (a
-    rejected or failed one is cut: the caller sees the connection reset, not a clean end)."""
+              reporter: Reporter) -> None:
+    """Serve one call on the accepted connection ``sock`` with ``daemon``'s spec, and tell
+    ``reporter`` how it ended (nothing when the connection was gone before it could be set up).
+    Only a SERVED call's output is flushed (a rejected or failed one is cut: the caller sees the
+    connection reset, not a clean end)."""
     call = await _connect(sock)
     if call is None:
-        return None
+        return
     try:
         result = await _serve(daemon, call, serves, registry, reporter)
     except ConnectionError as e:  # BrokenPipeError and resets too, before a handler ran
@@ -190,7 +191,6 @@ async def run(sock: socket.socket, daemon: Daemon, serves: Serves, registry: Reg
         reporter.ended(daemon, result)
     finally:
         await _end(call, result.ending is Ending.SERVED)
-    return result
 
 
 async def _serve(daemon: Daemon, call: _Connection, serves: Serves, registry: Registry,

@@ -94,6 +94,8 @@ def test_status_counts_each_kind_of_call(start_daemon: type[RunningDaemon]) -> N
         # A bad descriptor, an unknown service, no NUL before EOF, no NUL within the limit, nothing.
         for wire in (b"e.Echo bad qube\0", b"e.Nothing work\0", b"e.Echo work", b"e" * 70000, b""):
             assert daemon.call(wire, timeout=10) == b""
+        # what came before the EOF is counted in the log line
+        wait_for_log(daemon, "rejected call: connection closed before the descriptor's NUL (11 bytes)")
         with connect(daemon) as sock:  # no NUL within descriptor_timeout
             sock.sendall(b"e.Echo wo")
             wait_for_log(daemon, "rejected call: no descriptor within 1s")
