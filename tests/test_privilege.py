@@ -256,15 +256,22 @@ def test_a_socket_group_the_daemon_is_not_in_is_said_and_the_socket_kept_private
     assert daemon.call(b"p.Echo work\0served") == b"served"
 
 
+#: The environment of a ``serve`` started by hand in these tests.
+SERVE_ENV = {"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{REPO}:{TESTS}"}
+
+
+def serve_argv(bind_dir: Path, manifest_text: str = PRIV_MANIFEST.format(mode="0660")) -> list[str]:
+    """``serve p`` as nobody, binding in ``bind_dir``, its manifest written beside that directory."""
+    manifest_path = bind_dir.parent / "m.yaml"
+    manifest_path.write_text(manifest_text)
+    manifest_path.chmod(0o644)
+    return ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", sys.executable, "-m", "qubes_socksvc",
+            "serve", "p", "-c", str(manifest_path), "--bind-dir", str(bind_dir)]
+
+
 def serve_as_nobody(bind_dir: Path) -> subprocess.CompletedProcess[str]:
     """``serve p`` (PRIV_MANIFEST) as nobody, binding in ``bind_dir``: a start that fails."""
-    manifest_path = bind_dir.parent / "m.yaml"
-    manifest_path.write_text(PRIV_MANIFEST.format(mode="0660"))
-    manifest_path.chmod(0o644)
-    return subprocess.run(
-        ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", sys.executable, "-m", "qubes_socksvc",
-         "serve", "p", "-c", str(manifest_path), "--bind-dir", str(bind_dir)],
-        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{REPO}:{TESTS}"}, capture_output=True, text=True, timeout=60)
+    return subprocess.run(serve_argv(bind_dir), env=SERVE_ENV, capture_output=True, text=True, timeout=60)
 
 
 @needs_root
@@ -307,16 +314,10 @@ def test_the_sockets_go_to_a_socket_group_the_daemon_is_in() -> None:
     shared = world_dir("socksvc-group-") / "shared"
     shared.mkdir()
     shared.chmod(0o2777)  # setgid, group root: a socket born here is root's group until given away
-    manifest_path = shared.parent / "m.yaml"
-    manifest_path.write_text(PRIV_MANIFEST.format(mode="0660").replace("    socket_mode:",
-                                                                       "    socket_group: nogroup\n    socket_mode:"))
-    manifest_path.chmod(0o644)
+    text = PRIV_MANIFEST.format(mode="0660").replace("    socket_mode:", "    socket_group: nogroup\n    socket_mode:")
     log = shared.parent / "log"
     with log.open("wb") as out:
-        proc = subprocess.Popen(
-            ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", sys.executable, "-m", "qubes_socksvc",
-             "serve", "p", "-c", str(manifest_path), "--bind-dir", str(shared)],
-            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{REPO}:{TESTS}"}, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(serve_argv(shared, text), env=SERVE_ENV, stdout=out, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 30
         while " services on " not in log.read_text():
