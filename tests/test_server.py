@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 
@@ -234,32 +235,44 @@ def qubes_run_dir() -> Path:
     return path
 
 
+def activation_manifest(work: Path, name: str, prefix: str, raw_socket: Path) -> Path:
+    """A daemon ``name`` with PREFIX.Echo on its shared socket and PREFIX.Raw on ``raw_socket``."""
+    manifest = work / "m.yaml"
+    manifest.write_text(
+        f"version: 1\ndaemons:\n  {name}:\n    idle_exit: 0\n    services:\n"
+        f"      {prefix}.Echo:\n        handler: qubes_socksvc.examples:echo\n"
+        f"      {prefix}.Raw:\n        handler: qubes_socksvc.examples:sha256\n        service_descriptor: false\n"
+        f"        socket: {raw_socket}\n")
+    manifest.chmod(0o644)
+    return manifest
+
+
+def activated(passed: list[Path], name: str, manifest: Path, out: BinaryIO) -> subprocess.Popen[bytes]:
+    """The real systemd-socket-activate listening on ``passed``, starting ``serve name`` as
+    nobody on the first call; returns once the first socket exists."""
+    activate = shutil.which("systemd-socket-activate")
+    assert activate is not None, "systemd-socket-activate missing: 'make setup-test' installs the systemd package"
+    proc = subprocess.Popen(
+        [activate, *(arg for path in passed for arg in ("-l", str(path))), "-E", "PYTHONPATH",
+         "setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+         sys.executable, "-m", "qubes_socksvc", "serve", name, "-c", str(manifest)],
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)}, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 10
+    while not passed[0].exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return proc
+
+
 def test_socket_activation_with_systemd_socket_activate(qubes_run_dir: Path) -> None:
     """The real systemd-socket-activate passes LISTEN_FDS; the first call starts the daemon."""
-    activate = shutil.which("systemd-socket-activate")
-    if activate is None:
-        pytest.fail("systemd-socket-activate missing: 'make setup-test' installs the systemd package")
     work = world_dir("socksvc-activate-")
     name = f"act{os.getpid()}"
     main_socket = qubes_run_dir / f"socksvc-{name}.sock"
     raw_socket = qubes_run_dir / f"socksvc-{name}.Raw.sock"
-    manifest = work / "m.yaml"
-    manifest.write_text(
-        f"version: 1\ndaemons:\n  {name}:\n    idle_exit: 0\n    services:\n"
-        f"      act.Echo:\n        handler: qubes_socksvc.examples:echo\n"
-        f"      act.Raw:\n        handler: qubes_socksvc.examples:sha256\n        service_descriptor: false\n"
-        f"        socket: {raw_socket}\n")
-    manifest.chmod(0o644)
+    manifest = activation_manifest(work, name, "act", raw_socket)
     log = open(work / "log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [activate, "-l", str(main_socket), "-l", str(raw_socket), "-E", "PYTHONPATH",
-         "setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
-         sys.executable, "-m", "qubes_socksvc", "serve", name, "-c", str(manifest)],
-        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)}, stdout=log, stderr=subprocess.STDOUT)
+    proc = activated([main_socket, raw_socket], name, manifest, log)
     try:
-        deadline = time.monotonic() + 10
-        while not main_socket.exists() and time.monotonic() < deadline:
-            time.sleep(0.02)
         assert "serving" not in (work / "log").read_text()  # nothing started before the first call
         assert raw_call(str(main_socket), b"act.Echo+1 work\0cold call") == b"cold call"
         assert raw_call(str(raw_socket), b"abc") == (hashlib.sha256(b"abc").hexdigest() + "\n").encode()
@@ -283,32 +296,16 @@ def test_socket_activation_with_sockets_the_manifest_does_not_declare(qubes_run_
     """systemd passing a socket the spec does not declare (units older or newer than the spec):
     that socket is closed with an error naming the fix, a declared one it did not pass is named,
     the declared ones passed are served; with none of them passed the daemon fails at once."""
-    activate = shutil.which("systemd-socket-activate")
-    assert activate is not None, "'make setup-test' installs the systemd package"
     work = world_dir("socksvc-activate-")
     name = f"mis{os.getpid()}"
     main_socket, raw_socket = qubes_run_dir / f"socksvc-{name}.sock", qubes_run_dir / f"socksvc-{name}.Raw.sock"
     stray = qubes_run_dir / f"socksvc-{name}-stray.sock"
-    manifest = work / "m.yaml"
-    manifest.write_text(
-        f"version: 1\ndaemons:\n  {name}:\n    idle_exit: 0\n    services:\n"
-        f"      mis.Echo:\n        handler: qubes_socksvc.examples:echo\n"
-        f"      mis.Raw:\n        handler: qubes_socksvc.examples:sha256\n        service_descriptor: false\n"
-        f"        socket: {raw_socket}\n")
-    manifest.chmod(0o644)
+    manifest = activation_manifest(work, name, "mis", raw_socket)
 
     def serve(*passed: Path) -> tuple[subprocess.Popen[bytes], Path]:
         log = work / f"log-{len(passed)}"
         with log.open("wb") as out:
-            proc = subprocess.Popen(
-                [activate, *(arg for path in passed for arg in ("-l", str(path))), "-E", "PYTHONPATH",
-                 "setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
-                 sys.executable, "-m", "qubes_socksvc", "serve", name, "-c", str(manifest)],
-                env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)}, stdout=out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 10
-        while not passed[0].exists() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        return proc, log
+            return activated(list(passed), name, manifest, out), log
 
     try:
         proc, log = serve(main_socket, stray)
