@@ -17,7 +17,9 @@ sends each line to journald as one native-protocol datagram, :class:`StderrLines
 stderr.  The line every call logs (:func:`line`) goes straight to them, built once from its
 parts: no LogRecord, no filter, no formatter (logging's generic path was 16 µs of a 170 µs warm
 call, issue 26).  Any other handler installed (pytest's caplog, a developer's own) gets it
-through ``logging`` as before.
+through ``logging`` as before.  While the daemon serves (:func:`lines_held`), a call's line
+that follows another by less than HOLD seconds is held and sent with the next ones: journald
+then wakes once for a burst of calls, not once for each (:meth:`JournalLines.hold`).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from typing import NamedTuple, TextIO
 
 #: The journal fields of the call being served in this context (None outside a call).
@@ -122,6 +124,14 @@ _FIELD_NAME = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
 #: Encoded heads of lines (JournalLines._line_head) kept at most: one per level, logger, thread
 #: and place that writes lines straight; a thread named anew for each call cannot grow it.
 LINE_HEADS = 64
+#: Seconds a call's line may be held back (JournalLines.hold): journald wakes for each datagram
+#: that finds it waiting (journald-server.c: server_process_datagram, one recvmsg() per wake-up),
+#: and that wake-up, not the line, was what a warm call paid over the floor (issue 26).  A line
+#: written less than HOLD after the last one sent waits for those that follow, at most HOLD.
+HOLD = 0.01
+#: Lines held at most: one more sends them all at once (well below journald's receive queue,
+#: systemd's net.unix.max_dgram_qlen = 512).
+HELD_LINES = 128
 
 
 class Where(NamedTuple):
@@ -190,6 +200,53 @@ class JournalLines(LineHandler):
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         with contextlib.suppress(OSError):
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, JOURNAL_SNDBUF)
+        self._holding = False
+        self._held: list[tuple[bytes, int, str, str, Mapping[str, str], Where]] = []
+        self._sent = -HOLD
+        self._due = threading.Condition(self.lock)  # Handler.createLock made it
+        self._sender: threading.Thread | None = None
+
+    def hold(self, holding: bool) -> None:
+        """From now on (``holding``), a line written with :func:`line` (each call's line) less
+        than HOLD seconds after the last one sent is held, and sent with the lines written after
+        it at most HOLD seconds later, by a thread of this handler's, started with the first
+        line held: a handler that holds the event loop does not hold the lines back.  A line
+        that finds nothing sent for HOLD goes at once: a lone call's line is never late.  Any
+        other line (a warning, a handler's own) sends the held ones first, so the journal keeps
+        the order lines were written in.  ``hold(False)`` sends what is held and holds no more;
+        so do flush() and close(), which logging.shutdown() calls at exit.  A daemon killed
+        (SIGKILL, a crash in C) loses the lines held: at most the last HOLD seconds' calls, of
+        a daemon that logged another line less than HOLD before each of them.
+        """
+        with self._due:
+            self.flush()
+            self._holding = holding
+            if not holding:  # its thread ends
+                self._sender = None
+                self._due.notify()
+
+    def flush(self) -> None:
+        """Send the lines held (:meth:`hold`), in the order written."""
+        with self._due:
+            held, self._held = self._held, []
+            if held:
+                self._sent = time.monotonic()
+            for data, *parts in held:
+                try:
+                    self.send(data)
+                except Exception:
+                    self.handleError(_record(*parts))  # type: ignore[arg-type]
+
+    def _send_held(self) -> None:
+        """The thread that sends held lines when they are due (HOLD after the last line sent)."""
+        with self._due:
+            while self._holding:
+                if not self._held:
+                    self._due.wait()
+                elif (wait := self._sent + HOLD - time.monotonic()) > 0:
+                    self._due.wait(wait)
+                else:
+                    self.flush()
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -205,7 +262,9 @@ class JournalLines(LineHandler):
                 if key not in self._reserved and _FIELD_NAME.fullmatch(key):
                     parts.append(journal_field(key, str(value)))
             parts.append(self._constant)
+            self.flush()  # under the handler's lock (Handler.handle): after the lines held
             self.send(b"".join(parts))
+            self._sent = time.monotonic()
         except Exception:
             self.handleError(record)
 
@@ -218,6 +277,19 @@ class JournalLines(LineHandler):
         else:  # the usual line: its varying fields encoded at once, as journal_field would
             data = b"".join([f"MESSAGE={message}\n".encode("utf-8", "replace"), head,
                              "".join([f"{k}={v}\n" for k, v in kept]).encode("utf-8", "replace"), self._constant])
+        if self._holding:
+            with self._due:
+                if self._held or time.monotonic() - self._sent < HOLD:
+                    self._held.append((data, level, logger, message, fields, where))
+                    if len(self._held) == 1:
+                        if self._sender is None:
+                            self._sender = threading.Thread(target=self._send_held, name="journal", daemon=True)
+                            self._sender.start()
+                        self._due.notify()
+                    elif len(self._held) >= HELD_LINES:
+                        self.flush()
+                    return
+                self._sent = time.monotonic()
         try:
             self.send(data)
         except Exception:
@@ -260,7 +332,9 @@ class JournalLines(LineHandler):
             os.close(fd)
 
     def close(self) -> None:
-        self._sock.close()
+        with self._due:
+            self.hold(False)
+            self._sock.close()
         super().close()
 
 
@@ -296,6 +370,20 @@ def line(logger: logging.Logger, level: int, message: str, fields: Mapping[str, 
         return
     for handler in handlers:
         handler.write_line(level, logger.name, message, fields, where)
+
+
+@contextlib.contextmanager
+def lines_held() -> Iterator[None]:
+    """While in the block, the root logger's :class:`JournalLines` hold the calls' lines
+    (:meth:`JournalLines.hold`); at its end, what they hold is sent."""
+    handlers = [h for h in logging.getLogger().handlers if isinstance(h, JournalLines)]
+    for handler in handlers:
+        handler.hold(True)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.hold(False)
 
 
 def _line_handlers(logger: logging.Logger, level: int) -> list[LineHandler] | None:

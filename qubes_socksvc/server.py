@@ -724,7 +724,8 @@ def serve(daemon: Daemon, bind_dir: str | None = None, source: Source | None = N
             listeners = bind_sockets(daemon, bind_dir, owned)
         server = Server(daemon, source=source, spec_id=spec_id)
         on_status = notify_status if "NOTIFY_SOCKET" in os.environ else None
-        with contextlib.suppress(KeyboardInterrupt), asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        with contextlib.suppress(KeyboardInterrupt), asyncio.Runner(loop_factory=_loop_factory()) as runner, \
+                logs.lines_held():
             runner.run(server.run(listeners, on_ready=notify, on_status=on_status))
     finally:
         for sock in owned:
