@@ -562,9 +562,10 @@ def test_the_log_bounds_are_those_docs_daemon_md_states() -> None:
     """What a user reads about the journal is what the daemon does."""
     text = " ".join((REPO / "docs" / "daemon.md").read_text().split())
     for words in ("cut to 256 characters", "at most 64 lines", "lines are cut to 4096 characters",
-                  "logged once a minute"):
+                  "logged once a minute", "than 10 ms (`logs.HOLD`) after", "at most 128 are held"):
         assert words in text, words
-    assert (logs.MAX_LOGGED, logs.MAX_TRACEBACK_LINES, logs.MAX_OTHER_LINE, logs.REPEAT_INTERVAL) == (256, 64, 4096, 60)
+    assert (logs.MAX_LOGGED, logs.MAX_TRACEBACK_LINES, logs.MAX_OTHER_LINE, logs.REPEAT_INTERVAL,
+            logs.HOLD, logs.HELD_LINES) == (256, 64, 4096, 60, 0.01, 128)
 
 
 def test_a_records_attributes_become_fields_only_under_names_journald_keeps(tmp_path: Path) -> None:
