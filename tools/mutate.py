@@ -9,10 +9,11 @@ runs as "nobody"), never in the checkout itself.
 
 Which *tests* execute which line is measured first, with coverage, in every process a test
 starts (the daemons too): each line is tagged with the test (pytest node id) that was running
-when the process executing it started or switched to it.  A mutant runs those tests, fastest
-first, stopping at the first failure.  A mutant that survives them runs again against the
-whole files those tests are in (a daemon a fixture started for one test may serve the next
-ones): only then is it a survivor.  A mutant on a line no test executes is a survivor, without
+when the process executing it started or switched to it (a daemon's call: the test running when
+it started).  A mutant runs those tests, fastest first, stopping at the first failure.  A mutant
+that survives them runs again against the whole files of the tests whose processes outlived
+them (a daemon a fixture started for one test may serve the next ones): only then is it a
+survivor.  A mutant on a line no test executes is a survivor, without
 a run.  A mutant is killed when a test fails (the failing test is kept in the log), timed out
 when the tests run past the timeout, survived when they pass.
 
@@ -439,7 +440,13 @@ def run_tests(tree: Path, tests: tuple[str, ...], timeout: float, stop_at_first:
 
 #: Starts coverage in every Python process of the copy while the rc file exists: the test run
 #: itself and each daemon or CLI it starts (as "nobody" too), whatever environment a test gives
-#: it.  A process started during a test is tagged with that test (CONTEXT_PLUGIN writes it).
+#: it.  What a process runs is tagged "proc|" and the test running when it started (the context
+#: file CONTEXT_PLUGIN writes): it may outlive that test (a daemon a fixture started serves the
+#: next tests), so tests_for adds the whole files of such tests.  Two exceptions make most of a
+#: daemon's lines exact: each call (callcore.run) is tagged with the test running when it starts,
+#: without "proc|" (the test that made it), and what runs between calls is tagged as the process
+#: again; and a process that exits while the test it started in still runs (a CLI, a daemon a
+#: test or its fixture stopped) had every line in that test: its tags lose "proc|" at exit.
 SITECUSTOMIZE = """\
 import os as _os
 _here = _os.path.dirname(_os.path.abspath(__file__))
@@ -449,16 +456,56 @@ if _os.path.exists(_rc):
         import atexit as _atexit
         import coverage as _coverage
     except ImportError:
-        pass
-    else:
-        try:
-            with open(_os.path.join(_here, ".mutation-context")) as _f:
-                _context = _f.read()
-        except OSError:
-            _context = ""
-        _cov = _coverage.Coverage(config_file=_rc, data_suffix=True, context="proc|" + _context if _context else None)
+        _coverage = None
+    if _coverage is not None:
+        def _test():
+            try:
+                with open(_os.path.join(_here, ".mutation-context")) as _f:
+                    return _f.read()
+            except OSError:
+                return ""
+        _started = _test()
+        _proc = "proc|" + _started if _started else ""
+        _cov = _coverage.Coverage(config_file=_rc, data_suffix=True)
         _cov.start()
-        _atexit.register(lambda: (_cov.stop(), _cov.save()))
+        if _proc:
+            _cov.switch_context(_proc)
+
+        def _exit():
+            _cov.stop()
+            _cov.save()
+            if _started and _test() == _started:  # it ran within its test only
+                open(_cov.get_data().data_filename() + ".within", "w").close()
+        _atexit.register(_exit)
+
+        if _started:  # a process a test started (the test run itself tags each test already)
+            import sys as _sys
+
+            class _CallContext:
+                def find_spec(self, name, path=None, target=None):
+                    if name != "qubes_socksvc.callcore":
+                        return None
+                    _sys.meta_path.remove(self)
+                    import importlib.util
+                    spec = importlib.util.find_spec(name)
+                    load = spec.loader.exec_module
+
+                    def exec_module(module):
+                        load(module)
+                        run = module.run
+
+                        async def tagged(*args, **kwargs):  # each call: the test that made it
+                            test = _test()
+                            if test:
+                                _cov.switch_context(test)
+                            try:
+                                return await run(*args, **kwargs)
+                            finally:
+                                _cov.switch_context(_proc)
+                        module.run = tagged
+                    spec.loader.exec_module = exec_module
+                    return spec
+            _sys.meta_path.insert(0, _CallContext())
 """
 
 #: The pytest plugin of the coverage run: tags what each test executes with its node id, in
@@ -625,15 +672,19 @@ def measure_coverage(trees: list[Path], tests: tuple[str, ...], timeout: float) 
             started = time.monotonic()
             verdict, _ = run_tests(tree, (test,), timeout, stop_at_first=False, plugin="mutation_context")
             took = time.monotonic() - started
-            combined = coverage.Coverage(data_file=str(data / ".coverage"))
-            combined.combine([str(data)], keep=False)
-            found = combined.get_data()
             lines: dict[tuple[str, int], set[str]] = {}
-            for filename in found.measured_files():
-                for line, contexts in found.contexts_by_lineno(filename).items():
-                    # a process started outside any test (a session's set-up): the whole file
-                    tags = {c or test for c in contexts} or {test}
-                    lines.setdefault((Path(filename).name, line), set()).update(tags)
+            for path in data.glob(".coverage.*"):  # one per process
+                if path.suffix == ".within":
+                    continue
+                found = coverage.CoverageData(str(path))
+                found.read()
+                # A process that exited within the test it started in: its lines are that test's.
+                within = path.with_name(path.name + ".within").exists()
+                for filename in found.measured_files():
+                    for line, contexts in found.contexts_by_lineno(filename).items():
+                        # a process started outside any test (a session's set-up): the whole file
+                        tags = {(c.removeprefix(PROC) if within else c) or test for c in contexts} or {test}
+                        lines.setdefault((Path(filename).name, line), set()).update(tags)
             per_test = json.loads((tree / ".mutation-took").read_text()) if verdict != "timed out" else {}
             return test, took, verdict == "survived", per_test, lines
         finally:
