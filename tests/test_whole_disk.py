@@ -7,6 +7,7 @@ where the kernel takes them, and what volatile files in ``/run`` cause."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import os
 from pathlib import Path
@@ -126,6 +127,26 @@ def test_resolve_follows_links_like_the_kernel(tmp_path: Path) -> None:
     assert effective.resolve(str(tmp_path), "/var/run/x") == "/run/x"
     assert effective.resolve(str(tmp_path), "/missing/x") == "/missing/x"
     assert effective.resolve(str(tmp_path), "/loop/x").startswith("/loop")  # ELOOP ends it
+
+
+@pytest.mark.parametrize("links", [39, 40, 41])
+def test_resolve_gives_up_on_a_chain_of_links_where_the_kernel_does(tmp_path: Path, links: int) -> None:
+    """A socket behind a chain of links is reached, or not, as open() would reach it: the
+    kernel follows 40 links in one lookup and fails the 41st with ELOOP (fs/namei.c:
+    MAXSYMLINKS); a judge that followed one more or one fewer would call a link to a daemon's
+    socket harmless (or not) where qrexec's connect() reaches it (or fails)."""
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "s.sock").write_text("")
+    for i in range(links):
+        (tmp_path / f"l{i}").symlink_to(f"l{i + 1}" if i + 1 < links else "d")
+    try:
+        os.stat(tmp_path / "l0" / "s.sock")
+        kernel_reaches = True
+    except OSError as e:
+        assert e.errno == errno.ELOOP, e
+        kernel_reaches = False
+    assert kernel_reaches == (links <= 40)  # the kernel's own limit, as the test assumes it
+    assert (effective.resolve(str(tmp_path), "/l0/s.sock") == "/d/s.sock") == kernel_reaches
 
 
 # --- volatile files in /run -----------------------------------------------------------------
