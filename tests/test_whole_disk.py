@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from qubes_socksvc import cli, effective, rpcconfig
+from qubes_socksvc.layout import Link
 from tests import qrexec_view
 
 
@@ -127,6 +128,28 @@ def test_resolve_follows_links_like_the_kernel(tmp_path: Path) -> None:
     assert effective.resolve(str(tmp_path), "/var/run/x") == "/run/x"
     assert effective.resolve(str(tmp_path), "/missing/x") == "/missing/x"
     assert effective.resolve(str(tmp_path), "/loop/x").startswith("/loop")  # ELOOP ends it
+    (tmp_path / "x/y").mkdir(parents=True)
+    (tmp_path / "x/rel").symlink_to("y")  # relative to the link's own directory, not to the root
+    assert effective.resolve(str(tmp_path), "/x/rel/s.sock") == "/x/y/s.sock"
+
+
+def test_a_write_tried_and_undone_leaves_the_model_of_the_disk_as_it_was(tmp_path: Path) -> None:
+    """effective.safe_order tries each of apply's writes on its model of the disk and undoes
+    those that would open a forgeable call: an undone write leaves no trace (the path reads as
+    the disk has it), and a path written twice gets its first write back."""
+    tree = effective.Tree(effective._Disk(str(tmp_path)), {})
+    path = "/etc/qubes-rpc/my.Svc"
+    undo = tree.update({path: Link(path, "/run/qubes/socksvc-d.sock")})
+    assert tree.entry(path) == ("link", "/run/qubes/socksvc-d.sock") and tree.files("my.Svc") == {"my.Svc"}
+    tree.undo(undo)
+    assert tree.entry(path) is None and tree.files("my.Svc") == set()
+    first = tree.update({path: Link(path, "/run/a.sock")})
+    second = tree.update({path: None})
+    assert tree.entry(path) is None
+    tree.undo(second)
+    assert tree.entry(path) == ("link", "/run/a.sock")
+    tree.undo(first)
+    assert tree.entry(path) is None and tree.files("my.Svc") == set()
 
 
 @pytest.mark.parametrize("links", [39, 40, 41])
