@@ -131,6 +131,7 @@ def test_resolve_follows_links_like_the_kernel(tmp_path: Path) -> None:
     (tmp_path / "x/y").mkdir(parents=True)
     (tmp_path / "x/rel").symlink_to("y")  # relative to the link's own directory, not to the root
     assert effective.resolve(str(tmp_path), "/x/rel/s.sock") == "/x/y/s.sock"
+    assert effective.resolve(str(tmp_path), "/./x/./rel/./s.sock") == "/x/y/s.sock"  # "." names no entry
 
 
 def test_a_write_tried_and_undone_leaves_the_model_of_the_disk_as_it_was(tmp_path: Path) -> None:
