@@ -185,12 +185,11 @@ class Tree:
             return "stop", None  # qrexec fails the call (find_file returns -2)
         if stat.S_ISSOCK(st.st_mode):  # a socket itself (a hard link, a bind mount): reached, never skipped
             return "socket", resolve(self.disk.root, path)
-        if not stat.S_ISLNK(st.st_mode):
-            return "stop", None
         try:
-            if qrexec.is_tcp_link(os.readlink(self.disk.real(path))):
-                return "stop", None
-        except OSError:
+            target = os.readlink(self.disk.real(path))
+        except OSError:  # not a link (EINVAL): a file or a directory, which qrexec runs or fails on
+            return "stop", None
+        if qrexec.is_tcp_link(target):
             return "stop", None
         return "link", resolve(self.disk.root, path)
 

@@ -202,6 +202,38 @@ def test_a_planted_run_config_on_an_applied_service_warns_apply_and_fails_check(
         assert code == 1 and "FORGEABLE" in output and "/run/qubes/rpc-config/my.Svc+x" in output, output
 
 
+def _shadow(entry: Path, kind: str) -> None:
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "an executable":
+        entry.write_text("#!/bin/sh\nexec true\n")
+        entry.chmod(0o755)
+    elif kind == "a directory":
+        entry.mkdir()
+    else:
+        entry.symlink_to("/dev/tcp/127.0.0.1/22")
+
+
+@pytest.mark.parametrize("kind", ["an executable", "a directory", "a TCP forward"])
+def test_an_entry_qrexec_stops_at_shadows_a_forgeable_one_behind_it(tmp_path: Path, kind: str) -> None:
+    """find_qrexec_service (exec.c: find_file) takes the first entry of a call's name in the
+    search path: an executable, a directory or a TCP forward there ends the lookup (the call
+    runs it, or fails), so the forgeable entry behind it is never reached, and check
+    must not cry FORGEABLE for it.  Judged with qrexec_view (exec.c alone), for /run/qubes-rpc
+    (our own rpc directory is /etc/qubes-rpc, behind it) and for /usr/local/etc/qubes-rpc."""
+    for directory in ("run/qubes-rpc", "usr/local/etc/qubes-rpc"):
+        (tmp_path / directory.replace("/", "-")).mkdir()
+        manifest, root = write(tmp_path / directory.replace("/", "-"), RAW)
+        assert run("apply", manifest, root)[0] == 0
+        plant(root, "my.Svc+x", "skip-service-descriptor=true\n")
+        code, output = run("check", manifest, root)
+        assert code == 1 and "FORGEABLE" in output, output  # as in the test above, the disk is forgeable
+        _shadow(root / directory / "my.Svc+x", kind)
+        reading = {"/run/qubes/socksvc-d.sock"}
+        assert not qrexec_view.forgeable(root, reading, {"qubes-socksvc-d.socket": reading}), kind
+        code, output = run("check", manifest, root)
+        assert code == 0 and "FORGEABLE" not in output, (directory, output)
+
+
 def test_a_planted_run_config_cannot_make_apply_open_a_forgeable_call(tmp_path: Path) -> None:
     """But apply never adds the link that a planted file turns forgeable: that is a conflict."""
     manifest, root = write(tmp_path, RAW)
