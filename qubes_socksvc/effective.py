@@ -154,8 +154,9 @@ class Tree:
                 self.changes[path] = artifact
 
     def names(self) -> set[str]:
-        """Every NAME with a file in some search directory (or a change)."""
-        return set(self.disk.groups) | set(self._changed)
+        """Every NAME with a file in some search directory on disk (what a check judges; apply
+        judges the NAMEs it declares besides)."""
+        return set(self.disk.groups)
 
     def files(self, name: str) -> set[str]:
         """The file names of NAME present in some search directory."""
