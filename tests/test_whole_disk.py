@@ -56,6 +56,21 @@ def test_a_plain_name_beside_a_name_plus_with_options_applies(tmp_path: Path, op
     assert qrexec_view.skips_descriptor(root, "my.Svc")[0] in (None, "/etc/qubes/rpc-config/my.Svc+")
 
 
+def test_an_entry_apply_removes_shadows_nothing(tmp_path: Path) -> None:
+    """A bare call of my.Svc looks up my.Svc+ first (exec.c): once a re-apply removes the
+    my.Svc+ link, the bare call reaches my.Svc's, and apply must not warn that something else
+    is found first."""
+    both = f"version: 1\ndaemons:\n  d:\n    services:\n      my.Svc:\n{HANDLER}      my.Svc+:\n{HANDLER}"
+    manifest, root = write(tmp_path, both)
+    assert run("apply", manifest, root)[0] == 0
+    manifest.write_text(both.split("      my.Svc+:")[0])
+    code, output = run("apply", manifest, root)
+    assert code == 0 and not (root / "etc/qubes-rpc/my.Svc+").exists(), output
+    assert "finds first" not in output, output
+    code, output = run("check", manifest, root)
+    assert code == 0 and "finds first" not in output, output
+
+
 def test_a_forward_name_plus_beside_a_service_name_applies(tmp_path: Path) -> None:
     """exec.c: a bare call of my.Svc (and my.Svc+) finds the forward's my.Svc+ link and its
     config (skip-service-descriptor=true, as the forward declares); my.Svc+ARG finds the
