@@ -71,6 +71,29 @@ def test_an_entry_apply_removes_shadows_nothing(tmp_path: Path) -> None:
     assert code == 0 and "finds first" not in output, output
 
 
+def test_a_foreign_link_shadows_a_service_only_while_it_leads_somewhere(tmp_path: Path) -> None:
+    """exec.c find_file: a link whose target does not exist is skipped like a missing file, so a
+    dangling foreign link before ours shadows nothing; one to a socket that exists is what
+    qrexec connects to: apply warns that calls reach it first."""
+    import socket
+
+    for live in (False, True):
+        (tmp_path / str(live)).mkdir()
+        manifest, root = write(tmp_path / str(live), f"version: 1\ndaemons:\n  d:\n    services:\n"
+                                                     f"      my.Svc:\n{HANDLER}")
+        foreign = root / "usr/local/etc/qubes-rpc/my.Svc"
+        foreign.parent.mkdir(parents=True)
+        foreign.symlink_to("../../../../run/other/svc.sock")  # relative: the same inside the staging root
+        (root / "run/other").mkdir(parents=True)
+        with socket.socket(socket.AF_UNIX) as listener:
+            if live:
+                listener.bind(str(root / "run/other/svc.sock"))
+            code, output = run("apply", manifest, root)
+        assert code == 0, output
+        warned = "calls of my.Svc (and my.Svc+) reach /usr/local/etc/qubes-rpc/my.Svc" in output
+        assert warned == live, output
+
+
 def test_a_forward_name_plus_beside_a_service_name_applies(tmp_path: Path) -> None:
     """exec.c: a bare call of my.Svc (and my.Svc+) finds the forward's my.Svc+ link and its
     config (skip-service-descriptor=true, as the forward declares); my.Svc+ARG finds the
