@@ -85,7 +85,9 @@ def test_a_foreign_link_shadows_a_service_only_while_it_leads_somewhere(tmp_path
         foreign.parent.mkdir(parents=True)
         foreign.symlink_to("../../../../run/other/svc.sock")  # relative: the same inside the staging root
         (root / "run/other").mkdir(parents=True)
-        with socket.socket(socket.AF_UNIX) as listener:
+        (root / "run/qubes").mkdir(parents=True)
+        with socket.socket(socket.AF_UNIX) as listener, socket.socket(socket.AF_UNIX) as ours:
+            ours.bind(str(root / "run/qubes/socksvc-d.sock"))  # known sockets are matched by inode too
             if live:
                 listener.bind(str(root / "run/other/svc.sock"))
             code, output = run("apply", manifest, root)
