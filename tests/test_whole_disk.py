@@ -330,6 +330,34 @@ def test_the_other_manifests_qubes_aware_forward_is_pinned(tmp_path: Path, local
             assert code == 1 and "FORGEABLE: calls of svc+x" in output, (manifest, verb, output)
 
 
+def test_the_other_manifests_daemon_is_known_from_its_spec_whatever_else_is_beside_it(
+        tmp_path: Path, local_by_name: None) -> None:
+    """A check of one manifest judges the other's applied daemons from their specs on disk
+    (effective.applied_daemons): a leftover that is no spec, a spec that cannot be read, or a
+    layout with no spec directory at all must not hide the specs after them."""
+    local, etc, root = tmp_path / "local.yaml", tmp_path / "etc.yaml", tmp_path / "root"
+    local.write_text(RAW)
+    etc.write_text(RAW_FWD)  # a forward only: the /etc layout has no spec directory
+    for manifest in (local, etc):
+        code, output = run("apply", manifest, root)
+        assert code == 0, output
+    specs = root / "usr/local/var/lib/qubes-socksvc/daemons"
+    assert [p.name for p in specs.iterdir()] == ["d.json"] and not (root / "var/lib/qubes-socksvc/daemons").exists()
+    (specs / "0-notes.txt").write_text("not a spec\n")
+    (specs / "a.json").write_text("{")  # sorted before d.json, and unreadable
+    for pin in root.glob("*/**/rpc-config/my.Svc+x"):
+        pin.unlink()
+    plant(root, "my.Svc+x", "skip-service-descriptor=true\n")
+    reading = {"/run/qubes/socksvc-d.sock"}
+    assert qrexec_view.forgeable(root, reading, {"qubes-socksvc-d.socket": reading})
+    for manifest, named in ((etc, "daemon d (applied, /usr/local/var/lib/qubes-socksvc/daemons/d.json)"),
+                            (local, "daemon d")):
+        code, output = run("check", manifest, root)
+        # The report names the daemon whose socket the call reaches, and the spec it is known by.
+        assert code == 1 and f"FORGEABLE: calls of my.Svc+x can reach /usr/local/etc/qubes-rpc/my.Svc+x, " \
+            f"the socket of {named}, with" in output, (manifest, output)
+
+
 BIG_SKIP = "#\n" * 40000 + "skip-service-descriptor=true\n"  # 80 KiB: qrexec reads it line by line
 
 
