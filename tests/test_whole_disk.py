@@ -275,12 +275,16 @@ def test_an_entry_qrexec_stops_at_shadows_a_forgeable_one_behind_it(tmp_path: Pa
 
 
 def test_a_planted_run_config_cannot_make_apply_open_a_forgeable_call(tmp_path: Path) -> None:
-    """But apply never adds the link that a planted file turns forgeable: that is a conflict."""
-    manifest, root = write(tmp_path, RAW)
-    plant(root, "my.Svc+x", "skip-service-descriptor=true\n")
-    code, output = run("apply", manifest, root)
-    assert code == 1 and "conflict  my.Svc+x: FORGEABLE" in output, output
-    assert not (root / "etc").exists()
+    """But apply never adds the link that a planted file turns forgeable: that is a conflict,
+    for a daemon's service and for a Qubes-aware forward of the manifest (its target reads a
+    descriptor, and no record knows it yet)."""
+    for name, text in (("daemon", RAW), ("forward", AWARE.replace("svc+x", "my.Svc+x"))):
+        (tmp_path / name).mkdir()
+        manifest, root = write(tmp_path / name, text)
+        plant(root, "my.Svc+x", "skip-service-descriptor=true\n")
+        code, output = run("apply", manifest, root)
+        assert code == 1 and "conflict  my.Svc+x: FORGEABLE" in output, (name, output)
+        assert not (root / "etc").exists() and not (root / "usr").exists()
 
 
 def test_a_planted_run_config_that_changes_no_descriptor_is_a_warning(tmp_path: Path) -> None:
