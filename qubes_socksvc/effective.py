@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from . import install, lookup, model, qrexec, rpcconfig
@@ -312,10 +312,9 @@ def applied_forwards(root: str, layouts: Iterable[Layout], daemon_sockets: Itera
     return reading
 
 
-def sockets(root: str, manifest: Manifest | None, applied: Iterable[Layout]) -> Sockets:
+def sockets(root: str, manifest: Manifest | None, applied: Sequence[Layout]) -> Sockets:
     """The sockets of this manifest's daemons and Qubes-aware forwards, and of the daemons and
     forwards apply left in the ``applied`` layouts (their specs and records)."""
-    applied = list(applied)
     reading: dict[str, str] = {}
     units: dict[str, str] = {}
     daemons = [(d, f" (applied, {spec})") for spec, d in applied_daemons(root, applied).items()]
