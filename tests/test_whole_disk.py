@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import io
+import json
 import os
 from pathlib import Path
 
@@ -360,6 +361,29 @@ def test_the_other_manifests_daemon_is_known_from_its_spec_whatever_else_is_besi
         # The report names the daemon whose socket the call reaches, and the spec it is known by.
         assert code == 1 and f"FORGEABLE: calls of my.Svc+x can reach /usr/local/etc/qubes-rpc/my.Svc+x, " \
             f"the socket of {named}, with" in output, (manifest, output)
+
+
+def test_the_other_manifests_forwards_are_all_judged_when_one_of_their_links_is_gone(
+        tmp_path: Path, local_by_name: None) -> None:
+    """effective.applied_forwards reads the other manifest's record: a link of it that is gone
+    (removed by hand) is skipped, and the forwards recorded after it still read descriptors."""
+    local, etc, root = tmp_path / "local.yaml", tmp_path / "etc.yaml", tmp_path / "root"
+    local.write_text("version: 1\nforwards:\n  a.Svc+x: {target: 'unix:/run/srv/a.sock', service_descriptor: true}\n"
+                     "  b.Svc+x: {target: 'unix:/run/srv/b.sock', service_descriptor: true}\n")
+    etc.write_text(RAW_FWD)
+    for manifest in (local, etc):
+        code, output = run("apply", manifest, root)
+        assert code == 0, output
+    owned = json.loads((root / "usr/local/var/lib/qubes-socksvc/owned.json").read_text())
+    links = [p for p in owned["owned"] if "/qubes-rpc/" in p]  # the record's order, which is read
+    assert links == ["/usr/local/etc/qubes-rpc/a.Svc+x", "/usr/local/etc/qubes-rpc/b.Svc+x"], links
+    (root / "usr/local/etc/qubes-rpc/a.Svc+x").unlink()
+    for pin in root.glob("*/**/rpc-config/b.Svc+x"):
+        pin.unlink()
+    plant(root, "b.Svc+x", "skip-service-descriptor=true\n")
+    code, output = run("check", etc, root)
+    assert code == 1 and "FORGEABLE: calls of b.Svc+x can reach /usr/local/etc/qubes-rpc/b.Svc+x, the target " \
+        "of /usr/local/etc/qubes-rpc/b.Svc+x (applied, reads a descriptor)" in output, output
 
 
 BIG_SKIP = "#\n" * 40000 + "skip-service-descriptor=true\n"  # 80 KiB: qrexec reads it line by line
