@@ -366,9 +366,11 @@ def test_the_other_manifests_daemon_is_known_from_its_spec_whatever_else_is_besi
 def test_the_other_manifests_forwards_are_all_judged_when_one_of_their_links_is_gone(
         tmp_path: Path, local_by_name: None) -> None:
     """effective.applied_forwards reads the other manifest's record: a link of it that is gone
-    (removed by hand) is skipped, and the forwards recorded after it still read descriptors."""
+    (removed by hand) and a TCP forward are skipped, and the forwards recorded after them still
+    read descriptors."""
     local, etc, root = tmp_path / "local.yaml", tmp_path / "etc.yaml", tmp_path / "root"
     local.write_text("version: 1\nforwards:\n  a.Svc+x: {target: 'unix:/run/srv/a.sock', service_descriptor: true}\n"
+                     "  a.Tcp: {target: 'tcp:127.0.0.1:22'}\n"
                      "  b.Svc+x: {target: 'unix:/run/srv/b.sock', service_descriptor: true}\n")
     etc.write_text(RAW_FWD)
     for manifest in (local, etc):
@@ -376,7 +378,8 @@ def test_the_other_manifests_forwards_are_all_judged_when_one_of_their_links_is_
         assert code == 0, output
     owned = json.loads((root / "usr/local/var/lib/qubes-socksvc/owned.json").read_text())
     links = [p for p in owned["owned"] if "/qubes-rpc/" in p]  # the record's order, which is read
-    assert links == ["/usr/local/etc/qubes-rpc/a.Svc+x", "/usr/local/etc/qubes-rpc/b.Svc+x"], links
+    assert links == ["/usr/local/etc/qubes-rpc/a.Svc+x", "/usr/local/etc/qubes-rpc/a.Tcp",
+                     "/usr/local/etc/qubes-rpc/b.Svc+x"], links
     (root / "usr/local/etc/qubes-rpc/a.Svc+x").unlink()
     for pin in root.glob("*/**/rpc-config/b.Svc+x"):
         pin.unlink()
