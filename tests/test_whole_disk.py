@@ -241,6 +241,12 @@ def test_a_planted_run_config_on_an_applied_service_warns_apply_and_fails_check(
     for verb in ("check", "list"):
         code, output = run(verb, manifest, root)
         assert code == 1 and "FORGEABLE" in output and "/run/qubes/rpc-config/my.Svc+x" in output, output
+    # check says too that apply cannot mend it (a warning of apply, not a conflict, yet forgeable),
+    # and that the disk is forgeable now, through a volatile file: a warning, as for apply
+    output = run("check", manifest, root)[1]
+    assert "valid, but apply would refuse it or leave it forgeable" in output, output
+    now = [line for line in output.splitlines() if line.endswith("(on disk now)")]
+    assert len(now) == 1 and now[0].startswith("warning   my.Svc+x: FORGEABLE"), output
 
 
 def _shadow(entry: Path, kind: str) -> None:
