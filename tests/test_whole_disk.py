@@ -440,3 +440,11 @@ def test_a_socket_file_in_a_qubes_rpc_directory_is_judged(tmp_path: Path) -> Non
             assert code == 1 and "FORGEABLE: calls of svc+y can reach /run/qubes-rpc/svc+y" in output, output
         code, output = run("apply", manifest, root)  # the foreign config wins over any pin in /etc: refused
         assert code == 1 and "conflict  svc+y: FORGEABLE" in output, output
+    # A socket file of no daemon of ours (another service's, which reads no descriptor) is where
+    # qrexec stops: the call goes to that service, and nothing of ours is forgeable through it.
+    (root / "run/qubes-rpc/svc+y").unlink()
+    with socket.socket(socket.AF_UNIX) as other:
+        other.bind(str(root / "run/qubes-rpc/svc+y"))
+        assert not qrexec_view.forgeable(root, {"/run/qubes/d.sock"}, units)
+        code, output = run("check", manifest, root)
+        assert code == 0 and "FORGEABLE" not in output, output
