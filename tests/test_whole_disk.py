@@ -249,6 +249,19 @@ def test_a_planted_run_config_on_an_applied_service_warns_apply_and_fails_check(
     assert len(now) == 1 and now[0].startswith("warning   my.Svc+x: FORGEABLE"), output
 
 
+def test_an_rpc_config_qrexec_cannot_stat_fails_the_call_and_forges_nothing(tmp_path: Path) -> None:
+    """exec.c find_file: an rpc-config entry whose stat() fails with anything but ENOENT (here a
+    link to itself: ELOOP) fails the call (load_service_config_raw), so no caller's bytes reach
+    the daemon through it: check reports the failing calls, and nothing forgeable."""
+    manifest, root = write(tmp_path, RAW)
+    assert run("apply", manifest, root)[0] == 0
+    loop = root / "run/qubes/rpc-config/my.Svc+x"
+    loop.parent.mkdir(parents=True)
+    loop.symlink_to("my.Svc+x")
+    code, output = run("check", manifest, root)
+    assert code == 1 and "qrexec would fail calls of my.Svc+x" in output and "FORGEABLE" not in output, output
+
+
 def _shadow(entry: Path, kind: str) -> None:
     entry.parent.mkdir(parents=True, exist_ok=True)
     if kind == "an executable":
