@@ -435,9 +435,8 @@ class _Settler:
         self.manifest, self.layout, self.root = manifest, layout, root
         self.source = os.path.abspath(manifest.path)
         self.artifacts = list(artifacts)
-        ours = {a.path: a for a in artifacts}
-        removed: dict[str, Artifact | None] = {p: None for p in owned if p not in ours}
-        self.tree = Tree(_Disk(root), {**removed, **ours})
+        # What apply leaves: every path it owned removed, unless it writes the path again.
+        self.tree = Tree(_Disk(root), {**dict.fromkeys(owned), **{a.path: a for a in artifacts}})
         self.sockets = sockets(root, manifest, [lay for lay in LAYOUTS if lay != layout])
         declared = {key: service.rpc_config() for key, (_, service) in manifest.services().items()}
         declared.update({key: forward.rpc_config() for key, forward in manifest.forwards.items()})
