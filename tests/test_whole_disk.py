@@ -262,6 +262,19 @@ def test_an_rpc_config_qrexec_cannot_stat_fails_the_call_and_forges_nothing(tmp_
     assert code == 1 and "qrexec would fail calls of my.Svc+x" in output and "FORGEABLE" not in output, output
 
 
+def test_a_service_entry_qrexec_cannot_stat_is_a_warning_of_failing_calls(tmp_path: Path) -> None:
+    """exec.c find_file: a qubes-rpc entry whose stat() fails with anything but ENOENT (a link
+    to itself: ELOOP) fails the call: apply warns that calls of the key will fail (nothing is
+    forged: the call never reaches a socket) and goes on."""
+    manifest, root = write(tmp_path, RAW)
+    loop = root / "run/qubes-rpc/my.Svc+x"
+    loop.parent.mkdir(parents=True)
+    loop.symlink_to("my.Svc+x")
+    code, output = run("apply", manifest, root)
+    assert code == 0 and "warning   my.Svc+x: qrexec would fail calls of my.Svc+x: " in output, output
+    assert "FORGEABLE" not in output, output
+
+
 def _shadow(entry: Path, kind: str) -> None:
     entry.parent.mkdir(parents=True, exist_ok=True)
     if kind == "an executable":
@@ -429,6 +442,11 @@ def test_an_rpc_config_too_large_to_judge_counts_as_skipping(tmp_path: Path) -> 
     for verb in ("check", "list"):
         code, output = run(verb, manifest, root)
         assert code == 1 and "FORGEABLE: calls of svc+x" in output, (verb, output)
+    # apply says which file it cannot judge, as a warning: the file is volatile (see above)
+    manifest.write_text(manifest.read_text() + "        timeout: 5\n")  # something to apply
+    code, output = run("apply", manifest, root)
+    assert code == 0 and "warning   svc+x: calls of svc+x take the rpc-config /run/qubes/rpc-config/svc+x, " \
+        "which qubes-socksvc cannot judge" in output, output
 
 
 def test_a_socket_file_in_a_qubes_rpc_directory_is_judged(tmp_path: Path) -> None:
