@@ -275,6 +275,17 @@ def test_a_service_entry_qrexec_cannot_stat_is_a_warning_of_failing_calls(tmp_pa
     assert "FORGEABLE" not in output, output
 
 
+def test_a_file_that_shadows_a_service_is_reported_once(tmp_path: Path) -> None:
+    """A foreign executable my.Svc before ours takes the bare call and every my.Svc+ARG without
+    a file of its own: one warning names it, not one for each kind of call."""
+    manifest, root = write(tmp_path, f"version: 1\ndaemons:\n  d:\n    services:\n      my.Svc:\n{HANDLER}")
+    _shadow(root / "usr/local/etc/qubes-rpc/my.Svc", "an executable")
+    code, output = run("apply", manifest, root)
+    assert code == 0, output
+    shadows = [line for line in output.splitlines() if "which qrexec finds first" in line]
+    assert len(shadows) == 1 and "reach /usr/local/etc/qubes-rpc/my.Svc" in shadows[0], output
+
+
 def _shadow(entry: Path, kind: str) -> None:
     entry.parent.mkdir(parents=True, exist_ok=True)
     if kind == "an executable":
