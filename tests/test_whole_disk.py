@@ -127,15 +127,19 @@ def test_a_forward_to_a_daemons_socket_through_another_spelling_is_refused(
         tmp_path: Path, target: str, setup: tuple[str, str] | None) -> None:
     """The daemon's socket reached through /var/run or a symlinked directory would get the
     forward's skip-service-descriptor=true: the caller's stdin read as the descriptor."""
-    manifest, root = write(tmp_path, DAEMON + f"forwards:\n  my.Fwd:\n    target: unix:{target}\n")
+    # A second forward after it, judged too (each forward's finding is its own).
+    manifest, root = write(tmp_path, DAEMON + f"forwards:\n  my.Fwd:\n    target: unix:{target}\n"
+                                             "  my.Tmp:\n    target: unix:/tmp/x.sock\n")
     if setup is not None:
         (root / os.path.dirname(setup[0])).mkdir(parents=True)
         (root / setup[0]).symlink_to(setup[1])
     for verb in ("check", "apply"):
         code, output = run(verb, manifest, root)
         assert code == 1, output
-        assert f"forwards.my.Fwd.target: {target} is a socket of qubes-socksvc-d.socket" in output, output
+        assert f"conflict  my.Fwd: forwards.my.Fwd.target: {target} is a socket of qubes-socksvc-d.socket" \
+            in output, output
         assert "declare my.Fwd as a service of that daemon instead" in output
+        assert "conflict  my.Tmp: forwards.my.Tmp.target" in output and "where any user can bind" in output
     assert not (root / "etc").exists()
 
 
