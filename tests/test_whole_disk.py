@@ -148,7 +148,8 @@ def test_a_forward_to_a_daemons_socket_through_another_spelling_is_refused(
 def test_a_forward_into_a_world_writable_directory_is_refused_with_the_fix(tmp_path: Path, target: str) -> None:
     """Any user can bind a socket in a world-writable directory before the server does (or
     after it stops) and receive every caller's data."""
-    manifest, root = write(tmp_path, f"version: 1\nforwards:\n  my.Fwd:\n    target: unix:{target}\n")
+    manifest, root = write(tmp_path, "version: 1\nforwards:\n  a.Tcp:\n    target: tcp:127.0.0.1:22\n"
+                                     f"  my.Fwd:\n    target: unix:{target}\n")  # after a TCP forward
     (root / "srv/open").mkdir(parents=True)
     (root / "srv/open").chmod(0o1777)
     code, output = run("apply", manifest, root)
