@@ -153,9 +153,9 @@ def parse(text: str) -> Config:
     for number, raw_line in enumerate(lines, 1):
         if "\0" in raw_line:
             raise RpcConfigError(f"line {number}: NUL byte in line")
+        # Trailing blanks need no stripping: a value ends at them (_value), and a line of blanks
+        # is refused for its first byte (no key starts with a blank), as toml.c refuses it.
         line = raw_line.removesuffix("\r") if number < len(lines) else raw_line  # only before a newline
-        stripped = line.rstrip(_SPACE)
-        line = stripped if stripped or not line else line[:1]  # toml.c keeps the first byte
         if not line or line.startswith("#"):
             continue
         key_match = _KEY_RE.match(line)
