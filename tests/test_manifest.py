@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import textwrap
 from pathlib import Path
@@ -213,3 +214,134 @@ def test_an_alias_manifest_at_the_size_cap_is_refused_at_once(tmp_path: Path) ->
 def test_an_anchor_without_an_alias_is_plain_yaml() -> None:
     assert parse(GOOD.replace("handler:", "handler: &h")).daemons["demo"].services["demo.Echo"].handler == \
         "qubes_socksvc.examples:echo"
+
+
+# --- names: each accepted exactly where the program reading it accepts it --------------------
+
+#: Characters tried at every position of a name: each class's members, its neighbours, the
+#: characters a unit file or rpc-config gives a meaning to, and what a mistyped name holds.
+_TRIED = "aZ_9-$@:/+.!\n %"
+
+
+def _variants(base: str) -> list[str]:
+    """``base``, and ``base`` with each tried character put in at each position or put in place
+    of each character."""
+    found = {base}
+    for i in range(len(base) + 1):
+        for c in _TRIED:
+            found.add(base[:i] + c + base[i:])
+            found.add(base[:i] + c + base[i + 1:])
+    return sorted(found)
+
+
+def _accepted(key: str, value: str, where: str = "daemon") -> bool:
+    line = f"{key}: {json.dumps(value)}"
+    text = (GOOD.replace("demo:\n", f"demo:\n    {line}\n") if where == "daemon"
+            else GOOD.replace("handler: qubes_socksvc.examples:echo", line) if key == "handler"
+            else GOOD + f"        {line}\n")
+    try:
+        manifest.parse(text, "/etc/qubes-socksvc.yaml")
+    except ManifestError:
+        return False
+    return True
+
+
+def shadow_takes(name: str) -> bool:
+    """A user or group name as shadow's useradd and groupadd take it (libmisc/chkname.c, the rule
+    without --badname): a lower-case letter or "_", then lower-case letters, digits, "_" and
+    "-", and a "$" only at the end (a Samba machine account)."""
+    if not name or not ("a" <= name[0] <= "z" or name[0] == "_"):
+        return False
+    return all("a" <= c <= "z" or "0" <= c <= "9" or c in "_-" or (c == "$" and i == len(name) - 1)
+               for i, c in enumerate(name) if i)
+
+
+def systemd_condition_takes(value: str, system: bool) -> bool:
+    """A ConditionUser= (``system``) or ConditionGroup= value the manifest writes: an optional
+    "!", then a name shadow takes, a decimal ID, or (ConditionUser= only) "@system"."""
+    value = value.removeprefix("!")
+    return shadow_takes(value) or (value.isascii() and value.isdigit()) or (system and value == "@system")
+
+
+def python_imports(handler: str) -> bool:
+    """A ``module:callable`` reference: a dotted module path, ":", a dotted attribute path, each
+    part an ASCII Python identifier (what importlib.import_module and getattr can take)."""
+    module, colon, attribute = handler.partition(":")
+    return bool(colon) and all(part.isascii() and part.isidentifier()
+                               for side in (module, attribute) for part in side.split("."))
+
+
+def test_a_group_or_user_name_is_taken_exactly_when_shadow_would_create_it() -> None:
+    """socket_group (SocketGroup=) and force_user (rpc-config force-user) name an account: the
+    manifest takes the names useradd and groupadd create, and nothing a unit file or rpc-config
+    would read otherwise (a blank, "%", a newline, a second value)."""
+    names = _variants("ab-9_$") + _variants("_x") + _variants("qubes")
+    wrong = [(key, name) for key, where in (("socket_group", "daemon"), ("force_user", "service"))
+             for name in names if _accepted(key, name, where) != shadow_takes(name)]
+    assert not wrong, wrong
+    assert _accepted("socket_group", "_a-9$") and not _accepted("socket_group", "a$b")  # the oracle's own
+
+
+def test_a_condition_is_taken_exactly_when_it_names_an_account_id_or_system() -> None:
+    values = [v for base in ("!ab-9_$", "1000", "!@system", "user") for v in _variants(base)]
+    wrong = [(key, v) for key, system in (("condition_user", True), ("condition_group", False)) for v in values
+             if v not in ("root", "0") and _accepted(key, v) != systemd_condition_takes(v, system)]
+    assert not wrong, wrong
+    assert _accepted("condition_user", "!@system") and not _accepted("condition_group", "@system")
+    assert not _accepted("condition_user", "root") and not _accepted("condition_user", "0")
+
+
+def test_a_handler_is_taken_exactly_when_it_is_a_module_and_attribute_path() -> None:
+    handlers = _variants("aa.b_9:Cc.d") + _variants("_:_") + _variants("Z9.z:y")
+    wrong = [h for h in handlers if _accepted("handler", h, "service") != python_imports(h)]
+    assert not wrong, wrong
+    assert sum(map(python_imports, handlers)) > 30 < sum(not python_imports(h) for h in handlers)
+
+
+def test_a_daemon_name_is_taken_exactly_as_the_manual_states() -> None:
+    """qubes-socksvc.yaml(5): [a-z0-9][a-z0-9_-]*, at most 64 characters: the unit names
+    qubes-socksvc-NAME.socket/.service and the socket /run/qubes/socksvc-NAME.sock."""
+
+    def documented(name: str) -> bool:
+        return (0 < len(name) <= 64 and ("a" <= name[0] <= "z" or "0" <= name[0] <= "9")
+                and all("a" <= c <= "z" or "0" <= c <= "9" or c in "_-" for c in name))
+
+    def accepted(name: str) -> bool:
+        try:
+            manifest.parse(GOOD.replace("  demo:", f"  {json.dumps(name)}:"), "/etc/qubes-socksvc.yaml")
+        except ManifestError:
+            return False
+        return True
+
+    names = [*_variants("a-9_z"), *_variants("9"), "d" * 64, "d" * 65]
+    wrong = [name for name in names if accepted(name) != documented(name)]
+    assert not wrong, wrong
+    assert accepted("d" * 64) and not accepted("d" * 65)
+
+
+def test_a_socket_mode_is_taken_exactly_when_it_is_octal_and_closed_to_others() -> None:
+    """socket_mode (SocketMode=): three octal digits, or four with a leading 0, no bit for others."""
+
+    def documented(mode: str) -> bool:
+        digits = mode[1:] if len(mode) == 4 and mode[0] == "0" else mode
+        return len(digits) == 3 and all(c in "01234567" for c in digits) and digits[2] == "0"
+
+    modes = [*_variants("0660"), *_variants("770"), "0777", "0007", "0661", "0700"]
+    wrong = [mode for mode in modes if _accepted("socket_mode", mode) != documented(mode)]
+    assert not wrong, wrong
+    assert _accepted("socket_mode", "0770") and _accepted("socket_mode", "660")
+
+
+def test_a_socket_path_is_taken_exactly_in_qrexecs_socket_directory() -> None:
+    """socket: /run/qubes/NAME.sock, NAME of [A-Za-z0-9_.+-] (qubes-socksvc.yaml(5))."""
+
+    def documented(path: str) -> bool:
+        name = path.removeprefix("/run/qubes/")
+        return (name != path and name.endswith(".sock") and len(name) > len(".sock")
+                and all(c.isascii() and (c.isalnum() or c in "_.+-") for c in name)
+                and os.path.normpath(path) == path)
+
+    paths = _variants("/run/qubes/a-Z_9.x+.sock")
+    wrong = [path for path in paths if _accepted("socket", path) != documented(path)]
+    assert not wrong, wrong
+    assert sum(map(documented, paths)) > 20
