@@ -69,6 +69,8 @@ class _Problems:
 
 
 _TAG = "tag:yaml.org,2002:"
+#: The booleans YAML 1.1 has, as PyYAML reads them (SafeConstructor.bool_values).
+_BOOLEANS = {"yes": True, "no": False, "true": True, "false": False, "on": True, "off": False}
 
 
 def _scalar(node: yaml.Node) -> Any:
@@ -79,7 +81,7 @@ def _scalar(node: yaml.Node) -> Any:
     if tag == "str":
         return value
     if tag == "bool":
-        return value.lower() in ("yes", "true", "on", "y")
+        return _BOOLEANS.get(value.lower(), value)  # not a boolean: refused as the string it is
     if tag == "int":
         try:
             return int(value.replace("_", ""), 0)

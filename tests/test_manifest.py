@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
 
 from qubes_socksvc import manifest, model
 from qubes_socksvc.manifest import ManifestError
@@ -345,3 +346,36 @@ def test_a_socket_path_is_taken_exactly_in_qrexecs_socket_directory() -> None:
     wrong = [path for path in paths if _accepted("socket", path) != documented(path)]
     assert not wrong, wrong
     assert sum(map(documented, paths)) > 20
+
+
+@pytest.mark.parametrize(("key", "written", "expected", "got"), [
+    ("handler", "{a: b}", "a string", "a mapping"), ("handler", "[a]", "a string", "a list"),
+    ("handler", "~", "a string", "null"), ("handler", "", "a string", "null"),
+    ("handler", "yes", "a string", "a boolean"), ("handler", "Off", "a string", "a boolean"),
+    ("handler", "12", "a string", "an integer"), ("handler", "0x1F", "a string", "an integer"),
+    ("handler", "1.5", "a string", "a number"),
+    ("timeout", "'3'", "a number", "a string"), ("timeout", "true", "a number", "a boolean"),
+    ("service_descriptor", "'no'", "a boolean (true/false)", "a string"),
+    ("service_descriptor", "!!bool y", "a boolean (true/false)", "a string"),
+    ("max_input", "1.0", "an integer", "a number"),
+])
+def test_a_value_of_the_wrong_type_is_named_as_yaml_reads_it(key: str, written: str, expected: str,
+                                                             got: str) -> None:
+    """The error says what YAML read (YAML 1.1, as PyYAML: yes/Off booleans, 0x integers), so a
+    maintainer sees why a value was refused: quoting, a missing value, a list for a scalar."""
+    text = (GOOD.replace("qubes_socksvc.examples:echo", written) if key == "handler"
+            else GOOD + f"        {key}: {written}\n")
+    with pytest.raises(ManifestError) as error:
+        manifest.parse(text, "/etc/qubes-socksvc.yaml")
+    assert f"demo.Echo.{key}: expected {expected}, got {got}" in str(error.value), str(error.value)
+
+
+def test_yaml_11_scalars_are_read_as_pyyaml_reads_them() -> None:
+    """Numbers with "_" and 0x/0o prefixes, on/off/yes/no booleans, as yaml.safe_load gives them."""
+    text = GOOD + ("        max_input: 0x1_0\n        timeout: 1_0.5\n        exit_on_client_eof: on\n"
+                   "        exit_on_service_eof: No\n        wait_for_session: ON\n")
+    service = manifest.parse(text, "/etc/qubes-socksvc.yaml").daemons["demo"].services["demo.Echo"]
+    loaded = yaml.safe_load(text)["daemons"]["demo"]["services"]["demo.Echo"]
+    assert (service.max_input, service.timeout) == (loaded["max_input"], loaded["timeout"]) == (16, 10.5)
+    assert (service.exit_on_client_eof, service.exit_on_service_eof, service.wait_for_session) == \
+        (loaded["exit_on_client_eof"], loaded["exit_on_service_eof"], loaded["wait_for_session"]) == (True, False, True)
