@@ -101,6 +101,8 @@ BAD = {
         "force_user cannot be combined"),
     "root daemon": (GOOD.replace("demo:\n", "demo:\n    condition_user: root\n"), "4:21",
                     "daemons.demo.condition_user", "refuses to run as root"),
+    "key not a string": (GOOD.replace("demo:\n", "demo:\n    7: x\n"), "4:5", "daemons.demo",
+                         "keys must be strings, got an integer"),
     "duplicate daemon key reported once": (GOOD.replace("demo:\n", "demo:\n    idle_exit: 1\n    idle_exit: 2\n"),
                                            "5:5", "daemons.demo.idle_exit", "duplicate key"),
     "not a mapping": ("version: 1\ndaemons: [a, b]\n", "2:10", "daemons", "expected a mapping"),
