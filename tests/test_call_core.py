@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import gc
+import os
 import re
 import socket
 import warnings
@@ -191,8 +194,14 @@ class _Ends:
     """A Reporter that keeps how each call ended."""
 
     def __init__(self) -> None:
-        self.endings: list[Ending] = []
+        self.results: list[callcore.Result] = []
         self.cancelled_calls = 0
+        self.task_cancelling = 0
+        """The call task's pending cancellations once it ended (Task.cancelling())."""
+
+    @property
+    def endings(self) -> list[Ending]:
+        return [result.ending for result in self.results]
 
     def started(self, request: object, called: str) -> None:
         raise AssertionError("no handler may start")
@@ -201,7 +210,7 @@ class _Ends:
         raise AssertionError("no handler may start")
 
     def ended(self, daemon: object, result: callcore.Result) -> None:
-        self.endings.append(result.ending)
+        self.results.append(result)
 
     def cancelled(self) -> None:
         self.cancelled_calls += 1
@@ -237,6 +246,7 @@ def _run_call(serves: callcore.Serves, cancel_with: str | None = None) -> tuple[
             await task
         got = await asyncio.wait_for(asyncio.get_running_loop().sock_recv(theirs, 100), 5)
         theirs.close()
+        reporter.task_cancelling = task.cancelling()
         return got, task.cancelled()
 
     got, cancelled = asyncio.run(main())
@@ -248,6 +258,8 @@ def test_a_connection_breaking_before_any_handler_is_the_caller_gone() -> None:
     going away, not as an internal error of the daemon."""
     reporter, got, cancelled = _run_call(_Failing(ConnectionResetError("reset by peer")))
     assert reporter.endings == [Ending.CALLER_GONE] and got == b"" and not cancelled
+    error = reporter.results[0].error  # what ended it: what the testing kit raises in the test
+    assert isinstance(error, ConnectionResetError) and error.args == ("reset by peer",)
 
 
 def test_a_caller_gone_before_any_handler_ends_the_call_not_the_task() -> None:
@@ -256,6 +268,11 @@ def test_a_caller_gone_before_any_handler_ends_the_call_not_the_task() -> None:
     daemon stopping) cancels the task and is reported as such."""
     reporter, _, cancelled = _run_call(_Failing(None), cancel_with=callcore.CALLER_GONE)
     assert reporter.endings == [Ending.CALLER_GONE] and not cancelled and reporter.cancelled_calls == 0
+    # Taken back, not left pending: an asyncio.timeout() or TaskGroup in whatever runs next in
+    # the task would take a pending cancellation for its own.
+    assert reporter.task_cancelling == 0
+    error = reporter.results[0].error
+    assert isinstance(error, ConnectionResetError) and error.args == (callcore.CALLER_GONE,)
     reporter, _, cancelled = _run_call(_Failing(None), cancel_with="the daemon is stopping")
     assert reporter.endings == [] and cancelled and reporter.cancelled_calls == 1
 
@@ -286,3 +303,47 @@ def test_a_lingering_reply_cancelled_is_cut_and_stays_cancelled() -> None:
 
     cancelled, got = asyncio.run(main())
     assert cancelled and got < size
+
+
+def test_a_connection_the_event_loop_cannot_take_is_closed_and_reported_nowhere() -> None:
+    """When the loop refuses an accepted connection (epoll_ctl fails: ENOSPC past the user's
+    fs.epoll.max_user_watches, ENOMEM), the call ends there: its descriptor is closed, so the
+    caller sees its end, and nothing is reported (no call was read).  The refusal is made by
+    replacing the loop's method: the kernel's limit is global here and cannot be lowered for one test."""
+    reporter = _Ends()
+
+    async def main() -> tuple[int, bytes]:
+        loop = asyncio.get_running_loop()
+
+        async def refuse(*args: object, **kwargs: object) -> None:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        loop.connect_accepted_socket = refuse  # type: ignore[assignment,method-assign]
+        ours, theirs = socket.socketpair()
+        theirs.setblocking(False)
+        await callcore.run(ours, Daemon("d", "", "/s"), callcore.ByDescriptor(), Registry(), reporter)
+        got = await asyncio.wait_for(loop.sock_recv(theirs, 100), 5)
+        theirs.close()
+        return ours.fileno(), got
+
+    fileno, got = asyncio.run(main())
+    assert fileno == -1 and got == b"" and reporter.results == []
+
+
+def test_a_call_that_ended_holds_nothing_of_its_connection_until_its_descriptor_deadline() -> None:
+    """The descriptor's deadline timer is cancelled once the descriptor came: a finished call's
+    connection is freed at once, not descriptor_timeout later (at a thousand calls a second,
+    ten thousand connections' objects held for the default 10 s)."""
+
+    async def main() -> tuple[list[Ending], int]:
+        reporter = _Ends()
+        ours, theirs = socket.socketpair()
+        theirs.sendall(b"nobody.Here+ work\0")
+        await callcore.run(ours, Daemon("d", "", "/s"), callcore.ByDescriptor(), Registry(), reporter)
+        theirs.close()
+        await asyncio.sleep(0.05)  # the aborted transport's connection_lost runs
+        gc.collect()
+        return reporter.endings, sum(isinstance(o, callcore._CallProtocol) for o in gc.get_objects())
+
+    endings, alive = asyncio.run(main())
+    assert endings == [Ending.UNKNOWN] and alive == 0
