@@ -75,9 +75,11 @@ MODULES = (
 )
 #: Test files that check the code's form, not its behaviour (types, lint, imports, packaging
 #: metadata, man pages against the parser): a mutant they alone fail is not killed by a test
-#: a user relies on.  And the benchmark's smoke test, which needs the git history.
+#: a user relies on.  And the benchmark's smoke test, which needs the git history, and this
+#: tool's own tests.
 NOT_BEHAVIOUR = ("tests/test_lint.py", "tests/test_readme_types.py", "tests/test_packaging.py",
-                 "tests/test_layering.py", "tests/test_manpages.py", "tests/test_bench_smoke.py")
+                 "tests/test_layering.py", "tests/test_manpages.py", "tests/test_bench_smoke.py",
+                 "tests/test_mutate_tool.py")
 
 #: kind: what it does (docs/testing.md shows this table)
 OPERATORS = {
@@ -324,7 +326,10 @@ def mutants(module: str, root: Path = REPO) -> list[Mutant]:
         for kind, repl in _replacements(node, ctx):
             start = offsets[node.lineno - 1] + node.col_offset
             end = offsets[node.end_lineno - 1] + node.end_col_offset
-            segment = repl if isinstance(repl, str) else f"({ast.unparse(repl)})"
+            # An expression is parenthesized (it may land inside a larger one); a statement (an
+            # augmented assignment) cannot be, and would never compile.
+            segment = repl if isinstance(repl, str) else ast.unparse(repl) if isinstance(repl, ast.stmt) \
+                else f"({ast.unparse(repl)})"
             text = source[:start] + segment + source[end:]
             if text in seen:
                 continue

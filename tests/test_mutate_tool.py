@@ -1,0 +1,140 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (C) 2026 qubes-socksvc developers
+"""tools/mutate.py itself: the mutants each operator makes, and the bookkeeping of its table.
+
+A mutation score is only worth what the tool counts: these check the operators issue 25 asks for
+on a module written here, and that an equivalent is excused only by its exact line and text,
+never on a line no test runs, and that an untestable mutant stays in the denominator.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import sys
+import textwrap
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from tests.conftest import REPO
+
+
+def _load_tool() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("mutate_tool", REPO / "tools/mutate.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+mutate = _load_tool()
+
+SAMPLE = '''\
+"""A module to mutate."""
+import re
+
+PATTERN = re.compile(r"[a-z]+\\Z")
+LIMIT = 16
+
+
+def f(data, n):
+    total = 0
+    total += n
+    n = n - 1
+    if data:
+        return g(data, limit=n, other=LIMIT)
+    while n > 0:
+        n -= 1
+        if n == 3:
+            continue
+    flags = 1 | 2
+    print(total, flags)
+    raise ValueError(n)
+
+
+def g(data, limit=0, other=None):
+    return data, limit, other
+'''
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory: pytest.TempPathFactory) -> dict[int, set[str]]:
+    """line -> the mutated lines (stripped) of SAMPLE, as the tool makes them."""
+    root = tmp_path_factory.mktemp("root")
+    (root / mutate.PKG).mkdir()
+    (root / mutate.PKG / "sample.py").write_text(SAMPLE)
+    found: dict[int, set[str]] = {}
+    for m in mutate.mutants("sample.py", root):
+        assert m.key == f"sample.py:{m.line}: {m.old.strip()} => {m.new.strip()}"
+        assert m.kind in mutate.OPERATORS
+        found.setdefault(m.line, set()).add(m.new.strip())
+    return found
+
+
+def test_every_operator_issue_25_asks_for_makes_its_mutants(sample: dict[int, set[str]]) -> None:
+    # regex: \Z -> $, and each of @ : / + let into the class
+    assert sample[4] == {f"PATTERN = re.compile(({pattern!r}))" for pattern in (
+        "[a-z]+$", "[@a-z]+\\Z", "[:a-z]+\\Z", "[/a-z]+\\Z", "[+a-z]+\\Z")}
+    assert sample[5] == {"LIMIT = (17)", "LIMIT = (15)"}  # a limit +1 and -1
+    assert sample[9] == {"total = (1)", "total = (-1)"}  # a name's first binding is not dropped (NameError)
+    assert sample[10] == {"pass", "total -= n"}  # augmented: dropped and flipped
+    assert {"pass", "n = (n + 1)"} <= sample[11]  # a name bound before (a parameter): dropped
+    assert sample[12] == {"if (True):", "if (False):"}  # a condition forced both ways
+    assert sample[13] == {"return (g(data, other=LIMIT))", "return (g(data, limit=0, other=LIMIT))",
+                          "return (g(data, limit=n))", "return None"}  # kwargs: their default, 0 for a limit
+    assert {"while (False):", "while (n >= 0):"} <= sample[14]
+    assert "while (True):" not in sample[14]  # a hang, not a mutant
+    assert {"pass", "n += 1"} <= sample[15]
+    assert {"if (n != 3):", "if (False):"} <= sample[16]
+    assert sample[17] == {"break"}
+    assert {"flags = (1)", "flags = (2)"} <= sample[18]
+    assert sample[19] == {"pass"} and sample[20] == {"pass"}  # a call dropped, a raise dropped
+    assert 1 not in sample  # the docstring
+
+
+def _tally(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, log: str, equivalent: str = "",
+           untestable: str = "") -> tuple[int, str]:
+    for name, text in (("EQUIVALENT", equivalent), ("UNTESTABLE", untestable)):
+        path = tmp_path / f"{name}.txt"
+        path.write_text(text)
+        monkeypatch.setattr(mutate, name, path)
+    (tmp_path / "log.txt").write_text(textwrap.dedent(log))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        worst = mutate.retally([tmp_path / "log.txt"])
+    return worst, out.getvalue()
+
+
+KEY = "m.py:7: if a: => if (False):"
+
+
+def _row(table: str) -> list[str]:
+    return [cell.strip() for cell in table.splitlines()[-1].strip("|").split("|")]
+
+
+def test_an_equivalent_is_excused_by_its_line_and_text_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    log = f"killed     m.py:1: x => y  <- tests/test_a.py::t\nsurvived   {KEY}  <- ran 3 tests\n"
+    _, out = _tally(tmp_path, monkeypatch, log, equivalent=f"{KEY} # a reason\n")
+    assert _row(out) == ["m.py", "2", "1", "0", "0", "0", "1", "100.0 %"]
+    # The same change listed on another line excuses nothing.
+    _, out = _tally(tmp_path, monkeypatch, log, equivalent=f"{KEY.replace(':7:', ':8:')} # a reason\n")
+    assert _row(out) == ["m.py", "2", "1", "0", "1", "0", "0", "50.0 %"]
+
+
+def test_a_mutant_no_test_runs_is_a_survivor_even_when_listed(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    log = f"killed     m.py:1: x => y  <- tests/test_a.py::t\nsurvived   {KEY}  <- no test executes the line\n"
+    worst, out = _tally(tmp_path, monkeypatch, log, equivalent=f"{KEY} # a reason\n")
+    assert _row(out) == ["m.py", "2", "1", "0", "1", "0", "0", "50.0 %"] and worst == 1
+    assert f"survived: {KEY}" in out
+
+
+def test_an_untestable_mutant_stays_in_the_denominator(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    log = "".join(f"killed     m.py:{i}: x => y  <- tests/test_a.py::t\n" for i in range(1, 20))
+    log += f"survived   {KEY}  <- ran 3 tests\n"
+    worst, out = _tally(tmp_path, monkeypatch, log, untestable=f"{KEY} # only a power cut tells\n")
+    assert _row(out) == ["m.py", "20", "19", "0", "0", "1", "0", "95.0 %"] and worst == 0
