@@ -32,9 +32,20 @@ WHERE = logs.Where("/daemon.py", 1, "started")
 FIELDS = {"SERVICE": "t.Echo", "SOURCE": "work", "TARGET": "", "TARGET_TYPE": ""}
 
 
-def write(handler: logs.JournalLines, n: int, first: int = 0) -> None:
-    for i in range(first, first + n):
-        handler.write_line(logging.INFO, "qubes_socksvc.server", f"call {i}", FIELDS, WHERE)
+def write(handler: logs.JournalLines, n: int, first: int = 0, level: int = logging.INFO) -> None:
+    """``n`` call lines logged as the daemon logs them (logs.line) by a logger whose parent has
+    ``handler``, as the daemon's loggers reach the root logger's handler, at the daemon's level
+    (INFO): each line goes straight to the handler, which may hold it."""
+    parent = logging.getLogger("test_journal_hold")
+    parent.propagate, parent.handlers = False, [handler]
+    parent.setLevel(logging.INFO)
+    if not handler.filters:
+        handler.addFilter(logs.CallFields())  # as logs.tag_log_handlers installs it
+    try:
+        for i in range(first, first + n):
+            logs.line(logging.getLogger("test_journal_hold.server"), level, f"call {i}", FIELDS, WHERE)
+    finally:
+        parent.handlers = []
 
 
 def messages(sink: JournalSink) -> list[str]:
@@ -67,6 +78,7 @@ def test_a_lone_line_goes_at_once_and_the_next_ones_within_hold_in_order(
     handler, sink = held
     write(handler, 1)
     assert messages(sink) == ["call 0"]  # nothing was sent for HOLD: not held
+    write(handler, 1, first=99, level=logging.DEBUG)  # below the logger's level: not logged at all
     start = time.monotonic()
     write(handler, 4, first=1)
     assert messages(sink) == ["call 0"]  # held: journald is not woken for each
@@ -78,6 +90,18 @@ def test_a_lone_line_goes_at_once_and_the_next_ones_within_hold_in_order(
     time.sleep(logs.HOLD * 1.2)
     write(handler, 1, first=5)
     assert messages(sink)[-1] == "call 5"
+
+
+def test_a_handler_set_to_the_lines_level_holds_them_too(held: tuple[logs.JournalLines, JournalSink]) -> None:
+    handler, sink = held
+    handler.setLevel(logging.INFO)
+    write(handler, 3)
+    assert messages(sink) == ["call 0"]
+    until(lambda: len(sink) == 3, timeout=10)
+    handler.setLevel(logging.WARNING)
+    write(handler, 1, first=3)
+    time.sleep(logs.HOLD * 1.5)
+    assert messages(sink) == ["call 0", "call 1", "call 2"]
 
 
 def test_any_other_line_sends_the_held_ones_before_itself(held: tuple[logs.JournalLines, JournalSink]) -> None:

@@ -659,3 +659,40 @@ def test_a_handlers_own_traceback_is_cut_as_the_daemons() -> None:
     lines = record.exc_text.split("\n")
     assert len(lines) == logs.MAX_TRACEBACK_LINES and "lines not logged]" in lines[1]
     assert all(len(line) <= logs.MAX_LOGGED + len(logs.CUT_MARK) + 10 for line in lines)
+
+
+def test_a_call_line_reaches_other_handlers_and_filters_through_logging(tmp_path: Path) -> None:
+    """logs.line writes a call's line straight to the daemon's own handlers; a handler or filter
+    anyone else set up (pytest's caplog, a developer's own, a filter on a logger on the way) gets
+    the line through ``logging`` as any other, with the call's fields on its record."""
+    fields = {"SERVICE": "t.Echo", "SOURCE": "work", "TARGET": "", "TARGET_TYPE": ""}
+    where = logs.Where("/daemon.py", 7, "started")
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    parent, child = logging.getLogger("test_line_path"), logging.getLogger("test_line_path.server")
+    parent.propagate = False
+    parent.setLevel(logging.INFO)
+    sink = JournalSink(tmp_path / "journal")
+    journal = logs.JournalLines(sink.path)
+    try:
+        parent.handlers = [journal, Keep()]
+        logs.line(child, logging.INFO, "call one", fields, where)
+        assert [(r.name, r.getMessage(), r.__dict__["SERVICE"], r.__dict__["SOURCE"], r.pathname, r.lineno,
+                 r.funcName) for r in records] == \
+            [("test_line_path.server", "call one", "t.Echo", "work", "/daemon.py", 7, "started")]
+        assert sink[-1]["MESSAGE"] == "call one" and sink[-1]["SERVICE"] == "t.Echo"
+        # A filter on a logger the line passes applies to it: nothing written where it says no.
+        parent.handlers = [journal]
+        child.addFilter(lambda record: "secret" not in record.getMessage())
+        logs.line(child, logging.INFO, "call secret", fields, where)
+        logs.line(child, logging.INFO, "call two", fields, where)
+        assert [entry["MESSAGE"] for entry in sink] == ["call one", "call two"]
+    finally:
+        child.filters.clear()
+        parent.handlers = []
+        journal.close()
+        sink.close()
