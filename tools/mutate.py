@@ -633,7 +633,8 @@ class CoverageMap:
         if found and (m.module, m.line) in self.uses:
             # A line run on import (a constant, a pattern, a default, a decorator) runs in every
             # test, or in the process a test started; what it changes shows where it is used.
-            used = {t for site in self.uses[(m.module, m.line)] for t in self.lines.get(site, ()) if "::" in t}
+            used = {t for site in self.used_at_call_time((m.module, m.line)) for t in self.lines.get(site, ())
+                    if "::" in t}
             found = used or found
         later = {_file_of(t.removeprefix(PROC)) for t in found if t.startswith(PROC)}
         tests = {t.removeprefix(PROC) for t in found}
@@ -652,6 +653,22 @@ class CoverageMap:
 
         return (tuple(sorted(tests, key=order)),
                 tuple(sorted(later - tests, key=lambda f: (self.seconds.get(f, 0.0), f))))
+
+    def used_at_call_time(self, line: tuple[str, int]) -> set[tuple[str, int]]:
+        """The lines, run when something is called, that use what ``line`` (run on import)
+        defines: a use that is itself run on import (a pattern in a table of fields, the table
+        in a constant) stands for its own uses, so a test is chosen by what it calls, not by
+        importing the package, which every test does."""
+        found: set[tuple[str, int]] = set()
+        seen, todo = {line}, [line]
+        while todo:
+            for site in self.uses.get(todo.pop(), ()):
+                if site not in self.uses:
+                    found.add(site)
+                elif site not in seen:
+                    seen.add(site)
+                    todo.append(site)
+        return found
 
     def focus(self, module: str, test: str) -> float:
         """The share of the package's lines ``test`` runs that are ``module``'s."""
