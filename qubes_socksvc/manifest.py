@@ -82,6 +82,8 @@ def _scalar(node: yaml.Node) -> Any:
         return value
     if tag == "bool":
         return _BOOLEANS.get(value.lower(), value)  # not a boolean: refused as the string it is
+    # A YAML 1.1 number Python reads otherwise (octal 017, base-60 1:30, .inf) stays the string
+    # written: a number field refuses it, never guesses; a string field takes it as written.
     if tag == "int":
         try:
             return int(value.replace("_", ""), 0)

@@ -240,6 +240,32 @@ def test_a_value_of_the_wrong_type_is_named_as_yaml_reads_it(key: str, written: 
     assert f"demo.Echo.{key}: expected {expected}, got {got}" in str(error.value), str(error.value)
 
 
+@pytest.mark.parametrize("word", ["yes", "no", "true", "false", "on", "off"])
+def test_each_yaml_11_boolean_is_read_as_pyyaml_reads_it(word: str) -> None:
+    for written in (word, word.title(), word.upper()):
+        service = parse(GOOD + f"        exit_on_client_eof: {written}\n").daemons["demo"].services["demo.Echo"]
+        assert service.exit_on_client_eof is yaml.safe_load(written), written
+
+
+@pytest.mark.parametrize(("key", "written", "expected"), [
+    ("max_input", "017", "an integer"), ("max_input", "1:30", "an integer"),
+    ("timeout", "1:30.5", "a number"), ("timeout", ".inf", "a number"),
+])
+def test_a_yaml_11_number_python_reads_otherwise_is_refused_not_guessed(key: str, written: str,
+                                                                         expected: str) -> None:
+    """YAML 1.1 reads 017 as octal 15 and 1:30 as 90 (base 60): a maintainer who meant 17 must
+    not get 15, so such a number is refused, as the string it is."""
+    with pytest.raises(ManifestError) as error:
+        parse(GOOD + f"        {key}: {written}\n")
+    assert f"demo.Echo.{key}: expected {expected}, got a string" in str(error.value)
+
+
+@pytest.mark.parametrize("written", ["1:30", "017", "2026-12-07", ".inf"])
+def test_a_string_field_takes_what_yaml_11_would_read_as_another_type_as_written(written: str) -> None:
+    daemon = parse(GOOD.replace("demo:\n", f"demo:\n    description: {written}\n")).daemons["demo"]
+    assert daemon.description == written
+
+
 def test_yaml_11_scalars_are_read_as_pyyaml_reads_them() -> None:
     """Numbers with "_" and 0x/0o prefixes, on/off/yes/no booleans, as yaml.safe_load gives them."""
     text = GOOD + ("        max_input: 0x1_0\n        timeout: 1_0.5\n        exit_on_client_eof: on\n"
