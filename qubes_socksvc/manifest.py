@@ -78,8 +78,6 @@ def _scalar(node: yaml.Node) -> Any:
         return node
     tag = node.tag.removeprefix(_TAG)
     value = node.value
-    if tag == "str":
-        return value
     if tag == "bool":
         return _BOOLEANS.get(value.lower(), value)  # not a boolean: refused as the string it is
     # A YAML 1.1 number Python reads otherwise (octal 017, base-60 1:30, .inf) stays the string
@@ -216,10 +214,7 @@ def _callers(node: yaml.Node, key: str, problems: _Problems) -> tuple[str, ...] 
 
 
 def _policy_entry(node: yaml.Node, key: str, problems: _Problems, schema: dict[str, _Field]) -> Policy | None:
-    before = len(problems.items)
-    values = _fields(_mapping(node, key, problems), key, schema, problems)
-    if len(problems.items) != before:
-        return None
+    values = _fields(_mapping(node, key, problems), key, schema, problems)  # the valid ones: all said at once
     seen: dict[str, str] = {}
     for verb in ("allow", "ask", "deny"):
         for caller in values.get(verb, ()):

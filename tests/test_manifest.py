@@ -164,6 +164,37 @@ def test_all_problems_are_reported_at_once() -> None:
     assert len(error.value.problems) == 2
 
 
+def test_every_problem_of_a_mapping_is_reported_past_the_first() -> None:
+    """An unknown key, a bad argument or a bad caller does not hide the problems after it."""
+    service = ("        sokcet: x\n        timeout: soon\n        policy:\n          allow: [work, '@bad']\n"
+               "          ask: [mail, mail]\n          arguments:\n            'a b': {}\n            'c d': {}\n"
+               "            ok: {deny: [x, x], notify: maybe}\n")
+    with pytest.raises(ManifestError) as error:
+        parse(GOOD + service)
+    said = [problem.split(": ", 1)[1] for problem in error.value.problems]
+    assert [s.split(":", 1)[0] for s in said] == [
+        f"daemons.demo.services.demo.Echo.{key}" for key in (
+            "sokcet", "timeout", "policy.allow", "policy.arguments.a b", "policy.arguments.c d",
+            "policy.arguments.ok.notify", "policy.arguments.ok.deny", "policy.ask")], said
+
+
+@pytest.mark.parametrize("extra", [0, 1])
+def test_a_socket_path_is_at_most_what_a_unix_socket_address_holds(extra: int) -> None:
+    """sun_path holds 108 bytes with its NUL: a daemon's socket of 107 bytes is taken, 108 refused;
+    a service's default socket too long names the fix (set socket:)."""
+    path = "/run/qubes/" + "s" * (model.MAX_SOCKET_PATH - len("/run/qubes/.sock") + extra) + ".sock"
+    text = GOOD.replace("demo:\n", f"demo:\n    socket: {path}\n")
+    if not extra:
+        assert len(path) == model.MAX_SOCKET_PATH and parse(text).daemons["demo"].socket == path
+        return
+    with pytest.raises(ManifestError, match=f"daemons.demo.socket: longer than {model.MAX_SOCKET_PATH} bytes"):
+        parse(text)
+    raw = "r." + "R" * 100
+    with pytest.raises(ManifestError, match=f"the default socket /run/qubes/socksvc-{raw}.sock is longer than "
+                                            f"{model.MAX_SOCKET_PATH} bytes.*set socket: to a shorter path"):
+        parse(GOOD + f"      {raw}:\n        handler: a:b\n        service_descriptor: false\n")
+
+
 def test_unreadable_manifest(tmp_path: Path) -> None:
     result = run_cli("check", "-c", str(tmp_path / "missing.yaml"))
     assert result.returncode == 1
