@@ -441,11 +441,10 @@ def _forward(node: yaml.Node, key: str, problems: _Problems, full_name: str,
     if not qrexec.is_tcp_link(forward.link_target):
         return forward
     # The key fixes the argument of every call it serves (NAME+ARG); policy arguments name others.
-    _, argument = qrexec.split_service(full_name)
+    name, argument = qrexec.split_service(full_name)
     calls = {f"{key}.target": argument} if argument is not None else {}
     if policy is not None:
         calls.update({f"{key}.policy.arguments.{a}": a for a, _ in policy.arguments})
-    name = qrexec.split_service(full_name)[0]
     for where, call_argument in calls.items():
         problem = tcp_call_problem(forward.link_target, call_argument)
         if problem:
@@ -484,7 +483,7 @@ def _check_across(daemons: dict[str, Daemon], forwards: dict[str, Forward], poli
                          f"{sockets[forward.link_target]}; declare {name} as a service there")
 
 
-def _claim_socket(path: str, node: yaml.Node, key: str, problems: _Problems, claimed: dict[str, str]) -> bool:
+def _claim_socket(path: str, node: yaml.Node, key: str, problems: _Problems, claimed: dict[str, str]) -> None:
     if path in claimed:
         problems.add(
             node,
@@ -492,9 +491,8 @@ def _claim_socket(path: str, node: yaml.Node, key: str, problems: _Problems, cla
             f"socket {path} is already used by {claimed[path]}; "
             "every daemon, and every service_descriptor: false service, needs a socket of its own",
         )
-        return False
+        return
     claimed[path] = key
-    return True
 
 
 #: Deeper than any manifest needs (it needs 9: a policy argument's list of callers).  Deeper

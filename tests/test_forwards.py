@@ -120,6 +120,20 @@ def test_bad_forwards_are_errors_at_file_line_column(key: str, target: str, extr
     assert words in problem, problem
 
 
+def test_a_tcp_forward_qrexec_would_fail_names_the_call_and_the_fix() -> None:
+    """The key fixes the argument: change the key or the target; a policy argument: remove it."""
+    extra = "    policy:\n      arguments:\n        '022': {allow: work}\n"
+    with pytest.raises(ManifestError) as error:
+        parse(forward("my.F+ssh", "tcp:127.0.0.1") + forward("my.G", "tcp:127.0.0.1", extra).split("forwards:\n")[1])
+    assert [problem.split(": ", 1)[1] for problem in error.value.problems] == [
+        "forwards.my.F+ssh.target: qrexec would fail every call of my.F+ssh through /dev/tcp/127.0.0.1 (invalid "
+        "port 'ssh': a decimal 1-65535 without leading zeros; libqrexec/exec.c: find_qrexec_service): "
+        "change the key or the target",
+        "forwards.my.G.policy.arguments.022: qrexec would fail every call of my.G+022 through /dev/tcp/127.0.0.1 "
+        "(invalid port '022': a decimal 1-65535 without leading zeros; libqrexec/exec.c: find_qrexec_service): "
+        "remove that argument"]
+
+
 def test_missing_target_and_clashes() -> None:
     text = """\
         version: 1

@@ -100,6 +100,9 @@ BAD = {
         "force_user cannot be combined"),
     "root daemon": (GOOD.replace("demo:\n", "demo:\n    condition_user: root\n"), "4:21",
                     "daemons.demo.condition_user", "refuses to run as root"),
+    "daemon without services": ("version: 1\ndaemons:\n  demo: {socket_group: qubes}\n", "3:9", "daemons.demo",
+                                'missing "services:"'),
+    "daemon not a mapping": ("version: 1\ndaemons:\n  demo: 5\n", "3:9", "daemons.demo", "expected a mapping"),
     "key not a string": (GOOD.replace("demo:\n", "demo:\n    7: x\n"), "4:5", "daemons.demo",
                          "keys must be strings, got an integer"),
     "duplicate daemon key reported once": (GOOD.replace("demo:\n", "demo:\n    idle_exit: 1\n    idle_exit: 2\n"),
@@ -176,6 +179,20 @@ def test_every_problem_of_a_mapping_is_reported_past_the_first() -> None:
         f"daemons.demo.services.demo.Echo.{key}" for key in (
             "sokcet", "timeout", "policy.allow", "policy.arguments.a b", "policy.arguments.c d",
             "policy.arguments.ok.notify", "policy.arguments.ok.deny", "policy.ask")], said
+
+
+def test_a_daemon_that_is_not_a_mapping_is_one_problem() -> None:
+    with pytest.raises(ManifestError) as error:
+        parse("version: 1\ndaemons:\n  demo: 5\n")
+    assert len(error.value.problems) == 1 and "expected a mapping, got an integer" in error.value.problems[0]
+
+
+def test_a_service_declared_twice_does_not_hide_the_services_after_it() -> None:
+    text = GOOD + "  other:\n    services:\n      demo.Echo:\n        handler: a:b\n      o.X:\n        handler: 7\n"
+    with pytest.raises(ManifestError) as error:
+        parse(text)
+    assert [problem.split(": ", 2)[1] for problem in error.value.problems] == [
+        "daemons.other.services.demo.Echo", "daemons.other.services.o.X.handler"], error.value.problems
 
 
 @pytest.mark.parametrize("extra", [0, 1])

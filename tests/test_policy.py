@@ -363,6 +363,9 @@ def test_policy_arguments_belong_to_name_keys() -> None:
           my.G+x:
             target: unix:/run/g.sock
             policy: {arguments: {y: {allow: work}}}
+          my.H+x:
+            target: unix:/run/g.sock
+            policy: {arguments: {z: {allow: work}}}
         """
     with pytest.raises(ManifestError) as error:
         manifest.parse(textwrap.dedent(text), "/m.yaml")
@@ -370,6 +373,8 @@ def test_policy_arguments_belong_to_name_keys() -> None:
         "/m.yaml:5:26: forwards.my.F.policy.arguments.22: my.F+22 is declared as forwards.my.F+22: "
         "put its rules in that entry's policy",
         "/m.yaml:10:25: forwards.my.G+x.policy.arguments: only a NAME key has per-argument rules; my.G+x serves "
+        "one argument: put them in its policy",
+        "/m.yaml:13:25: forwards.my.H+x.policy.arguments: only a NAME key has per-argument rules; my.H+x serves "
         "one argument: put them in its policy",
     ]
 
