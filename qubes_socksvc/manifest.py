@@ -354,9 +354,10 @@ def _service(node: yaml.Node, key: str, problems: _Problems, full_name: str,
 def _daemon(
     name: str, node: yaml.Node, key: str, problems: _Problems, claimed: dict[str, str],
     policies: dict[str, Policy],
-) -> Daemon | None:
-    """Validate one daemon; ``claimed`` maps services and sockets already declared to their owner."""
-    before = len(problems.items)
+) -> Daemon:
+    """Validate one daemon; ``claimed`` maps services and sockets already declared to their owner.
+    A daemon with problems is built all the same (its valid keys, its valid services), so that the
+    rules between entries judge it too: every problem is said at once."""
     mapping = _mapping(node, key, problems)
     values = _fields(mapping, key, DAEMON_FIELDS, problems, skip=("services",))
     services: dict[str, Service] = {}
@@ -385,8 +386,6 @@ def _daemon(
                 if service.socket is not None:
                     where = next((v for k, v in value_node.value if k.value == "socket"), value_node)
                     _claim_socket(service.socket, where, f"{service_key}.socket", problems, claimed)
-    if len(problems.items) != before:
-        return None
     values.setdefault("description", f"qubes-socksvc daemon {name}")
     return Daemon(name=name, services=services, **values)
 
@@ -573,9 +572,7 @@ def parse(text: str, path: str) -> Manifest:
                 if not DAEMON_NAME_RE.match(daemon_name):
                     problems.add(dkey, key, "invalid daemon name; expected [a-z0-9][a-z0-9_-]*, at most 64 characters")
                     continue
-                daemon = _daemon(daemon_name, dnode, key, problems, claimed, policies)
-                if daemon is not None:
-                    daemons[daemon_name] = daemon
+                daemons[daemon_name] = _daemon(daemon_name, dnode, key, problems, claimed, policies)
         elif name == "forwards":
             if _scalar(value_node) is None:
                 continue

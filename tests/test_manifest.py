@@ -181,6 +181,16 @@ def test_every_problem_of_a_mapping_is_reported_past_the_first() -> None:
             "policy.arguments.ok.notify", "policy.arguments.ok.deny", "policy.ask")], said
 
 
+def test_a_daemon_with_a_problem_is_still_judged_against_the_other_entries() -> None:
+    """All problems at once: a forward onto the socket of a daemon with a bad key is named too."""
+    text = (GOOD.replace("demo:\n", "demo:\n    idle_exit: soon\n")
+            + "forwards:\n  my.F:\n    target: unix:/run/qubes/socksvc-demo.sock\n")
+    with pytest.raises(ManifestError) as error:
+        parse(text)
+    assert [problem.split(": ", 2)[1] for problem in error.value.problems] == [
+        "daemons.demo.idle_exit", "forwards.my.F.target"], error.value.problems
+
+
 def test_a_daemon_that_is_not_a_mapping_is_one_problem() -> None:
     with pytest.raises(ManifestError) as error:
         parse("version: 1\ndaemons:\n  demo: 5\n")
@@ -257,8 +267,20 @@ def test_an_alias_manifest_at_the_size_cap_is_refused_at_once(tmp_path: Path) ->
         assert result.returncode != 0
         lines = result.stderr.splitlines()
         assert f"{path}:11:17: alias *callers: " in lines[0] and "write the value out" in lines[0], lines[:3]
-        assert len(lines) <= manifest.MAX_ALIASES_LISTED + 2, len(lines)  # not one line per alias
-        assert f"and {text.count('*callers') - manifest.MAX_ALIASES_LISTED} more aliases" in result.stderr
+        # The first ten named (qubes-socksvc.yaml(5)), the others counted: not one line per alias.
+        assert sum(": alias *callers: " in line for line in lines) == 10, lines[:12]
+        assert f"and {text.count('*callers') - 10} more aliases" in result.stderr
+
+
+@pytest.mark.parametrize("depth", [32, 33])
+def test_a_manifest_is_nested_at_most_32_levels_deep(depth: int) -> None:
+    """qubes-socksvc.yaml(5): nested at most 32 levels deep (the top-level mapping is the first)."""
+    text = "version: 1\ndaemons: " + "[" * (depth - 1) + "]" * (depth - 1) + "\n"
+    with pytest.raises(ManifestError) as error:
+        parse(text)
+    deeper = [p for p in error.value.problems if "nested deeper than 32 levels" in p]
+    assert deeper == ([] if depth == 32 else [f"/etc/qubes-socksvc.yaml:2:{10 + depth - 2}: nested deeper than 32 "
+                                              "levels; a manifest needs at most 9"]), error.value.problems
 
 
 def test_an_anchor_without_an_alias_is_plain_yaml() -> None:
