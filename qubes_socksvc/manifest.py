@@ -14,7 +14,7 @@ import os.path
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
 
@@ -64,8 +64,7 @@ class _Problems:
         self.marks: dict[str, yaml.Node] = {}
 
     def add(self, node: yaml.Node, key: str, message: str) -> None:
-        mark = node.start_mark
-        self.items.append(f"{self.path}:{mark.line + 1}:{mark.column + 1}: {key}: {message}")
+        self.items.append(f"{_at(self.path, node.start_mark)}: {key}: {message}")
 
 
 _TAG = "tag:yaml.org,2002:"
@@ -502,6 +501,18 @@ MAX_DEPTH = 32
 MAX_ALIASES_LISTED = 10
 
 
+class _Mark(Protocol):
+    """A place in the text: PyYAML's Mark, or its C parser's."""
+
+    line: int
+    column: int
+
+
+def _at(path: str, mark: _Mark | None) -> str:
+    """FILE:LINE:COLUMN of ``mark`` (PyYAML gives one to every event and every error it raises)."""
+    return f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
+
+
 def _check_events(text: str, path: str, loader: type) -> None:
     """Refuse, from libyaml's iterative parser's events and before anything is composed:
 
@@ -519,18 +530,16 @@ def _check_events(text: str, path: str, loader: type) -> None:
         if isinstance(event, yaml.CollectionStartEvent):
             depth += 1
             if depth > MAX_DEPTH:
-                mark = event.start_mark
-                where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
-                raise ManifestError([f"{where}: nested deeper than {MAX_DEPTH} levels; a manifest needs at most 9"])
+                raise ManifestError([f"{_at(path, event.start_mark)}: nested deeper than {MAX_DEPTH} levels; "
+                                     "a manifest needs at most 9"])
         elif isinstance(event, yaml.CollectionEndEvent):
             depth -= 1
         elif isinstance(event, yaml.AliasEvent):
             count += 1
             if len(aliases) < MAX_ALIASES_LISTED:
-                mark = event.start_mark
-                where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
-                aliases.append(f"{where}: alias *{event.anchor}: YAML aliases are not accepted (each one repeats "
-                               f"its anchor's whole value, and the work with it); write the value out here")
+                aliases.append(f"{_at(path, event.start_mark)}: alias *{event.anchor}: YAML aliases are not "
+                               "accepted (each one repeats its anchor's whole value, and the work with it); "
+                               "write the value out here")
     if count > len(aliases):
         aliases.append(f"{path}: and {count - len(aliases)} more aliases")
     if aliases:
@@ -548,9 +557,8 @@ def parse(text: str, path: str) -> Manifest:
         _check_events(text, path, loader)
         root = yaml.compose(text, Loader=loader)
     except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
-        raise ManifestError([f"{where}: invalid YAML: {e.problem or e.context}"]) from e
+        raise ManifestError([f"{_at(path, e.problem_mark or e.context_mark)}: invalid YAML: "
+                             f"{e.problem or e.context}"]) from e
     except yaml.YAMLError as e:
         raise ManifestError([f"{path}: invalid YAML: {e}"]) from e
     if root is None:

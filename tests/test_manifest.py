@@ -109,6 +109,10 @@ BAD = {
                                            "5:5", "daemons.demo.idle_exit", "duplicate key"),
     "not a mapping": ("version: 1\ndaemons: [a, b]\n", "2:10", "daemons", "expected a mapping"),
     "invalid yaml": ("version: 1\ndaemons: {a: [\n", "3:1", "", "invalid YAML"),
+    "unterminated quote: where the problem is found": ("version: 1\ndaemons:\n  d: \"x\n", "4:1", "",
+                                                      "invalid YAML: found unexpected end of stream"),
+    "unclosed list: where the problem is found": ("version: 1\ndaemons: [a, b\nforwards: {}\n", "3:9", "",
+                                                 "invalid YAML: did not find expected ',' or ']'"),
     "empty file": ("", "1:1", "", "manifest is empty"),
 }
 
