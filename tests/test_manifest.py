@@ -276,15 +276,35 @@ def test_an_alias_manifest_at_the_size_cap_is_refused_at_once(tmp_path: Path) ->
         assert f"and {text.count('*callers') - 10} more aliases" in result.stderr
 
 
+@pytest.mark.parametrize("siblings", [0, 3])
 @pytest.mark.parametrize("depth", [32, 33])
-def test_a_manifest_is_nested_at_most_32_levels_deep(depth: int) -> None:
-    """qubes-socksvc.yaml(5): nested at most 32 levels deep (the top-level mapping is the first)."""
-    text = "version: 1\ndaemons: " + "[" * (depth - 1) + "]" * (depth - 1) + "\n"
+def test_a_manifest_is_nested_at_most_32_levels_deep(depth: int, siblings: int) -> None:
+    """qubes-socksvc.yaml(5): nested at most 32 levels deep (the top-level mapping is the first),
+    however many collections came and closed before."""
+    before = "[[]], " * siblings
+    text = "version: 1\ndaemons: [" + before + "[" * (depth - 2) + "]" * (depth - 1) + "\n"
     with pytest.raises(ManifestError) as error:
         parse(text)
     deeper = [p for p in error.value.problems if "nested deeper than 32 levels" in p]
-    assert deeper == ([] if depth == 32 else [f"/etc/qubes-socksvc.yaml:2:{10 + depth - 2}: nested deeper than 32 "
+    column = 11 + len(before) + depth - 3
+    assert deeper == ([] if depth == 32 else [f"/etc/qubes-socksvc.yaml:2:{column}: nested deeper than 32 "
                                               "levels; a manifest needs at most 9"]), error.value.problems
+
+
+@pytest.mark.parametrize("text", ["version: 1\ndaemons:\nforwards:\n", "version: 1\nforwards:\ndaemons:\n",
+                                  "version: 1\ndaemons:\nforwards:\n  my.F:\n    target: tcp:127.0.0.1:22\n",
+                                  "version: 1\nforwards:\ndaemons:\n  d:\n    services:\n      s.S:\n"
+                                  "        handler: a:b\n"])
+def test_an_empty_daemons_or_forwards_declares_nothing_and_the_other_is_still_read(text: str) -> None:
+    parsed = parse(text)
+    assert len(parsed.daemons) + len(parsed.forwards) == text.count("handler") + text.count("target")
+
+
+def test_a_forward_and_a_service_of_one_name_clash_whichever_comes_first() -> None:
+    text = ("version: 1\nforwards:\n  s.S:\n    target: tcp:127.0.0.1:22\n"
+            "daemons:\n  d:\n    services:\n      s.S:\n        handler: a:b\n")
+    with pytest.raises(ManifestError, match=r"daemons\.d\.services\.s\.S: service already declared by forwards"):
+        parse(text)
 
 
 def test_an_anchor_without_an_alias_is_plain_yaml() -> None:
