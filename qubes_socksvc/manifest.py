@@ -489,8 +489,8 @@ def _claim_socket(path: str, node: yaml.Node, key: str, problems: _Problems, cla
             f"socket {path} is already used by {claimed[path]}; "
             "every daemon, and every service_descriptor: false service, needs a socket of its own",
         )
-        return
-    claimed[path] = key
+    else:
+        claimed[path] = key
 
 
 #: Deeper than any manifest needs (it needs 9: a policy argument's list of callers).  Deeper
