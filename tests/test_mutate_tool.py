@@ -138,3 +138,42 @@ def test_an_untestable_mutant_stays_in_the_denominator(tmp_path: Path, monkeypat
     log += f"survived   {KEY}  <- ran 3 tests\n"
     worst, out = _tally(tmp_path, monkeypatch, log, untestable=f"{KEY} # only a power cut tells\n")
     assert _row(out) == ["m.py", "20", "19", "0", "0", "1", "0", "95.0 %"] and worst == 0
+
+
+def test_a_limit_is_tried_against_the_tests_that_read_it(tmp_path: Path) -> None:
+    # A test pinning a limit to the docs runs no line of its module: the lines using the limit
+    # would never choose it.  A test naming it (through its module, or imported) is chosen first.
+    (tmp_path / mutate.PKG).mkdir()
+    (tmp_path / mutate.PKG / "sample.py").write_text(SAMPLE)
+    (tmp_path / mutate.PKG / "other.py").write_text("LIMIT = 3\n")
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_docs.py").write_text(textwrap.dedent("""\
+        from qubes_socksvc import sample
+        from qubes_socksvc.sample import PATTERN as P
+
+        TABLE = [P]
+
+        def test_limit():
+            assert sample.LIMIT == 16
+
+        class TestPattern:
+            def test_pattern(self):
+                assert P.match("a")
+
+        def test_f():
+            sample.f(b"", 0)
+        """))
+    reads = mutate.readers(tmp_path)
+    assert reads[("sample.py", 5)] == {"tests/test_docs.py::test_limit"}  # not other.py's LIMIT
+    assert reads[("sample.py", 4)] == {"tests/test_docs.py", "tests/test_docs.py::TestPattern::test_pattern"}
+    assert ("other.py", 1) not in reads and ("sample.py", 8) not in reads  # a function: its own tests run it
+
+    limit = next(m for m in mutate.mutants("sample.py", tmp_path) if m.line == 5)
+    covered = mutate.CoverageMap(
+        lines={("sample.py", 5): {"tests/test_docs.py::test_f", "tests/test_docs.py::test_limit"},
+               ("sample.py", 13): {"tests/test_docs.py::test_f"}},
+        seconds={"tests/test_docs.py::test_limit": 1.0, "tests/test_docs.py::test_f": 0.1}, failed=set(),
+        uses=mutate.use_sites(tmp_path), reads=reads)
+    assert covered.tests_for(limit)[0] == ("tests/test_docs.py::test_limit", "tests/test_docs.py::test_f")
+    covered.reads = {}  # what the tool chose before: the uses alone
+    assert covered.tests_for(limit)[0] == ("tests/test_docs.py::test_f",)

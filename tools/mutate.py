@@ -589,6 +589,78 @@ def use_sites(root: Path) -> dict[tuple[str, int], set[tuple[str, int]]]:
     return result
 
 
+def readers(root: Path) -> dict[tuple[str, int], set[str]]:
+    """For each line of a module-level assignment of the package, the tests whose own source
+    names what it binds (``logs.MAX_LOGGED``, or ``MAX_LOGGED`` imported from ``logs``).
+
+    A test that pins a limit to the documentation reads the constant and runs no line of its
+    module, so the lines that use the constant (use_sites) never choose it.  A test function's
+    id (``tests/test_x.py::test_y``, ``...::Class::test_y``; its decorators count), or the whole
+    file for a name its module level uses.  Names imported from the package itself (re-exports)
+    match every module that binds them.
+    """
+    bound: dict[tuple[str, str], set[int]] = {}  # (module stem, name) -> its lines
+    for path in sorted((root / PKG).glob("*.py")):
+        for stmt in ast.parse(path.read_text()).body:
+            if not isinstance(stmt, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+                continue  # a function's or class's own tests run it
+            for name in {n.id for n in ast.walk(stmt) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}:
+                lines = bound.setdefault((path.stem, name), set())
+                lines.update(range(stmt.lineno, (stmt.end_lineno or stmt.lineno) + 1))
+    result: dict[tuple[str, int], set[str]] = {}
+    for path in sorted((root / "tests").glob("test_*.py")):
+        file = f"tests/{path.name}"
+        if file in NOT_BEHAVIOUR:
+            continue
+        tree = ast.parse(path.read_text())
+        names = _Imported(root, {stem for stem, _ in bound}, tree)
+        for stmt in tree.body:
+            members, prefix = [stmt], f"{file}::"
+            if isinstance(stmt, ast.ClassDef) and stmt.name.startswith("Test"):
+                members, prefix = stmt.body, f"{file}::{stmt.name}::"
+            for member in members:
+                if isinstance(member, (ast.Import, ast.ImportFrom)):
+                    continue
+                test = file
+                if isinstance(member, (ast.FunctionDef, ast.AsyncFunctionDef)) and member.name.startswith("test"):
+                    test = prefix + member.name
+                for stem, name in names.named(member):
+                    for line in bound.get((stem, name), ()):
+                        result.setdefault((f"{stem}.py", line), set()).add(test)
+    return result
+
+
+class _Imported:
+    """What a test file's imports of the package make its names stand for."""
+
+    def __init__(self, root: Path, stems: set[str], tree: ast.Module) -> None:
+        self.modules: dict[str, str] = {}  # a local name -> the package module it is
+        self.names: dict[str, set[tuple[str, str]]] = {}  # a local name -> (module, name) it was imported as
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == PKG:
+                for alias in node.names:
+                    local = alias.asname or alias.name
+                    if node.module == PKG and (root / PKG / f"{alias.name}.py").exists():
+                        self.modules[local] = alias.name
+                    else:  # from the package itself: a re-export of any module's name
+                        where = stems if node.module == PKG else {node.module.rpartition(".")[2]}
+                        self.names[local] = {(stem, alias.name) for stem in where}
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name.startswith(PKG + "."):
+                        self.modules[alias.asname or alias.name] = alias.name.rpartition(".")[2]
+
+    def named(self, top: ast.AST) -> set[tuple[str, str]]:
+        """(module, name) of each of the package's names ``top`` reads."""
+        found: set[tuple[str, str]] = set()
+        for node in ast.walk(top):
+            if isinstance(node, ast.Attribute) and ast.unparse(node.value) in self.modules:
+                found.add((self.modules[ast.unparse(node.value)], node.attr))
+            elif isinstance(node, ast.Name) and node.id in self.names:
+                found |= self.names[node.id]
+        return found
+
+
 #: How a line run by a process that a test started is tagged, before the test's node id.
 PROC = "proc|"
 
@@ -608,6 +680,8 @@ class CoverageMap:
     _runs: dict[tuple[str, str], int] = field(default_factory=dict)
     uses: dict[tuple[str, int], set[tuple[str, int]]] = field(default_factory=dict)
     """For a line run on import: the lines that use what it defines (use_sites)."""
+    reads: dict[tuple[str, int], set[str]] = field(default_factory=dict)
+    """For a module-level assignment: the tests (functions, or whole files) naming what it binds."""
     killers: dict[str, dict[str, set[int]]] = field(default_factory=dict)
     """module -> test -> the lines of the mutants it killed (earlier runs' logs, and this run)."""
 
@@ -635,12 +709,16 @@ class CoverageMap:
             # test, or in the process a test started; what it changes shows where it is used.
             used = {t for site in self.used_at_call_time((m.module, m.line)) for t in self.lines.get(site, ())
                     if "::" in t}
-            found = used or found
+            # And the tests that read it themselves (a limit pinned to the docs runs none of its uses).
+            readers = self.readers_of(m)
+            found = (used | readers) or found
+        else:
+            readers = set()
         later = {_file_of(t.removeprefix(PROC)) for t in found if t.startswith(PROC)}
         tests = {t.removeprefix(PROC) for t in found}
         tests = {t for t in tests if "::" not in t or _file_of(t) not in tests}
         # A whole file among tests (a process started outside any test ran the line) comes last.
-        def order(t: str) -> tuple[bool, int, float, float, str]:
+        def order(t: str) -> tuple[bool, int, bool, float, float, str]:
             # The tests that killed mutants of this line, near it, or of this module first (a
             # mutant is most often killed by what killed its neighbours); then the tests most
             # about this module: the largest share of the lines they run is the module's (a
@@ -648,11 +726,19 @@ class CoverageMap:
             # Among killers of one rank, the fastest first (a fuzz test that killed before
             # takes 10 s; a unit test that did too, 10 ms).
             rank = self.kill_rank(m.module, m.line, t)
-            return ("::" not in t and len(tests) > 1, -rank, -self.focus(m.module, t) if not rank else 0.0,
-                    self.seconds.get(t, 0.0), t)
+            return ("::" not in t and len(tests) > 1, -rank, t not in readers,
+                    -self.focus(m.module, t) if not rank else 0.0, self.seconds.get(t, 0.0), t)
 
         return (tuple(sorted(tests, key=order)),
                 tuple(sorted(later - tests, key=lambda f: (self.seconds.get(f, 0.0), f))))
+
+    def readers_of(self, m: Mutant) -> set[str]:
+        """The node ids of the tests (each parameter) or the files that name what ``m``'s line binds."""
+        found: set[str] = set()
+        for reader in self.reads.get((m.module, m.line), ()):
+            ids = {t for t in self.seconds if t == reader or t.startswith(reader + "[")} if "::" in reader else set()
+            found |= ids or {reader}
+        return found
 
     def used_at_call_time(self, line: tuple[str, int]) -> set[tuple[str, int]]:
         """The lines, run when something is called, that use what ``line`` (run on import)
@@ -926,6 +1012,7 @@ def _run(args: argparse.Namespace, chosen: list[str], trees: queue.Queue[Path], 
         COVERAGE.write_text(json.dumps({"lines": {f"{k[0]}:{k[1]}": sorted(v) for k, v in covered.lines.items()},
                                         "seconds": covered.seconds, "failed": sorted(covered.failed)}))
     covered.uses = use_sites(source)
+    covered.reads = readers(source)
     for earlier in sorted(LOG.parent.glob("mutation-log*.txt")):  # which tests killed what before
         if earlier.resolve() != args.log.resolve():
             for module, at, test in _kills(earlier.read_text()):
