@@ -16,7 +16,9 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -157,6 +159,180 @@ def test_at_most_held_lines_are_held(tmp_path: Path, monkeypatch: pytest.MonkeyP
         assert messages(sink) == [f"call {i}" for i in range(1 + logs.HELD_LINES)]
     finally:
         handler.close()
+        sink.close()
+
+
+def journal_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "journal"]
+
+
+def test_a_line_held_alone_is_sent_when_due_and_so_is_one_held_after_the_thread_idled(
+        held: tuple[logs.JournalLines, JournalSink]) -> None:
+    """The handler's thread sends a single held line HOLD after the last sent (not waiting for a
+    second one), and a line held once the thread has nothing left wakes it again."""
+    handler, sink = held
+    write(handler, 2)
+    start = time.monotonic()
+    assert messages(sink) == ["call 0"]
+    # Due at HOLD: late by a scheduler's delay at most, never by a second (a wait of -1 s taken as
+    # "not yet" would spin until then).
+    assert until(lambda: len(sink) == 2, timeout=10) < logs.HOLD + 0.9
+    write(handler, 1, first=2)  # just after the thread sent: held, and the idle thread woken
+    assert until(lambda: len(sink) == 3, timeout=10) < logs.HOLD + 0.9
+    assert time.monotonic() - start >= 2 * logs.HOLD * 0.9
+    assert messages(sink) == ["call 0", "call 1", "call 2"]
+
+
+def test_holding_stopped_and_started_again_ends_its_thread_and_starts_another(
+        held: tuple[logs.JournalLines, JournalSink]) -> None:
+    handler, sink = held
+    before = journal_threads()
+    write(handler, 2)
+    until(lambda: len(sink) == 2, timeout=10)
+    assert len(journal_threads()) == len(before) + 1
+    handler.hold(False)  # a daemon that stops holding leaves no thread behind
+    until(lambda: journal_threads() == before, timeout=5)
+    handler.hold(True)
+    write(handler, 2, first=2)  # the first goes at once only if nothing was sent for HOLD
+    until(lambda: len(sink) == 4, timeout=logs.HOLD + 5)  # held ones sent by a new thread
+    assert messages(sink) == [f"call {i}" for i in range(4)]
+    handler.close()  # close() ends holding, and its thread, too
+    until(lambda: journal_threads() == before, timeout=5)
+
+
+class Clock:
+    """logs.time as the handler sees it, moved by the test alone (its thread too)."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def test_a_line_is_held_when_less_than_hold_after_the_last_line_sent_whatever_sent_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """"Less than HOLD after the last one sent": the last sent may be a line sent at once, held
+    lines sent by flush(), or any other record; a line exactly HOLD after it goes at once."""
+    clock = Clock(1000.0)
+    monkeypatch.setattr(logs, "time", clock)
+    monkeypatch.setattr(logs, "HOLD", 10.0)  # in the test's clock: the thread never finds one due
+    sink = JournalSink(tmp_path / "socket")
+    handler = logs.JournalLines(sink.path)
+    other = logging.getLogger("test_journal_hold.other")
+    other.propagate, other.handlers = False, [handler]
+    try:
+        handler.hold(True)
+        write(handler, 1)  # 1000: sent at once
+        clock.now = 1001.0
+        write(handler, 1, first=1)  # held
+        assert len(sink) == 1
+        clock.now = 1100.0
+        handler.flush()  # sends "call 1": the last sent is now 1100
+        clock.now = 1101.0
+        write(handler, 1, first=2)
+        assert len(sink) == 2, "a line 1 s after flush() sent held lines went at once"
+        clock.now = 1150.0
+        handler.flush()
+        clock.now = 1200.0
+        other.warning("another line")  # nothing held: sent, and the last sent is 1200
+        clock.now = 1201.0
+        write(handler, 1, first=3)
+        assert messages(sink) == ["call 0", "call 1", "call 2", "another line"]
+        clock.now = 1300.0
+        handler.flush()
+        clock.now = 1310.0  # exactly HOLD after the last sent: not less, so not held
+        write(handler, 1, first=4)
+        assert messages(sink)[-2:] == ["call 3", "call 4"]
+    finally:
+        other.handlers = []
+        handler.close()
+        sink.close()
+
+
+def test_the_thread_sends_held_lines_once_due_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Due means HOLD after the last sent, not a moment later: at that instant the thread sends."""
+    clock = Clock(1000.0)
+    monkeypatch.setattr(logs, "time", clock)
+    monkeypatch.setattr(logs, "HOLD", 0.25)  # what the thread waits, in real seconds, before it looks
+    sink = JournalSink(tmp_path / "socket")
+    handler = logs.JournalLines(sink.path)
+    try:
+        handler.hold(True)
+        write(handler, 1)  # sent at 1000
+        clock.now = 1000.125
+        write(handler, 1, first=1)  # held; the thread waits 0.125 s
+        clock.now = 1000.25  # then finds it due to the instant (1000 + 0.25: exact in binary)
+        until(lambda: len(sink) == 2, timeout=5)
+    finally:
+        handler.close()
+        sink.close()
+
+
+def test_a_held_line_that_cannot_be_sent_is_said_on_stderr(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(logs, "HOLD", 60.0)
+    sink = JournalSink(tmp_path / "socket")
+    handler = logs.JournalLines(sink.path)
+    try:
+        handler.hold(True)
+        write(handler, 2)
+        sink.close()
+        os.unlink(sink.path)  # journald gone: the held line cannot be sent
+        handler.flush()
+    finally:
+        handler.close()
+    said = capsys.readouterr().err
+    assert said.count("--- Logging error ---") == 1 and "call 1" in said, said
+
+
+def test_lines_held_holds_the_root_loggers_journal_lines_for_the_block(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What serve runs its event loop in: the root logger's JournalLines hold the calls' lines
+    during the block, and from its end send what they hold and hold nothing more."""
+    monkeypatch.setattr(logs, "HOLD", 60.0)
+    sink = JournalSink(tmp_path / "socket")
+    handler = logs.JournalLines(sink.path)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    before = journal_threads()
+    try:
+        with logs.lines_held():
+            write(handler, 3)
+            assert messages(sink) == ["call 0"]
+        assert messages(sink) == ["call 0", "call 1", "call 2"]
+        until(lambda: journal_threads() == before, timeout=5)
+        write(handler, 2, first=3)  # less than HOLD after the last sent, and sent at once
+        assert len(sink) == 5
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+        sink.close()
+
+
+EXITS_HOLDING = """import logging, sys
+from qubes_socksvc import logs
+handler = logs.JournalLines(sys.argv[1])
+logging.getLogger().addHandler(handler)
+handler.hold(True)
+logger = logging.getLogger("qubes_socksvc.server")
+logger.setLevel(logging.INFO)
+for i in range(3):
+    logs.line(logger, logging.INFO, f"call {i}", {}, logs.Where("/d.py", 1, "d"))
+sys.exit(0)  # still holding: no lines_held() block ended
+"""
+
+
+def test_a_daemon_that_exits_while_holding_lines_exits_and_loses_none(tmp_path: Path) -> None:
+    """The holding thread never keeps the process alive, and logging.shutdown() at exit sends
+    what is held."""
+    sink = JournalSink(tmp_path / "socket")
+    try:
+        done = subprocess.run([sys.executable, "-c", EXITS_HOLDING, sink.path], cwd=REPO, timeout=30,
+                              env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        assert messages(sink) == ["call 0", "call 1", "call 2"]
+    finally:
         sink.close()
 
 
