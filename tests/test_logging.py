@@ -314,6 +314,52 @@ def test_repeated_faults_are_counted_then_logged_once_per_interval() -> None:
     assert repeats.check("a") is None
 
 
+class Clock:
+    """logs.time as Repeats sees it, moved by the test."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def test_a_fault_is_logged_again_once_its_interval_has_passed_to_the_instant(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = Clock(1000.0)
+    monkeypatch.setattr(logs, "time", clock)
+    repeats = logs.Repeats(interval=60.0)
+    assert repeats.check("a") == 0
+    clock.now = 1059.5
+    assert repeats.check("a") is None
+    clock.now = 1060.0  # the interval has passed: logged, saying one was held back
+    assert repeats.check("a") == 1
+    clock.now = 1119.75
+    assert repeats.check("a") is None
+
+
+def test_at_most_repeat_keys_faults_are_remembered_the_oldest_logged_forgotten_first(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A caller varying its fault cannot grow the daemon's memory: REPEAT_KEYS faults are
+    remembered (each still counted); one more forgets the one logged longest ago, which is not
+    the one first seen when that was logged again since."""
+    clock = Clock(1000.0)
+    monkeypatch.setattr(logs, "time", clock)
+    repeats = logs.Repeats(interval=60.0)
+    assert repeats.check("a") == 0
+    clock.now = 1030.0
+    assert repeats.check("b") == 0
+    clock.now = 1060.0
+    assert repeats.check("a") == 0  # logged again: "b" is now the one logged longest ago
+    clock.now = 1061.0
+    others = range(logs.REPEAT_KEYS - 2)
+    assert [repeats.check(i) for i in others] == [0] * len(others)
+    assert [repeats.check(k) for k in ("a", "b", *others)] == [None] * logs.REPEAT_KEYS  # all remembered
+    assert repeats.check("new") == 0  # one more: "b" is forgotten
+    assert repeats.check("a") is None, "a fault logged a second ago was forgotten"
+    assert repeats.check("b") == 0, "the fault logged longest ago was still remembered"
+
+
 def test_handler_tracebacks_reach_the_journal(journal: JournalSink) -> None:
     try:
         raise RuntimeError("boom")
@@ -322,6 +368,9 @@ def test_handler_tracebacks_reach_the_journal(journal: JournalSink) -> None:
     entry = journal[0]
     assert entry["SERVICE"] == "my.Service" and entry["PRIORITY"] == str(3)
     assert "RuntimeError: boom" in entry["MESSAGE"]
+    # as python-systemd's JournalHandler sends it: the traceback alone, a field of its own
+    assert entry["EXCEPTION_TEXT"].startswith("Traceback (most recent call last):")
+    assert entry["EXCEPTION_TEXT"].endswith("RuntimeError: boom") and entry["MESSAGE"].endswith(entry["EXCEPTION_TEXT"])
 
 
 def test_stopping_cuts_a_call_that_outlives_the_stop_timeout(journal: JournalSink, tmp_path: Path,
@@ -469,6 +518,7 @@ def test_a_lines_datagram_is_its_fields_each_encoded_as_the_protocol_says(tmp_pa
     here = logs.Where.of(test_a_lines_datagram_is_its_fields_each_encoded_as_the_protocol_says)
     cases = [("call t.Echo from work", {"SERVICE": "t.Echo", "SOURCE": "work", "TARGET": "", "TARGET_TYPE": ""}),
              ("two\nlines", {"SERVICE": "t.Echo"}), ("one", {"SERVICE": "t.Echo+a\nb", "SOURCE": "work"}),
+             ("one", {"SERVICE": "t.Echo+a\nb"}),
              ("café \udcff", {"SERVICE": "t.É", "SOURCE": "\udcff"}), ("", {}),
              ("fields the handler keeps for itself", {"MESSAGE": "x", "PRIORITY": "1", "SERVICE": "s"})]
     wanted: list[bytes] = []
@@ -562,10 +612,11 @@ def test_the_log_bounds_are_those_docs_daemon_md_states() -> None:
     """What a user reads about the journal is what the daemon does."""
     text = " ".join((REPO / "docs" / "daemon.md").read_text().split())
     for words in ("cut to 256 characters", "at most 64 lines", "lines are cut to 4096 characters",
-                  "logged once a minute", "than 10 ms (`logs.HOLD`) after", "at most 128 are held"):
+                  "logged once a minute", "than 10 ms (`logs.HOLD`) after", "at most 128 are held",
+                  "At most 1024 such faults are remembered"):
         assert words in text, words
     assert (logs.MAX_LOGGED, logs.MAX_TRACEBACK_LINES, logs.MAX_OTHER_LINE, logs.REPEAT_INTERVAL,
-            logs.HOLD, logs.HELD_LINES) == (256, 64, 4096, 60, 0.01, 128)
+            logs.HOLD, logs.HELD_LINES, logs.REPEAT_KEYS) == (256, 64, 4096, 60, 0.01, 128, 1024)
 
 
 def test_a_records_attributes_become_fields_only_under_names_journald_keeps(tmp_path: Path) -> None:
@@ -576,13 +627,13 @@ def test_a_records_attributes_become_fields_only_under_names_journald_keeps(tmp_
     sent: list[bytes] = []
     handler.send = sent.append  # type: ignore[method-assign,assignment]
     record = logging.LogRecord("mine", logging.INFO, __file__, 1, "m", None, None, "its_function")
-    names = ["KEPT", "K" * 64, "K" * 65, "_TRUSTED", "9LIVES", "lower", "A+B", "A/B", "A:B", "A@B", "+A", "/A", ":A",
-             "@A"]
+    names = ["KEPT", "K" * 64, "K9_2", "K" * 65, "_TRUSTED", "9LIVES", "lower", "A+B", "A/B", "A:B", "A@B", "+A",
+             "/A", ":A", "@A"]
     for name in names:
         setattr(record, name, "v")
     handler.emit(record)
     fields = {line.split(b"=", 1)[0].decode() for line in sent[0].split(b"\n") if b"=" in line}
-    assert {name for name in names if name in fields} == {"KEPT", "K" * 64}
+    assert {name for name in names if name in fields} == {"KEPT", "K" * 64, "K9_2"}
 
 
 def test_each_level_maps_to_the_priority_python_systemd_gives_it() -> None:
@@ -607,8 +658,10 @@ def test_a_line_too_large_for_a_datagram_reaches_journald_in_a_sealed_memfd(tmp_
     handler._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # a datagram holds ~4 KiB now
     message = "m" * 100_000
     try:
+        fds = os.listdir("/proc/self/fd")
         handler.write_line(logging.INFO, "qubes_socksvc.server", message, {"SERVICE": "t.Echo"},
                            logs.Where("f.py", 1, "f"))
+        assert sorted(os.listdir("/proc/self/fd")) == sorted(fds)  # the daemon's memfd closed once sent: no fd per line
         sink.settimeout(5)
         data, ancillary, _, _ = sink.recvmsg(1 << 20, socket.CMSG_SPACE(4))
         assert data == b"" and len(ancillary) == 1 and ancillary[0][:2] == (socket.SOL_SOCKET, socket.SCM_RIGHTS)
@@ -659,6 +712,45 @@ def test_a_handlers_own_traceback_is_cut_as_the_daemons() -> None:
     lines = record.exc_text.split("\n")
     assert len(lines) == logs.MAX_TRACEBACK_LINES and "lines not logged]" in lines[1]
     assert all(len(line) <= logs.MAX_LOGGED + len(logs.CUT_MARK) + 10 for line in lines)
+
+
+def test_an_exception_a_handler_logs_without_raising_it_is_cut_too() -> None:
+    """``log.error(..., exc_info=error)`` with an error never raised: no traceback object, and
+    its message (which may quote the caller) still cut as a raised one's."""
+    error = ValueError("q" * 100_000)
+    record = logging.LogRecord("mine", logging.ERROR, __file__, 1, "it failed", None,
+                               (type(error), error, error.__traceback__), "f")
+    assert record.exc_info is not None and record.exc_info[2] is None
+    logs.CallFields().filter(record)
+    assert record.exc_info is None and record.exc_text == logs.traceback_text(error)
+    assert len(record.exc_text) < logs.MAX_LOGGED + 100
+
+
+def test_a_line_to_a_stream_is_written_out_at_once(tmp_path: Path) -> None:
+    """StderrLines given a buffered stream (a file): each line is out of the process when
+    written, as on stderr, not when the buffer fills or the daemon exits."""
+    with open(tmp_path / "log", "w", buffering=1 << 16) as stream:
+        handler = logs.StderrLines("qubes-socksvc[t]: ", stream)
+        handler.write_line(logging.INFO, "qubes_socksvc.server", "call t.Echo from work", {},
+                           logs.Where("f.py", 1, "f"))
+        assert (tmp_path / "log").read_text() == "qubes-socksvc[t]: INFO: call t.Echo from work\n"
+
+
+def test_a_line_handler_that_cannot_write_lines_says_so() -> None:
+    class Plain(logs.LineHandler):
+        def emit(self, record: logging.LogRecord) -> None:
+            pass
+
+    with pytest.raises(NotImplementedError):
+        Plain().write_line(logging.INFO, "l", "m", {}, logs.Where("f.py", 1, "f"))
+
+
+def test_a_closed_journal_handler_leaves_no_socket_open(tmp_path: Path) -> None:
+    fds = sorted(os.listdir("/proc/self/fd"))
+    handler = logs.JournalLines(str(tmp_path / "socket"))
+    assert len(os.listdir("/proc/self/fd")) == len(fds) + 1
+    handler.close()
+    assert sorted(os.listdir("/proc/self/fd")) == fds
 
 
 def test_a_call_line_reaches_other_handlers_and_filters_through_logging(tmp_path: Path) -> None:
