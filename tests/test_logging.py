@@ -745,6 +745,18 @@ def test_a_line_handler_that_cannot_write_lines_says_so() -> None:
         Plain().write_line(logging.INFO, "l", "m", {}, logs.Where("f.py", 1, "f"))
 
 
+def test_the_journal_socket_asks_for_the_send_buffer_journal_send_c_asks_for(tmp_path: Path) -> None:
+    """SNDBUF_SIZE (8 MiB) as sd_journal_sendv asks: a burst of lines waits in the buffer rather
+    than blocking the daemon.  The kernel caps the ask at net.core.wmem_max and doubles it."""
+    cap = int(Path("/proc/sys/net/core/wmem_max").read_text())
+    handler = logs.JournalLines(str(tmp_path / "socket"))
+    try:
+        given = handler._sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+    finally:
+        handler.close()
+    assert given == 2 * min(logs.JOURNAL_SNDBUF, cap)
+
+
 def test_a_closed_journal_handler_leaves_no_socket_open(tmp_path: Path) -> None:
     fds = sorted(os.listdir("/proc/self/fd"))
     handler = logs.JournalLines(str(tmp_path / "socket"))
