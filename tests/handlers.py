@@ -9,6 +9,7 @@ import contextlib
 import logging
 import os
 import resource
+import subprocess
 import sys
 import time
 
@@ -272,3 +273,9 @@ async def raises_base_group(request: Request) -> None:
 
 def plain_raises_base_group(request: Request) -> None:
     raise BaseExceptionGroup("a plain handler's group " + (request.argument or "") * 2000, [GeneratorExit()])
+
+
+def plain_child_listen_variables(request: Request) -> str:
+    """The LISTEN_* variables a child process of the handler's is started with."""
+    env = subprocess.run(["env"], capture_output=True, text=True, check=True).stdout
+    return "".join(sorted(f"{line.split('=')[0]}\n" for line in env.splitlines() if line.startswith("LISTEN_")))

@@ -613,10 +613,23 @@ def test_the_log_bounds_are_those_docs_daemon_md_states() -> None:
     text = " ".join((REPO / "docs" / "daemon.md").read_text().split())
     for words in ("cut to 256 characters", "at most 64 lines", "lines are cut to 4096 characters",
                   "logged once a minute", "than 10 ms (`logs.HOLD`) after", "at most 128 are held",
-                  "At most 1024 such faults are remembered"):
+                  "At most 1024 such faults are remembered", "kept (at most 64 such heads)"):
         assert words in text, words
     assert (logs.MAX_LOGGED, logs.MAX_TRACEBACK_LINES, logs.MAX_OTHER_LINE, logs.REPEAT_INTERVAL,
-            logs.HOLD, logs.HELD_LINES, logs.REPEAT_KEYS) == (256, 64, 4096, 60, 0.01, 128, 1024)
+            logs.HOLD, logs.HELD_LINES, logs.REPEAT_KEYS, logs.LINE_HEADS) == (256, 64, 4096, 60, 0.01, 128, 1024, 64)
+
+
+def test_the_daemons_bounds_are_those_the_docs_state() -> None:
+    """What a user reads about stopping, reload, status, descriptors and threads is what the
+    daemon does."""
+    daemon_md = " ".join((REPO / "docs" / "daemon.md").read_text().split())
+    handlers_md = " ".join((REPO / "docs" / "handlers.md").read_text().split())
+    for words in ("SIGTERM stops accepting and gives in-flight calls 20 s", "**Also every 2 s**",
+                  "updated every 2 s when it changes", "needs (2 per call + 64)"):
+        assert words in daemon_md, words
+    assert "Past 64 such threads still running the daemon exits" in handlers_md
+    assert (server.STOP_TIMEOUT, server.SPEC_CHECK_INTERVAL, server.STATUS_INTERVAL, server.FDS_PER_CALL,
+            server.FDS_RESERVED, server.MAX_ORPHANED_THREADS) == (20, 2, 2, 2, 64, 64)
 
 
 def test_a_records_attributes_become_fields_only_under_names_journald_keeps(tmp_path: Path) -> None:

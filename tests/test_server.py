@@ -236,34 +236,41 @@ def qubes_run_dir() -> Path:
 
 
 def activation_manifest(work: Path, name: str, prefix: str, raw_socket: Path) -> Path:
-    """A daemon ``name`` with PREFIX.Echo on its shared socket and PREFIX.Raw on ``raw_socket``."""
+    """A daemon ``name`` with PREFIX.Echo, PREFIX.Slow and PREFIX.Env on its shared socket and
+    PREFIX.Raw on ``raw_socket``."""
     manifest = work / "m.yaml"
     manifest.write_text(
         f"version: 1\ndaemons:\n  {name}:\n    idle_exit: 0\n    services:\n"
         f"      {prefix}.Echo:\n        handler: qubes_socksvc.examples:echo\n"
+        f"      {prefix}.Slow:\n        handler: tests.handlers:slow\n"
+        f"      {prefix}.Env:\n        handler: tests.handlers:plain_child_listen_variables\n"
         f"      {prefix}.Raw:\n        handler: qubes_socksvc.examples:sha256\n        service_descriptor: false\n"
         f"        socket: {raw_socket}\n")
     manifest.chmod(0o644)
     return manifest
 
 
-def activated(passed: list[Path], name: str, manifest: Path, out: BinaryIO) -> subprocess.Popen[bytes]:
+def activated(passed: list[Path], name: str, manifest: Path, out: BinaryIO,
+              loop: str = "uvloop") -> subprocess.Popen[bytes]:
     """The real systemd-socket-activate listening on ``passed``, starting ``serve name`` as
-    nobody on the first call; returns once the first socket exists."""
+    nobody on the first call, on ``loop`` ("asyncio": uvloop hidden); returns once the first
+    socket exists."""
     activate = shutil.which("systemd-socket-activate")
     assert activate is not None, "systemd-socket-activate missing: 'make setup-test' installs the systemd package"
     proc = subprocess.Popen(
         [activate, *(arg for path in passed for arg in ("-l", str(path))), "-E", "PYTHONPATH",
          "setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
          sys.executable, "-m", "qubes_socksvc", "serve", name, "-c", str(manifest)],
-        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)}, stdout=out, stderr=subprocess.STDOUT)
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{REPO / 'bench' / 'no_uvloop'}:{REPO}" if loop == "asyncio"
+             else str(REPO)}, stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 10
     while not passed[0].exists() and time.monotonic() < deadline:
         time.sleep(0.02)
     return proc
 
 
-def test_socket_activation_with_systemd_socket_activate(qubes_run_dir: Path) -> None:
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_socket_activation_with_systemd_socket_activate(qubes_run_dir: Path, loop: str) -> None:
     """The real systemd-socket-activate passes LISTEN_FDS; the first call starts the daemon."""
     work = world_dir("socksvc-activate-")
     name = f"act{os.getpid()}"
@@ -271,14 +278,27 @@ def test_socket_activation_with_systemd_socket_activate(qubes_run_dir: Path) -> 
     raw_socket = qubes_run_dir / f"socksvc-{name}.Raw.sock"
     manifest = activation_manifest(work, name, "act", raw_socket)
     log = open(work / "log", "wb")  # noqa: SIM115
-    proc = activated([main_socket, raw_socket], name, manifest, log)
+    proc = activated([main_socket, raw_socket], name, manifest, log, loop)
     try:
         assert "serving" not in (work / "log").read_text()  # nothing started before the first call
         assert raw_call(str(main_socket), b"act.Echo+1 work\0cold call") == b"cold call"
         assert raw_call(str(raw_socket), b"abc") == (hashlib.sha256(b"abc").hexdigest() + "\n").encode()
         text = (work / "log").read_text()
-        assert "serving 2 services on 2 sockets" in text, text
+        assert "serving 4 services on 2 sockets" in text and f"({loop} event loop)" in text, text
         assert "cannot" not in text and "ignoring socket" not in text, text
+        # sd_listen_fds(3) unsets LISTEN_* for the daemon's children: none takes its sockets
+        assert raw_call(str(main_socket), b"act.Env work\0") == b""
+        # A call while another is in flight: accepting goes on until none is left, and must not
+        # block on the passed socket (systemd passes it blocking; uvloop's poll handle makes it
+        # non-blocking, asyncio's loop does not).
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as slow:
+            slow.connect(str(main_socket))
+            slow.sendall(b"act.Slow+2 work\0")
+            slow.shutdown(socket.SHUT_WR)
+            time.sleep(0.3)  # the slow call accepted and in flight
+            assert raw_call(str(main_socket), b"act.Echo work\0meanwhile", timeout=10) == b"meanwhile"
+            slow.settimeout(30)
+            assert slow.recv(16) == b"done\n"
         proc.terminate()
         assert proc.wait(timeout=30) == 0
         # The sockets are systemd's (here systemd-socket-activate's): the daemon unlinks nothing.
@@ -289,6 +309,36 @@ def test_socket_activation_with_systemd_socket_activate(qubes_run_dir: Path) -> 
         log.close()
         for path in (main_socket, raw_socket):
             path.unlink(missing_ok=True)
+        shutil.rmtree(work)
+
+
+def test_listen_variables_meant_for_another_process_are_ignored(qubes_run_dir: Path) -> None:
+    """LISTEN_FDS with a LISTEN_PID that is not the daemon's (inherited from a shell a
+    socket-activated service started): sd_listen_fds(3) says no socket was passed, so the daemon
+    binds its own, as when started by hand, rather than failing."""
+    work = world_dir("socksvc-listen-")
+    name = f"lp{os.getpid()}"
+    main_socket = qubes_run_dir / f"socksvc-{name}.sock"
+    manifest = work / "m.yaml"
+    manifest.write_text(f"version: 1\ndaemons:\n  {name}:\n    idle_exit: 0\n"
+                        f"    services:\n      lp.Echo:\n        handler: qubes_socksvc.examples:echo\n")
+    manifest.chmod(0o644)
+    with (work / "log").open("wb") as out:  # in /run/qubes's group, as a qube's user is: it binds there
+        proc = subprocess.Popen(
+            ["setpriv", "--reuid=nobody", "--regid=nogroup", f"--groups={qubes_run_dir.stat().st_gid}",
+             sys.executable, "-m", "qubes_socksvc", "serve", name, "-c", str(manifest)],
+            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "LISTEN_FDS": "1", "LISTEN_PID": "1"},
+            stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while " services on " not in (work / "log").read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, (work / "log").read_text()
+            time.sleep(0.05)
+        assert raw_call(str(main_socket), b"lp.Echo work\0bound by hand") == b"bound by hand"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        main_socket.unlink(missing_ok=True)
         shutil.rmtree(work)
 
 
@@ -308,14 +358,20 @@ def test_socket_activation_with_sockets_the_manifest_does_not_declare(qubes_run_
             return activated(list(passed), name, manifest, out), log
 
     try:
-        proc, log = serve(main_socket, stray)
+        proc, log = serve(stray, main_socket)  # the ignored one first: the next is still taken
         try:
+            stray_socket = os.readlink(f"/proc/{proc.pid}/fd/3")  # SD_LISTEN_FDS_START, before the exec
             assert raw_call(str(main_socket), b"mis.Echo work\0still served") == b"still served"
+            held = set()
+            for fd in os.listdir(f"/proc/{proc.pid}/fd"):
+                with contextlib.suppress(OSError):
+                    held.add(os.readlink(f"/proc/{proc.pid}/fd/{fd}"))
+            assert stray_socket.startswith("socket:[") and stray_socket not in held, "the ignored socket is kept open"
             text = log.read_text()
             assert f"ignoring socket {stray} passed by systemd: the manifest does not declare it for daemon " \
                    f"{name}; run 'qubes-socksvc apply' and 'systemctl --user daemon-reload'" in text, text
             assert f"socket {raw_socket} is declared but systemd did not pass it; reload the units" in text, text
-            assert "serving 2 services on 1 sockets" in text, text
+            assert "serving 4 services on 1 sockets" in text, text
         finally:
             proc.terminate()
             proc.wait(timeout=30)
