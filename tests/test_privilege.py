@@ -256,6 +256,34 @@ def test_a_socket_group_the_daemon_is_not_in_is_said_and_the_socket_kept_private
     assert daemon.call(b"p.Echo work\0served") == b"served"
 
 
+@needs_root
+def test_a_socket_group_that_does_not_exist_is_said_and_the_socket_kept_private(
+        start_daemon: type[RunningDaemon]) -> None:
+    """socket_group names no group of this qube (a manifest written for another template): the
+    daemon says so, naming the group, and serves with the sockets in its own group."""
+    text = PRIV_MANIFEST.format(mode="0660").replace("    socket_mode:", "    socket_group: nogrp\n    socket_mode:")
+    daemon = start_daemon(text, "p")
+    st = (daemon.bind_dir / "socksvc-p.sock").lstat()
+    assert (st.st_gid, stat.S_IMODE(st.st_mode)) == (pwd.getpwnam("nobody").pw_gid, 0o660), st
+    assert "group nogrp does not exist; socket left in the daemon's own group" in daemon.log_text()
+    assert daemon.call(b"p.Echo work\0served") == b"served"
+
+
+def test_a_start_that_fails_binding_leaves_none_of_its_sockets_listening(tmp_path: Path) -> None:
+    """bind_sockets failing at its second socket (a file in the way) closes the first before the
+    error reaches its caller: no caller connects to a daemon that is not starting."""
+    daemon = manifest.parse(PRIV_MANIFEST.format(mode="0660"), "/etc/qubes-socksvc.yaml").daemons["p"]
+    (tmp_path / "socksvc-p.Raw.sock").write_text("in the way")
+    try:
+        server.bind_sockets(daemon, str(tmp_path))
+    except server.ServeError as e:  # the error, and its traceback's frames, still held here
+        assert "socksvc-p.Raw.sock exists and is not a socket" in str(e)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as caller, pytest.raises(ConnectionRefusedError):
+            caller.connect(str(tmp_path / "socksvc-p.sock"))
+    else:
+        raise AssertionError("bind_sockets bound over a file")
+
+
 #: The environment of a ``serve`` started by hand in these tests.
 SERVE_ENV = {"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{REPO}:{TESTS}"}
 
