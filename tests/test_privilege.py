@@ -9,6 +9,7 @@ checked by tests/test_e2e_systemd.py; here we check that it is rendered at all.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pwd
 import re
@@ -26,7 +27,7 @@ import pytest
 from qubes_socksvc import manifest, render, server
 from qubes_socksvc.layout import File, Layout
 from qubes_socksvc.manifest import ManifestError
-from tests.conftest import REPO, TESTS, RunningDaemon, world_dir
+from tests.conftest import REPO, TESTS, RunningDaemon, raw_call, world_dir
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch users")
 
@@ -312,6 +313,36 @@ def test_a_socket_directory_the_daemon_cannot_write_fails_the_start_in_one_line(
     assert result.returncode == 1, result
     assert f"cannot bind {closed}/socksvc-p" in result.stderr and "Permission denied" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and list(closed.iterdir()) == []
+
+
+@needs_root
+def test_serve_takes_its_turn_at_the_socket_directorys_lock() -> None:
+    """Two daemons started at once for one socket: each binds under flock(2) on the socket's
+    directory (whatever their working directories), so one binds and the other finds it
+    listening.  Here the test holds that lock: serve waits, and binds once it is released."""
+    shared = world_dir("socksvc-lock-") / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    lock = os.open(shared, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    log = shared.parent / "log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(serve_argv(shared), env=SERVE_ENV, stdout=out, stderr=subprocess.STDOUT, cwd="/")
+    try:
+        time.sleep(1.5)
+        assert proc.poll() is None and not (shared / "socksvc-p.sock").exists(), log.read_text()
+        os.close(lock)
+        lock = -1
+        deadline = time.monotonic() + 30
+        while " services on " not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        assert raw_call(str(shared / "socksvc-p.sock"), b"p.Echo work\0after the lock") == b"after the lock"
+    finally:
+        if lock >= 0:
+            os.close(lock)
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 @needs_root
