@@ -346,6 +346,38 @@ def test_serve_takes_its_turn_at_the_socket_directorys_lock() -> None:
 
 
 @needs_root
+def test_a_daemon_too_busy_to_accept_is_still_found_listening() -> None:
+    """A socket whose listen backlog is full (its daemon stalled, callers queued): the probe's
+    connect would block, so it does not wait: EAGAIN says someone listens, and serve refuses
+    at once instead of hanging until a caller is accepted."""
+    shared = world_dir("socksvc-busy-") / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    busy = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    busy.bind(str(shared / "socksvc-p.sock"))
+    (shared / "socksvc-p.sock").chmod(0o777)
+    busy.listen(0)
+    queued: list[socket.socket] = []
+    try:
+        while True:  # callers until the backlog is full
+            caller = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            caller.setblocking(False)
+            queued.append(caller)
+            try:
+                caller.connect(str(shared / "socksvc-p.sock"))
+            except BlockingIOError:
+                break
+        started = time.monotonic()
+        result = serve_as_nobody(shared)
+        assert result.returncode == 1 and "a daemon is already listening on this socket" in result.stderr, result
+        assert time.monotonic() - started < 30
+    finally:
+        for caller in queued:
+            caller.close()
+        busy.close()
+
+
+@needs_root
 def test_a_socket_in_the_way_the_daemon_cannot_probe_is_left_alone() -> None:
     """A socket at the path that the daemon may not connect to (root's, 0600): whether a daemon
     listens there cannot be told, so it is neither removed nor bound over; one line says so."""
