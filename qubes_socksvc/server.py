@@ -207,13 +207,14 @@ def fd_budget(max_connections: int) -> int:
     """Raise the soft RLIMIT_NOFILE as far as the hard limit allows; return how many calls the
     limit lets run at once: ``max_connections``, or fewer (with a WARNING) when it is short."""
     needed = max_connections * FDS_PER_CALL + FDS_RESERVED
+    # Never RLIM_INFINITY on Linux: do_prlimit (kernel/sys.c) refuses a hard RLIMIT_NOFILE above
+    # fs.nr_open with EPERM, and a soft one above the hard.  Raising the soft limit to the hard
+    # one is always allowed (a no-op when they are equal).
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = max(soft, needed) if hard == resource.RLIM_INFINITY else hard
-    if soft != resource.RLIM_INFINITY and soft < target:
-        with contextlib.suppress(ValueError, OSError):  # e.g. above the kernel's nr_open
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    if soft == resource.RLIM_INFINITY or soft >= needed:
+    with contextlib.suppress(ValueError, OSError):  # a seccomp filter, say: keep the soft limit
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    if soft >= needed:
         return max_connections
     allowed = max(1, (soft - FDS_RESERVED) // FDS_PER_CALL)
     log.warning("RLIMIT_NOFILE is %d (hard limit %d): max_connections %d needs %d file descriptors; serving at "

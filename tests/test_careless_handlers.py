@@ -456,6 +456,20 @@ def test_soft_fd_limit_is_raised_to_the_hard_limit(start_daemon: type[RunningDae
     assert_recovered(daemon, settle(daemon))
 
 
+def test_a_fd_limit_too_short_for_two_calls_still_serves_one_at_a_time() -> None:
+    """Fewer descriptors than FDS_RESERVED + 2 * FDS_PER_CALL: one call at a time, never none
+    (a daemon that accepted nothing would leave every caller hanging in the backlog); exactly
+    what max_connections needs: all of them, and no warning."""
+    script = ("import resource, sys\nresource.setrlimit(resource.RLIMIT_NOFILE, (%d, %d))\n"
+              "from qubes_socksvc import server\nprint(server.fd_budget(256))\n")
+    for limit, allowed in ((64, 1), (66, 1), (67, 1), (68, 2), (200, 68), (575, 255), (576, 256)):
+        done = subprocess.run([sys.executable, "-c", script % (limit, limit)], capture_output=True, text=True,
+                              env={"PYTHONPATH": str(REPO)}, timeout=60)
+        assert done.returncode == 0 and done.stdout == f"{allowed}\n", (limit, done)
+        warned = f"RLIMIT_NOFILE is {limit} (hard limit {limit}): max_connections 256 needs 576" in done.stderr
+        assert warned is (limit < 576), done.stderr  # exactly enough: nothing to say
+
+
 def test_short_fd_limit_lowers_concurrency_instead_of_failing_calls(start_daemon: type[RunningDaemon]) -> None:
     """max_connections 256 needs 576 fds; with 200, the daemon says so and serves 68 calls at once:
     every caller is answered, none gets EMFILE (was: accepted up to the limit, handlers failed)."""
