@@ -229,16 +229,14 @@ class Source:
 
     ``load`` returns the daemon and a short id of what it loaded (the spec's hash); ``watch``
     is the file whose change (a new inode, mtime or size: ``apply`` renames a new spec into
-    place) triggers a reload at the next call, or None.
+    place) triggers a reload at the next call.
     """
 
     load: Callable[[], tuple[Daemon, str]]
-    watch: str | None = None
+    watch: str
 
 
-def _stamp(path: str | None) -> tuple[int, int, int] | None:
-    if path is None:
-        return None
+def _stamp(path: str) -> tuple[int, int, int] | None:
     try:
         st = os.stat(path)
     except OSError:
@@ -295,8 +293,8 @@ class Server:
         self._watch_listeners()
         self._restart_watchdog()
         reporter = loop.create_task(self._report_status()) if on_status is not None else None
-        spec_watch = loop.create_task(self._watch_spec()) if self.source and self.source.watch else None
-        if self.source is not None and self.source.watch is not None:
+        spec_watch = loop.create_task(self._watch_spec()) if self.source is not None else None
+        if self.source is not None:
             self._spec_watch = SpecWatch.start(self.source.watch, self._reload_if_changed)
         caller_watch = loop.create_task(self._watch_callers())
         log.info("daemon %s serving %d services on %d sockets%s (%s event loop)", self.daemon.name,
@@ -376,7 +374,7 @@ class Server:
     def _reload_if_changed(self) -> None:
         """Reload if the spec's stamp changed: a spec that ``apply`` renamed into place is served
         from the next call (SpecWatch says when to look; without it, each call looks)."""
-        if self.source is not None and self.source.watch is not None and _stamp(self.source.watch) != self._stamp:
+        if self.source is not None and _stamp(self.source.watch) != self._stamp:
             self.reload()
 
     async def _watch_spec(self) -> None:
