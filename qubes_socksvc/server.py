@@ -257,9 +257,9 @@ class Server:
         self._stamp = _stamp(source.watch) if source is not None else None
         self.counts = dict.fromkeys(Outcome, 0)
         self._reported: tuple[object, ...] = ()
-        self._slots = daemon.max_connections
+        self._slots: int  # run() and reload() set both
         """Calls that may run at once: max_connections, or fewer when RLIMIT_NOFILE is short."""
-        self._free = self._slots
+        self._free: int
         """Slots not taken: always ``_slots - len(_tasks)`` (negative after a reload that lowered
         the limit below the calls in flight, until enough of them end)."""
         self._listeners: list[Listener] = []
