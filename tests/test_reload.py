@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -181,6 +182,125 @@ def test_without_inotify_each_call_looks_at_the_spec(tmp_path: Path, monkeypatch
         return served
 
     assert asyncio.run(scenario()) == [True, False] * 3
+
+
+def in_process(tmp_path: Path, first: str, second: str) -> tuple[Path, bytes, bytes]:
+    """A spec applied from ``first`` in ``tmp_path``, and the bytes apply writes for ``first``
+    and for ``second``; the spec holds the first's."""
+    (tmp_path / "manifest.yaml").write_text(first)
+    apply(tmp_path / "manifest.yaml", tmp_path, check=True)
+    spec = tmp_path / "var/lib/qubes-socksvc/daemons/r.json"
+    before = spec.read_bytes()
+    reapply(tmp_path / "manifest.yaml", tmp_path, second)
+    after = spec.read_bytes()
+    rename_in(spec, before)
+    return spec, before, after
+
+
+def loader(spec: Path) -> server.Source:
+    def load() -> tuple[model.Daemon, str]:
+        loaded = model.load(str(spec))
+        return loaded.daemon, loaded.id
+
+    return server.Source(load, watch=str(spec))
+
+
+async def one_call(path: Path, payload: bytes) -> bytes:
+    reader, writer = await asyncio.open_unix_connection(str(path))
+    writer.write(payload)
+    writer.write_eof()
+    try:
+        return await asyncio.wait_for(reader.read(), timeout=10)
+    finally:
+        writer.close()
+
+
+def test_with_inotify_a_call_costs_no_look_at_the_spec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """docs/daemon.md: "No system call is spent per call": the spec's directory is watched
+    (server.SpecWatch), so a call does not stat() the spec, and a new spec is still seen by the
+    very next call.  The start line names the spec served."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    spec, _, after = in_process(tmp_path, BEFORE, AFTER)
+    looks: list[str] = []
+    real = server._stamp
+
+    def stamp(path: str) -> tuple[int, int, int] | None:
+        looks.append(path)
+        return real(path)
+
+    monkeypatch.setattr(server, "_stamp", stamp)
+    source = loader(spec)
+    daemon, spec_id = source.load()
+
+    async def scenario() -> tuple[list[bytes], bytes]:
+        serving = server.Server(daemon, source=source, spec_id=spec_id)
+        running = asyncio.create_task(serving.run(server.bind_sockets(daemon, str(tmp_path))))
+        await asyncio.sleep(0.1)
+        looks.clear()
+        replies = [await one_call(tmp_path / "socksvc-r.sock", b"r.Echo+ work\0x") for _ in range(5)]
+        assert looks == [], "a call looked at the spec"
+        rename_in(spec, after)
+        added = await one_call(tmp_path / "socksvc-r.sock", b"r.Added+ work\0")
+        serving.stop()
+        await running
+        return replies, added
+
+    with caplog.at_level(logging.INFO, logger="qubes_socksvc.server"):
+        replies, added = asyncio.run(scenario())
+    assert replies == [b"x"] * 5 and b"source='work'" in added
+    assert f"daemon r serving 3 services on 1 sockets, spec {spec_id} (asyncio event loop)" in caplog.text
+
+
+def test_a_daemon_started_without_a_spec_names_none(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / "manifest.yaml").write_text(BEFORE)
+    apply(tmp_path / "manifest.yaml", tmp_path, check=True)
+    daemon = model.load(str(tmp_path / "var/lib/qubes-socksvc/daemons/r.json")).daemon
+
+    async def scenario() -> None:
+        serving = server.Server(daemon)
+        running = asyncio.create_task(serving.run(server.bind_sockets(daemon, str(tmp_path))))
+        await asyncio.sleep(0.1)
+        serving.stop()
+        await running
+
+    with caplog.at_level(logging.INFO, logger="qubes_socksvc.server"):
+        asyncio.run(scenario())
+    assert "daemon r serving 3 services on 1 sockets (asyncio event loop)" in caplog.text, caplog.text
+
+
+def test_without_inotify_the_timer_sees_a_new_spec_while_every_slot_is_held(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No call is accepted while the only slot is held, so no call looks at the spec, and there
+    is no watch: the timer (SPEC_CHECK_INTERVAL) does, and the new limit lets the caller in."""
+    monkeypatch.setattr(server.SpecWatch, "start", classmethod(lambda cls, path, on_change: None))
+    monkeypatch.setattr(server, "SPEC_CHECK_INTERVAL", 0.2)
+    monkeypatch.setattr(server, "STOP_TIMEOUT", 0.1)
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    one = BEFORE.replace("idle_exit: 0", "idle_exit: 0\n    max_connections: 1") + \
+        "      r.Hang:\n        handler: handlers:hangs\n"
+    spec, _, after = in_process(tmp_path, one, one.replace("max_connections: 1", "max_connections: 2"))
+    source = loader(spec)
+    daemon, spec_id = source.load()
+
+    async def scenario() -> bytes:
+        serving = server.Server(daemon, source=source, spec_id=spec_id)
+        running = asyncio.create_task(serving.run(server.bind_sockets(daemon, str(tmp_path))))
+        _, hanging = await asyncio.open_unix_connection(str(tmp_path / "socksvc-r.sock"))
+        hanging.write(b"r.Hang+ work\0")
+        await asyncio.sleep(0.3)  # the only slot is held
+        waiting = asyncio.create_task(one_call(tmp_path / "socksvc-r.sock", b"r.Echo+ work\0in"))
+        await asyncio.sleep(0.3)
+        assert not waiting.done()  # in the backlog
+        rename_in(spec, after)
+        try:
+            return await waiting
+        finally:
+            hanging.close()
+            serving.stop()
+            await running
+
+    assert asyncio.run(scenario()) == b"in"
 
 
 def test_sighup_reloads_what_the_file_stamp_did_not_show(world: tuple[Path, Path, SpecDaemon]) -> None:
