@@ -90,6 +90,10 @@ def test_status_counts_each_kind_of_call(start_daemon: type[RunningDaemon]) -> N
     notify = NotifySocket()
     try:
         daemon = start_daemon(MANIFEST, "e", extra_env={"NOTIFY_SOCKET": str(notify.path)})
+        # Type=notify: systemd counts the start done at READY=1, which comes with the first status
+        ready = notify.wait_for("READY=1")
+        assert ready.startswith("READY=1\nSTATUS=spec ") and ready.endswith("calls: 0 served, 0 rejected, 0 failed")
+        assert notify.statuses == [ready]
         assert daemon.call(b"e.Echo work\0", b"hi", timeout=10) == b"hi"
         # A bad descriptor, an unknown service, no NUL before EOF, no NUL within the limit, nothing.
         for wire in (b"e.Echo bad qube\0", b"e.Nothing work\0", b"e.Echo work", b"e" * 70000, b""):

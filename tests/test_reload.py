@@ -269,6 +269,34 @@ def test_a_daemon_started_without_a_spec_names_none(tmp_path: Path, caplog: pyte
     assert "daemon r serving 3 services on 1 sockets (asyncio event loop)" in caplog.text, caplog.text
 
 
+def test_a_stopped_server_leaves_no_task_of_its_own_running(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Server.run in a program of its own (not serve's process, which exits): once it returns,
+    its idle watch, status reporter, spec timer and caller watch are gone, and it reports
+    nothing more."""
+    monkeypatch.setattr(server, "STATUS_INTERVAL", 0.05)
+    spec, _, _ = in_process(tmp_path, BEFORE.replace("idle_exit: 0", "idle_exit: 60"), BEFORE)
+    source = loader(spec)
+    daemon, spec_id = source.load()
+    statuses: list[str] = []
+
+    async def scenario() -> set[asyncio.Task[object]]:
+        serving = server.Server(daemon, source=source, spec_id=spec_id)
+        running = asyncio.create_task(serving.run(server.bind_sockets(daemon, str(tmp_path)),
+                                                  on_ready=statuses.append, on_status=statuses.append))
+        assert await one_call(tmp_path / "socksvc-r.sock", b"r.Echo+ work\0x") == b"x"
+        await asyncio.sleep(0.2)
+        serving.stop()
+        await running
+        reported = len(statuses)
+        await asyncio.sleep(0.2)
+        assert len(statuses) == reported, "a stopped server still reports its status"
+        return asyncio.all_tasks() - {asyncio.current_task()}
+
+    assert asyncio.run(scenario()) == set()
+    assert statuses[0].endswith("calls: 0 served, 0 rejected, 0 failed")
+    assert statuses[-1].endswith("calls: 1 served, 0 rejected, 0 failed")
+
+
 def test_without_inotify_the_timer_sees_a_new_spec_while_every_slot_is_held(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """No call is accepted while the only slot is held, so no call looks at the spec, and there
