@@ -302,6 +302,7 @@ class Server:
                  type(loop).__module__.partition(".")[0])
         if on_ready is not None:
             on_ready(self.status())
+            self._reported = (self.spec_id, *self.counts.values())  # READY=1 came with this status
         try:
             await self._stopping.wait()
         finally:
@@ -314,7 +315,6 @@ class Server:
                 listener.sock.close()
             if self._spec_watch is not None:
                 self._spec_watch.close()
-                self._spec_watch = None
             await self._finish_in_flight()
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(signum)
@@ -365,8 +365,7 @@ class Server:
         self.daemon, self.spec_id = new, spec_id
         if new.idle_exit != old.idle_exit:
             self._restart_watchdog()
-        if self._free > 0:
-            self._resume_accepting()
+        self._resume_accepting()  # when a slot is free (a higher limit lets waiting callers in)
         log.info("reloaded: serving spec %s (%d services)", spec_id, len(new.services))
         if self._on_status is not None:
             self._on_status(self.status())

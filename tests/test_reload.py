@@ -279,6 +279,8 @@ def test_a_stopped_server_leaves_no_task_of_its_own_running(tmp_path: Path, monk
     daemon, spec_id = source.load()
     statuses: list[str] = []
 
+    handlers_before = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+
     async def scenario() -> set[asyncio.Task[object]]:
         serving = server.Server(daemon, source=source, spec_id=spec_id)
         running = asyncio.create_task(serving.run(server.bind_sockets(daemon, str(tmp_path)),
@@ -290,11 +292,14 @@ def test_a_stopped_server_leaves_no_task_of_its_own_running(tmp_path: Path, monk
         reported = len(statuses)
         await asyncio.sleep(0.2)
         assert len(statuses) == reported, "a stopped server still reports its status"
+        # SIGTERM, SIGINT and SIGHUP are the program's again
+        assert {signum: signal.getsignal(signum) for signum in handlers_before} == handlers_before
         return asyncio.all_tasks() - {asyncio.current_task()}
 
     assert asyncio.run(scenario()) == set()
-    assert statuses[0].endswith("calls: 0 served, 0 rejected, 0 failed")
-    assert statuses[-1].endswith("calls: 1 served, 0 rejected, 0 failed")
+    # one status per change: READY's, then the served call's (STATUS_INTERVAL passed many times)
+    assert [status.rpartition(": ")[2] for status in statuses] == [
+        "0 served, 0 rejected, 0 failed", "1 served, 0 rejected, 0 failed"], statuses
 
 
 def test_without_inotify_the_timer_sees_a_new_spec_while_every_slot_is_held(
@@ -329,6 +334,152 @@ def test_without_inotify_the_timer_sees_a_new_spec_while_every_slot_is_held(
             await running
 
     assert asyncio.run(scenario()) == b"in"
+
+
+def test_a_spec_for_another_daemon_is_not_loaded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """The spec file now holds another daemon's spec (a copy gone wrong): the reload fails,
+    saying so, and the daemon goes on serving its own; a plain reload says nothing of sockets."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "manifest.yaml").write_text(BEFORE.replace("  r:", "  q:").replace("r.", "q."))
+    apply(other / "manifest.yaml", other, check=True)
+    spec, _, after = in_process(tmp_path, BEFORE, AFTER)
+    source = loader(spec)
+    daemon, spec_id = source.load()
+
+    async def scenario() -> list[bytes]:
+        serving = server.Server(daemon, source=source, spec_id=spec_id)
+        running = asyncio.create_task(serving.run(server.bind_sockets(daemon, str(tmp_path))))
+        await asyncio.sleep(0.1)  # serving, and watching the spec
+        rename_in(spec, (other / "var/lib/qubes-socksvc/daemons/q.json").read_bytes())
+        replies = [await one_call(tmp_path / "socksvc-r.sock", b"r.Gone+ work\0")]
+        rename_in(spec, after)  # r's own: loaded
+        replies.append(await one_call(tmp_path / "socksvc-r.sock", b"r.Added+ work\0"))
+        serving.stop()
+        await running
+        return replies
+
+    with caplog.at_level(logging.INFO, logger="qubes_socksvc.server"):
+        gone, added = asyncio.run(scenario())
+    assert b"source='work'" in gone and b"source='work'" in added
+    assert f"reload failed, still serving spec {spec_id}: the new spec is for daemon q" in caplog.text
+    assert "reloaded: serving spec" in caplog.text and "its sockets changed" not in caplog.text
+
+
+def test_a_reload_that_changes_the_sockets_says_they_wait_for_a_restart(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    raw = "      r.Raw:\n        handler: qubes_socksvc.examples:echo\n        service_descriptor: false\n"
+    spec, _, after = in_process(tmp_path, BEFORE, BEFORE + raw)
+    source = loader(spec)
+    daemon, spec_id = source.load()
+
+    statuses: list[str] = []
+
+    async def scenario() -> bytes:
+        serving = server.Server(daemon, source=source, spec_id=spec_id)
+        running = asyncio.create_task(serving.run(server.bind_sockets(daemon, str(tmp_path)),
+                                                  on_status=statuses.append))
+        await asyncio.sleep(0.1)
+        rename_in(spec, after)
+        reply = await one_call(tmp_path / "socksvc-r.sock", b"r.Echo+ work\0still")
+        serving.stop()
+        await running
+        return reply
+
+    with caplog.at_level(logging.INFO, logger="qubes_socksvc.server"):
+        assert asyncio.run(scenario()) == b"still"
+    # STATUS= names the new spec at once, not at the next STATUS_INTERVAL (list reads it)
+    assert statuses and statuses[0].startswith(f"spec {source.load()[1]}: 4 services"), statuses
+    assert ("daemon r: its sockets changed in the new spec; they take effect only after 'systemctl --user "
+            "daemon-reload' and 'systemctl --user restart qubes-socksvc-r.socket'") in caplog.text
+
+
+def test_a_reload_with_calls_in_flight_keeps_max_connections_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """One call of max_connections 2 in flight, then a reload: one more call runs, not two
+    (the free slots are the limit less the calls in flight)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    monkeypatch.setattr(server, "STOP_TIMEOUT", 0.1)
+    two = BEFORE.replace("idle_exit: 0", "idle_exit: 0\n    max_connections: 2") + \
+        "      r.Hang:\n        handler: handlers:hangs\n"
+    spec, _, after = in_process(tmp_path, two, two.replace("timeout: 1", "timeout: 9"))
+    source = loader(spec)
+    daemon, spec_id = source.load()
+
+    async def scenario() -> None:
+        serving = server.Server(daemon, source=source, spec_id=spec_id)
+        running = asyncio.create_task(serving.run(server.bind_sockets(daemon, str(tmp_path))))
+        hanging = []
+        for _ in range(3):
+            _, writer = await asyncio.open_unix_connection(str(tmp_path / "socksvc-r.sock"))
+            writer.write(b"r.Hang+ work\0")
+            hanging.append(writer)
+            if len(hanging) == 1:
+                await asyncio.sleep(0.2)
+                rename_in(spec, after)
+                serving.reload()
+        await asyncio.sleep(0.5)
+        for writer in hanging:
+            writer.close()
+        serving.stop()
+        await running
+
+    with caplog.at_level(logging.INFO, logger="qubes_socksvc.server"):
+        asyncio.run(scenario())
+    assert "reloaded: serving spec" in caplog.text
+    assert caplog.text.count("call r.Hang+ from work") == 2, caplog.text
+
+
+def test_a_reload_that_sets_idle_exit_makes_an_idle_daemon_exit(tmp_path: Path) -> None:
+    spec, _, after = in_process(tmp_path, BEFORE, BEFORE.replace("idle_exit: 0", "idle_exit: 1"))
+    source = loader(spec)
+    daemon, spec_id = source.load()
+
+    async def scenario() -> float:
+        serving = server.Server(daemon, source=source, spec_id=spec_id)
+        running = asyncio.create_task(serving.run(server.bind_sockets(daemon, str(tmp_path))))
+        await asyncio.sleep(0.1)
+        rename_in(spec, after)
+        serving.reload()
+        started = time.monotonic()
+        await asyncio.wait_for(running, timeout=10)  # idle for 1 s: exits by itself
+        return time.monotonic() - started
+
+    assert asyncio.run(scenario()) < 5
+
+
+def test_callers_during_a_stop_are_refused_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A daemon bound by hand and stopping, a call still in flight: its sockets are closed at
+    once, so a new caller is refused rather than left in a backlog nobody will accept; once it
+    returns, it holds no descriptor more than before it started."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    monkeypatch.setattr(server, "STOP_TIMEOUT", 1.0)
+    spec, _, _ = in_process(tmp_path, BEFORE + "      r.Hang:\n        handler: handlers:hangs\n", BEFORE)
+    source = loader(spec)
+    daemon, spec_id = source.load()
+    fds = sorted(os.listdir("/proc/self/fd"))
+
+    async def scenario() -> None:
+        listeners = server.bind_sockets(daemon, str(tmp_path))
+        serving = server.Server(daemon, source=source, spec_id=spec_id)
+        running = asyncio.create_task(serving.run(listeners))
+        _, hanging = await asyncio.open_unix_connection(str(tmp_path / "socksvc-r.sock"))
+        hanging.write(b"r.Hang+ work\0")
+        await asyncio.sleep(0.2)
+        serving.stop()
+        await asyncio.sleep(0.1)
+        assert not running.done()  # waiting for the call in flight
+        with pytest.raises(ConnectionRefusedError):
+            await asyncio.open_unix_connection(str(tmp_path / "socksvc-r.sock"))
+        await running
+        hanging.close()
+        await asyncio.sleep(0)
+        del listeners, serving
+
+    asyncio.run(scenario())
+    assert sorted(os.listdir("/proc/self/fd")) == fds
 
 
 def test_sighup_reloads_what_the_file_stamp_did_not_show(world: tuple[Path, Path, SpecDaemon]) -> None:
