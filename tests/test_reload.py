@@ -482,6 +482,36 @@ def test_callers_during_a_stop_are_refused_at_once(tmp_path: Path, monkeypatch: 
     assert sorted(os.listdir("/proc/self/fd")) == fds
 
 
+def test_a_hung_call_whose_caller_left_is_ended_after_the_daemon_was_idle(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The caller watch (CALLER_CHECK_INTERVAL) goes on through idle times: a call to a handler
+    that hangs, made after several checks found no call, is still ended once its caller leaves."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    monkeypatch.setattr(server, "CALLER_CHECK_INTERVAL", 0.1)
+    spec, _, _ = in_process(tmp_path, BEFORE + "      r.Hang:\n        handler: handlers:hangs\n", BEFORE)
+    source = loader(spec)
+    daemon, spec_id = source.load()
+
+    async def scenario() -> None:
+        serving = server.Server(daemon, source=source, spec_id=spec_id)
+        running = asyncio.create_task(serving.run(server.bind_sockets(daemon, str(tmp_path))))
+        await asyncio.sleep(0.5)  # idle: the watch has found no call five times
+        _, caller = await asyncio.open_unix_connection(str(tmp_path / "socksvc-r.sock"))
+        caller.write(b"r.Hang+ work\0")
+        await asyncio.sleep(0.2)
+        caller.close()  # the caller leaves; the handler never returns by itself
+        for _ in range(100):
+            if "call r.Hang+: caller went away" in caplog.text:
+                break
+            await asyncio.sleep(0.05)
+        serving.stop()
+        await running
+
+    with caplog.at_level(logging.INFO, logger="qubes_socksvc.server"):
+        asyncio.run(scenario())
+    assert "call r.Hang+: caller went away" in caplog.text, caplog.text
+
+
 def test_sighup_reloads_what_the_file_stamp_did_not_show(world: tuple[Path, Path, SpecDaemon]) -> None:
     """A spec rewritten in place with the same size and mtime is not seen by its stamp;
     SIGHUP (systemctl --user reload: ExecReload=) loads it anyway."""
