@@ -450,6 +450,25 @@ def test_a_reload_that_sets_idle_exit_makes_an_idle_daemon_exit(tmp_path: Path) 
     assert asyncio.run(scenario()) < 5
 
 
+def test_a_reload_that_lengthens_idle_exit_replaces_the_old_watch(tmp_path: Path) -> None:
+    spec, _, after = in_process(tmp_path, BEFORE.replace("idle_exit: 0", "idle_exit: 1"),
+                                BEFORE.replace("idle_exit: 0", "idle_exit: 3"))
+    source = loader(spec)
+    daemon, spec_id = source.load()
+
+    async def scenario() -> float:
+        serving = server.Server(daemon, source=source, spec_id=spec_id)
+        started = time.monotonic()
+        running = asyncio.create_task(serving.run(server.bind_sockets(daemon, str(tmp_path))))
+        await asyncio.sleep(0.1)
+        rename_in(spec, after)
+        serving.reload()
+        await asyncio.wait_for(running, timeout=15)
+        return time.monotonic() - started
+
+    assert asyncio.run(scenario()) >= 2.9  # idle for 3 s, not the 1 s of the spec it started with
+
+
 def test_callers_during_a_stop_are_refused_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A daemon bound by hand and stopping, a call still in flight: its sockets are closed at
     once, so a new caller is refused rather than left in a backlog nobody will accept; once it
