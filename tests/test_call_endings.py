@@ -157,10 +157,12 @@ def test_accept_failing_for_want_of_fds_is_retried_without_flooding(daemon: Runn
                                                                     exhausted: socket.socket) -> None:
     """accept() failing with EMFILE pauses the listeners and retries 0.1 s later (Server._accept):
     the caller who arrived meanwhile is served as soon as descriptors are free again, long before
-    any call ends, and the failure is logged a few times, not once per loop turn."""
-    start = time.monotonic()
+    any call ends, and the failure is logged a few times, not once per loop turn; meanwhile the
+    daemon waits, it does not spin on a listener it cannot accept from."""
+    start, cpu = time.monotonic(), cpu_seconds(daemon.proc.pid)
     assert daemon.call(b"e.Echo work\0", b"patient caller", timeout=10) == b"patient caller"
     assert time.monotonic() - start < 2.5, "served only when a call ended: accept() was never retried"
+    assert cpu_seconds(daemon.proc.pid) - cpu < 0.2, "the daemon spun while accept() failed"
     failures = daemon.log_text().count("accept failed: [Errno 24] Too many open files")
     assert 1 <= failures <= 15, f"{failures} accept failures logged in about 0.5 s"
     assert read_until_closed(exhausted) == b"released\n"

@@ -433,21 +433,22 @@ def test_a_reload_with_calls_in_flight_keeps_max_connections_exact(tmp_path: Pat
 
 
 def test_a_reload_that_sets_idle_exit_makes_an_idle_daemon_exit(tmp_path: Path) -> None:
-    spec, _, after = in_process(tmp_path, BEFORE, BEFORE.replace("idle_exit: 0", "idle_exit: 1"))
+    """idle_exit counts from the last call's end (here: the start), not from the reload that set it."""
+    spec, _, after = in_process(tmp_path, BEFORE, BEFORE.replace("idle_exit: 0", "idle_exit: 2"))
     source = loader(spec)
     daemon, spec_id = source.load()
 
     async def scenario() -> float:
         serving = server.Server(daemon, source=source, spec_id=spec_id)
+        started = time.monotonic()
         running = asyncio.create_task(serving.run(server.bind_sockets(daemon, str(tmp_path))))
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(1.5)
         rename_in(spec, after)
         serving.reload()
-        started = time.monotonic()
-        await asyncio.wait_for(running, timeout=10)  # idle for 1 s: exits by itself
+        await asyncio.wait_for(running, timeout=10)  # idle for 2 s: exits by itself
         return time.monotonic() - started
 
-    assert asyncio.run(scenario()) < 5
+    assert 1.9 <= asyncio.run(scenario()) < 2.8
 
 
 def test_a_reload_that_lengthens_idle_exit_replaces_the_old_watch(tmp_path: Path) -> None:
@@ -469,7 +470,8 @@ def test_a_reload_that_lengthens_idle_exit_replaces_the_old_watch(tmp_path: Path
     assert asyncio.run(scenario()) >= 2.9  # idle for 3 s, not the 1 s of the spec it started with
 
 
-def test_callers_during_a_stop_are_refused_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_callers_during_a_stop_are_refused_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
     """A daemon bound by hand and stopping, a call still in flight: its sockets are closed at
     once, so a new caller is refused rather than left in a backlog nobody will accept; once it
     returns, it holds no descriptor more than before it started."""
@@ -493,12 +495,16 @@ def test_callers_during_a_stop_are_refused_at_once(tmp_path: Path, monkeypatch: 
         with pytest.raises(ConnectionRefusedError):
             await asyncio.open_unix_connection(str(tmp_path / "socksvc-r.sock"))
         await running
+        assert asyncio.all_tasks() == {asyncio.current_task()}  # the call cut at STOP_TIMEOUT has ended too
         hanging.close()
         await asyncio.sleep(0)
         del listeners, serving
 
-    asyncio.run(scenario())
+    with caplog.at_level(logging.INFO, logger="qubes_socksvc.server"):
+        asyncio.run(scenario())
     assert sorted(os.listdir("/proc/self/fd")) == fds
+    assert "stopping: waiting up to 1.0s for 1 calls" in caplog.text
+    assert "stopping: cancelled 1 calls still running" in caplog.text
 
 
 def test_a_hung_call_whose_caller_left_is_ended_after_the_daemon_was_idle(
