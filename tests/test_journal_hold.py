@@ -28,7 +28,7 @@ import pytest
 from bench.processes import Process, drop_privileges_argv
 from qubes_socksvc import logs
 from tests.conftest import REPO, TESTS, world_dir
-from tests.test_logging import JournalSink
+from tests.test_logging import Clock, JournalSink
 
 WHERE = logs.Where("/daemon.py", 1, "started")
 FIELDS = {"SERVICE": "t.Echo", "SOURCE": "work", "TARGET": "", "TARGET_TYPE": ""}
@@ -198,16 +198,6 @@ def test_holding_stopped_and_started_again_ends_its_thread_and_starts_another(
     assert messages(sink) == [f"call {i}" for i in range(4)]
     handler.close()  # close() ends holding, and its thread, too
     until(lambda: journal_threads() == before, timeout=5)
-
-
-class Clock:
-    """logs.time as the handler sees it, moved by the test alone (its thread too)."""
-
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def monotonic(self) -> float:
-        return self.now
 
 
 def test_a_line_is_held_when_less_than_hold_after_the_last_line_sent_whatever_sent_it(

@@ -315,7 +315,7 @@ def test_repeated_faults_are_counted_then_logged_once_per_interval() -> None:
 
 
 class Clock:
-    """logs.time as Repeats sees it, moved by the test."""
+    """logs.time as Repeats and the journal handler (its thread too) see it, moved by the test."""
 
     def __init__(self, now: float) -> None:
         self.now = now
