@@ -177,3 +177,25 @@ def test_a_limit_is_tried_against_the_tests_that_read_it(tmp_path: Path) -> None
     assert covered.tests_for(limit)[0] == ("tests/test_docs.py::test_limit", "tests/test_docs.py::test_f")
     covered.reads = {}  # what the tool chose before: the uses alone
     assert covered.tests_for(limit)[0] == ("tests/test_docs.py::test_f",)
+
+
+@pytest.mark.parametrize(("check", "verdict"), [("n == 16", "killed"), ("n > 0", "survived")])
+def test_a_test_whose_parameters_name_the_mutated_limit_is_still_run(tmp_path: Path, check: str,
+                                                                     verdict: str) -> None:
+    # The node ids come from the unmutated run: test_limit[16].  Under LIMIT = 15 pytest finds no
+    # such id and runs nothing; that is no kill, and the test is run with every parameter.
+    (tmp_path / mutate.PKG).mkdir()
+    (tmp_path / mutate.PKG / "__init__.py").write_text("")
+    (tmp_path / mutate.PKG / "sample.py").write_text(SAMPLE.replace("LIMIT = 16", "LIMIT = 15"))
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_p.py").write_text(textwrap.dedent(f"""\
+        import pytest
+        from qubes_socksvc import sample
+
+        @pytest.mark.parametrize("n", [sample.LIMIT])
+        def test_limit(n):
+            assert {check}
+        """))
+    result = mutate.run_tests(tmp_path, ("tests/test_p.py::test_limit[16]",), 60)
+    assert result[0] == verdict
+    assert result[1] == ("tests/test_p.py::test_limit[15]" if verdict == "killed" else "")
