@@ -306,8 +306,7 @@ class Server:
         try:
             await self._stopping.wait()
         finally:
-            self._pause_accepting()
-            self._listeners = []
+            self.stop()  # when run's task was cancelled rather than stopped
             for task in (self._watchdog, reporter, spec_watch, caller_watch):
                 if task is not None:
                     task.cancel()
@@ -396,11 +395,14 @@ class Server:
             poll = select.poll()
             by_fd = {}
             for task, conn in self._tasks.items():
-                if conn.fileno() >= 0:
-                    poll.register(conn.fileno(), select.POLLRDHUP)
-                    by_fd[conn.fileno()] = task
+                fd = conn.fileno()
+                if fd != -1:  # -1: closed by its transport, its task ends a loop turn or two later
+                    poll.register(fd, select.POLLRDHUP)
+                    by_fd[fd] = task
             for fd, events in poll.poll(0):
-                if events & (select.POLLHUP | select.POLLERR) and fd in by_fd:
+                # POLLERR comes only with POLLHUP: unix_release_sock sets the peer's sk_err
+                # (ECONNRESET, unread data) beside its SHUTDOWN_MASK
+                if events & select.POLLHUP:
                     by_fd[fd].cancel(callcore.CALLER_GONE)
 
     def _restart_watchdog(self) -> None:
@@ -411,7 +413,11 @@ class Server:
             self._watchdog = asyncio.get_running_loop().create_task(self._idle_watch())
 
     def stop(self) -> None:
+        """Accept no more callers; run closes the sockets and returns once the calls in flight
+        have ended (STOP_TIMEOUT at most)."""
         self._stopping.set()
+        self._pause_accepting()
+        self._listeners = []  # nothing resumes accepting: _resume_accepting needs a listener
 
     async def _finish_in_flight(self) -> None:
         if not self._tasks:
@@ -456,7 +462,7 @@ class Server:
             self._accepting = False
 
     def _resume_accepting(self) -> None:
-        if not self._accepting and self._free > 0 and self._listeners and not self._stopping.is_set():
+        if not self._accepting and self._free > 0 and self._listeners:
             self._watch_listeners()
 
     def _accept(self, listener: Listener) -> None:

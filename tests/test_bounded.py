@@ -195,6 +195,31 @@ def test_a_handlers_own_log_lines_are_cut(start_daemon: type[RunningDaemon]) -> 
     assert all(len(line) < logs.MAX_OTHER_LINE + 200 and "more characters not logged]" in line for line in lines)
 
 
+@pytest.mark.parametrize("key, value, problem", [
+    ("timeout", "1000000000", None),
+    ("timeout", "1000000001", "must be at most 1000000000 seconds"),
+    ("descriptor_timeout", "1000000000.0", None),
+    ("max_input", "9223372036854775807", None),
+    ("max_input", "9223372036854775808", "must be at most 9223372036854775807"),
+    ("max_connections", "9223372036854775808", "must be at most 9223372036854775807"),
+])
+def test_the_largest_numbers_are_those_the_manual_states(key: str, value: str, problem: str | None) -> None:
+    """man/qubes-socksvc.yaml.5.rst: a time is at most 1000000000 seconds, any other number at
+    most 9223372036854775807 (2**63 - 1); the bound itself is taken."""
+    manual = (REPO / "man/qubes-socksvc.yaml.5.rst").read_text()
+    assert "1000000000 seconds" in manual and "9223372036854775807" in manual
+    if key in ("timeout", "max_input"):  # a service's
+        text = BASE.format(slots=4).replace("examples:echo\n", f"examples:echo\n        {key}: {value}\n")
+    else:  # the daemon's
+        text = BASE.format(slots=4).replace("    max_connections: 4\n", f"    {key}: {value}\n")
+    assert f"{key}: {value}\n" in text
+    if problem is None:
+        manifest.parse(text, "/m.yaml")
+    else:
+        with pytest.raises(manifest.ManifestError, match=problem):
+            manifest.parse(text, "/m.yaml")
+
+
 @pytest.mark.parametrize("key, value, words", [
     ("timeout", "9" * 400, "must be at most"),
     ("timeout", "2000000000", f"must be at most {model.MAX_SECONDS} seconds"),

@@ -16,7 +16,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -205,6 +205,13 @@ def loader(spec: Path) -> server.Source:
     return server.Source(load, watch=str(spec))
 
 
+def serving_in(tmp_path: Path, daemon: model.Daemon, source: server.Source | None = None, spec_id: str = "",
+               **callbacks: Callable[[str], None]) -> tuple[server.Server, asyncio.Task[None]]:
+    """A Server for ``daemon`` running in this loop, its sockets bound in ``tmp_path``."""
+    serving = server.Server(daemon, source=source, spec_id=spec_id)
+    return serving, asyncio.create_task(serving.run(server.bind_sockets(daemon, str(tmp_path)), **callbacks))
+
+
 async def one_call(path: Path, payload: bytes) -> bytes:
     reader, writer = await asyncio.open_unix_connection(str(path))
     writer.write(payload)
@@ -234,8 +241,7 @@ def test_with_inotify_a_call_costs_no_look_at_the_spec(tmp_path: Path, monkeypat
     daemon, spec_id = source.load()
 
     async def scenario() -> tuple[list[bytes], bytes]:
-        serving = server.Server(daemon, source=source, spec_id=spec_id)
-        running = asyncio.create_task(serving.run(server.bind_sockets(daemon, str(tmp_path))))
+        serving, running = serving_in(tmp_path, daemon, source, spec_id)
         await asyncio.sleep(0.1)
         looks.clear()
         replies = [await one_call(tmp_path / "socksvc-r.sock", b"r.Echo+ work\0x") for _ in range(5)]
@@ -258,8 +264,7 @@ def test_a_daemon_started_without_a_spec_names_none(tmp_path: Path, caplog: pyte
     daemon = model.load(str(tmp_path / "var/lib/qubes-socksvc/daemons/r.json")).daemon
 
     async def scenario() -> None:
-        serving = server.Server(daemon)
-        running = asyncio.create_task(serving.run(server.bind_sockets(daemon, str(tmp_path))))
+        serving, running = serving_in(tmp_path, daemon)
         await asyncio.sleep(0.1)
         serving.stop()
         await running
@@ -282,9 +287,8 @@ def test_a_stopped_server_leaves_no_task_of_its_own_running(tmp_path: Path, monk
     handlers_before = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
 
     async def scenario() -> set[asyncio.Task[object]]:
-        serving = server.Server(daemon, source=source, spec_id=spec_id)
-        running = asyncio.create_task(serving.run(server.bind_sockets(daemon, str(tmp_path)),
-                                                  on_ready=statuses.append, on_status=statuses.append))
+        serving, running = serving_in(tmp_path, daemon, source, spec_id,
+                                      on_ready=statuses.append, on_status=statuses.append)
         assert await one_call(tmp_path / "socksvc-r.sock", b"r.Echo+ work\0x") == b"x"
         await asyncio.sleep(0.2)
         serving.stop()
@@ -317,8 +321,7 @@ def test_without_inotify_the_timer_sees_a_new_spec_while_every_slot_is_held(
     daemon, spec_id = source.load()
 
     async def scenario() -> bytes:
-        serving = server.Server(daemon, source=source, spec_id=spec_id)
-        running = asyncio.create_task(serving.run(server.bind_sockets(daemon, str(tmp_path))))
+        serving, running = serving_in(tmp_path, daemon, source, spec_id)
         _, hanging = await asyncio.open_unix_connection(str(tmp_path / "socksvc-r.sock"))
         hanging.write(b"r.Hang+ work\0")
         await asyncio.sleep(0.3)  # the only slot is held
@@ -350,8 +353,7 @@ def test_a_spec_for_another_daemon_is_not_loaded(tmp_path: Path, monkeypatch: py
     daemon, spec_id = source.load()
 
     async def scenario() -> list[bytes]:
-        serving = server.Server(daemon, source=source, spec_id=spec_id)
-        running = asyncio.create_task(serving.run(server.bind_sockets(daemon, str(tmp_path))))
+        serving, running = serving_in(tmp_path, daemon, source, spec_id)
         await asyncio.sleep(0.1)  # serving, and watching the spec
         rename_in(spec, (other / "var/lib/qubes-socksvc/daemons/q.json").read_bytes())
         replies = [await one_call(tmp_path / "socksvc-r.sock", b"r.Gone+ work\0")]
@@ -378,9 +380,7 @@ def test_a_reload_that_changes_the_sockets_says_they_wait_for_a_restart(
     statuses: list[str] = []
 
     async def scenario() -> bytes:
-        serving = server.Server(daemon, source=source, spec_id=spec_id)
-        running = asyncio.create_task(serving.run(server.bind_sockets(daemon, str(tmp_path)),
-                                                  on_status=statuses.append))
+        serving, running = serving_in(tmp_path, daemon, source, spec_id, on_status=statuses.append)
         await asyncio.sleep(0.1)
         rename_in(spec, after)
         reply = await one_call(tmp_path / "socksvc-r.sock", b"r.Echo+ work\0still")
@@ -409,8 +409,7 @@ def test_a_reload_with_calls_in_flight_keeps_max_connections_exact(tmp_path: Pat
     daemon, spec_id = source.load()
 
     async def scenario() -> None:
-        serving = server.Server(daemon, source=source, spec_id=spec_id)
-        running = asyncio.create_task(serving.run(server.bind_sockets(daemon, str(tmp_path))))
+        serving, running = serving_in(tmp_path, daemon, source, spec_id)
         hanging = []
         for _ in range(3):
             _, writer = await asyncio.open_unix_connection(str(tmp_path / "socksvc-r.sock"))
@@ -444,9 +443,8 @@ def test_a_reload_that_sets_or_changes_idle_exit_is_obeyed_from_the_last_activit
     daemon, spec_id = source.load()
 
     async def scenario() -> float:
-        serving = server.Server(daemon, source=source, spec_id=spec_id)
         started = time.monotonic()
-        running = asyncio.create_task(serving.run(server.bind_sockets(daemon, str(tmp_path))))
+        serving, running = serving_in(tmp_path, daemon, source, spec_id)
         await asyncio.sleep(reloaded_at)
         rename_in(spec, after)
         serving.reload()
@@ -493,6 +491,44 @@ def test_callers_during_a_stop_are_refused_at_once(tmp_path: Path, monkeypatch: 
     assert "stopping: cancelled 1 calls still running" in caplog.text
 
 
+
+@pytest.mark.parametrize("ended_by", ["stop", "cancel"])
+def test_a_server_whose_run_is_cancelled_ends_as_a_stopped_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, ended_by: str) -> None:
+    """A program that runs Server.run in a task of its own may cancel that task rather than
+    call stop(): the call in flight is then given STOP_TIMEOUT all the same, and once it ends
+    nothing watches the closed sockets any more and nothing fails in the loop."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    monkeypatch.setattr(server, "STOP_TIMEOUT", 0.5)
+    spec, _, _ = in_process(tmp_path, BEFORE + "      r.Hang:\n        handler: handlers:hangs\n", BEFORE)
+    source = loader(spec)
+    daemon, spec_id = source.load()
+
+    async def scenario() -> list[bool]:
+        listeners = server.bind_sockets(daemon, str(tmp_path))
+        fds = [listener.sock.fileno() for listener in listeners]
+        serving = server.Server(daemon, source=source, spec_id=spec_id)
+        running = asyncio.create_task(serving.run(listeners))
+        _, caller = await asyncio.open_unix_connection(str(tmp_path / "socksvc-r.sock"))
+        caller.write(b"r.Hang+ work\0")
+        await asyncio.sleep(0.2)
+        if ended_by == "stop":
+            serving.stop()
+        else:
+            running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+        await asyncio.sleep(0.1)  # the cut call's own end has run
+        caller.close()
+        loop = asyncio.get_running_loop()
+        return [loop.remove_reader(fd) for fd in fds]
+
+    with caplog.at_level(logging.INFO, logger="qubes_socksvc.server"):
+        assert asyncio.run(scenario()) == [False], "a closed socket is still watched"
+    assert "stopping: cancelled 1 calls still running" in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
 def test_a_hung_call_whose_caller_left_is_ended_after_the_daemon_was_idle(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """The caller watch (CALLER_CHECK_INTERVAL) goes on through idle times: a call to a handler
@@ -504,8 +540,7 @@ def test_a_hung_call_whose_caller_left_is_ended_after_the_daemon_was_idle(
     daemon, spec_id = source.load()
 
     async def scenario() -> None:
-        serving = server.Server(daemon, source=source, spec_id=spec_id)
-        running = asyncio.create_task(serving.run(server.bind_sockets(daemon, str(tmp_path))))
+        serving, running = serving_in(tmp_path, daemon, source, spec_id)
         await asyncio.sleep(0.5)  # idle: the watch has found no call five times
         _, caller = await asyncio.open_unix_connection(str(tmp_path / "socksvc-r.sock"))
         caller.write(b"r.Hang+ work\0")
@@ -520,6 +555,49 @@ def test_a_hung_call_whose_caller_left_is_ended_after_the_daemon_was_idle(
 
     with caplog.at_level(logging.INFO, logger="qubes_socksvc.server"):
         asyncio.run(scenario())
+    assert "call r.Hang+: caller went away" in caplog.text, caplog.text
+
+
+
+def test_the_caller_watch_outlives_a_call_whose_connection_closed_before_its_task_ended(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A call that lingers (its output outlasts the handler) has its connection closed by the
+    transport a loop turn or two before its task ends.  The caller watch, checking at every
+    turn here, meets that closed connection and must go on: a hung call whose caller leaves
+    afterwards is still ended."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    monkeypatch.setattr(server, "CALLER_CHECK_INTERVAL", 0)
+    monkeypatch.setattr(server, "STOP_TIMEOUT", 1.0)  # a failure ends sooner
+    services = ("      r.Hang:\n        handler: handlers:hangs\n"
+                "      r.Linger:\n        handler: handlers:lingering_reply\n")
+    spec, _, _ = in_process(tmp_path, BEFORE + services, BEFORE)
+    source = loader(spec)
+    daemon, spec_id = source.load()
+    path = str(tmp_path / "socksvc-r.sock")
+
+    async def scenario() -> int:
+        serving, running = serving_in(tmp_path, daemon, source, spec_id)
+        await asyncio.sleep(0.1)
+        reader, writer = await asyncio.open_unix_connection(path)
+        writer.write(b"r.Linger+ work\0")
+        writer.write_eof()
+        await asyncio.sleep(0.3)  # the handler has returned; its output waits for this caller
+        lingered = len(await reader.read())
+        writer.close()
+        _, caller = await asyncio.open_unix_connection(path)
+        caller.write(b"r.Hang+ work\0")
+        await asyncio.sleep(0.2)
+        caller.close()
+        for _ in range(100):
+            if "call r.Hang+: caller went away" in caplog.text:
+                break
+            await asyncio.sleep(0.05)
+        serving.stop()
+        await running
+        return lingered
+
+    with caplog.at_level(logging.INFO, logger="qubes_socksvc.server"):
+        assert asyncio.run(scenario()) == 262144
     assert "call r.Hang+: caller went away" in caplog.text, caplog.text
 
 
