@@ -52,6 +52,19 @@ async def hangs(request: Request) -> None:
     await asyncio.sleep(3600)
 
 
+CLEANED_UP: list[str] = []
+"""The calls of hangs_then_cleans_up whose cleanup finished (read by in-process tests)."""
+
+
+async def hangs_then_cleans_up(request: Request) -> None:
+    """Hangs; once cancelled, its cleanup takes 0.2 s (a finally block that awaits)."""
+    try:
+        await asyncio.sleep(3600)
+    finally:
+        await asyncio.sleep(0.2)
+        CLEANED_UP.append(request.service)
+
+
 async def huge(request: Request) -> None:
     """64 MiB of output (or ARG MiB), with backpressure."""
     block = b"x" * 65536

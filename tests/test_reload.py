@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -496,11 +497,13 @@ def test_callers_during_a_stop_are_refused_at_once(tmp_path: Path, monkeypatch: 
 def test_a_server_whose_run_is_cancelled_ends_as_a_stopped_one(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, ended_by: str) -> None:
     """A program that runs Server.run in a task of its own may cancel that task rather than
-    call stop(): the call in flight is then given STOP_TIMEOUT all the same, and once it ends
-    nothing watches the closed sockets any more and nothing fails in the loop."""
+    call stop(): the call in flight is then given STOP_TIMEOUT all the same, and run returns
+    only once the call, cancelled, has finished its cleanup (serve's process exits then).
+    Afterwards nothing watches the closed sockets any more and nothing fails in the loop."""
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
     monkeypatch.setattr(server, "STOP_TIMEOUT", 0.5)
-    spec, _, _ = in_process(tmp_path, BEFORE + "      r.Hang:\n        handler: handlers:hangs\n", BEFORE)
+    spec, _, _ = in_process(tmp_path, BEFORE + "      r.Hang:\n        handler: handlers:hangs_then_cleans_up\n",
+                            BEFORE)
     source = loader(spec)
     daemon, spec_id = source.load()
 
@@ -518,6 +521,7 @@ def test_a_server_whose_run_is_cancelled_ends_as_a_stopped_one(
             running.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await running
+        assert sys.modules["handlers"].CLEANED_UP.pop() == "r.Hang+"  # its cleanup finished first
         await asyncio.sleep(0.1)  # the cut call's own end has run
         caller.close()
         loop = asyncio.get_running_loop()
