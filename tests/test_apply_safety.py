@@ -708,7 +708,9 @@ def test_leftovers_in_every_directory_are_swept_and_nothing_else(
         ours.append(root / directory / ".socksvc-fedcba9876543210.tmp")
         theirs += [root / directory / ".socksvc-notours.tmp", root / directory / "alpha.socksvc-tmp.bak",
                    root / directory / ".socksvc-0123456789abcdef.tmp\n",  # not our names: they end in .tmp
-                   root / directory / ".alpha.Echo.socksvc-tmp\n"]
+                   root / directory / ".alpha.Echo.socksvc-tmp\n",
+                   # 16 characters, one of them no hex digit: qubes-rpc names may hold + @ :
+                   *(root / directory / f".socksvc-{c}123456789abcdef.tmp" for c in "+@:")]
     for path in ours[:] + theirs:
         if not path.is_symlink():
             path.write_text("x")
@@ -990,6 +992,8 @@ RECORDS: dict[str, tuple[Callable[[Path], object], str]] = {
                                    "an ownership record of version 2 (this qubes-socksvc reads version 1)"),
     "deeply nested JSON": (lambda p: p.write_text('{"owned": ' + "[" * 200_000 + "]" * 200_000 + "}"),
                            "unreadable ownership record (nested too deeply)"),
+    "cut short": (lambda p: p.write_text('{"version": 1, "owned": {"/etc/x": ['),
+                  "unreadable ownership record (Expecting value: line 1 column 37 (char 36))"),
 }
 
 
