@@ -143,7 +143,6 @@ class _DirCheck:
     """Why nothing in it can be judged or written (a symlink or a non-directory on the way)."""
     unwritable: str | None
     """Why nothing in it can be written (a read-only or immutable directory, no permission)."""
-    exists: bool
 
 
 def _check_dir(root: str, directory: str) -> _DirCheck:
@@ -153,29 +152,28 @@ def _check_dir(root: str, directory: str) -> _DirCheck:
     while not os.path.lexists(deepest):  # a --root still to be created
         deepest = os.path.dirname(deepest)
     if not os.path.isdir(deepest):
-        return _DirCheck(f"{deepest} is not a directory; move it away", None, False)
-    path, exists = top, deepest == top
-    for part in directory.strip("/").split("/") if exists else ():
+        return _DirCheck(f"{deepest} is not a directory; move it away", None)
+    path = top
+    for part in directory.strip("/").split("/"):
         path = os.path.join(path, part)
         try:
             st = os.lstat(path)
-        except FileNotFoundError:
-            exists = False
+        except FileNotFoundError:  # makedirs creates the rest (and the root's own missing part)
             break
         except OSError as e:
-            return _DirCheck(f"{path}: {e.strerror}", None, False)
+            return _DirCheck(f"{path}: {e.strerror}", None)
         if stat.S_ISLNK(st.st_mode):
-            return _DirCheck(f"{path} is a symlink; refusing to write through it", None, False)
+            return _DirCheck(f"{path} is a symlink; refusing to write through it", None)
         if not stat.S_ISDIR(st.st_mode):
-            return _DirCheck(f"{path} is not a directory; move it away", None, False)
+            return _DirCheck(f"{path} is not a directory; move it away", None)
         deepest = path
     if not os.access(deepest, os.X_OK, effective_ids=True):  # its entries cannot even be looked at
-        return _DirCheck(f"{deepest} cannot be searched by this user; apply writes as root", None, False)
+        return _DirCheck(f"{deepest} cannot be searched by this user; apply writes as root", None)
     unwritable = None
     if not os.access(deepest, os.W_OK, effective_ids=True):
         unwritable = (f"{deepest} is not writable by this user; apply writes as root" if os.geteuid() != 0
                       else f"{deepest} is not writable (a read-only file system, or an immutable directory)")
-    return _DirCheck(None, unwritable, exists)
+    return _DirCheck(None, unwritable)
 
 
 def _temp_for(real: str) -> str:
@@ -202,12 +200,12 @@ def _leftovers(root: str, layout: Layout, checks: dict[str, _DirCheck]) -> list[
     actions = []
     for directory in _written_dirs(layout):
         check = checks[directory]
-        if check.problem is not None or check.unwritable is not None or not check.exists:
+        if check.problem is not None or check.unwritable is not None:
             continue
         try:
             entries = list(os.scandir(real_path(root, directory)))
-        except OSError:
-            continue  # nothing we could sweep; writes there are refused as unwritable
+        except OSError:  # not there yet (makedirs creates it), or unreadable: nothing to sweep
+            continue
         for entry in entries:
             if ((TEMP_RE.match(entry.name) or OLD_TEMP_RE.match(entry.name))
                     and (entry.is_symlink() or entry.is_file(follow_symlinks=False))):
