@@ -35,7 +35,8 @@ def test_defaults_follow_the_spec() -> None:
     assert daemon.socket == "/run/qubes/socksvc-demo.sock"
     assert (daemon.socket_mode, daemon.socket_group) == ("0660", "qubes")
     assert (daemon.condition_user, daemon.condition_group) == ("!root", "qubes")
-    assert (daemon.idle_exit, daemon.max_connections) == (300, 256)
+    assert (daemon.idle_exit, daemon.max_connections, daemon.descriptor_timeout) == (300, 256, 10)
+    assert (daemon.qubes_service, daemon.enable) == (None, False)
     service = daemon.services["demo.Echo"]
     assert service.service_descriptor is True
     assert service.rpc_config().options() == {}
