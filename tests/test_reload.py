@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from qubes_socksvc import model, server
+from qubes_socksvc import logs, model, server
 from tests.conftest import NotifySocket, apply, raw_call, run_cli, world_dir
 from tests.test_spec import SpecDaemon
 
@@ -491,6 +491,33 @@ def test_callers_during_a_stop_are_refused_at_once(tmp_path: Path, monkeypatch: 
     assert "stopping: waiting up to 1.0s for 1 calls" in caplog.text
     assert "stopping: cancelled 1 calls still running" in caplog.text
 
+
+
+
+def test_a_fault_logged_again_after_the_interval_says_how_often_it_was_held_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A handler that fails on every call is logged once per interval (logs.REPEAT_INTERVAL,
+    60 s; 1 s here): its next line says how many failures were held back meanwhile."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    spec, _, _ = in_process(tmp_path, BEFORE + "      r.Raise:\n        handler: handlers:raises\n", BEFORE)
+    source = loader(spec)
+    daemon, spec_id = source.load()
+
+    async def scenario() -> None:
+        serving, running = serving_in(tmp_path, daemon, source, spec_id)
+        serving._repeats = logs.Repeats(interval=1.0)
+        for _ in range(3):
+            await one_call(tmp_path / "socksvc-r.sock", b"r.Raise+ work\0")
+        await asyncio.sleep(1.1)
+        await one_call(tmp_path / "socksvc-r.sock", b"r.Raise+ work\0")
+        serving.stop()
+        await running
+
+    with caplog.at_level(logging.INFO, logger="qubes_socksvc.server"):
+        asyncio.run(scenario())
+    raised = [r.getMessage() for r in caplog.records if "raised" in r.getMessage()]
+    assert raised == ["call r.Raise+: handler handlers:raises raised",
+                      "call r.Raise+: handler handlers:raises raised (and 2 times more in the last 1s, not logged)"]
 
 
 @pytest.mark.parametrize("ended_by", ["stop", "cancel"])

@@ -136,7 +136,8 @@ def test_serve_imports_neither_yaml_nor_jinja(applied: tuple[Path, Path]) -> Non
      '"socket": "/run/qubes/x.sock", "qubes_service": 5, "services": {}}}',
      r"daemon.qubes_service: expected str \| None, got int"),
     ('{"version": 1, "manifest": "m", "manifest_sha256": "h", "daemon": {"name": "s", "description": "d", '
-     '"socket": "/run/qubes/x.sock", "idle_exit": true, "services": {}}}', "daemon.idle_exit: expected float, got bool"),
+     '"socket": "/run/qubes/x.sock", "idle_exit": true, "services": {}}}',
+     "daemon.idle_exit: expected float, got bool"),
     ('{"version": 1, "manifest": "m", "manifest_sha256": "h", "daemon": {"name": "s", "description": "d", '
      '"socket": "/run/qubes/x.sock", "services": {"a": {"full_name": "a", "handler": "m:f", '
      '"wait_for_session": "yes"}}}}', r"services.a.wait_for_session: expected bool \| None, got str"),
