@@ -228,6 +228,17 @@ async def schedules_a_failing_callback(request: Request) -> str:
     return "scheduled\n"
 
 
+async def reports_to_the_loop(request: Request) -> str:
+    """Reports to the loop as libraries do without an exception (aiohttp: "Unclosed client
+    session", on every call that forgets to close one), and a connection error of its own."""
+    loop = asyncio.get_running_loop()
+    loop.call_exception_handler({"message": "Unclosed client session", "client_session": object()})
+    loop.call_exception_handler({"message": "Fatal read error on socket transport",
+                                 "exception": ConnectionResetError("reset by its peer")})
+    loop.call_exception_handler({})
+    return "reported\n"
+
+
 async def blocks_the_loop_later(request: Request) -> str:
     """Leaves the loop a callback that blocks it (``+SECONDS``), in 50 ms: not in a handler's step."""
     asyncio.get_running_loop().call_later(0.05, time.sleep, float(request.argument or "1"))

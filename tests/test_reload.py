@@ -520,6 +520,31 @@ def test_a_fault_logged_again_after_the_interval_says_how_often_it_was_held_back
                       "call r.Raise+: handler handlers:raises raised (and 2 times more in the last 1s, not logged)"]
 
 
+
+def test_a_report_to_the_loop_without_an_exception_is_logged_once_by_its_message(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A library that reports to the loop on every call without an exception (aiohttp's
+    "Unclosed client session") is logged once per interval, keyed by its message; one without
+    even a message is named as such; a connection error is its call's business, not logged."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    spec, _, _ = in_process(tmp_path, BEFORE + "      r.Report:\n        handler: handlers:reports_to_the_loop\n",
+                            BEFORE)
+    source = loader(spec)
+    daemon, spec_id = source.load()
+
+    async def scenario() -> list[bytes]:
+        serving, running = serving_in(tmp_path, daemon, source, spec_id)
+        replies = [await one_call(tmp_path / "socksvc-r.sock", b"r.Report+ work\0") for _ in range(3)]
+        serving.stop()
+        await running
+        return replies
+
+    with caplog.at_level(logging.INFO, logger="qubes_socksvc.server"):
+        assert asyncio.run(scenario()) == [b"reported\n"] * 3
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == ["Unclosed client session", "unexpected error in the event loop"], errors
+
+
 @pytest.mark.parametrize("ended_by", ["stop", "cancel"])
 def test_a_server_whose_run_is_cancelled_ends_as_a_stopped_one(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, ended_by: str) -> None:
