@@ -585,6 +585,19 @@ def test_a_server_whose_run_is_cancelled_ends_as_a_stopped_one(
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
 
 
+async def hang_and_leave(path: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Call r.Hang (a handler that never returns by itself) and leave: wait up to 5 s for the
+    daemon to say the caller went away."""
+    _, caller = await asyncio.open_unix_connection(path)
+    caller.write(b"r.Hang+ work\0")
+    await asyncio.sleep(0.2)
+    caller.close()
+    for _ in range(100):
+        if "call r.Hang+: caller went away" in caplog.text:
+            return
+        await asyncio.sleep(0.05)
+
+
 def test_a_hung_call_whose_caller_left_is_ended_after_the_daemon_was_idle(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """The caller watch (CALLER_CHECK_INTERVAL) goes on through idle times: a call to a handler
@@ -598,14 +611,7 @@ def test_a_hung_call_whose_caller_left_is_ended_after_the_daemon_was_idle(
     async def scenario() -> None:
         serving, running = serving_in(tmp_path, daemon, source, spec_id)
         await asyncio.sleep(0.5)  # idle: the watch has found no call five times
-        _, caller = await asyncio.open_unix_connection(str(tmp_path / "socksvc-r.sock"))
-        caller.write(b"r.Hang+ work\0")
-        await asyncio.sleep(0.2)
-        caller.close()  # the caller leaves; the handler never returns by itself
-        for _ in range(100):
-            if "call r.Hang+: caller went away" in caplog.text:
-                break
-            await asyncio.sleep(0.05)
+        await hang_and_leave(str(tmp_path / "socksvc-r.sock"), caplog)
         serving.stop()
         await running
 
@@ -640,14 +646,7 @@ def test_the_caller_watch_outlives_a_call_whose_connection_closed_before_its_tas
         await asyncio.sleep(0.3)  # the handler has returned; its output waits for this caller
         lingered = len(await reader.read())
         writer.close()
-        _, caller = await asyncio.open_unix_connection(path)
-        caller.write(b"r.Hang+ work\0")
-        await asyncio.sleep(0.2)
-        caller.close()
-        for _ in range(100):
-            if "call r.Hang+: caller went away" in caplog.text:
-                break
-            await asyncio.sleep(0.05)
+        await hang_and_leave(path, caplog)
         serving.stop()
         await running
         return lingered
