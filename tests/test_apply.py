@@ -85,21 +85,28 @@ def test_foreign_executable_service_is_a_conflict(tmp_path: Path) -> None:
     before = tree_digest(root)
     result = apply(write(tmp_path, TWO), root)
     assert result.returncode == 1
-    assert "conflict  /etc/qubes-rpc/demo.Later" in result.stdout and "not owned by qubes-socksvc" in result.stdout
+    assert "conflict  /etc/qubes-rpc/demo.Later -> " in result.stdout
+    assert "(exists and is not owned by qubes-socksvc; remove it or rename the service)" in result.stdout
     assert "1 conflicts; nothing was changed" in result.stderr
     assert tree_digest(root) == before
 
 
-def test_owned_file_edited_by_hand_is_a_conflict_not_a_casualty(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("still_declared", "fix"), [(False, "remove it by hand"), (True, "remove it or restore it")])
+def test_owned_file_edited_by_hand_is_a_conflict_not_a_casualty(tmp_path: Path, still_declared: bool,
+                                                                 fix: str) -> None:
+    """A unit apply wrote and an administrator edited is neither removed (its daemon no longer
+    declared) nor overwritten (still declared): each conflict says what to do."""
     root = tmp_path / "root"
     manifest = write(tmp_path, TWO)
     apply(manifest, root)
     unit = root / "etc/systemd/user/qubes-socksvc-second.service"
     unit.write_text(unit.read_text() + "# local change\n")
-    manifest.write_text(GOOD)
+    manifest.write_text(TWO if still_declared else GOOD)
     before = tree_digest(root)
     result = apply(manifest, root)
-    assert result.returncode == 1 and "changed since qubes-socksvc wrote it" in result.stdout
+    assert result.returncode == 1
+    assert f"conflict  /etc/systemd/user/qubes-socksvc-second.service  (changed since qubes-socksvc wrote it; {fix})" \
+        in result.stdout, result.stdout
     assert tree_digest(root) == before
 
 

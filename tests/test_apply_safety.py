@@ -593,6 +593,20 @@ def test_an_unwritable_directory_or_file_is_refused_before_the_first_write(
     assert relative(snapshot(root), root) == reference(manifest, A, B)[0]
 
 
+
+def test_an_apply_with_nothing_to_change_needs_no_writable_directory(
+        world: Callable[[str], tuple[Path, Path, Path]]) -> None:
+    """An apply that changes nothing writes nothing, the record included: an immutable record
+    directory (or a read-only /var) does not fail it."""
+    manifest, root, outside = world(A)
+    assert apply(manifest, root).returncode == 0
+    before = snapshot(root, outside)
+    with immutable(root / "var/lib/qubes-socksvc"):
+        result = apply(manifest, root)
+    assert result.returncode == 0 and "conflict" not in result.stdout, result.stdout + result.stderr
+    assert snapshot(root, outside) == before
+
+
 def test_a_path_longer_than_path_max_is_refused_before_the_first_write(tmp_path: Path) -> None:
     """A root of 4046 bytes: the record and the qubes-rpc links fitted PATH_MAX under the
     old temporary names and the units did not, so apply failed half-way (ENAMETOOLONG)."""
@@ -904,13 +918,20 @@ def test_execute_refuses_a_plan_with_conflicts(world: Callable[[str], tuple[Path
     assert snapshot(root, outside) == before
 
 
-def test_apply_leaves_no_descriptor_open(world: Callable[[str], tuple[Path, Path, Path]]) -> None:
-    """In a long-lived process (a test, a tool calling cli.main), apply opens and closes its files."""
+def test_apply_leaves_no_descriptor_open_and_the_umask_as_it_was(
+        world: Callable[[str], tuple[Path, Path, Path]]) -> None:
+    """In a long-lived process (a test, a tool calling cli.main), apply opens and closes its files,
+    and writes with umask 022 only while it writes: the process's own umask is given back."""
     manifest, root, _ = world(A)
     before = sorted(os.listdir("/proc/self/fd"))
-    assert apply_in_process(manifest, root)[0] == 0
-    manifest.write_text(B)
-    assert apply_in_process(manifest, root)[0] == 0
+    old = os.umask(0o077)
+    try:
+        assert apply_in_process(manifest, root)[0] == 0
+        manifest.write_text(B)
+        assert apply_in_process(manifest, root)[0] == 0
+        assert os.umask(0o077) == 0o077
+    finally:
+        os.umask(old)
     assert sorted(os.listdir("/proc/self/fd")) == before
 
 
