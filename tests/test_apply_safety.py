@@ -918,6 +918,29 @@ def test_execute_refuses_a_plan_with_conflicts(world: Callable[[str], tuple[Path
     assert snapshot(root, outside) == before
 
 
+
+def test_execute_never_writes_a_record_it_could_not_read_back(
+        world: Callable[[str], tuple[Path, Path, Path]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """install.execute, for code that plans by itself (or a plan made before the cap changed):
+    a record larger than load_state reads (MAX_STATE_SIZE) is refused before anything is
+    written, even the widened record; plan refuses it first, this is the net."""
+    manifest, root, outside = world(A)
+    loaded = load_manifest(str(manifest))
+    layout = Layout.for_manifest(loaded)
+    plan = install.plan(render.render(loaded, layout), layout, str(root))
+    assert not plan.conflicts and plan.changes
+    size = len(install._record(install._widened(plan)))
+    monkeypatch.setattr(install, "MAX_STATE_SIZE", size - 1)
+    before = snapshot(root, outside)
+    with pytest.raises(install.ApplyError, match=rf"the ownership record would be {size} bytes, more than apply "
+                                                 rf"reads back \({size - 1}\); nothing more was written"):
+        install.execute(plan)
+    assert snapshot(root, outside) == before
+    monkeypatch.setattr(install, "MAX_STATE_SIZE", size)  # exactly the cap: written
+    install.execute(plan)
+    assert len((root / RECORD).read_bytes()) <= size
+
+
 def test_apply_leaves_no_descriptor_open_and_the_umask_as_it_was(
         world: Callable[[str], tuple[Path, Path, Path]]) -> None:
     """In a long-lived process (a test, a tool calling cli.main), apply opens and closes its files,
