@@ -50,6 +50,7 @@ def forward(key: str, target: str, extra: str = "") -> str:
     ("tcp:[::1]:22", "/dev/tcp/::1/22"),
     ("tcp:[fe80::1%eth0]:65535", "/dev/tcp/fe80::1%eth0/65535"),  # a scope: the link form only
     ("tcp:[::1]", "/dev/tcp/::1"),
+    ("unix:/" + "s" * 106, "/" + "s" * 106),  # 107 bytes: sun_path's room, its NUL aside
 ])
 def test_target_forms_become_qrexec_links(target: str, link: str) -> None:
     """libqrexec/exec.c: find_file: a link to /dev/tcp[/HOST[/PORT]] is a TCP service."""
