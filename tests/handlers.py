@@ -236,6 +236,10 @@ async def reports_to_the_loop(request: Request) -> str:
     loop.call_exception_handler({"message": "Fatal read error on socket transport",
                                  "exception": ConnectionResetError("reset by its peer")})
     loop.call_exception_handler({})
+    loop.call_exception_handler({"message": "an exception that is none", "exception": "a string"})
+    # A fault is known by its message's first 64 characters (a message may grow without bound).
+    for message in ("x" * 63 + "a", "x" * 63 + "b", "y" * 64 + "a", "y" * 64 + "b"):
+        loop.call_exception_handler({"message": message})
     return "reported\n"
 
 
