@@ -63,8 +63,9 @@ def test_target_forms_become_qrexec_links(target: str, link: str) -> None:
 
 def test_forward_options_are_rpc_config() -> None:
     fwd = parse(forward("my.Fwd", "tcp:127.0.0.1:22", "    service_descriptor: true\n    wait_for_session: true\n"
-                        "    exit_on_client_eof: true\n")).forwards["my.Fwd"]
-    assert fwd.rpc_config().options() == {"wait-for-session": True, "exit-on-client-eof": True}
+                        "    exit_on_client_eof: true\n    exit_on_service_eof: false\n")).forwards["my.Fwd"]
+    assert fwd.rpc_config().options() == {"wait-for-session": True, "exit-on-client-eof": True,
+                                          "exit-on-service-eof": False}
 
 
 # (key, target, extra YAML, "line:col", key in the message, words in the message)
