@@ -417,11 +417,11 @@ class Manifest:
 
     path: str
     daemons: dict[str, Daemon]
-    forwards: dict[str, Forward] = field(default_factory=dict)
-    policies: dict[str, Policy] = field(default_factory=dict)
+    forwards: dict[str, Forward]
+    policies: dict[str, Policy]
     """The ``policy:`` entries of services and forwards, by key (dom0's business, not the
     daemon's: kept out of :class:`Daemon`, so out of the compiled spec)."""
-    sha256: str = ""
+    sha256: str
     """Of the manifest's text: recorded in each compiled spec."""
 
     @property
