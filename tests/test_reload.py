@@ -249,14 +249,74 @@ def test_with_inotify_a_call_costs_no_look_at_the_spec(tmp_path: Path, monkeypat
         assert looks == [], "a call looked at the spec"
         rename_in(spec, after)
         added = await one_call(tmp_path / "socksvc-r.sock", b"r.Added+ work\0")
+        looks.clear()  # and the daemon's own reading of the new spec did not cost it its watch
+        replies += [await one_call(tmp_path / "socksvc-r.sock", b"r.Echo+ work\0x") for _ in range(3)]
+        assert looks == [], "a call after the reload looked at the spec"
         serving.stop()
         await running
         return replies, added
 
     with caplog.at_level(logging.INFO, logger="qubes_socksvc.server"):
         replies, added = asyncio.run(scenario())
-    assert replies == [b"x"] * 5 and b"source='work'" in added
+    assert replies == [b"x"] * 8 and b"source='work'" in added
     assert f"daemon r serving 3 services on 1 sockets, spec {spec_id} (asyncio event loop)" in caplog.text
+
+
+
+def _change(spec: Path, how: str) -> None:
+    directory = spec.parent
+    if how == "renamed in":  # apply
+        (directory / "new").write_text("{}")
+        os.rename(directory / "new", spec)
+    elif how == "written in place":  # an editor
+        spec.write_text("{ }")
+    elif how == "its mode changed":
+        spec.chmod(0o600)
+    elif how == "created":
+        spec.write_text("{}")
+    elif how == "removed":
+        spec.unlink()
+    elif how == "renamed away":
+        os.rename(spec, directory / "old")
+    elif how == "its directory removed":
+        shutil.rmtree(directory)
+    elif how == "its directory moved":
+        os.rename(directory, directory.with_name("moved"))
+    elif how == "too much at once":  # more events than the queue holds (fs.inotify.max_queued_events)
+        limit = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
+        for i in range(limit + 1):
+            (directory / f"f{i}").touch()
+
+
+@pytest.mark.parametrize(("how", "alive"), [
+    ("renamed in", True), ("written in place", True), ("its mode changed", True), ("created", True),
+    ("removed", True), ("renamed away", True),
+    # then no watch is left: each call looks at the spec again
+    ("its directory removed", False), ("its directory moved", False), ("too much at once", False),
+])
+def test_the_spec_watch_sees_every_way_the_spec_can_change(tmp_path: Path, how: str, alive: bool) -> None:
+    """server.SpecWatch (inotify(7) on the spec's directory) reports each change to the spec's
+    name, whoever makes it, and none to another file there; where the watch itself is lost it
+    says so (alive False)."""
+    spec = tmp_path / "daemons" / "r.json"
+    spec.parent.mkdir()
+    if how != "created":
+        spec.write_text("{}")
+
+    async def scenario() -> tuple[int, int, bool]:
+        seen: list[int] = []
+        watch = server.SpecWatch.start(str(spec), lambda: seen.append(1))
+        assert watch is not None
+        (spec.parent / "other.json").write_text("another daemon's spec")
+        await asyncio.sleep(0.05)
+        before = len(seen)
+        _change(spec, how)
+        await asyncio.sleep(0.05)
+        watch.close()
+        return before, len(seen), watch.alive
+
+    before, after, still = asyncio.run(scenario())
+    assert (before, after > 0, still) == (0, True, alive)
 
 
 def test_a_daemon_started_without_a_spec_names_none(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
