@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import logging
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -317,6 +320,68 @@ def test_the_spec_watch_sees_every_way_the_spec_can_change(tmp_path: Path, how: 
 
     before, after, still = asyncio.run(scenario())
     assert (before, after > 0, still) == (0, True, alive)
+
+
+def test_the_spec_watch_holds_one_descriptor_that_never_blocks_nor_outlives_an_exec(tmp_path: Path) -> None:
+    """The watch's inotify descriptor is non-blocking (SpecWatch._read drains it until EAGAIN: a
+    blocking one would hang the event loop after the first event) and close-on-exec (a handler's
+    child process does not inherit it)."""
+    spec = tmp_path / "r.json"
+    spec.write_text("{}")
+
+    async def scenario() -> tuple[int, int]:
+        watch = server.SpecWatch.start(str(spec), lambda: None)
+        assert watch is not None
+        try:
+            return fcntl.fcntl(watch.fd, fcntl.F_GETFL), fcntl.fcntl(watch.fd, fcntl.F_GETFD)
+        finally:
+            watch.close()
+
+    status, flags = asyncio.run(scenario())
+    assert status & os.O_NONBLOCK and flags & fcntl.FD_CLOEXEC
+
+
+@contextlib.contextmanager
+def _no_descriptor_left() -> Iterator[None]:
+    """Every new file descriptor fails with EMFILE meanwhile (RLIMIT_NOFILE below the lowest free one)."""
+    lowest_free = os.dup(0)
+    os.close(lowest_free)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.mark.parametrize("lacking", ["a descriptor", "the directory"])
+def test_a_spec_watch_that_cannot_be_had_says_why_and_leaves_nothing_open(
+        tmp_path: Path, lacking: str, caplog: pytest.LogCaptureFixture) -> None:
+    """SpecWatch.start returns None, and says why in the kernel's words, when inotify_init1 fails
+    (here EMFILE: no descriptor left; fs.inotify.max_user_instances gives the same) or the
+    directory cannot be watched (ENOENT); the daemon then looks at the spec before each call
+    (test_without_inotify_each_call_looks_at_the_spec).  No descriptor is left open."""
+    spec = tmp_path / ("r.json" if lacking == "a descriptor" else "missing/r.json")
+    spec.parent.mkdir(exist_ok=True)
+    if lacking == "the directory":
+        spec.parent.rmdir()
+
+    async def scenario() -> tuple[server.SpecWatch | None, int, int]:
+        before = len(os.listdir("/proc/self/fd"))
+        if lacking == "a descriptor":
+            with _no_descriptor_left():
+                watch = server.SpecWatch.start(str(spec), lambda: None)
+        else:
+            watch = server.SpecWatch.start(str(spec), lambda: None)
+        return watch, before, len(os.listdir("/proc/self/fd"))
+
+    with caplog.at_level(logging.WARNING, logger="qubes_socksvc"):
+        watch, before, after = asyncio.run(scenario())
+    assert watch is None and after == before
+    reason = os.strerror(errno.EMFILE if lacking == "a descriptor" else errno.ENOENT)
+    expected = (f"no inotify ({reason}): " if lacking == "a descriptor"
+                else f"cannot watch {spec.parent} ({reason}): ")
+    assert [r.getMessage() for r in caplog.records] == [expected + "the spec's stamp is looked at before each call"]
 
 
 def test_a_daemon_started_without_a_spec_names_none(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
