@@ -410,6 +410,20 @@ def test_call_whose_standard_input_fails(rpc_dirs: RpcDirs, tmp_path: Path) -> N
     assert_one_line(err, "cannot read standard input: Bad file descriptor")
 
 
+def test_call_whose_standard_input_is_reset_takes_it_as_the_end_of_input(rpc_dirs: RpcDirs, tmp_path: Path) -> None:
+    """A standard input that is a socket reset by its peer (ECONNRESET: the peer closed with
+    data of ours unread) ends the input there, as EOF does, and the call goes on (libqrexec/
+    remote.c: handle_input_v2 takes ECONNRESET as EOF): what came before it reaches the service."""
+    ours, peer = socket.socketpair()
+    peer.sendall(b"input before the reset")
+    ours.sendall(b"never read by the peer")
+    peer.close()  # unix_release_sock: data left unread sets our side's sk_err to ECONNRESET
+    with ours, open(tmp_path / "out", "wb") as out:
+        code, err = run_call(rpc_dirs.services[1], "test.Echo", stdin=ours.fileno(), stdout=out)
+    assert (code, err) == (0, "")
+    assert (tmp_path / "out").read_bytes() == b"input before the reset"
+
+
 def test_call_with_a_non_blocking_standard_input(rpc_dirs: RpcDirs) -> None:
     """stdin's O_NONBLOCK belongs to its open file, shared with whoever set it: EAGAIN means
     "not yet", and the call waits for input as qrexec does (libqrexec/remote.c: handle_input_v2
