@@ -174,6 +174,12 @@ async def writes_without_drain(request: Request) -> None:
         await asyncio.sleep(0)
 
 
+async def yields_forever(request: Request) -> None:
+    """Never awaits anything but the loop's next turn (``asyncio.sleep(0)``): busy, yet yielding."""
+    while True:
+        await asyncio.sleep(0)
+
+
 async def writes_with_drain(request: Request) -> None:
     """Writes and drains in a loop (``+N`` writes of 64 KiB), the way a handler should."""
     block = b"d" * 65536

@@ -62,6 +62,9 @@ CARELESS_MANIFEST = HOSTILE_MANIFEST + """\
         handler: handlers:writes_without_drain
       h.WritesWithDrain:
         handler: handlers:writes_with_drain
+      h.YieldsForever:
+        handler: handlers:yields_forever
+        timeout: 0.5
       h.PlainLate:
         handler: handlers:plain_writes_after_timeout
         timeout: 0.3
@@ -267,6 +270,18 @@ def test_plain_handler_writing_after_its_timeout_is_silent(careless: tuple[Runni
     wait_for_log(daemon, "call h.PlainLate timed out after 0.3s", 3)
     time.sleep(1.5)  # the threads wake after 1 s and write
     assert daemon.log_text().count("h.PlainLate") == 6  # "call ... from work" and "timed out", 3 times
+    assert_quiet(daemon)
+    assert_recovered(daemon, base)
+
+
+def test_a_handler_that_only_yields_is_still_ended_by_its_timeout(careless: tuple[RunningDaemon, Baseline]) -> None:
+    """A handler busy in a loop of ``await asyncio.sleep(0)`` is cancelled at its timeout like any
+    other (the cancellation reaches it at a turn where it awaits no future: handlers.watch_stalls
+    passes it on), its call cut and logged as timed out."""
+    daemon, base = careless
+    for _ in range(3):
+        assert daemon.call(b"h.YieldsForever work\0") == b""
+    wait_for_log(daemon, "call h.YieldsForever timed out after 0.5s", 3)
     assert_quiet(daemon)
     assert_recovered(daemon, base)
 
