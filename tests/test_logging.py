@@ -24,9 +24,11 @@ from typing import Any, overload
 
 import pytest
 
-from qubes_socksvc import cli, logs, manifest, server
-from qubes_socksvc.model import Daemon
-from qubes_socksvc.request import Request
+from qubes_socksvc import cli, descriptor, logs, manifest, server
+from qubes_socksvc.callcore import Ending, Result
+from qubes_socksvc.handlers import HandlerError
+from qubes_socksvc.model import Daemon, Service
+from qubes_socksvc.request import InputTooLarge, Request
 from tests.conftest import REPO
 from tests.handlers import QUEUED_OUTPUT
 
@@ -813,3 +815,76 @@ def test_a_call_line_reaches_other_handlers_and_filters_through_logging(tmp_path
         parent.handlers = []
         journal.close()
         sink.close()
+
+
+def _ending_table() -> dict[str, str]:
+    """docs/daemon.md's table "How each call ends, in the journal": each ending's level ("" for none)."""
+    text = (REPO / "docs" / "daemon.md").read_text()
+    table = text.split("### How each call ends, in the journal", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1:-1] for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    return {ending.strip(): level.strip() for ending, level, _ in rows[1:]}
+
+
+_SERVICE = Service("my.Service+arg", "handlers:h", timeout=2.5, socket="/run/my.sock")
+#: (the row of docs/daemon.md's table, the Result, the level and message Server.ended logs for it)
+_ENDINGS: list[tuple[str, Result, str, str]] = [
+    ("served", Result(Ending.SERVED, "my.Service+arg", _SERVICE), "", ""),
+    ("no descriptor within `descriptor_timeout`", Result(Ending.LATE), "WARNING",
+     "rejected call: no descriptor within 10s"),
+    ("closed before the descriptor's NUL", Result(Ending.CUT_SHORT, error=asyncio.IncompleteReadError(b"my.Se", None)),
+     "WARNING", "rejected call: connection closed before the descriptor's NUL (5 bytes)"),
+    ("closed before sending anything", Result(Ending.EMPTY), "INFO",
+     "rejected call: connection closed before sending anything"),
+    ("descriptor too long", Result(Ending.TOO_LONG), "WARNING", "rejected call: descriptor longer than 65535 bytes"),
+    ("malformed descriptor", Result(Ending.MALFORMED, error=descriptor.DescriptorError("invalid source")), "WARNING",
+     "rejected call: invalid source"),
+    ("service not handled here", Result(Ending.UNKNOWN, "my.Other"), "WARNING",
+     "rejected call: service my.Other is not handled by daemon d"),
+    ("caller gone before its descriptor was read", Result(Ending.CALLER_GONE, error=ConnectionResetError()), "INFO",
+     "caller went away"),
+    ("internal error", Result(Ending.INTERNAL, error=RuntimeError("a bug")), "ERROR",
+     "internal error while serving a call"),
+    ("service no longer declared (its own socket, after a reload)", Result(Ending.UNDECLARED, service=_SERVICE),
+     "WARNING", "rejected call: service my.Service+arg on /run/my.sock is no longer declared"),
+    ("handler cannot be loaded (*limited*)",
+     Result(Ending.LOAD_FAILED, "my.Service+arg", _SERVICE, HandlerError("no module named 'handlers'")), "ERROR",
+     "call my.Service+arg failed: no module named 'handlers'"),
+    ("input exceeds `max_input`", Result(Ending.INPUT_TOO_LARGE, "my.Service+arg", _SERVICE,
+                                         InputTooLarge("input exceeds max_input (100 bytes)")), "WARNING",
+     "call my.Service+arg rejected: input exceeds max_input (100 bytes)"),
+    ("timed out", Result(Ending.TIMED_OUT, "my.Service+arg", _SERVICE, TimeoutError()), "WARNING",
+     "call my.Service+arg timed out after 2.5s"),
+    ("caller went away", Result(Ending.CALLER_GONE, "my.Service+arg", _SERVICE, ConnectionResetError()), "INFO",
+     "call my.Service+arg: caller went away"),
+    ("handler raised (*limited*)", Result(Ending.RAISED, "my.Service+arg", _SERVICE, ValueError("bad")), "ERROR",
+     "call my.Service+arg: handler handlers:h raised"),
+]
+
+
+@pytest.mark.parametrize(("row", "result", "level", "message"), _ENDINGS, ids=[e[0] for e in _ENDINGS])
+def test_each_way_a_call_ends_is_logged_as_the_manual_says(row: str, result: Result, level: str, message: str,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """How a call ended is one line at the level docs/daemon.md's table gives (a served call's
+    line is its start line: none more), with the traceback where the table says so."""
+    assert _ending_table()[row] == level
+    serving = server.Server(Daemon("d", "", "/s"))
+    with caplog.at_level(logging.DEBUG, logger="qubes_socksvc"):
+        serving.ended(serving.daemon, result)
+    logged = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert logged == ([(level, message)] if level else [])
+    if level == "ERROR" and result.ending is not Ending.LOAD_FAILED:
+        assert caplog.records[0].exc_text or caplog.records[0].exc_info
+
+
+def test_the_manuals_table_has_a_row_for_every_ending() -> None:
+    """Every callcore.Ending has its row (a new one cannot go unlogged, or undocumented)."""
+    assert {e[1].ending for e in _ENDINGS} == set(Ending)
+    assert set(_ending_table()) == {e[0] for e in _ENDINGS}
+
+
+def test_a_call_that_ends_naming_no_service_where_one_is_needed_is_a_bug_said_aloud() -> None:
+    """Server.ended refuses a Result that needs its service (to name its socket, handler or
+    timeout) and has none: a bug in callcore, raised, never a line with a blank in it."""
+    serving = server.Server(Daemon("d", "", "/s"))
+    with pytest.raises(AssertionError, match="names no service"):
+        serving.ended(serving.daemon, Result(Ending.TIMED_OUT, "my.Service"))
