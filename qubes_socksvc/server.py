@@ -599,7 +599,7 @@ class Server:
         if exc_info is None:
             log.log(level, msg, *args)
         elif log.isEnabledFor(level):
-            filename, line, function, _ = log.findCaller(stacklevel=2)
+            filename, line, function, _ = log.findCaller()  # _fault, as log.log() above would give
             record = log.makeRecord(log.name, level, filename, line, msg, args, None, function)
             record.exc_text = logs.traceback_text(exc_info)  # Formatter.format appends it
             log.handle(record)

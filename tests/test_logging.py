@@ -888,3 +888,24 @@ def test_a_call_that_ends_naming_no_service_where_one_is_needed_is_a_bug_said_al
     serving = server.Server(Daemon("d", "", "/s"))
     with pytest.raises(AssertionError, match="names no service"):
         serving.ended(serving.daemon, Result(Ending.TIMED_OUT, "my.Service"))
+
+
+def test_a_fault_with_its_traceback_is_logged_like_one_without(caplog: pytest.LogCaptureFixture) -> None:
+    """A handler's fault with its traceback (raised) and one without (cannot be loaded) come from
+    the same place (their journal CODE_FILE, CODE_LINE's function and CODE_FUNC: Server._fault),
+    and both obey the logging configuration: disabled at ERROR, neither is logged."""
+    serving = server.Server(Daemon("d", "", "/s"))
+    raised = Result(Ending.RAISED, "my.Service+arg", _SERVICE, ValueError("bad"))
+    unloadable = Result(Ending.LOAD_FAILED, "my.Service+arg", _SERVICE, HandlerError("no module"))
+    with caplog.at_level(logging.DEBUG, logger="qubes_socksvc"):
+        logging.disable(logging.ERROR)
+        try:
+            serving.ended(serving.daemon, raised)
+            serving.ended(serving.daemon, unloadable)
+        finally:
+            logging.disable(logging.NOTSET)
+        assert caplog.records == []
+        serving = server.Server(Daemon("d", "", "/s"))  # its faults are new to it (not repeats)
+        serving.ended(serving.daemon, raised)
+        serving.ended(serving.daemon, unloadable)
+    assert [(r.pathname, r.funcName) for r in caplog.records] == [(server.__file__, "_fault")] * 2
