@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -188,9 +189,25 @@ def test_without_inotify_each_call_looks_at_the_spec(tmp_path: Path, monkeypatch
     assert asyncio.run(scenario()) == [True, False] * 3
 
 
-def in_process(tmp_path: Path, first: str, second: str) -> tuple[Path, bytes, bytes]:
-    """A spec applied from ``first`` in ``tmp_path``, and the bytes apply writes for ``first``
-    and for ``second``; the spec holds the first's."""
+def declared(service: str, handler: str) -> str:
+    """A service entry of the manifests above: ``service`` handled by tests/handlers.py's ``handler``."""
+    return f"      {service}:\n        handler: handlers:{handler}\n"
+
+
+class InProcess(NamedTuple):
+    """A spec applied from a first manifest, and what a daemon serving it in this process needs."""
+
+    spec: Path
+    after: bytes
+    """The bytes apply writes for the second manifest (rename_in puts them in place)."""
+    source: server.Source
+    daemon: model.Daemon
+    spec_id: str
+
+
+def in_process(tmp_path: Path, first: str, second: str) -> InProcess:
+    """A spec applied from ``first`` in ``tmp_path`` (it holds the first's), the bytes apply
+    writes for ``second``, and the spec's source, daemon and id, loaded."""
     (tmp_path / "manifest.yaml").write_text(first)
     apply(tmp_path / "manifest.yaml", tmp_path, check=True)
     spec = tmp_path / "var/lib/qubes-socksvc/daemons/r.json"
@@ -198,7 +215,8 @@ def in_process(tmp_path: Path, first: str, second: str) -> tuple[Path, bytes, by
     reapply(tmp_path / "manifest.yaml", tmp_path, second)
     after = spec.read_bytes()
     rename_in(spec, before)
-    return spec, before, after
+    source = loader(spec)
+    return InProcess(spec, after, source, *source.load())
 
 
 def loader(spec: Path) -> server.Source:
@@ -232,7 +250,7 @@ def test_with_inotify_a_call_costs_no_look_at_the_spec(tmp_path: Path, monkeypat
     (server.SpecWatch), so a call does not stat() the spec, and a new spec is still seen by the
     very next call.  The start line names the spec served."""
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
-    spec, _, after = in_process(tmp_path, BEFORE, AFTER)
+    spec, after, source, daemon, spec_id = in_process(tmp_path, BEFORE, AFTER)
     looks: list[str] = []
     real = server._stamp
 
@@ -241,8 +259,6 @@ def test_with_inotify_a_call_costs_no_look_at_the_spec(tmp_path: Path, monkeypat
         return real(path)
 
     monkeypatch.setattr(server, "_stamp", stamp)
-    source = loader(spec)
-    daemon, spec_id = source.load()
 
     async def scenario() -> tuple[list[bytes], bytes]:
         serving, running = serving_in(tmp_path, daemon, source, spec_id)
@@ -405,9 +421,7 @@ def test_a_stopped_server_leaves_no_task_of_its_own_running(tmp_path: Path, monk
     its idle watch, status reporter, spec timer and caller watch are gone, and it reports
     nothing more."""
     monkeypatch.setattr(server, "STATUS_INTERVAL", 0.05)
-    spec, _, _ = in_process(tmp_path, BEFORE.replace("idle_exit: 0", "idle_exit: 60"), BEFORE)
-    source = loader(spec)
-    daemon, spec_id = source.load()
+    _, _, source, daemon, spec_id = in_process(tmp_path, BEFORE.replace("idle_exit: 0", "idle_exit: 60"), BEFORE)
     statuses: list[str] = []
 
     handlers_before = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
@@ -440,11 +454,8 @@ def test_without_inotify_the_timer_sees_a_new_spec_while_every_slot_is_held(
     monkeypatch.setattr(server, "SPEC_CHECK_INTERVAL", 0.2)
     monkeypatch.setattr(server, "STOP_TIMEOUT", 0.1)
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
-    one = BEFORE.replace("idle_exit: 0", "idle_exit: 0\n    max_connections: 1") + \
-        "      r.Hang:\n        handler: handlers:hangs\n"
-    spec, _, after = in_process(tmp_path, one, one.replace("max_connections: 1", "max_connections: 2"))
-    source = loader(spec)
-    daemon, spec_id = source.load()
+    one = BEFORE.replace("idle_exit: 0", "idle_exit: 0\n    max_connections: 1") + declared("r.Hang", "hangs")
+    spec, after, source, daemon, spec_id = in_process(tmp_path, one, one.replace("connections: 1", "connections: 2"))
 
     async def scenario() -> bytes:
         serving, running = serving_in(tmp_path, daemon, source, spec_id)
@@ -474,9 +485,7 @@ def test_a_spec_for_another_daemon_is_not_loaded(tmp_path: Path, monkeypatch: py
     other.mkdir()
     (other / "manifest.yaml").write_text(BEFORE.replace("  r:", "  q:").replace("r.", "q."))
     apply(other / "manifest.yaml", other, check=True)
-    spec, _, after = in_process(tmp_path, BEFORE, AFTER)
-    source = loader(spec)
-    daemon, spec_id = source.load()
+    spec, after, source, daemon, spec_id = in_process(tmp_path, BEFORE, AFTER)
 
     async def scenario() -> list[bytes]:
         serving, running = serving_in(tmp_path, daemon, source, spec_id)
@@ -499,9 +508,7 @@ def test_a_spec_for_another_daemon_is_not_loaded(tmp_path: Path, monkeypatch: py
 def test_a_reload_that_changes_the_sockets_says_they_wait_for_a_restart(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     raw = "      r.Raw:\n        handler: qubes_socksvc.examples:echo\n        service_descriptor: false\n"
-    spec, _, after = in_process(tmp_path, BEFORE, BEFORE + raw)
-    source = loader(spec)
-    daemon, spec_id = source.load()
+    spec, after, source, daemon, spec_id = in_process(tmp_path, BEFORE, BEFORE + raw)
 
     statuses: list[str] = []
 
@@ -528,11 +535,8 @@ def test_a_reload_with_calls_in_flight_keeps_max_connections_exact(tmp_path: Pat
     (the free slots are the limit less the calls in flight)."""
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
     monkeypatch.setattr(server, "STOP_TIMEOUT", 0.1)
-    two = BEFORE.replace("idle_exit: 0", "idle_exit: 0\n    max_connections: 2") + \
-        "      r.Hang:\n        handler: handlers:hangs\n"
-    spec, _, after = in_process(tmp_path, two, two.replace("timeout: 1", "timeout: 9"))
-    source = loader(spec)
-    daemon, spec_id = source.load()
+    two = BEFORE.replace("idle_exit: 0", "idle_exit: 0\n    max_connections: 2") + declared("r.Hang", "hangs")
+    spec, after, source, daemon, spec_id = in_process(tmp_path, two, two.replace("timeout: 1", "timeout: 9"))
 
     async def scenario() -> None:
         serving, running = serving_in(tmp_path, daemon, source, spec_id)
@@ -564,9 +568,7 @@ def test_a_reload_with_calls_in_flight_keeps_max_connections_exact(tmp_path: Pat
 def test_a_reload_that_sets_or_changes_idle_exit_is_obeyed_from_the_last_activity(
         tmp_path: Path, idle_exit: tuple[int, int], reloaded_at: float, exits: tuple[float, float]) -> None:
     first, second = (BEFORE.replace("idle_exit: 0", f"idle_exit: {n}") for n in idle_exit)
-    spec, _, after = in_process(tmp_path, first, second)
-    source = loader(spec)
-    daemon, spec_id = source.load()
+    spec, after, source, daemon, spec_id = in_process(tmp_path, first, second)
 
     async def scenario() -> float:
         started = time.monotonic()
@@ -587,9 +589,7 @@ def test_callers_during_a_stop_are_refused_at_once(tmp_path: Path, monkeypatch: 
     returns, it holds no descriptor more than before it started."""
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
     monkeypatch.setattr(server, "STOP_TIMEOUT", 1.0)
-    spec, _, _ = in_process(tmp_path, BEFORE + "      r.Hang:\n        handler: handlers:hangs\n", BEFORE)
-    source = loader(spec)
-    daemon, spec_id = source.load()
+    _, _, source, daemon, spec_id = in_process(tmp_path, BEFORE + declared("r.Hang", "hangs"), BEFORE)
     fds = sorted(os.listdir("/proc/self/fd"))
 
     async def scenario() -> None:
@@ -624,9 +624,7 @@ def test_a_fault_logged_again_after_the_interval_says_how_often_it_was_held_back
     """A handler that fails on every call is logged once per interval (logs.REPEAT_INTERVAL,
     60 s; 1 s here): its next line says how many failures were held back meanwhile."""
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
-    spec, _, _ = in_process(tmp_path, BEFORE + "      r.Raise:\n        handler: handlers:raises\n", BEFORE)
-    source = loader(spec)
-    daemon, spec_id = source.load()
+    _, _, source, daemon, spec_id = in_process(tmp_path, BEFORE + declared("r.Raise", "raises"), BEFORE)
 
     async def scenario() -> None:
         serving, running = serving_in(tmp_path, daemon, source, spec_id)
@@ -653,10 +651,7 @@ def test_a_report_to_the_loop_without_an_exception_is_logged_once_by_its_message
     even a message is named as such; a connection error is its call's business, not logged.
     Messages that differ only past their 64th character are one fault."""
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
-    spec, _, _ = in_process(tmp_path, BEFORE + "      r.Report:\n        handler: handlers:reports_to_the_loop\n",
-                            BEFORE)
-    source = loader(spec)
-    daemon, spec_id = source.load()
+    _, _, source, daemon, spec_id = in_process(tmp_path, BEFORE + declared("r.Report", "reports_to_the_loop"), BEFORE)
 
     async def scenario() -> list[bytes]:
         serving, running = serving_in(tmp_path, daemon, source, spec_id)
@@ -681,10 +676,7 @@ def test_a_server_whose_run_is_cancelled_ends_as_a_stopped_one(
     Afterwards nothing watches the closed sockets any more and nothing fails in the loop."""
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
     monkeypatch.setattr(server, "STOP_TIMEOUT", 0.5)
-    spec, _, _ = in_process(tmp_path, BEFORE + "      r.Hang:\n        handler: handlers:hangs_then_cleans_up\n",
-                            BEFORE)
-    source = loader(spec)
-    daemon, spec_id = source.load()
+    _, _, source, daemon, spec_id = in_process(tmp_path, BEFORE + declared("r.Hang", "hangs_then_cleans_up"), BEFORE)
 
     async def scenario() -> list[bool]:
         listeners = server.bind_sockets(daemon, str(tmp_path))
@@ -732,9 +724,7 @@ def test_a_hung_call_whose_caller_left_is_ended_after_the_daemon_was_idle(
     that hangs, made after several checks found no call, is still ended once its caller leaves."""
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
     monkeypatch.setattr(server, "CALLER_CHECK_INTERVAL", 0.1)
-    spec, _, _ = in_process(tmp_path, BEFORE + "      r.Hang:\n        handler: handlers:hangs\n", BEFORE)
-    source = loader(spec)
-    daemon, spec_id = source.load()
+    _, _, source, daemon, spec_id = in_process(tmp_path, BEFORE + declared("r.Hang", "hangs"), BEFORE)
 
     async def scenario() -> None:
         serving, running = serving_in(tmp_path, daemon, source, spec_id)
@@ -758,11 +748,8 @@ def test_the_caller_watch_outlives_a_call_whose_connection_closed_before_its_tas
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
     monkeypatch.setattr(server, "CALLER_CHECK_INTERVAL", 0)
     monkeypatch.setattr(server, "STOP_TIMEOUT", 1.0)  # a failure ends sooner
-    services = ("      r.Hang:\n        handler: handlers:hangs\n"
-                "      r.Linger:\n        handler: handlers:lingering_reply\n")
-    spec, _, _ = in_process(tmp_path, BEFORE + services, BEFORE)
-    source = loader(spec)
-    daemon, spec_id = source.load()
+    services = declared("r.Hang", "hangs") + declared("r.Linger", "lingering_reply")
+    _, _, source, daemon, spec_id = in_process(tmp_path, BEFORE + services, BEFORE)
     path = str(tmp_path / "socksvc-r.sock")
 
     async def scenario() -> int:
@@ -947,8 +934,7 @@ def test_a_spec_out_of_range_is_refused_and_the_old_one_serves(world: tuple[Path
 def test_a_daemon_that_cannot_accept_still_sees_a_new_spec() -> None:
     """Every slot held by a call that hangs: no call is accepted, so no call looks at the spec;
     the timer does (server.SPEC_CHECK_INTERVAL), and the new limit lets the waiting caller in."""
-    text = BEFORE.replace("idle_exit: 0", "idle_exit: 0\n    max_connections: 1") + \
-        "      r.Hang:\n        handler: handlers:hangs\n"
+    text = BEFORE.replace("idle_exit: 0", "idle_exit: 0\n    max_connections: 1") + declared("r.Hang", "hangs")
     root = world_dir("socksvc-reload-")
     manifest = root / "manifest.yaml"
     reapply(manifest, root, text)
