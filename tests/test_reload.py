@@ -157,23 +157,11 @@ def test_without_inotify_each_call_looks_at_the_spec(tmp_path: Path, monkeypatch
     reached), the daemon stat()s the spec before each call: just as prompt."""
     monkeypatch.setattr(server.SpecWatch, "start", classmethod(lambda cls, path, on_change: None))
     monkeypatch.syspath_prepend(str(Path(__file__).parent))  # the manifest's handlers:fields
-    (tmp_path / "manifest.yaml").write_text(BEFORE)
-    apply(tmp_path / "manifest.yaml", tmp_path, check=True)
-    spec = tmp_path / "var/lib/qubes-socksvc/daemons/r.json"
-    before = spec.read_bytes()
-    reapply(tmp_path / "manifest.yaml", tmp_path, AFTER)
-    after = spec.read_bytes()
-    rename_in(spec, before)
-
-    def load() -> tuple[model.Daemon, str]:
-        loaded = model.load(str(spec))
-        return loaded.daemon, loaded.id
+    spec, after, source, daemon, spec_id = in_process(tmp_path, BEFORE, AFTER)
+    before = spec.read_bytes()  # the first manifest's
 
     async def scenario() -> list[bool]:
-        daemon, spec_id = load()
-        listeners = server.bind_sockets(daemon, str(tmp_path))
-        serving = server.Server(daemon, source=server.Source(load, watch=str(spec)), spec_id=spec_id)
-        running = asyncio.create_task(serving.run(listeners))
+        serving, running = serving_in(tmp_path, daemon, source, spec_id)
         served = []
         for i in range(6):
             rename_in(spec, after if i % 2 == 0 else before)
