@@ -10,6 +10,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -358,21 +359,25 @@ def _no_descriptor_left() -> Iterator[None]:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
-@pytest.mark.parametrize("lacking", ["a descriptor", "the directory"])
+@pytest.mark.parametrize(("lacking", "error"), [
+    ("a descriptor", errno.EMFILE), ("the directory", errno.ENOENT), ("a directory, a file there", errno.ENOTDIR),
+])
 def test_a_spec_watch_that_cannot_be_had_says_why_and_leaves_nothing_open(
-        tmp_path: Path, lacking: str, caplog: pytest.LogCaptureFixture) -> None:
+        tmp_path: Path, lacking: str, error: int, caplog: pytest.LogCaptureFixture) -> None:
     """SpecWatch.start returns None, and says why in the kernel's words, when inotify_init1 fails
     (here EMFILE: no descriptor left; fs.inotify.max_user_instances gives the same) or the
-    directory cannot be watched (ENOENT); the daemon then looks at the spec before each call
-    (test_without_inotify_each_call_looks_at_the_spec).  No descriptor is left open."""
+    directory cannot be watched: missing (ENOENT), or a file (ENOTDIR, IN_ONLYDIR: a watch on a
+    file would report no change of a spec created once a directory replaces it).  The daemon
+    then looks at the spec before each call (test_without_inotify_each_call_looks_at_the_spec).
+    No descriptor is left open."""
     spec = tmp_path / ("r.json" if lacking == "a descriptor" else "missing/r.json")
-    spec.parent.mkdir(exist_ok=True)
-    if lacking == "the directory":
-        spec.parent.rmdir()
+    if lacking == "a directory, a file there":
+        spec.parent.write_text("not a directory")
 
     async def scenario() -> tuple[server.SpecWatch | None, int, int]:
         before = len(os.listdir("/proc/self/fd"))
         if lacking == "a descriptor":
+            importlib.import_module("ctypes")  # SpecWatch.start's import: loaded, it opens no file
             with _no_descriptor_left():
                 watch = server.SpecWatch.start(str(spec), lambda: None)
         else:
@@ -382,9 +387,8 @@ def test_a_spec_watch_that_cannot_be_had_says_why_and_leaves_nothing_open(
     with caplog.at_level(logging.WARNING, logger="qubes_socksvc"):
         watch, before, after = asyncio.run(scenario())
     assert watch is None and after == before
-    reason = os.strerror(errno.EMFILE if lacking == "a descriptor" else errno.ENOENT)
-    expected = (f"no inotify ({reason}): " if lacking == "a descriptor"
-                else f"cannot watch {spec.parent} ({reason}): ")
+    expected = (f"no inotify ({os.strerror(error)}): " if lacking == "a descriptor"
+                else f"cannot watch {spec.parent} ({os.strerror(error)}): ")
     assert [r.getMessage() for r in caplog.records] == [expected + "the spec's stamp is looked at before each call"]
 
 
