@@ -347,3 +347,23 @@ def test_a_call_that_ended_holds_nothing_of_its_connection_until_its_descriptor_
 
     endings, alive = asyncio.run(main())
     assert endings == [Ending.UNKNOWN] and alive == 0
+
+
+def test_a_connection_its_deadline_cut_is_never_served_though_its_descriptor_came() -> None:
+    """The deadline's cut comes a loop turn after the timer, so a descriptor that arrived in time
+    is read first (_CallProtocol); should a loop ever run them the other way round, the call
+    whose connection was cut still ends LATE, its descriptor read but never looked up."""
+
+    async def main() -> callcore.Result | bytes:
+        ours, theirs = socket.socketpair()
+        theirs.sendall(b"my.Service work\0")
+        call = await callcore._connect(ours)
+        assert call is not None
+        call.protocol.cut = True  # as the deadline would have, had it come first
+        try:
+            return await callcore._read_descriptor(Daemon("d", "", "/s"), call)
+        finally:
+            call.writer.transport.abort()
+            theirs.close()
+
+    assert asyncio.run(main()) == callcore.Result(Ending.LATE)
