@@ -199,3 +199,28 @@ def test_a_test_whose_parameters_name_the_mutated_limit_is_still_run(tmp_path: P
     result = mutate.run_tests(tmp_path, ("tests/test_p.py::test_limit[16]",), 60)
     assert result[0] == verdict
     assert result[1] == ("tests/test_p.py::test_limit[15]" if verdict == "killed" else "")
+
+
+def test_the_test_that_killed_a_mutant_last_runs_first_on_a_fresh_clone(tmp_path: Path) -> None:
+    # --save-killers keeps, by the mutant's change (lines move), the test that killed it in the
+    # latest log naming it; a change the code no longer has is dropped.  tests_for runs that
+    # test first, however slow, ahead of the killers of neighbouring lines.
+    (tmp_path / mutate.PKG).mkdir()
+    (tmp_path / mutate.PKG / "sample.py").write_text(SAMPLE)
+    limit = next(m for m in mutate.mutants("sample.py", tmp_path) if m.line == 5)
+    older, newer = tmp_path / "log-1.txt", tmp_path / "log-2.txt"
+    older.write_text(f"killed     {limit.key}  <- tests/test_a.py::test_old [0.5s]\n"
+                     "killed     sample.py:99: gone => (gone)  <- tests/test_a.py::test_gone [0.1s]\n")
+    newer.write_text(f"killed     {limit.key.replace(':5:', ':6:')}  <- tests/test_b.py::test_slow [9.0s]\n"
+                     f"survived   {limit.key}  <- ran 2 tests\n")
+    record = tmp_path / "killers.txt"
+    assert mutate.save_killers([older, newer], record, tmp_path, ["sample.py"]) == 0
+    assert mutate.load_killers(record) == {limit.change_id: "tests/test_b.py::test_slow"}
+
+    covered = mutate.CoverageMap(
+        lines={("sample.py", 5): {"tests/test_a.py::test_fast", "tests/test_b.py::test_slow"}},
+        seconds={"tests/test_a.py::test_fast": 0.1, "tests/test_b.py::test_slow": 9.0}, failed=set())
+    covered.killed("sample.py", 5, "tests/test_a.py::test_fast")
+    assert covered.tests_for(limit)[0][0] == "tests/test_a.py::test_fast"
+    covered.recorded = mutate.load_killers(record)
+    assert covered.tests_for(limit)[0] == ("tests/test_b.py::test_slow", "tests/test_a.py::test_fast")

@@ -32,6 +32,7 @@ import argparse
 import ast
 import concurrent.futures
 import difflib
+import hashlib
 import json
 import os
 import queue
@@ -54,6 +55,9 @@ UNTESTABLE = REPO / "tools" / "mutation-untestable.txt"
 SURVIVORS = REPO / "build" / "mutation-survivors.txt"
 LOG = REPO / "build" / "mutation-log.txt"
 COVERAGE = REPO / "build" / "mutation-coverage.json"
+#: Which test killed each mutant last (by its change, hashed): run first next time, on a fresh
+#: clone too, where build/ holds no earlier log (--save-killers writes it from the logs).
+KILLERS = REPO / "tools" / "mutation-killers.txt"
 #: Seconds one test may take in a mutant's run, at least: twice its time under coverage
 #: (itself 2-5 times its plain time) when that is longer.  A hanging mutant costs this, not a
 #: minute: the slowest unmutated test takes 6 s, 26 s under coverage.
@@ -137,6 +141,11 @@ class Mutant:
         """The change without its line, to find it again once lines move."""
         return f"{self.module}: {self.old.strip()} => {self.new.strip()}"
 
+    @property
+    def change_id(self) -> str:
+        """The change, hashed: how KILLERS names it."""
+        return change_id(self.change)
+
     def diff(self, original: str) -> str:
         return "".join(difflib.unified_diff(original.splitlines(True), self.text.splitlines(True),
                                             f"a/{PKG}/{self.module}", f"b/{PKG}/{self.module}", n=1))
@@ -150,6 +159,10 @@ class _Context:
     regexes: set[int] = field(default_factory=set)       # string constants that are patterns
     conditions: dict[int, str] = field(default_factory=dict)  # test node -> "if" or "while"
     rebinding: set[int] = field(default_factory=set)     # assignments in a function that can be dropped
+
+
+def change_id(change: str) -> str:
+    return hashlib.sha256(change.encode()).hexdigest()[:16]
 
 
 def _rebinding(function: ast.FunctionDef | ast.AsyncFunctionDef) -> Iterator[int]:
@@ -691,6 +704,8 @@ class CoverageMap:
     """For a module-level assignment: the tests (functions, or whole files) naming what it binds."""
     killers: dict[str, dict[str, set[int]]] = field(default_factory=dict)
     """module -> test -> the lines of the mutants it killed (earlier runs' logs, and this run)."""
+    recorded: dict[str, str] = field(default_factory=dict)
+    """A mutant's change_id -> the test that killed it last (KILLERS)."""
 
     def killed(self, module: str, line: int, test: str) -> None:
         self.killers.setdefault(module, {}).setdefault(test, set()).add(line)
@@ -732,7 +747,7 @@ class CoverageMap:
             # unit's own tests before the end-to-end ones that pass through it).
             # Among killers of one rank, the fastest first (a fuzz test that killed before
             # takes 10 s; a unit test that did too, 10 ms).
-            rank = self.kill_rank(m.module, m.line, t)
+            rank = 4 if self.recorded.get(m.change_id) == t else self.kill_rank(m.module, m.line, t)
             return ("::" not in t and len(tests) > 1, -rank, t not in readers,
                     -self.focus(m.module, t) if not rank else 0.0, self.seconds.get(t, 0.0), t)
 
@@ -833,12 +848,47 @@ def measure_coverage(trees: list[Path], tests: tuple[str, ...], timeout: float) 
 
 def _kills(log: str) -> Iterator[tuple[str, int, str]]:
     """(module, line, test) of each killed mutant in a run log's lines."""
+    for key, test in _killed(log):
+        yield key.split(":")[0], int(key.split(":")[1]), test
+
+
+def _killed(log: str) -> Iterator[tuple[str, str]]:
+    """(key, test) of each mutant a run log's lines say a test killed."""
     for line in log.splitlines():
         if line.startswith("killed "):
             key, _, why = line.removeprefix("killed").strip().partition("  <- ")
             test = why.rsplit(" [", 1)[0] if why.endswith("s]") else why
             if test.startswith("tests/") and "::" in test:
-                yield key.split(":")[0], int(key.split(":")[1]), test
+                yield key, test
+
+
+def _change_of(key: str) -> str:
+    """A mutant's change from its key ("module:line: old => new")."""
+    module, _, rest = key.partition(":")
+    return f"{module}: {rest.partition(': ')[2]}"
+
+
+def load_killers(path: Path = KILLERS) -> dict[str, str]:
+    if not path.exists():
+        return {}
+    return dict(line.split(" ", 1) for line in path.read_text().splitlines() if line and not line.startswith("#"))
+
+
+def save_killers(logs: list[Path], path: Path = KILLERS, root: Path = REPO, modules: Sequence[str] = MODULES) -> int:
+    """Write ``path`` from run logs (a later log's verdict wins; killers already recorded stay
+    unless a log names another): the test that killed each mutant the code still has."""
+    current = {m.change_id for module in modules for m in mutants(module, root)}
+    killers = {k: t for k, t in load_killers(path).items() if k in current}
+    for log in logs:
+        for key, test in _killed(log.read_text()):
+            found = change_id(_change_of(key))
+            if found in current:
+                killers[found] = test
+    path.write_text("# tools/mutate.py --save-killers: the test that last killed each mutant (sha256 of its\n"
+                    "# change, 16 hex digits), run first; only an order, never a verdict.\n"
+                    + "".join(f"{k} {t}\n" for k, t in sorted(killers.items())))
+    print(f"{path}: {len(killers)} mutants' killers ({len(current)} mutants)")
+    return 0
 
 
 def _within(tests: list[str], seconds: dict[str, float], budget: float) -> tuple[str, ...]:
@@ -895,9 +945,14 @@ def main() -> int:
     parser.add_argument("--log", type=Path, default=LOG, help=f"every verdict and its failing test (default {LOG})")
     parser.add_argument("--retally", type=Path, nargs="+", metavar="LOG",
                         help="print the table from run logs and the reviewed lists as they are now; run nothing")
+    parser.add_argument("--save-killers", type=Path, nargs="+", metavar="LOG",
+                        help=f"record in {KILLERS.relative_to(REPO)} which test killed each mutant in these run "
+                             "logs (later logs win), to run it first next time; run nothing")
     args = parser.parse_args()
     if args.retally:
         return retally(args.retally)
+    if args.save_killers:
+        return save_killers(args.save_killers)
     if args.relist:
         return relist()
     # Started in the background by a shell, SIGINT is ignored, and children inherit that: the
@@ -1020,6 +1075,7 @@ def _run(args: argparse.Namespace, chosen: list[str], trees: queue.Queue[Path], 
                                         "seconds": covered.seconds, "failed": sorted(covered.failed)}))
     covered.uses = use_sites(source)
     covered.reads = readers(source)
+    covered.recorded = load_killers()
     for earlier in sorted(LOG.parent.glob("mutation-log*.txt")):  # which tests killed what before
         if earlier.resolve() != args.log.resolve():
             for module, at, test in _kills(earlier.read_text()):
