@@ -282,6 +282,9 @@ def _change(spec: Path, how: str) -> None:
         spec.chmod(0o600)
     elif how == "created":
         spec.write_text("{}")
+    elif how == "linked in":  # link(2): IN_CREATE alone, no write, no rename
+        (directory / "new").write_text("{}")
+        os.link(directory / "new", spec)
     elif how == "removed":
         spec.unlink()
     elif how == "renamed away":
@@ -298,7 +301,7 @@ def _change(spec: Path, how: str) -> None:
 
 @pytest.mark.parametrize(("how", "alive"), [
     ("renamed in", True), ("written in place", True), ("its mode changed", True), ("created", True),
-    ("removed", True), ("renamed away", True),
+    ("linked in", True), ("removed", True), ("renamed away", True),
     # then no watch is left: each call looks at the spec again
     ("its directory removed", False), ("its directory moved", False), ("too much at once", False),
 ])
@@ -308,7 +311,7 @@ def test_the_spec_watch_sees_every_way_the_spec_can_change(tmp_path: Path, how: 
     says so (alive False)."""
     spec = tmp_path / "daemons" / "r.json"
     spec.parent.mkdir()
-    if how != "created":
+    if how not in ("created", "linked in"):
         spec.write_text("{}")
 
     async def scenario() -> tuple[int, int, bool]:
@@ -325,6 +328,31 @@ def test_the_spec_watch_sees_every_way_the_spec_can_change(tmp_path: Path, how: 
 
     before, after, still = asyncio.run(scenario())
     assert (before, after > 0, still) == (0, True, alive)
+
+
+def test_a_spec_written_in_place_is_seen_once_its_writer_closes_it(tmp_path: Path) -> None:
+    """A spec an editor writes in place, in pieces, is reported when the writer closes it
+    (IN_CLOSE_WRITE), not at each write: the daemon never reads a spec half written."""
+    spec = tmp_path / "r.json"
+    spec.write_text("{}")
+
+    async def scenario() -> tuple[int, int]:
+        seen: list[int] = []
+        watch = server.SpecWatch.start(str(spec), lambda: seen.append(1))
+        assert watch is not None
+        try:
+            with spec.open("w") as writer:
+                for piece in ('{"version": 1, ', '"daemon": {}}'):
+                    writer.write(piece)
+                    writer.flush()
+                    await asyncio.sleep(0.05)
+                while_written = len(seen)
+            await asyncio.sleep(0.05)
+            return while_written, len(seen)
+        finally:
+            watch.close()
+
+    assert asyncio.run(scenario()) == (0, 1)
 
 
 def test_the_spec_watch_holds_one_descriptor_that_never_blocks_nor_outlives_an_exec(tmp_path: Path) -> None:
