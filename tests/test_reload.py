@@ -18,7 +18,9 @@ import resource
 import shutil
 import signal
 import socket
+import subprocess
 import sys
+import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,7 +30,7 @@ from typing import NamedTuple
 import pytest
 
 from qubes_socksvc import logs, model, server
-from tests.conftest import NotifySocket, apply, raw_call, run_cli, world_dir
+from tests.conftest import REPO, NotifySocket, apply, raw_call, run_cli, world_dir
 from tests.test_spec import SpecDaemon
 
 BEFORE = """\
@@ -975,3 +977,25 @@ def test_a_daemon_that_cannot_accept_still_sees_a_new_spec() -> None:
         daemon.stop()
         shutil.rmtree(root, ignore_errors=True)
         shutil.rmtree(daemon.bind_dir, ignore_errors=True)
+
+
+def test_a_daemon_started_with_its_standard_input_closed_still_watches_its_spec(tmp_path: Path) -> None:
+    """Started by hand with fd 0 closed, the daemon's inotify descriptor may be 0: a descriptor
+    like any other (inotify_init1 fails with -1 only), so the spec is still watched."""
+    spec = tmp_path / "r.json"
+    spec.write_text("{}")
+    script = textwrap.dedent(f"""\
+        import asyncio, ctypes, os
+        from qubes_socksvc import server
+        async def main():
+            seen = []
+            os.close(0)  # with the loop's own descriptors open: the lowest free one is 0
+            watch = server.SpecWatch.start({str(spec)!r}, lambda: seen.append(1))
+            os.chmod({str(spec)!r}, 0o600)
+            await asyncio.sleep(0.1)
+            print(watch.fd, len(seen))
+        asyncio.run(main())
+        """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert (done.returncode, done.stdout.split()) == (0, ["0", "1"]), done.stderr
