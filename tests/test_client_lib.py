@@ -188,6 +188,18 @@ def test_meanings_of_other_exit_codes() -> None:
     assert "failed locally" in meaning(1)  # qrexec-client-vm.c main: exit(1)
 
 
+def test_a_qrexec_error_keeps_what_a_caller_catching_it_reads() -> None:
+    """QrexecError's documented attributes hold the call's target, service, exit code and the
+    stderr as it came; its message adds the stderr only when there is some."""
+    error = client.QrexecError("work", "my.Service+x", 125, "no such service\n")
+    assert (error.target, error.service, error.exit_code, error.stderr, error.by_service) == \
+        ("work", "my.Service+x", 125, "no such service\n", False)
+    assert str(error).endswith(": no such service")
+    assert client.printable("café, 中文, a\\b") == "café, 中文, a\\b"  # printable text stays as it is
+    bare = client.QrexecError("work", "my.Service+x", 125, " \n")
+    assert str(bare).endswith(client.EXIT_MEANINGS[125]) and "my.Service+x" in str(bare) and "work" in str(bare)
+
+
 @pytest.mark.parametrize("how", ["call", "stream"])
 def test_timeout_kills_the_call(world: World, how: str) -> None:
     """The call is killed at its timeout, not left to finish (test.Slow+30 answers after 30 s)."""
