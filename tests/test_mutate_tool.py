@@ -14,6 +14,7 @@ import importlib.util
 import io
 import sys
 import textwrap
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -224,3 +225,28 @@ def test_the_test_that_killed_a_mutant_last_runs_first_on_a_fresh_clone(tmp_path
     assert covered.tests_for(limit)[0][0] == "tests/test_a.py::test_fast"
     covered.recorded = mutate.load_killers(record)
     assert covered.tests_for(limit)[0] == ("tests/test_b.py::test_slow", "tests/test_a.py::test_fast")
+
+
+def test_a_process_a_test_left_behind_is_killed_with_its_run(tmp_path: Path) -> None:
+    # A daemon started in a session of its own survives a run killed at its timeout (killpg
+    # reaches only pytest's group); spinning, it would slow every later mutant.  Whatever
+    # still runs with the copy on its PYTHONPATH once the run ends is killed.
+    tree = tmp_path / "tree"
+    (tree / "tests").mkdir(parents=True)
+    pid_file = tmp_path / "pid"
+    (tree / "tests" / "test_spawn.py").write_text(textwrap.dedent(f"""\
+        import subprocess, sys
+
+        def test_spawn():
+            child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"],
+                                     start_new_session=True)
+            open({str(pid_file)!r}, "w").write(str(child.pid))
+        """))
+    assert mutate.run_tests(tree, ("tests/test_spawn.py",), 60) == ("survived", "")
+    pid = int(pid_file.read_text())
+    for _ in range(100):  # reaped by init once killed
+        if not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]:
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError(f"process {pid} left running")

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import ast
 import concurrent.futures
+import contextlib
 import difflib
 import hashlib
 import json
@@ -425,6 +426,24 @@ def make_copy(rev: str | None) -> Path:
 _FAILED = re.compile(r"^(?:FAILED|ERROR) (.+?)(?: - .*)?$", re.MULTILINE)  # a node id may hold spaces
 
 
+def _kill_left_behind(tree: Path) -> None:
+    """SIGKILL every process still running with ``tree`` on its PYTHONPATH: a daemon a test started
+    in a session of its own (as nobody) outlives a run killed at its timeout, its fixture's stop
+    never run, and a mutant that makes it spin takes a core from every later mutant."""
+    path = str(tree).encode()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/environ", "rb") as environ:
+                variables = environ.read().split(b"\0")
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        if any(v.startswith(b"PYTHONPATH=") and path in v for v in variables):
+            with contextlib.suppress(OSError):
+                os.kill(int(entry.name), signal.SIGKILL)
+
+
 def run_tests(tree: Path, tests: tuple[str, ...], timeout: float, stop_at_first: bool = True,
               plugin: str | None = None, per_test: float = PER_TEST_TIMEOUT) -> tuple[str, str]:
     """(verdict, the first failing test): killed (the tests failed), survived (they passed) or timed out."""
@@ -448,6 +467,7 @@ def run_tests(tree: Path, tests: tuple[str, ...], timeout: float, stop_at_first:
             if proc.poll() is None:
                 os.killpg(proc.pid, 9)
                 proc.wait()
+            _kill_left_behind(tree)
         log.seek(0)
         output = log.read().decode(errors="replace")
     if rc == 4 and "ERROR: not found:" in output:
