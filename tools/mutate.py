@@ -904,7 +904,8 @@ def save_killers(logs: list[Path], path: Path = KILLERS, root: Path = REPO, modu
             found = change_id(_change_of(key))
             if found in current:
                 killers[found] = test
-    path.write_text("# tools/mutate.py --save-killers: the test that last killed each mutant (sha256 of its\n"
+    path.write_text("# SPDX-License-Identifier: GPL-2.0-or-later\n# Copyright (C) 2026 qubes-socksvc developers\n"
+                    "# tools/mutate.py --save-killers: the test that last killed each mutant (sha256 of its\n"
                     "# change, 16 hex digits), run first; only an order, never a verdict.\n"
                     + "".join(f"{k} {t}\n" for k, t in sorted(killers.items())))
     print(f"{path}: {len(killers)} mutants' killers ({len(current)} mutants)")
