@@ -1154,8 +1154,7 @@ def _run(args: argparse.Namespace, chosen: list[str], trees: queue.Queue[Path], 
     changes = {m.change: m.key for m in work}
     for listed in (equivalent, untestable):
         for key in sorted(k for k in listed if k.split(":")[0] in chosen and k not in used):
-            module, _, rest = key.partition(":")
-            moved = changes.get(f"{module}:{rest.partition(':')[2]}")
+            moved = changes.get(_change_of(key))
             hint = " (its change is on another line now: --relist moves it)" if moved and moved != key else ""
             where = "" if key in ran_keys or moved else " (no such mutant)"
             print(f"note: listed entry matched no surviving mutant{where}{hint}: {key}")
