@@ -307,14 +307,19 @@ class Server:
             await self._stopping.wait()
         finally:
             self.stop()  # when run's task was cancelled rather than stopped
-            for task in (self._watchdog, reporter, spec_watch, caller_watch):
+            for task in (self._watchdog, reporter, spec_watch):
                 if task is not None:
                     task.cancel()
             for listener in listeners:
                 listener.sock.close()
             if self._spec_watch is not None:
                 self._spec_watch.close()
-            await self._finish_in_flight()
+            try:
+                # the caller watch goes on meanwhile: a call whose caller left ends within
+                # CALLER_CHECK_INTERVAL, not after STOP_TIMEOUT
+                await self._finish_in_flight()
+            finally:
+                caller_watch.cancel()
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(signum)
 

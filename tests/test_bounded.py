@@ -7,6 +7,7 @@ threads of plain handlers piling up, a handler's own log lines, and numbers past
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -62,6 +63,22 @@ def test_a_hung_handler_gives_its_slot_back_when_its_caller_leaves(start_daemon:
         sock.close()  # the caller is gone: qrexec closed its end
     assert daemon.call(b"b.Echo+ work\0honest", timeout=20) == b"honest"
     assert daemon.log_text().count("call b.Hang+: caller went away") == 2, daemon.log_text()
+
+
+def test_a_stopping_daemon_does_not_wait_for_a_call_whose_caller_left(start_daemon: type[RunningDaemon]) -> None:
+    """A stop waits STOP_TIMEOUT (20 s) for the calls in flight, but not for one whose caller
+    has gone meanwhile: the caller watch goes on while the daemon stops (a `systemctl
+    restart` of a unit with a hung handler is not 20 s late for a caller long gone)."""
+    daemon = start_daemon(BASE.format(slots=2), "b")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(daemon.socket())
+        sock.sendall(b"b.Hang+ work\0")
+        wait_for(lambda: "call b.Hang+ from work" in daemon.log_text(), "the call did not start")
+        daemon.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: "stopping: waiting up to" in daemon.log_text(), "the daemon did not start stopping")
+    daemon.proc.wait(timeout=15)  # not STOP_TIMEOUT
+    log = daemon.log_text()
+    assert "call b.Hang+: caller went away" in log and "still running" not in log, log
 
 
 def test_a_half_closed_caller_is_not_taken_for_gone(start_daemon: type[RunningDaemon]) -> None:
