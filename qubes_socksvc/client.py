@@ -120,6 +120,8 @@ def exit_origin(client: str, exit_code: int, untrusted_stderr: bytes, output_see
       exits with QREXEC_EXIT_REQUEST_REFUSED: dom0 asks no policy).
     - 125 and 127 after output are the service's (agent/qrexec-agent-data.c:
       handle_new_process_common sends them before any data); without output they may be either.
+    - Any other code may be qrexec-client-vm's own even after output: it exits 1 when the
+      vchan fails mid-call (agent/qrexec-client-vm.c: handle_vchan_error).
     """
     if exit_code not in QREXEC_EXIT_CODES:
         return False

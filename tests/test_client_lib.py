@@ -200,7 +200,7 @@ def test_a_qrexec_error_keeps_what_a_caller_catching_it_reads() -> None:
     assert str(bare).endswith(client.EXIT_MEANINGS[125]) and "my.Service+x" in str(bare) and "work" in str(bare)
 
 
-@pytest.mark.parametrize("how", ["call", "stream"])
+@pytest.mark.parametrize("how", ["call", "stream", "async_call"])
 def test_timeout_kills_the_call(world: World, how: str) -> None:
     """The call is killed at its timeout, not left to finish (test.Slow+30 answers after 30 s)."""
     async def streamed() -> None:
@@ -211,8 +211,10 @@ def test_timeout_kills_the_call(world: World, how: str) -> None:
     with pytest.raises(TimeoutError, match=r"call of test.Slow\+30 in notes took longer than 0.5s; it was killed"):
         if how == "call":
             client.call(TARGET, "test.Slow+30", timeout=0.5)
-        else:
+        elif how == "stream":
             asyncio.run(streamed())
+        else:
+            asyncio.run(client.async_call(TARGET, "test.Slow+30", timeout=0.5))
     assert time.monotonic() - started < 15
 
 
@@ -273,6 +275,7 @@ def test_abandoning_an_endless_stream_kills_the_client(world: World) -> None:
         calls = client.stream(TARGET, "test.Huge+1000000")  # a terabyte, with backpressure
         assert await calls.__anext__()
         assert children() > daemons  # the qrexec client runs
+        await asyncio.sleep(0.5)  # the output piles up until its pipe's reading is paused
         await asyncio.wait_for(calls.aclose(), 20)
         return children()
 

@@ -11,6 +11,10 @@ here are shell scripts that write what a hostile or careless service would.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import threading
+import time
 import tracemalloc
 from pathlib import Path
 
@@ -102,6 +106,7 @@ def test_126_with_exactly_qrexecs_refusal_is_the_policy(on_path: Path, how: str)
 @pytest.mark.parametrize("how", ["call", "stream"])
 @pytest.mark.parametrize("script", [
     "echo 'partial answer'; exit 126",  # output came: the call was allowed (handle_data_client ran)
+    "echo 'partial answer'; echo 'Request refused' >&2; exit 126",  # the line too, after output
     "echo '/usr/bin/tool: Permission denied' >&2; exit 126",  # not qrexec-client-vm's line
     "echo 'Request refused' >&2; echo more >&2; exit 126",
     "exit 126",  # qrexec-client-vm always says "Request refused" when it refuses
@@ -116,25 +121,28 @@ def test_126_the_service_sent_is_the_services(on_path: Path, how: str, script: s
     assert "policy" not in str(error)
 
 
-def test_126_from_dom0_is_always_the_services(on_path: Path) -> None:
+@pytest.mark.parametrize("how", ["call", "stream"])
+def test_126_from_dom0_is_always_the_services(on_path: Path, how: str) -> None:
     """daemon/qrexec-client.c never exits with QREXEC_EXIT_REQUEST_REFUSED: dom0 asks no policy."""
     fake_client(on_path, "echo 'Request refused' >&2; exit 126", name=client.CLIENT_DOM0)
-    error = fail("call")
+    error = fail(how)
     assert not error.refused and error.meaning.startswith("the service itself exited with 126")
 
 
+@pytest.mark.parametrize("how", ["call", "stream"])
 @pytest.mark.parametrize("code", [125, 127])
-def test_125_and_127_after_output_are_the_services(on_path: Path, code: int) -> None:
+def test_125_and_127_after_output_are_the_services(on_path: Path, code: int, how: str) -> None:
     """agent/qrexec-agent-data.c handle_new_process_common sends QREXEC_EXIT_PROBLEM and
     QREXEC_EXIT_SERVICE_NOT_FOUND before any data: after output, the code is the service's."""
     fake_client(on_path, f"echo out; exit {code}")
-    assert fail("call").meaning.startswith(f"the service itself exited with {code}")
+    assert fail(how).meaning.startswith(f"the service itself exited with {code}")
     fake_client(on_path, f"exit {code}")
-    assert fail("call").meaning == client.EXIT_MEANINGS[code]  # no output: qrexec's, or the service's
+    assert fail(how).meaning == client.EXIT_MEANINGS[code]  # no output: qrexec's, or the service's
 
 
 @pytest.mark.parametrize(("program", "code", "stderr", "output", "by_service"), [
     ("qrexec-client-vm", 1, b"", False, False),           # not one of qrexec's codes: nothing to tell apart
+    ("qrexec-client-vm", 1, b"", True, False),            # exit(1) after output too: handle_vchan_error
     ("qrexec-client-vm", 125, b"", False, False),         # without output: may be qrexec's
     ("qrexec-client-vm", 127, b"", False, False),
     ("qrexec-client-vm", 125, b"", True, True),           # after output: the service's
@@ -148,3 +156,59 @@ def test_whose_exit_code_a_failed_call_has(program: str, code: int, stderr: byte
                                            by_service: bool) -> None:
     """client.exit_origin: qrexec's 125/126/127 against a service's own, where qrexec leaves a trace."""
     assert client.exit_origin(program, code, stderr, output) is by_service
+
+
+# --- call()'s pump: input, output and the deadline at once ----------------------------------
+
+
+def test_a_service_answering_while_its_input_comes_does_not_deadlock_the_call(on_path: Path) -> None:
+    """A filter-like service reads a little, writes a lot, then reads the rest: call() must
+    keep reading its output while the input waits for room (the input pipe is non-blocking;
+    a blocking write of a whole chunk into a pipe with one free page would wait for a reader
+    that is itself waiting for us to read)."""
+    pid_file = on_path / "pid"
+    fake_client(on_path, f"echo $$ > {pid_file}\nexec python3 -c '"
+                "import os; os.read(0, 4096); os.write(1, bytes(1 << 20))\n"
+                "while os.read(0, 65536): pass\n'\n")
+    result: list[bytes] = []
+    caller = threading.Thread(target=lambda: result.append(client.call("notes", "test.Echo", bytes(1 << 20))),
+                              daemon=True)
+    caller.start()
+    caller.join(60)
+    if caller.is_alive():  # deadlocked: end the fake client so that the thread ends too
+        os.kill(int(pid_file.read_text()), signal.SIGKILL)
+        caller.join(60)
+        pytest.fail("call() deadlocked against a service answering while its input came")
+    assert result == [bytes(1 << 20)]
+
+
+def test_a_service_that_closes_its_input_gets_no_more_of_it(on_path: Path) -> None:
+    """A service that stops reading (here at once) answers; call() drops the input it did not
+    take instead of offering it again (64 MiB of it, so offering it byte by byte would run into
+    the timeout)."""
+    fake_client(on_path, "exec 0<&-\necho answer\n")
+    assert client.call("notes", "test.Echo", bytes(64 << 20), timeout=30) == b"answer\n"
+
+
+@pytest.mark.parametrize("how", ["call", "stream"])
+def test_a_call_answered_within_a_short_timeout_returns_its_answer(on_path: Path, how: str) -> None:
+    fake_client(on_path, "exec cat\n")
+    if how == "call":
+        assert client.call("notes", "test.Echo", b"input", timeout=0.9) == b"input"
+    else:
+        assert asyncio.run(client.async_call("notes", "test.Echo", b"input", timeout=0.9)) == b"input"
+
+
+@pytest.mark.parametrize("how", ["call", "stream"])
+def test_a_client_that_closes_its_pipes_is_still_killed_at_the_timeout(on_path: Path, how: str) -> None:
+    """The deadline holds after the output and stderr ended too: a qrexec client waiting for
+    the exit code (qrexec-client-vm closes its stdout at the service's EOF, then waits for
+    MSG_DATA_EXIT_CODE) is killed at the timeout like one still writing."""
+    fake_client(on_path, "exec >&- 2>&-\nexec sleep 30\n")
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"took longer than 1s; it was killed"):
+        if how == "call":
+            client.call("notes", "test.Echo", b"input", timeout=1)
+        else:
+            asyncio.run(client.async_call("notes", "test.Echo", b"input", timeout=1))
+    assert time.monotonic() - started < 20
