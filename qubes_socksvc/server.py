@@ -256,7 +256,7 @@ class Server:
         self.source = source
         self._stamp = _stamp(source.watch) if source is not None else None
         self.counts = dict.fromkeys(Outcome, 0)
-        self._reported: tuple[object, ...] = ()
+        self._reported: tuple[object, ...]  # run() sets it: the status READY=1 came with
         self._slots: int  # run() and reload() set both
         """Calls that may run at once: max_connections, or fewer when RLIMIT_NOFILE is short."""
         self._free: int
@@ -300,9 +300,9 @@ class Server:
         log.info("daemon %s serving %d services on %d sockets%s (%s event loop)", self.daemon.name,
                  len(self.daemon.services), len(listeners), f", spec {self.spec_id}" if self.spec_id else "",
                  type(loop).__module__.partition(".")[0])
+        self._reported = (self.spec_id, *self.counts.values())
         if on_ready is not None:
             on_ready(self.status())
-            self._reported = (self.spec_id, *self.counts.values())  # READY=1 came with this status
         try:
             await self._stopping.wait()
         finally:
@@ -329,13 +329,16 @@ class Server:
         return f"spec {self.spec_id or '(none)'}: {len(self.daemon.services)} services; calls: {counts}"
 
     async def _report_status(self) -> None:
-        assert self._on_status is not None
         while True:
             await asyncio.sleep(STATUS_INTERVAL)
-            current = (self.spec_id, *self.counts.values())
-            if current != self._reported:
-                self._reported = current
-                self._on_status(self.status())
+            self._report_if_changed()
+
+    def _report_if_changed(self) -> None:
+        """STATUS= now, unless it would say what the last one said."""
+        current = (self.spec_id, *self.counts.values())
+        if self._on_status is not None and current != self._reported:
+            self._reported = current
+            self._on_status(self.status())
 
     # --- live reload -----------------------------------------------------
 
@@ -371,8 +374,7 @@ class Server:
             self._restart_watchdog()
         self._resume_accepting()  # when a slot is free (a higher limit lets waiting callers in)
         log.info("reloaded: serving spec %s (%d services)", spec_id, len(new.services))
-        if self._on_status is not None:
-            self._on_status(self.status())
+        self._report_if_changed()  # at once: list reads the spec served from STATUS=
 
     def _reload_if_changed(self) -> None:
         """Reload if the spec's stamp changed: a spec that ``apply`` renamed into place is served

@@ -160,6 +160,16 @@ class NotifySocket:
         assert self.statuses and expected in self.statuses[-1], self.statuses
         return self.statuses[-1]
 
+    def received_within(self, seconds: float) -> list[str]:
+        """The status lines that arrive within ``seconds`` (kept in ``statuses`` too)."""
+        before = len(self.statuses)
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            self.sock.settimeout(left)
+            with contextlib.suppress(TimeoutError):
+                self.statuses.append(self.sock.recv(4096).decode())
+        return self.statuses[before:]
+
     def close(self) -> None:
         self.sock.close()
 

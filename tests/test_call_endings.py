@@ -13,6 +13,7 @@ Every wait here is bounded.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import socket
 import time
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from qubes_socksvc import server
 from tests.conftest import NotifySocket, RunningDaemon, calls_at_once
 from tests.handlers import QUEUED_OUTPUT
 from tests.test_hostile import connect, read_until_closed, wait_for_log
@@ -94,6 +96,8 @@ def test_status_counts_each_kind_of_call(start_daemon: type[RunningDaemon]) -> N
         ready = notify.wait_for("READY=1")
         assert ready.startswith("READY=1\nSTATUS=spec ") and ready.endswith("calls: 0 served, 0 rejected, 0 failed")
         assert notify.statuses == [ready]
+        # STATUS= only when it changed: an idle daemon repeats nothing (the status timer has run)
+        assert notify.received_within(server.STATUS_INTERVAL * 1.5) == []
         assert daemon.call(b"e.Echo work\0", b"hi", timeout=10) == b"hi"
         # A bad descriptor, an unknown service, no NUL before EOF, no NUL within the limit, nothing.
         for wire in (b"e.Echo bad qube\0", b"e.Nothing work\0", b"e.Echo work", b"e" * 70000, b""):
@@ -113,6 +117,9 @@ def test_status_counts_each_kind_of_call(start_daemon: type[RunningDaemon]) -> N
                 sock.sendall(b"e.Echo work\0" + b"x" * (4 << 20))  # echoed back, never read
         wait_for_log(daemon, "call e.Echo: caller went away")
         notify.wait_for("calls: 1 served, 6 rejected, 7 failed")
+        later = notify.statuses[1:]  # READY=1 once: later lines are STATUS= alone, each a change
+        assert later and not any("READY=1" in line for line in later), later
+        assert all(a != b for a, b in itertools.pairwise(notify.statuses)), notify.statuses
     finally:
         notify.close()
 
