@@ -284,6 +284,9 @@ class Server:
         self._slots = self._free = fd_budget(self.daemon.max_connections)
         loop.set_exception_handler(self._loop_exception)
         self._last_activity = loop.time()
+        # remove_signal_handler sets SIG_DFL: a program's own dispositions (nohup's SIG_IGN for
+        # SIGHUP) are given back as they were
+        previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stop)
         if self.source is not None:
@@ -320,8 +323,9 @@ class Server:
                 await self._finish_in_flight()
             finally:
                 caller_watch.cancel()
-            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                loop.remove_signal_handler(signum)
+            for signum, handler in previous.items():
+                if loop.remove_signal_handler(signum) and handler is not None:
+                    signal.signal(signum, handler)
 
     def status(self) -> str:
         """The STATUS= line ``systemctl --user status`` shows, and ``list`` reads."""

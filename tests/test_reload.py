@@ -440,15 +440,18 @@ def test_a_daemon_started_without_a_spec_names_none(tmp_path: Path, caplog: pyte
 
 def test_a_stopped_server_leaves_no_task_of_its_own_running(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Server.run in a program of its own (not serve's process, which exits): once it returns,
-    its idle watch, status reporter, spec timer and caller watch are gone, and it reports
-    nothing more."""
+    its idle watch, status reporter, spec timer and caller watch are gone, it reports nothing
+    more, and SIGTERM, SIGINT and SIGHUP do what they did before it ran (asyncio's
+    remove_signal_handler alone would set SIG_DFL)."""
     monkeypatch.setattr(server, "STATUS_INTERVAL", 0.05)
     _, _, source, daemon, spec_id = in_process(tmp_path, BEFORE.replace("idle_exit: 0", "idle_exit: 60"), BEFORE)
     statuses: list[str] = []
 
-    handlers_before = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
-
     async def scenario() -> set[asyncio.Task[object]]:
+        # the program's own: asyncio.run's SIGINT handler, SIGHUP ignored as under nohup
+        handlers_before = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT,
+                                                                            signal.SIGHUP)}
+        assert handlers_before[signal.SIGHUP] == signal.SIG_IGN
         serving, running = serving_in(tmp_path, daemon, source, spec_id,
                                       on_ready=statuses.append, on_status=statuses.append)
         assert await one_call(tmp_path / "socksvc-r.sock", b"r.Echo+ work\0x") == b"x"
@@ -462,7 +465,11 @@ def test_a_stopped_server_leaves_no_task_of_its_own_running(tmp_path: Path, monk
         assert {signum: signal.getsignal(signum) for signum in handlers_before} == handlers_before
         return asyncio.all_tasks() - {asyncio.current_task()}
 
-    assert asyncio.run(scenario()) == set()
+    hangup = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        assert asyncio.run(scenario()) == set()
+    finally:
+        signal.signal(signal.SIGHUP, hangup)
     # one status per change: READY's, then the served call's (STATUS_INTERVAL passed many times)
     assert [status.rpartition(": ")[2] for status in statuses] == [
         "0 served, 0 rejected, 0 failed", "1 served, 0 rejected, 0 failed"], statuses
