@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hashlib
 import os
 import shutil
@@ -15,12 +16,15 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import BinaryIO
 
 import pytest
 
+from qubes_socksvc import manifest, server
 from tests.conftest import REPO, TEST_MANIFEST, TESTS, RunningDaemon, fields_of, raw_call, run_cli, world_dir
+from tests.test_call_endings import cpu_seconds
 
 
 def assert_still_serving(daemon: RunningDaemon) -> None:
@@ -161,11 +165,60 @@ def test_max_connections_bounds_concurrency_and_excess_callers_wait(start_daemon
     assert max(int(r) for r in results) == 2
 
 
+def test_a_saturated_daemon_waits_for_a_free_slot_without_spinning(start_daemon: type[RunningDaemon]) -> None:
+    """Every slot held and callers waiting in the backlog: the daemon stops watching its
+    listener until a call ends (Server._accept pauses accepting), it does not wake up for
+    callers it cannot take."""
+    manifest = ("version: 1\ndaemons:\n  c:\n    idle_exit: 0\n    max_connections: 1\n    services:\n"
+                "      test.Slow:\n        handler: handlers:slow\n")
+    daemon = start_daemon(manifest, "c")
+    callers = [threading.Thread(target=daemon.call, args=(b"test.Slow+2 work\0",)) for _ in range(3)]
+    for caller in callers:
+        caller.start()
+    time.sleep(0.5)  # one call runs, two callers wait
+    cpu = cpu_seconds(daemon.proc.pid)
+    time.sleep(1)
+    assert cpu_seconds(daemon.proc.pid) - cpu < 0.3, "the daemon spun while every slot was taken"
+    for caller in callers:
+        caller.join()
+
+
+def test_sockets_bound_before_one_that_cannot_be_are_closed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bind_sockets refusing one socket (a foreign file in its place) closes the others it
+    bound, not the garbage collector (which warns of each: ResourceWarning)."""
+    daemon = manifest.parse(TEST_MANIFEST, "manifest.yaml").daemons["t"]
+    paths = list(daemon.sockets())
+    assert len(paths) == 2
+    (tmp_path / os.path.basename(paths[-1])).write_text("precious")
+    before = sorted(os.listdir("/proc/self/fd"))
+    owned: list[server.OwnedSocket] = []
+    unraisable: list[object] = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ResourceWarning)
+        with pytest.raises(server.ServeError, match="exists and is not a socket"):
+            server.bind_sockets(daemon, str(tmp_path), owned)
+        gc.collect()
+    assert unraisable == [] and len(owned) == 1 and sorted(os.listdir("/proc/self/fd")) == before
+    for sock in owned:
+        sock.remove()
+
+
 def test_idle_exit(start_daemon: type[RunningDaemon]) -> None:
     daemon = start_daemon(TEST_MANIFEST.replace("idle_exit: 0", "idle_exit: 1"), "t")
     assert daemon.call(b"test.Echo work\0", b"x") == b"x"
     assert daemon.proc.wait(timeout=15) == 0
     assert "idle for 1s: exiting" in daemon.log_text()
+
+
+def test_idle_exit_counts_from_the_end_of_the_last_call(start_daemon: type[RunningDaemon]) -> None:
+    """A call longer than idle_exit does not make the daemon exit as it ends: idle means
+    idle_exit seconds with no call, counted from when the last one ended."""
+    daemon = start_daemon(TEST_MANIFEST.replace("idle_exit: 0", "idle_exit: 1"), "t")
+    assert daemon.call(b"test.Slow+1.5 work\0") == b"done\n"
+    ended = time.monotonic()
+    assert daemon.proc.wait(timeout=15) == 0
+    assert time.monotonic() - ended > 0.9, "the daemon exited less than idle_exit after its last call ended"
 
 
 def test_sigterm_lets_in_flight_calls_finish(daemon: RunningDaemon) -> None:
