@@ -909,3 +909,6 @@ def test_a_fault_with_its_traceback_is_logged_like_one_without(caplog: pytest.Lo
         serving.ended(serving.daemon, raised)
         serving.ended(serving.daemon, unloadable)
     assert [(r.pathname, r.funcName) for r in caplog.records] == [(server.__file__, "_fault")] * 2
+    with_traceback, without = caplog.records
+    assert with_traceback.exc_text is not None and with_traceback.exc_text.endswith("ValueError: bad")
+    assert without.exc_text is None  # no "NoneType: None" under a fault that has no exception
