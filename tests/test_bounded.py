@@ -142,6 +142,21 @@ def test_orphaned_handler_threads_are_bounded(start_daemon: type[RunningDaemon])
     assert "plain handlers' threads still run after their calls ended" in daemon.log_text(), daemon.log_text()
 
 
+def test_the_daemon_keeps_serving_with_exactly_max_orphaned_threads(start_daemon: type[RunningDaemon]) -> None:
+    """The limit is a count the daemon may hold: with MAX_ORPHANED_THREADS orphans it serves on,
+    the one more past it makes it exit."""
+    from qubes_socksvc import server
+
+    daemon = start_daemon(BASE.format(slots=256), "b")
+    calls_at_once(daemon, b"b.HangPlain+ work\0", server.MAX_ORPHANED_THREADS, timeout=20)
+    wait_for(lambda: daemon.log_text().count("call b.HangPlain+ timed out") == server.MAX_ORPHANED_THREADS,
+             "the hung calls did not time out")
+    assert daemon.call(b"b.Echo+ work\0", b"still here", timeout=20) == b"still here"
+    assert daemon.proc.poll() is None and "threads still run" not in daemon.log_text()
+    daemon.call(b"b.HangPlain+ work\0", timeout=20)
+    wait_for(lambda: daemon.proc.poll() is not None, "the daemon did not exit", timeout=40)
+
+
 #: Run in a fresh interpreter (no other test's threads counted): plain handlers' threads counted
 #: as orphans while they outlive their call, and only then.
 ORPHANS_SCRIPT = """
