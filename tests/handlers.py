@@ -227,13 +227,14 @@ async def backend_down(request: Request) -> None:
     raise ConnectionRefusedError("backend down")
 
 
-def _failing_callback() -> None:
+def _failing_callback(argument: str | None) -> None:
     raise ValueError("a callback of the handler failed")
 
 
 async def schedules_a_failing_callback(request: Request) -> str:
-    """Leaves the event loop a callback that raises: the loop reports it, the daemon logs it."""
-    asyncio.get_running_loop().call_soon(_failing_callback)
+    """Leaves the event loop a callback that raises: the loop reports it ("Exception in callback
+    _failing_callback('ARGUMENT')", quoting the caller's argument), the daemon logs it."""
+    asyncio.get_running_loop().call_soon(_failing_callback, request.argument)
     return "scheduled\n"
 
 
