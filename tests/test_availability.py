@@ -40,6 +40,7 @@ def test_a_crashing_c_extension_leaves_its_cause_in_the_log() -> None:
         log = daemon.log.read_text()
         assert log.count("Fatal Python error: Segmentation fault") == 1, log
         assert "fatal_handlers.py\", line" in log and "in segfault" in log, log
+        assert "Current thread 0x" in log, log  # every thread's stack (all_threads), the crashing one named
         assert "call c.Segfault+ from work" in log  # the call it served, logged before
     finally:
         shutil.rmtree(root, ignore_errors=True)
