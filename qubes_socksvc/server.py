@@ -324,7 +324,8 @@ class Server:
             finally:
                 caller_watch.cancel()
             for signum, handler in previous.items():
-                if loop.remove_signal_handler(signum) and handler is not None:
+                loop.remove_signal_handler(signum)
+                if handler is not None:  # None: installed by C code, which Python cannot reinstall
                     signal.signal(signum, handler)
 
     def status(self) -> str:
