@@ -172,13 +172,14 @@ def test_a_saturated_daemon_waits_for_a_free_slot_without_spinning(start_daemon:
     manifest = ("version: 1\ndaemons:\n  c:\n    idle_exit: 0\n    max_connections: 1\n    services:\n"
                 "      test.Slow:\n        handler: handlers:slow\n")
     daemon = start_daemon(manifest, "c")
-    callers = [threading.Thread(target=daemon.call, args=(b"test.Slow+2 work\0",)) for _ in range(3)]
+    callers = [threading.Thread(target=daemon.call, args=(b"test.Slow+3 work\0",)) for _ in range(2)]
     for caller in callers:
         caller.start()
-    time.sleep(0.5)  # one call runs, two callers wait
+    time.sleep(0.5)  # one call runs, one caller waits
     cpu = cpu_seconds(daemon.proc.pid)
-    time.sleep(1)
-    assert cpu_seconds(daemon.proc.pid) - cpu < 0.3, "the daemon spun while every slot was taken"
+    time.sleep(2)
+    # idle, it spends about 0.01 s; spinning, whatever share of a core the machine's load leaves it
+    assert cpu_seconds(daemon.proc.pid) - cpu < 0.15, "the daemon spun while every slot was taken"
     for caller in callers:
         caller.join()
 
