@@ -702,7 +702,8 @@ def test_a_server_whose_run_is_cancelled_ends_as_a_stopped_one(
     """A program that runs Server.run in a task of its own may cancel that task rather than
     call stop(): the call in flight is then given STOP_TIMEOUT all the same, and run returns
     only once the call, cancelled, has finished its cleanup (serve's process exits then).
-    Afterwards nothing watches the closed sockets any more and nothing fails in the loop."""
+    Afterwards nothing watches the closed sockets nor the spec watch's closed descriptor any
+    more, and nothing fails in the loop."""
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
     monkeypatch.setattr(server, "STOP_TIMEOUT", 0.5)
     _, _, source, daemon, spec_id = in_process(tmp_path, BEFORE + declared("r.Hang", "hangs_then_cleans_up"), BEFORE)
@@ -715,6 +716,8 @@ def test_a_server_whose_run_is_cancelled_ends_as_a_stopped_one(
         _, caller = await asyncio.open_unix_connection(str(tmp_path / "socksvc-r.sock"))
         caller.write(b"r.Hang+ work\0")
         await asyncio.sleep(0.2)
+        assert serving._spec_watch is not None
+        fds.append(serving._spec_watch.fd)  # the spec's inotify descriptor, closed by run too
         if ended_by == "stop":
             serving.stop()
         else:
@@ -729,7 +732,7 @@ def test_a_server_whose_run_is_cancelled_ends_as_a_stopped_one(
         return [loop.remove_reader(fd) for fd in fds]
 
     with caplog.at_level(logging.INFO, logger="qubes_socksvc.server"):
-        assert asyncio.run(scenario()) == [False], "a closed socket is still watched"
+        assert asyncio.run(scenario()) == [False, False], "a closed descriptor is still watched"
     assert "stopping: cancelled 1 calls still running" in caplog.text
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
 
