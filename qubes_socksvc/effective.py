@@ -173,9 +173,7 @@ class Tree:
             artifact = self.changes[path]
             if artifact is None:
                 return None
-            if not isinstance(artifact, Link):
-                return "stop", None
-            if qrexec.is_tcp_link(artifact.target):
+            if not isinstance(artifact, Link) or qrexec.is_tcp_link(artifact.target):
                 return "stop", None
             return "link", resolve(self.disk.root, artifact.target)
         try:

@@ -437,6 +437,21 @@ def test_the_other_manifests_forwards_are_all_judged_when_one_of_their_links_is_
         "of /usr/local/etc/qubes-rpc/b.Svc+x (applied, reads a descriptor)" in output, output
 
 
+def test_one_manifests_unreadable_record_hides_no_forward_of_the_other(tmp_path: Path, local_by_name: None) -> None:
+    """effective.applied_forwards goes on past a layout whose record cannot be read (apply and
+    check of that manifest report it): the other layout's Qubes-aware forward is still known to
+    read descriptors."""
+    local, root = tmp_path / "local.yaml", tmp_path / "root"
+    local.write_text(AWARE)
+    code, output = run("apply", local, root)
+    assert code == 0, output
+    etc_record = root / "var/lib/qubes-socksvc/owned.json"  # the /etc manifest's, read first
+    etc_record.parent.mkdir(parents=True, exist_ok=True)
+    etc_record.write_text("{")
+    assert effective.applied_forwards(str(root), effective.LAYOUTS, []) == \
+        {"/run/srv/aware.sock": "the target of /usr/local/etc/qubes-rpc/svc+x (applied, reads a descriptor)"}
+
+
 BIG_SKIP = "#\n" * 40000 + "skip-service-descriptor=true\n"  # 80 KiB: qrexec reads it line by line
 
 
