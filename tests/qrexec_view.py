@@ -8,6 +8,7 @@ so a test judges apply's output by qrexec's rules, not by our own restatement):
   called, with ``+`` appended to a bare one; key 2 is NAME;
 - ``find_file``: a key longer than NAME_MAX cannot exist; each key in every directory
   of QREXEC_SERVICE_PATH before the next key; a dangling symlink is ENOENT (skipped);
+  lstat() failing otherwise (ENOTDIR: a file where the directory should be) fails the call;
 - ``load_service_config_raw``: the same two keys in every directory of
   QUBES_RPC_CONFIG_PATH, whichever service file matched;
 - ``libqrexec/toml.c``: ``skip-service-descriptor = true|false``, ``#`` comments.
@@ -64,8 +65,12 @@ def service_entry(root: Path, call: str, up: set[str], units: set[str]) -> tuple
     for key in keys(call):
         for directory in SERVICE_PATH:
             path = root / directory / key
-            if not os.path.lexists(path):
+            try:
+                path.lstat()
+            except FileNotFoundError:
                 continue
+            except OSError:  # find_file: lstat failing with anything but ENOENT fails the call (-2)
+                return f"/{directory}/{key}", None
             target = _target(root, path, units)
             if target is None or target.startswith("/dev/tcp") or not path.is_symlink():
                 return f"/{directory}/{key}", target
@@ -102,7 +107,7 @@ def calls(root: Path) -> set[str]:
     for directory in (*SERVICE_PATH, *CONFIG_PATH):
         try:
             names = os.listdir(root / directory)
-        except FileNotFoundError:
+        except OSError:  # no such directory, or a file in its place: no names from it
             continue
         for file_name in names:
             if file_name.startswith("."):

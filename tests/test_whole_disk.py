@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from qubes_socksvc import cli, effective, rpcconfig
-from qubes_socksvc.layout import Link
+from qubes_socksvc.layout import LAYOUTS, Link
 from tests import qrexec_view
 
 
@@ -298,17 +298,22 @@ def _shadow(entry: Path, kind: str) -> None:
         entry.chmod(0o755)
     elif kind == "a directory":
         entry.mkdir()
+    elif kind == "a file in place of its directory":  # lstat fails with ENOTDIR: exec.c fails the call
+        entry.parent.rmdir()
+        entry.parent.write_text("")
     else:
         entry.symlink_to("/dev/tcp/127.0.0.1/22")
 
 
-@pytest.mark.parametrize("kind", ["an executable", "a directory", "a TCP forward"])
+@pytest.mark.parametrize("kind", ["an executable", "a directory", "a TCP forward", "a file in place of its directory"])
 def test_an_entry_qrexec_stops_at_shadows_a_forgeable_one_behind_it(tmp_path: Path, kind: str) -> None:
     """find_qrexec_service (exec.c: find_file) takes the first entry of a call's name in the
     search path: an executable, a directory or a TCP forward there ends the lookup (the call
-    runs it, or fails), so the forgeable entry behind it is never reached, and check
-    must not cry FORGEABLE for it.  Judged with qrexec_view (exec.c alone), for /run/qubes-rpc
-    (our own rpc directory is /etc/qubes-rpc, behind it) and for /usr/local/etc/qubes-rpc."""
+    runs it, or fails), and so does one lstat() fails on with anything but ENOENT (its
+    directory is a file: ENOTDIR; find_file returns -2, the call fails), so the forgeable
+    entry behind it is never reached, and check must not cry FORGEABLE for it.  Judged with
+    qrexec_view (exec.c alone), for /run/qubes-rpc (our own rpc directory is /etc/qubes-rpc,
+    behind it) and for /usr/local/etc/qubes-rpc."""
     for directory in ("run/qubes-rpc", "usr/local/etc/qubes-rpc"):
         (tmp_path / directory.replace("/", "-")).mkdir()
         manifest, root = write(tmp_path / directory.replace("/", "-"), RAW)
@@ -448,7 +453,7 @@ def test_one_manifests_unreadable_record_hides_no_forward_of_the_other(tmp_path:
     etc_record = root / "var/lib/qubes-socksvc/owned.json"  # the /etc manifest's, read first
     etc_record.parent.mkdir(parents=True, exist_ok=True)
     etc_record.write_text("{")
-    assert effective.applied_forwards(str(root), effective.LAYOUTS, []) == \
+    assert effective.applied_forwards(str(root), LAYOUTS, []) == \
         {"/run/srv/aware.sock": "the target of /usr/local/etc/qubes-rpc/svc+x (applied, reads a descriptor)"}
 
 
