@@ -254,6 +254,18 @@ def test_a_planted_run_config_on_an_applied_service_warns_apply_and_fails_check(
     assert len(now) == 1 and now[0].startswith("warning   my.Svc+x: FORGEABLE"), output
 
 
+def test_a_forgeable_call_of_a_file_name_of_name_max_bytes_is_named_as_it_is(tmp_path: Path) -> None:
+    """exec.c find_file looks a key of NAME_MAX bytes up (only a longer one cannot exist): a
+    planted config of exactly 255 bytes makes that one call forgeable, and the report names
+    that call, not every argument without a file of its own."""
+    manifest, root = write(tmp_path, f"version: 1\ndaemons:\n  d:\n    services:\n      my.Svc:\n{HANDLER}")
+    assert run("apply", manifest, root)[0] == 0
+    call = "my.Svc+" + "a" * (255 - len("my.Svc+"))
+    plant(root, call, "skip-service-descriptor=true\n")
+    code, output = run("check", manifest, root)
+    assert code == 1 and f"FORGEABLE: calls of {call} can reach /etc/qubes-rpc/my.Svc" in output, output
+
+
 def test_an_rpc_config_qrexec_cannot_stat_fails_the_call_and_forges_nothing(tmp_path: Path) -> None:
     """exec.c find_file: an rpc-config entry whose stat() fails with anything but ENOENT (here a
     link to itself: ELOOP) fails the call (load_service_config_raw), so no caller's bytes reach
