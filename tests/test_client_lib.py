@@ -126,6 +126,8 @@ def test_command_refuses_what_qrexec_would(target: str, service: str, monkeypatc
 
 def test_call_round_trip(world: World) -> None:
     assert client.call(TARGET, "test.Echo", b"hello from work") == b"hello from work"
+    # no input: the service's stdin ends at once (an echo reads to EOF, so it answers)
+    assert client.call(TARGET, "test.Echo", timeout=20) == b""
 
 
 def test_calls_from_a_vm_always_carry_a_plus(world: World) -> None:
