@@ -235,6 +235,8 @@ def test_a_handlers_own_log_lines_are_cut(start_daemon: type[RunningDaemon]) -> 
     ("max_input", "9223372036854775808", "must be at most 9223372036854775807"),
     ("max_connections", "9223372036854775808", "must be at most 9223372036854775807"),
     ("descriptor_timeout", "1.0e+999", "must be a finite number"),  # YAML reads it as float("inf")
+    ("idle_exit", "1000000000", None),
+    ("idle_exit", "1000000001", "must be at most 1000000000 seconds"),
 ])
 def test_the_largest_numbers_are_those_the_manual_states(key: str, value: str, problem: str | None) -> None:
     """man/qubes-socksvc.yaml.5.rst: a time is at most 1000000000 seconds, any other number at
@@ -243,6 +245,8 @@ def test_the_largest_numbers_are_those_the_manual_states(key: str, value: str, p
     assert "1000000000 seconds" in manual and "9223372036854775807" in manual
     if key in ("timeout", "max_input"):  # a service's
         text = BASE.format(slots=4).replace("examples:echo\n", f"examples:echo\n        {key}: {value}\n")
+    elif key == "idle_exit":
+        text = BASE.format(slots=4).replace("    idle_exit: 0\n", f"    {key}: {value}\n")
     else:  # the daemon's
         text = BASE.format(slots=4).replace("    max_connections: 4\n", f"    {key}: {value}\n")
     assert f"{key}: {value}\n" in text
