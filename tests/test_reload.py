@@ -466,10 +466,12 @@ def test_a_stopped_server_leaves_no_task_of_its_own_running(tmp_path: Path, monk
         return asyncio.all_tasks() - {asyncio.current_task()}
 
     hangup = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    descriptors = sorted(os.listdir("/proc/self/fd"))
     try:
         assert asyncio.run(scenario()) == set()
     finally:
         signal.signal(signal.SIGHUP, hangup)
+    assert sorted(os.listdir("/proc/self/fd")) == descriptors  # the sockets' and the spec watch's closed
     # one status per change: READY's, then the served call's (STATUS_INTERVAL passed many times)
     assert [status.rpartition(": ")[2] for status in statuses] == [
         "0 served, 0 rejected, 0 failed", "1 served, 0 rejected, 0 failed"], statuses
