@@ -152,23 +152,23 @@ class NotifySocket:
 
     def wait_for(self, expected: str, timeout: float = 10) -> str:
         """The first status line holding ``expected`` (AssertionError, with every line, if none)."""
-        deadline = time.monotonic() + timeout
-        while not (self.statuses and expected in self.statuses[-1]) and time.monotonic() < deadline:
-            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
-            with contextlib.suppress(TimeoutError):
-                self.statuses.append(self.sock.recv(4096).decode())
+        self._receive(timeout, lambda: bool(self.statuses) and expected in self.statuses[-1])
         assert self.statuses and expected in self.statuses[-1], self.statuses
         return self.statuses[-1]
 
     def received_within(self, seconds: float) -> list[str]:
         """The status lines that arrive within ``seconds`` (kept in ``statuses`` too)."""
         before = len(self.statuses)
+        self._receive(seconds, lambda: False)
+        return self.statuses[before:]
+
+    def _receive(self, seconds: float, done: Callable[[], bool]) -> None:
+        """Keep the lines received until ``done()`` or ``seconds`` have passed."""
         deadline = time.monotonic() + seconds
-        while (left := deadline - time.monotonic()) > 0:
-            self.sock.settimeout(left)
+        while not done() and (left := deadline - time.monotonic()) > 0:
+            self.sock.settimeout(max(0.01, left))
             with contextlib.suppress(TimeoutError):
                 self.statuses.append(self.sock.recv(4096).decode())
-        return self.statuses[before:]
 
     def close(self) -> None:
         self.sock.close()

@@ -141,6 +141,29 @@ def test_an_untestable_mutant_stays_in_the_denominator(tmp_path: Path, monkeypat
     assert _row(out) == ["m.py", "20", "19", "0", "0", "1", "0", "95.0 %"] and worst == 0
 
 
+def test_a_listed_entry_is_noted_only_when_this_run_could_have_used_it(tmp_path: Path) -> None:
+    # An entry whose mutant ran and survived nothing is stale; under --again, an entry whose
+    # mutant was not among the last run's survivors was simply not run: no "no such mutant".
+    (tmp_path / mutate.PKG).mkdir()
+    (tmp_path / mutate.PKG / "sample.py").write_text(SAMPLE)
+    every = list(mutate.mutants("sample.py", tmp_path))
+    ran, other = every[0], every[1]
+    gone = "sample.py:99: x = 1 => x = 2"
+    listed = [ran.key, other.key, gone]
+
+    def notes(work: list[object], again: bool) -> list[str]:
+        found: list[str] = mutate.unmatched_entries(listed, set(), ["sample.py"], work, again)
+        return found
+
+    assert set(notes(every, again=False)) == {f"note: listed entry matched no surviving mutant: {ran.key}",
+                                              f"note: listed entry matched no surviving mutant: {other.key}",
+                                              f"note: listed entry matched no surviving mutant (no such "
+                                              f"mutant): {gone}"}
+    assert notes([ran], again=True) == [f"note: listed entry matched no surviving mutant: {ran.key}"]
+    assert mutate.unmatched_entries(listed, {ran.key}, ["sample.py"], [ran], True) == []
+    assert mutate.unmatched_entries(listed, set(), ["other.py"], every, False) == []
+
+
 def test_a_limit_is_tried_against_the_tests_that_read_it(tmp_path: Path) -> None:
     # A test pinning a limit to the docs runs no line of its module: the lines using the limit
     # would never choose it.  A test naming it (through its module, or imported) is chosen first.

@@ -44,7 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -1150,15 +1150,29 @@ def _run(args: argparse.Namespace, chosen: list[str], trees: queue.Queue[Path], 
           f"{time.monotonic() - started:.0f}s, operators: {' '.join(args.kind or OPERATORS)}; "
           f"survivors with diffs: {args.survivors}; every verdict: {args.log}\n")
     worst = print_table(results, {module: sum(m.module == module for m in work) for module in chosen})
+    for note in unmatched_entries([*equivalent, *untestable], used, chosen, work, args.again):
+        print(note)
+    return 0 if worst >= 95.0 else 1
+
+
+def unmatched_entries(listed: Iterable[str], used: set[str], chosen: list[str], work: list[Mutant],
+                      again: bool) -> list[str]:
+    """A note for each reviewed entry of the chosen modules that excused no mutant of this run.
+
+    Under ``--again`` only the last run's survivors run, so an entry is judged only when its
+    mutant ran: the others are neither stale nor missing, merely not part of this run.
+    """
     ran_keys = {m.key for m in work}
     changes = {m.change: m.key for m in work}
-    for listed in (equivalent, untestable):
-        for key in sorted(k for k in listed if k.split(":")[0] in chosen and k not in used):
-            moved = changes.get(_change_of(key))
-            hint = " (its change is on another line now: --relist moves it)" if moved and moved != key else ""
-            where = "" if key in ran_keys or moved else " (no such mutant)"
-            print(f"note: listed entry matched no surviving mutant{where}{hint}: {key}")
-    return 0 if worst >= 95.0 else 1
+    notes = []
+    for key in sorted(k for k in listed if k.split(":")[0] in chosen and k not in used):
+        moved = changes.get(_change_of(key))
+        if again and key not in ran_keys and not moved:
+            continue
+        hint = " (its change is on another line now: --relist moves it)" if moved and moved != key else ""
+        where = "" if key in ran_keys or moved else " (no such mutant)"
+        notes.append(f"note: listed entry matched no surviving mutant{where}{hint}: {key}")
+    return notes
 
 
 if __name__ == "__main__":
