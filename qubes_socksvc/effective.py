@@ -456,10 +456,13 @@ class _Settler:
         names = {qrexec.split_service(k)[0] for k, _ in self.declared.values()} | self.disk_names()
         for name in sorted(names):
             calls = _calls(name, self.tree.files(name))
-            for call in calls:
-                self._pin_forgeable(call)
+            # A declared call's own config first: it says skip-service-descriptor=false and
+            # every key as declared, so no pin (which keeps the skipping file's other keys) is
+            # needed for it, or could contradict its declaration.
             for call in calls:
                 self._declared_config(call)
+            for call in calls:
+                self._pin_forgeable(call)
             # What pinning could not fix; a volatile cause is a warning only if it is not ours to add.
             for call, (link, what, config_path) in forgeable_calls(self.tree, self.sockets, [name]).items():
                 already = _volatile(config_path) and call in self.now()

@@ -85,19 +85,25 @@ def service_entry(root: Path, call: str, up: set[str], units: set[str]) -> tuple
     return None
 
 
-def skips_descriptor(root: Path, call: str) -> tuple[str | None, bool]:
-    """(the rpc-config file, its skip-service-descriptor) for ``call``."""
+def config(root: Path, call: str) -> tuple[str | None, dict[str, bool]]:
+    """(the rpc-config file qrexec takes for ``call``, the boolean keys it sets)."""
     for key in keys(call):
         for directory in CONFIG_PATH:
             path = root / directory / key
             if path.is_file():
-                value = False
+                values = {}
                 for line in path.read_text().splitlines():
                     key_part, eq, rest = line.partition("=")
-                    if eq and key_part.strip() == "skip-service-descriptor":
-                        value = rest.split("#")[0].strip() == "true"
-                return f"/{directory}/{key}", value
-    return None, False
+                    if eq and not key_part.startswith("#"):
+                        values[key_part.strip()] = rest.split("#")[0].strip() == "true"
+                return f"/{directory}/{key}", values
+    return None, {}
+
+
+def skips_descriptor(root: Path, call: str) -> tuple[str | None, bool]:
+    """(the rpc-config file, its skip-service-descriptor) for ``call``."""
+    path, values = config(root, call)
+    return path, values.get("skip-service-descriptor", False)
 
 
 def calls(root: Path) -> set[str]:

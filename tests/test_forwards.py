@@ -23,6 +23,7 @@ import pytest
 
 from qubes_socksvc import manifest, model, qrexec, status
 from qubes_socksvc.manifest import ManifestError
+from tests import qrexec_view
 from tests.conftest import RpcDirs, apply, call_cli, private_dir, run_cli
 from tests.test_manifest import tree_digest
 
@@ -369,6 +370,34 @@ forwards:
     assert result.returncode == 0, result.stderr
     assert ("calls of my.Svc (and my.Svc+) reach /run/qubes-rpc/my.Svc (a TCP service), which qrexec finds first"
             in result.stderr)
+
+
+def test_a_pin_under_a_forward_changes_only_what_reads_the_descriptor(tmp_path: Path) -> None:
+    """A forward NAME with wait_for_session: true: a handler service NAME+x beside it takes what
+    it declares (the descriptor sent, no wait for a session), not the forward's keys, and apply
+    does not refuse it; a foreign link NAME+z to the daemon's socket gets a pin that makes qrexec
+    send the descriptor and keeps every other key qrexec applied to it from NAME's config
+    (libqrexec/exec.c: load_service_config_raw takes NAME+z's file before NAME's)."""
+    (tmp_path / "root/etc/qubes-rpc").mkdir(parents=True)
+    (tmp_path / "root/etc/qubes-rpc/my.Svc+z").symlink_to("/run/qubes/socksvc-d.sock")
+    root = apply_text(tmp_path, """\
+version: 1
+daemons:
+  d:
+    services:
+      my.Svc+x:
+        handler: qubes_socksvc.examples:echo
+forwards:
+  my.Svc:
+    target: tcp:127.0.0.1:22
+    wait_for_session: true
+""")
+    assert qrexec_view.config(root, "my.Svc+y") == ("/etc/qubes/rpc-config/my.Svc",
+                                                   {"wait-for-session": True, "skip-service-descriptor": True})
+    assert qrexec_view.config(root, "my.Svc+x") == ("/etc/qubes/rpc-config/my.Svc+x",
+                                                   {"wait-for-session": False, "skip-service-descriptor": False})
+    assert qrexec_view.config(root, "my.Svc+z") == ("/etc/qubes/rpc-config/my.Svc+z",
+                                                   {"wait-for-session": True, "skip-service-descriptor": False})
 
 
 # --- list: reachability without connecting --------------------------------------------------
