@@ -285,7 +285,9 @@ def qubes_run_dir() -> Path:
     path = Path("/run/qubes")
     if os.geteuid() != 0 and not path.is_dir():
         pytest.skip("needs root to create /run/qubes")
-    path.mkdir(mode=0o2770, exist_ok=True)
+    if not path.is_dir():
+        path.mkdir()
+        path.chmod(0o2770)  # mkdir's mode passes through the umask: group-writable only this way
     return path
 
 
