@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from . import descriptor, handlers, logs, qrexec
+from .connection import Connection
 from .handlers import HandlerError, Registry
 from .model import Daemon, Service
 from .request import InputTooLarge, Request
@@ -108,7 +109,7 @@ class Serves(abc.ABC):
     """What a listening socket serves; :meth:`identify` is the first step of each call on it."""
 
     @abc.abstractmethod
-    async def identify(self, daemon: Daemon, call: _Connection) -> tuple[Service, Request] | Result:
+    async def identify(self, daemon: Daemon, call: Connection) -> tuple[Service, Request] | Result:
         """The service and request of this call, or how it ended before a handler was found."""
 
 
@@ -117,7 +118,7 @@ class ByDescriptor(Serves):
     """The daemon's shared socket: every declared service that reads a descriptor; each call's
     descriptor names its own."""
 
-    async def identify(self, daemon: Daemon, call: _Connection) -> tuple[Service, Request] | Result:
+    async def identify(self, daemon: Daemon, call: Connection) -> tuple[Service, Request] | Result:
         untrusted_descriptor = await _read_descriptor(daemon, call)
         if isinstance(untrusted_descriptor, Result):
             return untrusted_descriptor
@@ -128,8 +129,8 @@ class ByDescriptor(Serves):
         service = lookup(daemon, desc.service)
         if service is None:
             return Result(Ending.UNKNOWN, logs.cut(desc.service))
-        return service, Request(call.reader, call.writer, desc.name, desc.argument, desc.source,
-                                desc.target_type, desc.target, max_input=service.max_input)
+        return service, Request(call, desc.name, desc.argument, desc.source, desc.target_type, desc.target,
+                                max_input=service.max_input)
 
 
 @dataclass(frozen=True)
@@ -138,13 +139,13 @@ class OneService(Serves):
 
     service: Service
 
-    async def identify(self, daemon: Daemon, call: _Connection) -> tuple[Service, Request] | Result:
+    async def identify(self, daemon: Daemon, call: Connection) -> tuple[Service, Request] | Result:
         bound = self.service
         current = daemon.services.get(bound.full_name)
         if current is None or current.socket != bound.socket:  # removed (or moved) by a reload
             return Result(Ending.UNDECLARED, service=bound)
         name, argument = qrexec.split_service(current.full_name)
-        return current, Request(call.reader, call.writer, name, argument, None, max_input=current.max_input)
+        return current, Request(call, name, argument, None, max_input=current.max_input)
 
 
 def lookup(daemon: Daemon, service: str) -> Service | None:
@@ -169,19 +170,16 @@ def lookup(daemon: Daemon, service: str) -> Service | None:
 async def run(sock: socket.socket, daemon: Daemon, serves: Serves, registry: Registry,
               reporter: Reporter) -> None:
     """Serve one call on the accepted connection ``sock`` with ``daemon``'s spec, and tell
-    ``reporter`` how it ended (nothing when the connection was gone before it could be set up).
-    Only a SERVED call's output is flushed (a rejected or failed one is cut: the caller sees the
-    connection reset, not a clean end)."""
-    call = await _connect(sock)
-    if call is None:
-        return
+    ``reporter`` how it ended.  Only a SERVED call's output is flushed (a rejected or failed one
+    is cut: the caller sees the connection reset, not a clean end)."""
+    call = Connection(sock, asyncio.get_running_loop())
     try:
         result = await _serve(daemon, call, serves, registry, reporter)
     except ConnectionError as e:  # BrokenPipeError and resets too, before a handler ran
         result = Result(Ending.CALLER_GONE, error=e)
     except asyncio.CancelledError as e:
         if not _caller_gone(e):
-            call.writer.transport.abort()
+            call.abort()
             reporter.cancelled()
             raise  # the task ends cancelled, as asked
         result = Result(Ending.CALLER_GONE, error=ConnectionResetError(CALLER_GONE))
@@ -193,7 +191,7 @@ async def run(sock: socket.socket, daemon: Daemon, serves: Serves, registry: Reg
         await _end(call, result.ending is Ending.SERVED)
 
 
-async def _serve(daemon: Daemon, call: _Connection, serves: Serves, registry: Registry,
+async def _serve(daemon: Daemon, call: Connection, serves: Serves, registry: Registry,
                  reporter: Reporter) -> Result:
     found = await serves.identify(daemon, call)
     if isinstance(found, Result):
@@ -206,53 +204,49 @@ async def _serve(daemon: Daemon, call: _Connection, serves: Serves, registry: Re
     return await _handle(call, service, request, called, registry, reporter)
 
 
-@dataclass(slots=True)
-class _Connection:
-    """An accepted connection's streams, and the protocol that keeps its descriptor's deadline."""
+async def _read_descriptor(daemon: Daemon, call: Connection) -> bytes | Result:
+    """The descriptor with its NUL, received within ``descriptor_timeout``.
 
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
-    protocol: _CallProtocol
-
-
-async def _connect(sock: socket.socket) -> _Connection | None:
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=qrexec.MAX_DESCRIPTOR_LEN, loop=loop)
-    protocol = _CallProtocol(reader, loop=loop)
+    qrexec sends the descriptor as soon as it has connected, so it is usually there when the
+    call is accepted: read at once, without a timer.  Otherwise a timer cuts the connection at
+    the deadline (a third of asyncio.timeout()'s cost), which ends the read with
+    IncompleteReadError; see :class:`_Deadline` for why a descriptor that came in time is never
+    refused.
+    """
+    call.receive_now()
+    if not call.waits_for_nul():
+        return _descriptor_or_ending(await _until_nul(call), None)
+    deadline = _Deadline(call)
+    timer = asyncio.get_running_loop().call_later(daemon.descriptor_timeout, deadline.expired)
     try:
-        transport, _ = await loop.connect_accepted_socket(lambda: protocol, sock=sock)
-    except OSError:
-        sock.close()
-        return None
-    return _Connection(reader, asyncio.StreamWriter(transport, protocol, reader, loop), protocol)
-
-
-async def _read_descriptor(daemon: Daemon, call: _Connection) -> bytes | Result:
-    """The descriptor with its NUL, received within ``descriptor_timeout``."""
-    protocol = call.protocol
-    # A timer that cuts the connection, rather than asyncio.timeout(): the same limit at a
-    # third of the cost on every call.  The cut ends readuntil() with IncompleteReadError.
-    loop = asyncio.get_running_loop()
-    deadline = loop.call_later(daemon.descriptor_timeout, protocol.descriptor_deadline, call.writer.transport)
-    try:
-        untrusted_descriptor = await call.reader.readuntil(b"\0")
-    except asyncio.IncompleteReadError as e:
-        if protocol.cut:
-            return Result(Ending.LATE)
-        if e.partial:
-            return Result(Ending.CUT_SHORT, error=e)
-        return Result(Ending.EMPTY)  # a connect and nothing else: a probe, e.g. a second 'serve'
-    except asyncio.LimitOverrunError:
-        return Result(Ending.TOO_LONG)
+        found = await _until_nul(call)
     finally:
-        deadline.cancel()
-    protocol.received = True
-    if protocol.cut:  # never serve a connection the deadline has cut
-        return Result(Ending.LATE)  # a net: _CallProtocol's ordering keeps the cut from coming first
-    return untrusted_descriptor
+        timer.cancel()
+    deadline.received = True
+    return _descriptor_or_ending(found, deadline)
 
 
-async def _handle(call: _Connection, service: Service, request: Request, called: str, registry: Registry,
+async def _until_nul(call: Connection) -> bytes | asyncio.IncompleteReadError | asyncio.LimitOverrunError:
+    try:
+        return await call.read_until_nul(qrexec.MAX_DESCRIPTOR_LEN)
+    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError) as e:
+        return e
+
+
+def _descriptor_or_ending(found: bytes | asyncio.IncompleteReadError | asyncio.LimitOverrunError,
+                          deadline: _Deadline | None) -> bytes | Result:
+    if isinstance(found, asyncio.LimitOverrunError):
+        return Result(Ending.TOO_LONG)
+    if deadline is not None and deadline.cut:  # never serve a connection the deadline has cut
+        return Result(Ending.LATE)  # for a descriptor read: a net, as _Deadline orders the cut after it
+    if isinstance(found, asyncio.IncompleteReadError):
+        if found.partial:
+            return Result(Ending.CUT_SHORT, error=found)
+        return Result(Ending.EMPTY)  # a connect and nothing else: a probe, e.g. a second 'serve'
+    return found
+
+
+async def _handle(call: Connection, service: Service, request: Request, called: str, registry: Registry,
                   reporter: Reporter) -> Result:
     """Run the service's handler (loaded on its first call), and say how that ended."""
 
@@ -268,7 +262,7 @@ async def _handle(call: _Connection, service: Service, request: Request, called:
     except TimeoutError as e:
         return Result(Ending.TIMED_OUT, called, service, e)
     except ConnectionError as e:  # BrokenPipeError and resets too
-        if not call.writer.transport.is_closing():  # not the caller's connection: one of the handler's own
+        if not call.is_closing():  # not the caller's connection: one of the handler's own
             return Result(Ending.RAISED, called, service, e)
         return Result(Ending.CALLER_GONE, called, service, e)
     except asyncio.CancelledError as e:
@@ -293,56 +287,45 @@ def _caller_gone(e: asyncio.CancelledError) -> bool:
     return True
 
 
-async def _end(call: _Connection, served: bool) -> None:
-    """Flush a served call's output (LINGER_TIMEOUT at most); cut any other."""
-    transport = call.writer.transport
-    if not served:
-        transport.abort()
-        return
-    transport.close()
-    if transport.get_write_buffer_size():
-        await _linger(call.writer)
+async def _end(call: Connection, served: bool) -> None:
+    """Flush a served call's output (LINGER_TIMEOUT at most); cut any other.
 
-
-async def _linger(writer: asyncio.StreamWriter) -> None:
-    """Give a finished call's unread output LINGER_TIMEOUT to reach the caller, then cut it.
-
-    The call keeps its slot meanwhile: a lingering connection still holds an fd and up
-    to the high-water mark of output, and max_connections must bound both.
+    A lingering connection keeps its call's slot: it still holds an fd and up to the high-water
+    mark of output, and max_connections must bound both.
     """
-    try:
-        async with asyncio.timeout(LINGER_TIMEOUT):
-            await writer.wait_closed()
-    except Exception:  # timed out, or the caller went away
-        writer.transport.abort()
-    except asyncio.CancelledError:
-        writer.transport.abort()
-        raise
+    if served:
+        await call.close(LINGER_TIMEOUT)
+    else:
+        call.abort()
 
 
-class _CallProtocol(asyncio.StreamReaderProtocol):
-    """A connection's protocol, which also measures ``descriptor_timeout`` honestly.
+class _Deadline:
+    """``descriptor_timeout``, measured honestly.
 
     The deadline is a timer.  When a handler held the event loop past it, the timer fires once
     the loop is free again, and by then the caller's descriptor may have arrived in time: both
-    loops read the sockets that became readable during a stall before they run the timers that
-    expired during it (asyncio's queues I/O callbacks first; libuv compares timers with the time
-    cached when the iteration began), so the NUL is in the StreamReader, but the task that reads
-    it has only been woken, not run.  So the timer cuts the connection one loop turn later, and
-    only if the descriptor has still not been received: callbacks run in the order they were
+    loops run the callbacks of the sockets that became readable during a stall before they run
+    the timers that expired during it (asyncio's queues I/O callbacks first; libuv compares
+    timers with the time cached when the iteration began), so the task that reads the NUL has
+    been woken but not run.  So the timer cuts the connection one loop turn later, and only if
+    the descriptor has still not been received: callbacks run in the order they were
     scheduled, so every task woken before the timer fired has run by then.
     """
 
-    received = False
-    """The whole descriptor has been read (set by the reading task)."""
-    cut = False
-    """The deadline cut this connection: no handler may run for it."""
+    __slots__ = ("call", "cut", "received")
 
-    def descriptor_deadline(self, transport: asyncio.WriteTransport) -> None:
+    def __init__(self, call: Connection) -> None:
+        self.call = call
+        self.received = False
+        """The whole descriptor has been read (set by the reading task)."""
+        self.cut = False
+        """The deadline cut this connection: no handler may run for it."""
+
+    def expired(self) -> None:
         if not self.received:
-            asyncio.get_running_loop().call_soon(self._cut_unless_received, transport)
+            asyncio.get_running_loop().call_soon(self._cut_unless_received)
 
-    def _cut_unless_received(self, transport: asyncio.WriteTransport) -> None:
+    def _cut_unless_received(self) -> None:
         if not self.received:
             self.cut = True
-            transport.abort()
+            self.call.abort()

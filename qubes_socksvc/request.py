@@ -18,6 +18,7 @@ import threading
 from collections.abc import AsyncIterator
 
 from . import qrexec
+from .connection import Connection
 from .qrexec import CHUNK_SIZE
 
 
@@ -43,14 +44,12 @@ class Request:
     """
 
     __slots__ = (
+        "_connection",
         "_loop",
         "_max_input",
         "_over",
-        "_reader",
         "_received",
         "_thread",
-        "_transport",
-        "_writer",
         "argument",
         "input",
         "name",
@@ -61,8 +60,7 @@ class Request:
 
     def __init__(
         self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
+        connection: Connection,
         name: str,
         argument: str | None,
         source: str | None,
@@ -80,9 +78,7 @@ class Request:
         self.target = target
         self.input: bytes | None = None
         """For plain (non-async) handlers: the whole input, read before the call."""
-        self._reader = reader
-        self._writer = writer
-        self._transport = writer.transport
+        self._connection = connection
         self._max_input = max_input
         self._received = 0
         self._over = False
@@ -105,11 +101,11 @@ class Request:
         if self._over:
             return b""
         if n >= 0:
-            data = await self._reader.read(n)
+            data = await self._connection.read(n)
             self._count(len(data))
             return data
         chunks = []
-        while chunk := await self._reader.read(CHUNK_SIZE):
+        while chunk := await self._connection.read(CHUNK_SIZE):
             self._count(len(chunk))
             chunks.append(chunk)
         return b"".join(chunks)
@@ -136,14 +132,14 @@ class Request:
 
         In a coroutine, ``await request.drain()`` afterwards waits for a slow caller.  From a
         plain handler's thread, ``write()`` itself waits while the caller is behind (more than
-        the transport's high-water mark queued), so output is bounded either way, and it raises
+        connection.HIGH_WATER bytes queued), so output is bounded either way, and it raises
         ``ConnectionError`` once the caller has gone or the call has ended.  Output queued after
         that is dropped: there is nobody left to read it.
         """
         if isinstance(data, str):
             data = data.encode()
         if threading.get_ident() == self._thread:
-            self._queue(data)
+            self._connection.write(data)  # dropped once the call ended or the caller went away
             return
         write = self._write_and_drain(data)
         try:
@@ -156,20 +152,13 @@ class Request:
         except concurrent.futures.CancelledError as e:  # the daemon stopped while we waited
             raise ConnectionResetError("the daemon has stopped") from e
 
-    def _queue(self, data: bytes) -> None:
-        # Once the transport closes (the caller went away, or the call ended), a write would be
-        # logged by asyncio's loop ("socket.send() raised exception.") or raise RuntimeError on
-        # uvloop's, on every call: drop it instead; drain() reports the lost caller once.
-        if not self._transport.is_closing():
-            self._transport.write(data)
-
     async def _write_and_drain(self, data: bytes) -> None:
-        self._queue(data)
+        self._connection.write(data)
         await self.drain()
-        if self._transport.is_closing():  # woken by the end of the call, not by the caller reading
+        if self._connection.is_closing():  # woken by the end of the call, not by the caller reading
             raise ConnectionResetError("the call has ended: its output is dropped")
 
     async def drain(self) -> None:
         """Wait until the caller has taken enough output (backpressure); raises
         ``ConnectionError`` when the caller has gone."""
-        await self._writer.drain()
+        await self._connection.drain()

@@ -408,7 +408,7 @@ class Server:
             by_fd = {}
             for task, conn in self._tasks.items():
                 fd = conn.fileno()
-                if fd != -1:  # -1: closed by its transport, its task ends a loop turn or two later
+                if fd != -1:  # -1: its call has cut it, and its task ends within this loop turn or the next
                     poll.register(fd, select.POLLRDHUP)
                     by_fd[fd] = task
             for fd, events in poll.poll(0):

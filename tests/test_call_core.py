@@ -20,8 +20,11 @@ import socket
 import warnings
 from dataclasses import dataclass, field
 
+import pytest
+
 from qubes_socksvc import callcore, testing
 from qubes_socksvc.callcore import Ending, Outcome
+from qubes_socksvc.connection import Connection
 from qubes_socksvc.handlers import HandlerError, Registry
 from qubes_socksvc.model import Daemon
 from qubes_socksvc.request import InputTooLarge
@@ -278,56 +281,59 @@ def test_a_caller_gone_before_any_handler_ends_the_call_not_the_task() -> None:
 
 
 def test_a_lingering_reply_cancelled_is_cut_and_stays_cancelled() -> None:
-    """A served call's unread reply lingers (callcore._linger); when the daemon cancels it (its
+    """A served call's unread reply lingers (Connection.close); when the daemon cancels it (its
     stop timeout ran out), the connection is cut at once, the rest of the reply dropped, and the
     task ends cancelled, as asked."""
     size = 4 << 20
 
-    async def main() -> tuple[bool, int]:
+    async def main() -> tuple[bool, int, int]:
+        loop = asyncio.get_running_loop()
         ours, theirs = socket.socketpair()
-        _, writer = await asyncio.open_connection(sock=ours)
-        writer.write(b"x" * size)  # more than the socket takes: the rest waits in the transport
-        writer.close()
-        task = asyncio.ensure_future(callcore._linger(writer))
+        call = Connection(ours, loop)
+        call.write(b"x" * size)  # more than the socket takes: the rest waits in the connection
+        task = asyncio.ensure_future(call.close(callcore.LINGER_TIMEOUT))
         await asyncio.sleep(0.05)
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
         got = 0
-        loop = asyncio.get_running_loop()
         theirs.setblocking(False)
         while chunk := await asyncio.wait_for(loop.sock_recv(theirs, 1 << 20), 5):
             got += len(chunk)
         theirs.close()
-        return task.cancelled(), got
+        return task.cancelled(), got, ours.fileno()
 
-    cancelled, got = asyncio.run(main())
-    assert cancelled and got < size
+    cancelled, got, fileno = asyncio.run(main())
+    assert cancelled and got < size and fileno == -1
 
 
-def test_a_connection_the_event_loop_cannot_take_is_closed_and_reported_nowhere() -> None:
-    """When the loop refuses an accepted connection (epoll_ctl fails: ENOSPC past the user's
-    fs.epoll.max_user_watches, ENOMEM), the call ends there: its descriptor is closed, so the
-    caller sees its end, and nothing is reported (no call was read).  The refusal is made by
-    replacing the loop's method: the kernel's limit is global here and cannot be lowered for one test."""
+def test_a_connection_the_event_loop_cannot_watch_is_closed_and_reported() -> None:
+    """When the loop refuses to watch a connection whose descriptor has not come yet (epoll_ctl
+    fails: ENOSPC past the user's fs.epoll.max_user_watches, ENOMEM), the call ends there: its
+    descriptor is closed, so the caller sees its end, and the daemon's error is reported with
+    it.  The refusal is made by replacing the loop's method: the kernel's limit is global here
+    and cannot be lowered for one test."""
     reporter = _Ends()
 
     async def main() -> tuple[int, bytes]:
         loop = asyncio.get_running_loop()
 
-        async def refuse(*args: object, **kwargs: object) -> None:
+        def refuse(*args: object, **kwargs: object) -> None:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-        loop.connect_accepted_socket = refuse  # type: ignore[assignment,method-assign]
+        loop.add_reader = refuse  # type: ignore[method-assign]
         ours, theirs = socket.socketpair()
         theirs.setblocking(False)
         await callcore.run(ours, Daemon("d", "", "/s"), callcore.ByDescriptor(), Registry(), reporter)
+        del loop.add_reader  # the instance's own again: sock_recv below waits with it
         got = await asyncio.wait_for(loop.sock_recv(theirs, 100), 5)
         theirs.close()
         return ours.fileno(), got
 
     fileno, got = asyncio.run(main())
-    assert fileno == -1 and got == b"" and reporter.results == []
+    assert fileno == -1 and got == b"" and reporter.endings == [Ending.INTERNAL]
+    error = reporter.results[0].error
+    assert isinstance(error, OSError) and error.errno == errno.ENOSPC
 
 
 def test_a_call_that_ended_holds_nothing_of_its_connection_until_its_descriptor_deadline() -> None:
@@ -338,32 +344,42 @@ def test_a_call_that_ended_holds_nothing_of_its_connection_until_its_descriptor_
     async def main() -> tuple[list[Ending], int]:
         reporter = _Ends()
         ours, theirs = socket.socketpair()
+        call = asyncio.ensure_future(
+            callcore.run(ours, Daemon("d", "", "/s"), callcore.ByDescriptor(), Registry(), reporter))
+        await asyncio.sleep(0.05)  # the call waits for its descriptor, under its deadline
         theirs.sendall(b"nobody.Here+ work\0")
-        await callcore.run(ours, Daemon("d", "", "/s"), callcore.ByDescriptor(), Registry(), reporter)
+        await call
         theirs.close()
-        await asyncio.sleep(0.05)  # the aborted transport's connection_lost runs
         gc.collect()
-        return reporter.endings, sum(isinstance(o, callcore._CallProtocol) for o in gc.get_objects())
+        return reporter.endings, sum(isinstance(o, (Connection, callcore._Deadline)) for o in gc.get_objects())
 
     endings, alive = asyncio.run(main())
     assert endings == [Ending.UNKNOWN] and alive == 0
 
 
-def test_a_connection_its_deadline_cut_is_never_served_though_its_descriptor_came() -> None:
+def test_a_connection_its_deadline_cut_is_never_served_though_its_descriptor_came(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """The deadline's cut comes a loop turn after the timer, so a descriptor that arrived in time
-    is read first (_CallProtocol); should a loop ever run them the other way round, the call
+    is read first (callcore._Deadline); should a loop ever run them the other way round, the call
     whose connection was cut still ends LATE, its descriptor read but never looked up."""
+
+    class CutFirst(callcore._Deadline):
+        def __init__(self, call: Connection) -> None:
+            super().__init__(call)
+            self.cut = True  # as the deadline would have, had it come first
+
+    monkeypatch.setattr(callcore, "_Deadline", CutFirst)
 
     async def main() -> callcore.Result | bytes:
         ours, theirs = socket.socketpair()
+        call = Connection(ours, asyncio.get_running_loop())
+        reading = asyncio.ensure_future(callcore._read_descriptor(Daemon("d", "", "/s"), call))
+        await asyncio.sleep(0.01)
         theirs.sendall(b"my.Service work\0")
-        call = await callcore._connect(ours)
-        assert call is not None
-        call.protocol.cut = True  # as the deadline would have, had it come first
         try:
-            return await callcore._read_descriptor(Daemon("d", "", "/s"), call)
+            return await reading
         finally:
-            call.writer.transport.abort()
+            call.abort()
             theirs.close()
 
     assert asyncio.run(main()) == callcore.Result(Ending.LATE)

@@ -15,13 +15,13 @@ import socket
 import threading
 from collections.abc import Callable
 
+from qubes_socksvc.connection import Connection
 from qubes_socksvc.request import Request
 from qubes_socksvc.testing import call_handler
 
 
 async def _request(sock: socket.socket) -> Request:
-    reader, writer = await asyncio.open_connection(sock=sock)
-    return Request(reader, writer, "h.Plain", None, "work", max_input=0)
+    return Request(Connection(sock, asyncio.get_running_loop()), "h.Plain", None, "work", max_input=0)
 
 
 def _in_thread(write: Callable[[], None]) -> BaseException | None:
