@@ -21,7 +21,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "qubes_socksvc"
 #: Lowest first; a module imports only modules of its own layer or below.
 LAYERS: list[tuple[str, set[str]]] = [
     ("qrexec's rules and small helpers", {"errors", "qrexec", "rpcconfig", "files", "logs", "stalls", "unixdiag"}),
-    ("the model and one call's pieces", {"model", "request", "descriptor", "chunks", "handlers", "lookup"}),
+    ("the model and one call's pieces", {"model", "connection", "request", "descriptor", "chunks", "handlers",
+                                         "lookup"}),
     ("the runtime, where artifacts go, dom0's policy", {"callcore", "server", "client", "agent", "examples",
                                                           "examples_notes", "layout", "policy"}),
     ("the tools: YAML in, artifacts out, the disk judged", {"manifest", "render", "install", "effective", "testing",
@@ -36,8 +37,8 @@ HEAVY_BY_DESIGN = {
     "render": {"jinja2"},
 }
 #: What ``serve`` may load of ours (cli imports the rest per verb).
-SERVE_MODULES = {"__init__", "cli", "model", "descriptor", "request", "handlers", "server", "qrexec",
-                 "callcore", "errors", "files", "logs", "stalls"}
+SERVE_MODULES = {"__init__", "cli", "model", "descriptor", "connection", "request", "handlers", "server",
+                 "qrexec", "callcore", "errors", "files", "logs", "stalls"}
 
 
 def modules() -> list[str]:

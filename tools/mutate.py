@@ -72,8 +72,8 @@ NEAR = 15
 #: units, qubes-rpc entries, rpc-config and dom0 policy) and what writes them to disk.
 MODULES = (
     # a call: descriptor to handler and back, in the daemon and in `call`
-    "descriptor.py", "qrexec.py", "request.py", "handlers.py", "callcore.py", "server.py", "logs.py",
-    "stalls.py", "lookup.py", "agent.py", "client.py",
+    "descriptor.py", "qrexec.py", "connection.py", "request.py", "handlers.py", "callcore.py", "server.py",
+    "logs.py", "stalls.py", "lookup.py", "agent.py", "client.py",
     # the manifest and what apply makes of it
     "manifest.py", "model.py", "rpcconfig.py", "policy.py", "effective.py", "layout.py", "install.py",
     "files.py", "features.py",
