@@ -37,13 +37,13 @@ RECV_SIZE = 256 * 1024
 class Connection:
     """One accepted connection (``sock``, made non-blocking); see the module's docstring."""
 
-    __slots__ = ("_buffer", "_closing", "_drained", "_eof", "_error", "_flushed", "_loop", "_out",
-                 "_paused", "_readable", "_reading", "_writing", "fd", "sock")
+    __slots__ = ("_buffer", "_closing", "_drained", "_eof", "_error", "_fd", "_flushed", "_loop", "_out",
+                 "_paused", "_readable", "_reading", "_sock", "_writing")
 
     def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
         sock.setblocking(False)
-        self.sock = sock
-        self.fd = sock.fileno()
+        self._sock = sock
+        self._fd = sock.fileno()
         self._loop = loop
         self._buffer = bytearray()  # received, not yet read
         self._eof = False
@@ -106,7 +106,7 @@ class Connection:
         if self._eof:
             return b""
         try:
-            data = self.sock.recv(n)
+            data = self._sock.recv(n)
         except (BlockingIOError, InterruptedError):
             return b""
         except OSError as e:
@@ -118,13 +118,11 @@ class Connection:
         return data
 
     async def _wait_readable(self) -> None:
-        if self._error is not None:
-            raise self._error
-        if self._eof:
+        if self._eof:  # the recv() before found it
             return
         self._readable = self._loop.create_future()
         if not self._reading:
-            self._loop.add_reader(self.fd, self._on_readable)
+            self._loop.add_reader(self._fd, self._on_readable)
             self._reading = True
         try:
             await self._readable
@@ -140,7 +138,7 @@ class Connection:
     def _stop_reading(self) -> None:
         if self._reading:
             self._reading = False
-            self._loop.remove_reader(self.fd)
+            self._loop.remove_reader(self._fd)
 
     # --- output ----------------------------------------------------------------------------
 
@@ -155,7 +153,7 @@ class Connection:
             return
         if not self._out:
             try:
-                sent = self.sock.send(data)
+                sent = self._sock.send(data)
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except OSError as e:
@@ -164,7 +162,7 @@ class Connection:
             if sent == len(data):
                 return
             data = data[sent:]
-            self._loop.add_writer(self.fd, self._on_writable)
+            self._loop.add_writer(self._fd, self._on_writable)
             self._writing = True
         self._out += data
         if len(self._out) > HIGH_WATER:
@@ -177,7 +175,7 @@ class Connection:
     async def drain(self) -> None:
         """Wait while more than HIGH_WATER bytes of output wait (until LOW_WATER do); raise
         ConnectionResetError once the connection is lost."""
-        if self._error is not None or (self._closing and self.sock.fileno() == -1):
+        if self._sock.fileno() == -1:  # cut, or lost
             raise ConnectionResetError("Connection lost")
         if not self._paused:
             return
@@ -191,7 +189,7 @@ class Connection:
 
     def _on_writable(self) -> None:
         try:
-            sent = self.sock.send(self._out)
+            sent = self._sock.send(self._out)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as e:
@@ -203,7 +201,7 @@ class Connection:
             self._wake_drained(None)
         if not self._out:
             self._writing = False
-            self._loop.remove_writer(self.fd)
+            self._loop.remove_writer(self._fd)
             if self._flushed is not None and not self._flushed.done():
                 self._flushed.set_result(None)
 
@@ -240,14 +238,14 @@ class Connection:
         and a drain waiting raises ConnectionResetError."""
         self._closing = True
         self._eof = True
-        if self.sock.fileno() == -1:
+        if self._sock.fileno() == -1:
             return
         self._stop_reading()
         if self._writing:
             self._writing = False
-            self._loop.remove_writer(self.fd)
+            self._loop.remove_writer(self._fd)
         self._out.clear()
-        self.sock.close()
+        self._sock.close()
         if self._readable is not None and not self._readable.done():
             self._readable.set_result(None)
         if self._flushed is not None and not self._flushed.done():
