@@ -339,12 +339,8 @@ def test_apply_owns_forward_links_like_service_links(tmp_path: Path) -> None:
     assert tree_digest(root) == before
 
 
-def test_forwards_take_part_in_the_effective_rpc_config(tmp_path: Path) -> None:
-    """A forward is a declared key like a service: a handler service NAME+x under a
-    forward NAME (skip-service-descriptor=true) gets an explicit config, or qrexec would
-    send it the caller's raw stdin as a descriptor (libqrexec/exec.c: load_service_config_raw);
-    a foreign NAME+ARG config that changes a forward's calls is a conflict."""
-    root = apply_text(tmp_path, """\
+#: A handler service NAME+x beside a forward NAME (its options may follow).
+BESIDE_A_FORWARD = """\
 version: 1
 daemons:
   d:
@@ -354,7 +350,15 @@ daemons:
 forwards:
   my.Svc:
     target: tcp:127.0.0.1:22
-""")
+"""
+
+
+def test_forwards_take_part_in_the_effective_rpc_config(tmp_path: Path) -> None:
+    """A forward is a declared key like a service: a handler service NAME+x under a
+    forward NAME (skip-service-descriptor=true) gets an explicit config, or qrexec would
+    send it the caller's raw stdin as a descriptor (libqrexec/exec.c: load_service_config_raw);
+    a foreign NAME+ARG config that changes a forward's calls is a conflict."""
+    root = apply_text(tmp_path, BESIDE_A_FORWARD)
     pinned = (root / "etc/qubes/rpc-config/my.Svc+x").read_text()
     assert "skip-service-descriptor=false" in pinned
     (root / "etc/qubes/rpc-config/my.Svc+y").write_text("wait-for-session=true\n")
@@ -380,18 +384,7 @@ def test_a_pin_under_a_forward_changes_only_what_reads_the_descriptor(tmp_path: 
     (libqrexec/exec.c: load_service_config_raw takes NAME+z's file before NAME's)."""
     (tmp_path / "root/etc/qubes-rpc").mkdir(parents=True)
     (tmp_path / "root/etc/qubes-rpc/my.Svc+z").symlink_to("/run/qubes/socksvc-d.sock")
-    root = apply_text(tmp_path, """\
-version: 1
-daemons:
-  d:
-    services:
-      my.Svc+x:
-        handler: qubes_socksvc.examples:echo
-forwards:
-  my.Svc:
-    target: tcp:127.0.0.1:22
-    wait_for_session: true
-""")
+    root = apply_text(tmp_path, BESIDE_A_FORWARD + "    wait_for_session: true\n")
     assert qrexec_view.config(root, "my.Svc+y") == ("/etc/qubes/rpc-config/my.Svc",
                                                    {"wait-for-session": True, "skip-service-descriptor": True})
     assert qrexec_view.config(root, "my.Svc+x") == ("/etc/qubes/rpc-config/my.Svc+x",
