@@ -177,6 +177,35 @@ def test_output_is_bounded_by_the_high_water_mark(run: Run) -> None:
     assert waited and low and got > 0
 
 
+#: The high-water mark docs/handlers.md promises: a plain handler's writes are held to 64 KiB.
+MARK = 64 * 1024
+
+
+def test_drain_waits_from_the_first_byte_past_the_high_water_mark(run: Run) -> None:
+    """Once the caller's socket is full, what the daemon writes waits in the connection:
+    drain() returns at once with exactly 64 KiB waiting, and waits with one byte more."""
+    async def main() -> tuple[int, bool, bool]:
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair()
+        call = Connection(ours, loop)
+        while not call.pending():  # the kernel's buffer first
+            call.write(b"f" * 4096)
+        call.write(b"h" * (MARK - call.pending()))
+        waiting = call.pending()
+        at_mark = asyncio.ensure_future(call.drain())
+        await asyncio.sleep(0.01)
+        returned = at_mark.done()
+        call.write(b"!")
+        past_mark = asyncio.ensure_future(call.drain())
+        await asyncio.sleep(0.01)
+        waits = not past_mark.done()
+        theirs.close()
+        await asyncio.wait_for(asyncio.gather(at_mark, past_mark, return_exceptions=True), 5)  # both end
+        return waiting, returned, waits
+
+    assert run(main) == (MARK, True, True)
+
+
 def test_a_cut_ends_a_waiting_read_with_eof_and_a_waiting_drain_with_a_reset(run: Run) -> None:
     async def main() -> tuple[bytes, BaseException | None, int]:
         loop = asyncio.get_running_loop()
