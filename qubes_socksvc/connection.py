@@ -38,7 +38,7 @@ class Connection:
     """One accepted connection (``sock``, made non-blocking); see the module's docstring."""
 
     __slots__ = ("_buffer", "_closing", "_drained", "_eof", "_error", "_fd", "_flushed", "_loop", "_out",
-                 "_paused", "_readable", "_reading", "_sock", "_writing")
+                 "_paused", "_readable", "_reading", "_sock")
 
     def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
         sock.setblocking(False)
@@ -52,8 +52,7 @@ class Connection:
         self._out = bytearray()  # output the socket has not taken yet
         self._paused = False  # more than HIGH_WATER waits: drain() waits until LOW_WATER
         self._readable: asyncio.Future[None] | None = None
-        self._reading = False  # the loop watches the socket for input
-        self._writing = False  # ... and for room for output
+        self._reading = False  # the loop watches the socket for input (for room for output: while _out holds any)
         self._drained: list[asyncio.Future[None]] = []
         self._flushed: asyncio.Future[None] | None = None
 
@@ -112,9 +111,8 @@ class Connection:
         except OSError as e:
             self._lose(e)
             raise
-        if not data:
+        if not data:  # a socket watched for input stops being watched at its next turn (_on_readable)
             self._eof = True
-            self._stop_reading()
         return data
 
     async def _wait_readable(self) -> None:
@@ -163,7 +161,6 @@ class Connection:
                 return
             data = data[sent:]
             self._loop.add_writer(self._fd, self._on_writable)
-            self._writing = True
         self._out += data
         if len(self._out) > HIGH_WATER:
             self._paused = True
@@ -180,12 +177,8 @@ class Connection:
         if not self._paused:
             return
         waiter = self._loop.create_future()
-        self._drained.append(waiter)
-        try:
-            await waiter
-        finally:
-            if waiter in self._drained:
-                self._drained.remove(waiter)
+        self._drained.append(waiter)  # a cancelled one stays until the resume or the cut: done, skipped
+        await waiter
 
     def _on_writable(self) -> None:
         try:
@@ -200,49 +193,42 @@ class Connection:
             self._paused = False
             self._wake_drained(None)
         if not self._out:
-            self._writing = False
             self._loop.remove_writer(self._fd)
-            if self._flushed is not None and not self._flushed.done():
-                self._flushed.set_result(None)
+            if self._closing:  # close() waits for this: the call's output is all sent
+                self.abort()
 
     def _wake_drained(self, error: BaseException | None) -> None:
-        for waiter in self._drained:
+        waiters, self._drained = self._drained, []
+        for waiter in waiters:
             if not waiter.done():
                 if error is None:
                     waiter.set_result(None)
                 else:
                     waiter.set_exception(error)
-        self._drained.clear()
 
     # --- the end ---------------------------------------------------------------------------
 
     async def close(self, linger: float) -> None:
-        """End a served call: no more input is read, the output still waiting is given
-        ``linger`` seconds to reach the caller, then the connection is cut."""
+        """End a served call: the output still waiting is given ``linger`` seconds to reach the
+        caller, then the connection is cut (at once when cancelled)."""
         self._closing = True
-        self._stop_reading()
-        if self._out:
-            self._flushed = self._loop.create_future()
-            try:
+        try:
+            if self._out:
+                self._flushed = self._loop.create_future()
                 async with asyncio.timeout(linger):
                     await self._flushed
-            except Exception:  # timed out, or the caller went away
-                pass
-            finally:  # cancelled too: cut at once
-                self.abort()
-            return
-        self.abort()
+        except TimeoutError:  # the caller did not take it in time
+            pass
+        finally:
+            self.abort()
 
     def abort(self) -> None:
         """Cut the connection: the output still waiting is dropped, a read waiting reads EOF
         and a drain waiting raises ConnectionResetError."""
         self._closing = True
         self._eof = True
-        if self._sock.fileno() == -1:
-            return
         self._stop_reading()
-        if self._writing:
-            self._writing = False
+        if self._out:
             self._loop.remove_writer(self._fd)
         self._out.clear()
         self._sock.close()

@@ -357,6 +357,41 @@ def test_a_call_that_ended_holds_nothing_of_its_connection_until_its_descriptor_
     assert endings == [Ending.UNKNOWN] and alive == 0
 
 
+def test_a_descriptor_sent_before_the_accept_needs_no_timer_and_no_watch() -> None:
+    """qrexec sends the descriptor as soon as it has connected: such a call is read at once,
+    without arming the descriptor's deadline or asking the loop to watch its socket (the warm
+    call's cost, bench/RESULTS.md); one whose descriptor comes later gets both."""
+
+    async def main(early: bool) -> tuple[list[Ending], int, int]:
+        loop = asyncio.get_running_loop()
+        reporter = _Ends()
+        ours, theirs = socket.socketpair()
+        counts = {"call_later": 0, "add_reader": 0}
+        for name in counts:
+            real = getattr(loop, name)
+
+            def counted(*args: object, _name: str = name, _real: object = real) -> object:
+                ours_now = args[0] == ours.fileno() or isinstance(getattr(args[1], "__self__", None),
+                                                                  callcore._Deadline)
+                counts[_name] += ours_now  # the call's deadline, its socket: not the test's sleep
+                return _real(*args)  # type: ignore[operator]
+
+            setattr(loop, name, counted)
+        if early:
+            theirs.sendall(b"nobody.Here+ work\0")
+        call = asyncio.ensure_future(
+            callcore.run(ours, Daemon("d", "", "/s"), callcore.ByDescriptor(), Registry(), reporter))
+        await asyncio.sleep(0.01)
+        if not early:
+            theirs.sendall(b"nobody.Here+ work\0")
+        await call
+        theirs.close()
+        return reporter.endings, counts["call_later"], counts["add_reader"]
+
+    assert asyncio.run(main(early=True)) == ([Ending.UNKNOWN], 0, 0)
+    assert asyncio.run(main(early=False)) == ([Ending.UNKNOWN], 1, 1)
+
+
 def test_a_connection_its_deadline_cut_is_never_served_though_its_descriptor_came(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The deadline's cut comes a loop turn after the timer, so a descriptor that arrived in time

@@ -68,7 +68,7 @@ def test_the_descriptor_is_read_as_asyncios_streams_read_it_however_it_is_split(
               b"x" * (limit - 1) + b"\0", b"x" * (limit + 1), b"x" * (3 * limit), b"a\0b\0c"]
     inputs += [bytes(rng.choice(b"ab\0") for _ in range(rng.randint(0, 2 * limit))) for _ in range(40)]
 
-    async def both(pieces: list[bytes]) -> tuple[tuple[str, object, bytes], tuple[str, object, bytes]]:
+    async def both(pieces: list[bytes], early: bool) -> tuple[tuple[str, object, bytes], tuple[str, object, bytes]]:
         loop = asyncio.get_running_loop()
         ours, theirs = socket.socketpair()
         reader = asyncio.StreamReader(limit=limit)
@@ -83,7 +83,10 @@ def test_the_descriptor_is_read_as_asyncios_streams_read_it_however_it_is_split(
                 await asyncio.sleep(0.001)
             theirs.shutdown(socket.SHUT_WR)
 
-        sending = asyncio.ensure_future(send())
+        if early:  # all of it there before the read, as qrexec's descriptor usually is at accept
+            await send()
+            call.receive_now()
+        sending = asyncio.ensure_future(asyncio.sleep(0) if early else send())
         got, left = await _outcome(lambda: call.read_until_nul(limit)), b""
         await sending
         if got[0] == "read":
@@ -99,8 +102,9 @@ def test_the_descriptor_is_read_as_asyncios_streams_read_it_however_it_is_split(
     splits = [_split(data, rng) for data in inputs]
     splits += [[b"x" * limit, b"\0rest"], [b"x" * (limit + 1), b"\0"], [b"x" * (limit - 1), b"x\0"]]
     for pieces in splits:
-        got, want = run(lambda: both(pieces))  # noqa: B023
-        assert got == want, pieces
+        for early in (False, True):
+            got, want = run(lambda: both(pieces, early))  # noqa: B023
+            assert got == want, (pieces, early)
 
 
 def test_read_n_is_up_to_n_bytes_and_b_empty_at_eof(run: Run) -> None:
@@ -123,14 +127,20 @@ def test_a_descriptor_sent_before_the_accept_is_read_without_the_loop_watching(r
     async def main() -> tuple[bytes, bytes, int]:
         loop = asyncio.get_running_loop()
         watched = 0
-        real = loop.add_reader
+        real_reader, real_writer = loop.add_reader, loop.add_writer
 
         def add_reader(*args: object) -> None:
             nonlocal watched
             watched += 1
-            real(*args)  # type: ignore[arg-type]
+            real_reader(*args)  # type: ignore[arg-type]
+
+        def add_writer(*args: object) -> None:
+            nonlocal watched
+            watched += 1
+            real_writer(*args)  # type: ignore[arg-type]
 
         loop.add_reader = add_reader  # type: ignore[assignment,method-assign]
+        loop.add_writer = add_writer  # type: ignore[assignment,method-assign]
         ours, theirs = socket.socketpair()
         theirs.sendall(b"my.Echo+ work\0input")
         theirs.shutdown(socket.SHUT_WR)
@@ -206,7 +216,158 @@ def test_drain_waits_from_the_first_byte_past_the_high_water_mark(run: Run) -> N
     assert run(main) == (MARK, True, True)
 
 
+class _Trickle:
+    """A socket whose kernel takes at most ``step`` bytes a send(): how much a real one takes
+    cannot be chosen here (it goes by its buffers' skbs), and where drain() resumes can only be
+    seen when its output drains in small steps."""
+
+    def __init__(self, sock: socket.socket, step: int) -> None:
+        self.sock, self.step = sock, step
+
+    def send(self, data: bytes) -> int:
+        return self.sock.send(memoryview(data)[:self.step])
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sock, name)
+
+
+def test_drain_resumes_once_16_kib_or_less_wait(run: Run) -> None:
+    """A slow caller taking 1 KiB a turn: a paused drain() returns once at most 16 KiB wait
+    (asyncio's low-water mark, docs/daemon.md), not before, and not only at the end."""
+    async def main() -> int:
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair()
+        theirs.setblocking(False)
+
+        async def caller() -> None:
+            while await loop.sock_recv(theirs, 1 << 16):
+                pass
+
+        reading = asyncio.ensure_future(caller())
+        call = Connection(_Trickle(ours, 1024), loop)  # type: ignore[arg-type]
+        call.write(b"z" * (80 * 1024))
+        await call.drain()
+        waiting = call.pending()
+        call.abort()
+        await reading
+        theirs.close()
+        return waiting
+
+    assert 15 * 1024 < run(main) <= 16 * 1024
+
+
+def test_input_the_handler_does_not_read_yet_wakes_the_loop_once(run: Run) -> None:
+    """A handler that read part of its input and does something else meanwhile: the rest
+    waiting in the socket wakes the event loop once, not at every turn (it would spin a core
+    for as long as the handler does not read)."""
+    async def main() -> tuple[int, bytes]:
+        loop = asyncio.get_running_loop()
+        wakes = 0
+        real = loop.add_reader
+
+        def add_reader(fd: int, callback: Callable[[], None]) -> None:
+            def counted() -> None:
+                nonlocal wakes
+                wakes += 1
+                callback()
+            real(fd, counted)
+
+        loop.add_reader = add_reader  # type: ignore[assignment,method-assign]
+        ours, theirs = socket.socketpair()
+        call = Connection(ours, loop)
+        reading = asyncio.ensure_future(call.read(1))
+        await asyncio.sleep(0.01)
+        theirs.sendall(b"ab")  # "a" read, "b" left waiting
+        first = await reading
+        for _ in range(100):  # the loop turns while the handler does other things
+            await asyncio.sleep(0)
+        rest = await call.read(10)
+        call.abort()
+        theirs.close()
+        return wakes, first + rest
+
+    wakes, got = run(main)
+    assert got == b"ab" and wakes <= 2
+
+
+def test_output_the_caller_took_wakes_the_loop_no_more(run: Run) -> None:
+    """Output the socket did not take at once is sent when it has room; once all of it is sent,
+    the loop stops watching the socket for room (it would spin a core until the call ends)."""
+    async def main() -> tuple[int, int]:
+        loop = asyncio.get_running_loop()
+        wakes = 0
+        real = loop.add_writer
+
+        def add_writer(fd: int, callback: Callable[[], None]) -> None:
+            def counted() -> None:
+                nonlocal wakes
+                wakes += 1
+                callback()
+            real(fd, counted)
+
+        loop.add_writer = add_writer  # type: ignore[assignment,method-assign]
+        ours, theirs = socket.socketpair()
+        theirs.setblocking(False)
+        call = Connection(ours, loop)
+        size = 1 << 20
+        call.write(b"w" * size)  # more than the socket takes at once
+        got = 0
+        while got < size:
+            try:
+                got += len(theirs.recv(1 << 16))
+            except BlockingIOError:
+                await asyncio.sleep(0)
+        settled = wakes
+        for _ in range(100):  # the loop turns while the handler does other things
+            await asyncio.sleep(0)
+        call.abort()
+        theirs.close()
+        return got, wakes - settled
+
+    got, more = run(main)
+    assert got == 1 << 20 and more <= 1
+
+
+def test_output_written_after_the_call_ended_is_dropped(run: Run) -> None:
+    """A handler's thread writing on after its call ended (timed out, say) while the reply still
+    lingers: the late bytes never reach the caller, and the reply arrives whole."""
+    async def main() -> bytes:
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair()
+        theirs.setblocking(False)
+        call = Connection(ours, loop)
+        reply = b"r" * (1 << 20)
+        call.write(reply)
+        closing = asyncio.ensure_future(call.close(5))
+        await asyncio.sleep(0)
+        call.write(b"LATE")
+        got = b""
+        while chunk := await asyncio.wait_for(loop.sock_recv(theirs, 1 << 16), 5):
+            got += chunk
+        await closing
+        theirs.close()
+        return got
+
+    assert run(main) == b"r" * (1 << 20)
+
+
 def test_a_cut_ends_a_waiting_read_with_eof_and_a_waiting_drain_with_a_reset(run: Run) -> None:
+    """The descriptor's deadline and the daemon's stop cut a connection while its call waits:
+    the read ends as at EOF (a descriptor read, IncompleteReadError with what came), a drain
+    raises ConnectionResetError, and the socket is closed."""
+    async def cut_while_reading_the_descriptor() -> tuple[str, object]:
+        ours, theirs = socket.socketpair()
+        call = Connection(ours, asyncio.get_running_loop())
+        theirs.sendall(b"my.Serv")
+        reading = asyncio.ensure_future(_outcome(lambda: call.read_until_nul(100)))
+        await asyncio.sleep(0.01)
+        call.abort()
+        got = await reading
+        theirs.close()
+        return got
+
+    assert run(cut_while_reading_the_descriptor) == ("incomplete", b"my.Serv")
+
     async def main() -> tuple[bytes, BaseException | None, int]:
         loop = asyncio.get_running_loop()
         ours, theirs = socket.socketpair()
@@ -224,10 +385,10 @@ def test_a_cut_ends_a_waiting_read_with_eof_and_a_waiting_drain_with_a_reset(run
         except ConnectionResetError as e:
             error = e
         theirs.close()
-        return got, error, ours.fileno()
+        return got, error, call.pending() + ours.fileno()
 
-    got, error, fileno = run(main)
-    assert got == b"" and isinstance(error, ConnectionResetError) and fileno == -1
+    got, error, dropped_and_closed = run(main)
+    assert got == b"" and isinstance(error, ConnectionResetError) and dropped_and_closed == -1
 
 
 def test_a_callers_reset_is_raised_by_the_read_that_meets_it_and_ends_the_connection(run: Run) -> None:
@@ -252,8 +413,9 @@ def test_a_callers_reset_is_raised_by_the_read_that_meets_it_and_ends_the_connec
 
 
 def test_a_served_calls_output_is_flushed_within_the_linger_then_cut(run: Run) -> None:
-    """close(): output still waiting reaches a caller that reads late; one that never reads is
-    cut at the linger's end."""
+    """close(): output still waiting reaches a caller that reads late, and the connection ends
+    as soon as all of it is sent; one that never reads is cut at the linger's end; one that
+    goes away meanwhile ends it at once (a lingering call holds its slot)."""
     size = 1 << 20
 
     async def main(linger: float, read_after: float | None) -> tuple[int, int]:
@@ -268,9 +430,21 @@ def test_a_served_calls_output_is_flushed_within_the_linger_then_cut(run: Run) -
             await asyncio.sleep(read_after)
             while chunk := await asyncio.wait_for(loop.sock_recv(theirs, 1 << 16), 5):
                 got += len(chunk)
-        await closing
+        await asyncio.wait_for(closing, 5)  # ended by the flush, or by the linger
         theirs.close()
         return got, ours.fileno()
 
-    assert run(lambda: main(5, 0.05)) == (size, -1)
+    assert run(lambda: main(60, 0.05)) == (size, -1)
     assert run(lambda: main(0.05, None)) == (0, -1)
+
+    async def gone() -> int:
+        ours, theirs = socket.socketpair()
+        call = Connection(ours, asyncio.get_running_loop())
+        call.write(b"y" * size)
+        closing = asyncio.ensure_future(call.close(60))
+        await asyncio.sleep(0.05)
+        theirs.close()
+        await asyncio.wait_for(closing, 5)
+        return ours.fileno()
+
+    assert run(gone) == -1
