@@ -171,9 +171,10 @@ class Connection:
 
     async def drain(self) -> None:
         """Wait while more than HIGH_WATER bytes of output wait (until LOW_WATER do); raise
-        ConnectionResetError once the connection is lost."""
-        if self._sock.fileno() == -1:  # cut, or lost
-            raise ConnectionResetError("Connection lost")
+        ConnectionResetError once the connection takes no more output (its call ended, or the
+        connection is lost)."""
+        if self._closing:
+            raise ConnectionResetError("the call has ended or its caller has gone: output is dropped")
         if not self._paused:
             return
         waiter = self._loop.create_future()
