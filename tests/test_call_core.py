@@ -26,8 +26,8 @@ from qubes_socksvc import callcore, testing
 from qubes_socksvc.callcore import Ending, Outcome
 from qubes_socksvc.connection import Connection
 from qubes_socksvc.handlers import HandlerError, Registry
-from qubes_socksvc.model import Daemon
-from qubes_socksvc.request import InputTooLarge
+from qubes_socksvc.model import Daemon, Service
+from qubes_socksvc.request import InputTooLarge, Request
 from tests.conftest import NotifySocket, RunningDaemon
 
 
@@ -254,6 +254,53 @@ def _run_call(serves: callcore.Serves, cancel_with: str | None = None) -> tuple[
 
     got, cancelled = asyncio.run(main())
     return reporter, got, cancelled
+
+
+class _FillsTheSocket(callcore.Serves):
+    """A socket whose calls all go to one handler, which writes until the caller's socket is
+    full, then 32 KiB more (less than drain() waits for): that much is left unsent when the
+    handler returns."""
+
+    written = 0
+
+    async def identify(self, daemon: Daemon, call: Connection) -> tuple[Service, Request]:
+        self.call = call
+        return Service("t.Fill", "t:fill"), Request(call, "t.Fill", None, "work", max_input=0)
+
+    async def fill(self, request: Request) -> None:
+        while not self.call.pending():
+            request.write(b"f" * 4096)
+            self.written += 4096
+        request.write(b"t" * 32768)
+        self.written += 32768
+
+
+def test_a_served_reply_the_caller_reads_after_the_call_ended_arrives_whole() -> None:
+    """Output still unsent when the handler returns, read by the caller only once the call has
+    ended: a served call's connection lingers until all of it is sent (a rejected or failed
+    one is cut at once)."""
+    serves = _FillsTheSocket()
+
+    class Started(_Ends):
+        def started(self, request: object, called: str) -> None:
+            pass
+
+    async def main() -> tuple[list[Ending], int]:
+        reporter = Started()
+        ours, theirs = socket.socketpair()
+        theirs.setblocking(False)
+        registry = Registry(loader=lambda spec: serves.fill)
+        call = asyncio.ensure_future(callcore.run(ours, Daemon("d", "", "/s"), serves, registry, reporter))
+        while not reporter.results:  # the handler has returned: the call has ended
+            await asyncio.sleep(0.01)
+        loop, got = asyncio.get_running_loop(), 0
+        while chunk := await asyncio.wait_for(loop.sock_recv(theirs, 1 << 20), 5):
+            got += len(chunk)
+        await call
+        theirs.close()
+        return reporter.endings, got - serves.written
+
+    assert asyncio.run(main()) == ([Ending.SERVED], 0)
 
 
 def test_a_connection_breaking_before_any_handler_is_the_caller_gone() -> None:
