@@ -256,23 +256,29 @@ def test_drain_resumes_once_16_kib_or_less_wait(run: Run) -> None:
     assert 15 * 1024 < run(main) <= 16 * 1024
 
 
+def _wakes(loop: asyncio.AbstractEventLoop, method: str) -> list[int]:
+    """Count the runs of every callback ``loop.<method>`` (add_reader, add_writer) registers
+    from now on: the count is the list's one item."""
+    wakes = [0]
+    real = getattr(loop, method)
+
+    def add(fd: int, callback: Callable[[], None]) -> None:
+        def counted() -> None:
+            wakes[0] += 1
+            callback()
+        real(fd, counted)
+
+    setattr(loop, method, add)
+    return wakes
+
+
 def test_input_the_handler_does_not_read_yet_wakes_the_loop_once(run: Run) -> None:
     """A handler that read part of its input and does something else meanwhile: the rest
     waiting in the socket wakes the event loop once, not at every turn (it would spin a core
     for as long as the handler does not read)."""
     async def main() -> tuple[int, bytes]:
         loop = asyncio.get_running_loop()
-        wakes = 0
-        real = loop.add_reader
-
-        def add_reader(fd: int, callback: Callable[[], None]) -> None:
-            def counted() -> None:
-                nonlocal wakes
-                wakes += 1
-                callback()
-            real(fd, counted)
-
-        loop.add_reader = add_reader  # type: ignore[assignment,method-assign]
+        wakes = _wakes(loop, "add_reader")
         ours, theirs = socket.socketpair()
         call = Connection(ours, loop)
         reading = asyncio.ensure_future(call.read(1))
@@ -284,7 +290,7 @@ def test_input_the_handler_does_not_read_yet_wakes_the_loop_once(run: Run) -> No
         rest = await call.read(10)
         call.abort()
         theirs.close()
-        return wakes, first + rest
+        return wakes[0], first + rest
 
     wakes, got = run(main)
     assert got == b"ab" and wakes <= 2
@@ -295,17 +301,7 @@ def test_output_the_caller_took_wakes_the_loop_no_more(run: Run) -> None:
     the loop stops watching the socket for room (it would spin a core until the call ends)."""
     async def main() -> tuple[int, int]:
         loop = asyncio.get_running_loop()
-        wakes = 0
-        real = loop.add_writer
-
-        def add_writer(fd: int, callback: Callable[[], None]) -> None:
-            def counted() -> None:
-                nonlocal wakes
-                wakes += 1
-                callback()
-            real(fd, counted)
-
-        loop.add_writer = add_writer  # type: ignore[assignment,method-assign]
+        wakes = _wakes(loop, "add_writer")
         ours, theirs = socket.socketpair()
         theirs.setblocking(False)
         call = Connection(ours, loop)
@@ -317,12 +313,12 @@ def test_output_the_caller_took_wakes_the_loop_no_more(run: Run) -> None:
                 got += len(theirs.recv(1 << 16))
             except BlockingIOError:
                 await asyncio.sleep(0)
-        settled = wakes
+        settled = wakes[0]
         for _ in range(100):  # the loop turns while the handler does other things
             await asyncio.sleep(0)
         call.abort()
         theirs.close()
-        return got, wakes - settled
+        return got, wakes[0] - settled
 
     got, more = run(main)
     assert got == 1 << 20 and more <= 1
