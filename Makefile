@@ -67,7 +67,10 @@ bench-here: setup-test
 	$(VPY) -m bench
 
 # Each mutant runs in its own world-readable copy under /tmp (the daemon runs as nobody):
-# no reachable.sh needed.  MUTATION_ARGS="--only request.py" for one module.
+# no reachable.sh needed.  The default is the whole run the README reports (each mutant's
+# tests up to 30 s of their time, three at once); MUTATION_ARGS="--only request.py" for one
+# module and all of its tests.
+MUTATION_ARGS ?= --budget 30 --jobs 3
 mutation: setup-test
 	$(VPY) tools/mutate.py $(MUTATION_ARGS)
 

@@ -124,10 +124,6 @@ class _Disk:
         return install.real_path(self.root, path)
 
 
-#: What Tree.update returns for a path that had no change before.
-_UNCHANGED = File("", "")
-
-
 class Tree:
     """The qubes-rpc and rpc-config directories as one state leaves them: the disk under
     ``root`` with ``changes`` on top (path -> the artifact written there, or None: removed)."""
@@ -138,20 +134,10 @@ class Tree:
         self._changed: dict[str, set[str]] = {}
         self.update(changes)
 
-    def update(self, changes: Mapping[str, Artifact | None]) -> dict[str, Artifact | None]:
-        """Make ``changes``; returns what undoes them (for :meth:`undo`)."""
-        previous = {path: self.changes.get(path, _UNCHANGED) for path in changes}
+    def update(self, changes: Mapping[str, Artifact | None]) -> None:
         for path, artifact in changes.items():
             self.changes[path] = artifact
             self._changed.setdefault(qrexec.split_service(os.path.basename(path))[0], set()).add(path)
-        return previous
-
-    def undo(self, previous: Mapping[str, Artifact | None]) -> None:
-        for path, artifact in previous.items():
-            if artifact is _UNCHANGED:
-                del self.changes[path]
-            else:
-                self.changes[path] = artifact
 
     def names(self) -> set[str]:
         """Every NAME with a file in some search directory on disk (what a check judges; apply
@@ -641,16 +627,17 @@ def safe_order(plan: install.Plan, manifest: Manifest) -> install.Plan | Finding
     tree = Tree(_Disk(root), {})
     ordered: list[install.Action] = []
     for name in sorted(groups):
-        before = set(forgeable_calls(tree, applied, [name]))
-        pending = sorted(groups[name], key=lambda a: _preference(a, layout))
+        before = _exposed(tree, applied, name)
+        pending = sorted(groups[name], key=lambda a: a.path)
         while pending:
             for action in pending:
-                undo = tree.update({action.path: None if action.verb is install.Verb.REMOVE else action.artifact})
-                if set(forgeable_calls(tree, known, [name])) <= before:
+                tried = Tree(tree.disk, {**tree.changes,
+                                         action.path: None if action.verb is install.Verb.REMOVE else action.artifact})
+                if _exposed(tried, known, name) <= before:
                     ordered.append(action)
                     pending.remove(action)
+                    tree = tried
                     break
-                tree.undo(undo)
             else:
                 return Finding(name, f"no order of apply's writes for {name} keeps every call safe while it "
                                "works; apply in two steps (first remove the services of "
@@ -671,14 +658,8 @@ def safe_order(plan: install.Plan, manifest: Manifest) -> install.Plan | Finding
     return replace(plan, actions=[*order, *(a for a in plan.actions if a.path not in first)])
 
 
-def _preference(action: install.Action, layout: Layout) -> tuple[int, str]:
-    """The order to try: configs that turn skipping off first, then links going, then links
-    coming, then configs that turn skipping on, then configs going."""
-    artifact = action.artifact
-    if os.path.dirname(action.path) == layout.rpc_config_dir:
-        if action.verb is install.Verb.REMOVE:
-            return 4, action.path
-        assert isinstance(artifact, File)  # an rpc-config is a file
-        skips = rpcconfig.parse(artifact.content).skip_service_descriptor is True
-        return (3 if skips else 0), action.path
-    return (1 if action.verb is install.Verb.REMOVE else 2), action.path
+def _exposed(tree: Tree, sockets: Sockets, name: str) -> set[tuple[str, tuple[str, str | None] | None]]:
+    """(call, where its link takes it) for each forgeable call of NAME: a call forgeable before
+    through one socket is exposed anew when a write sends it to another (a daemon's own socket
+    taken as reading a descriptor, then its shared socket, which does)."""
+    return {(call, tree.entry(link)) for call, (link, _, _) in forgeable_calls(tree, sockets, [name]).items()}

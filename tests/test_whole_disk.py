@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from qubes_socksvc import cli, effective, rpcconfig
-from qubes_socksvc.layout import LAYOUTS, Link
+from qubes_socksvc import cli, effective, install, rpcconfig
+from qubes_socksvc.layout import LAYOUTS, File, Link
+from qubes_socksvc.manifest import parse
 from tests import qrexec_view
 
 
@@ -180,23 +181,41 @@ def test_resolve_follows_links_like_the_kernel(tmp_path: Path) -> None:
     assert effective.resolve(str(tmp_path), "/./x/./rel/./s.sock") == "/x/y/s.sock"  # "." names no entry
 
 
-def test_a_write_tried_and_undone_leaves_the_model_of_the_disk_as_it_was(tmp_path: Path) -> None:
-    """effective.safe_order tries each of apply's writes on its model of the disk and undoes
-    those that would open a forgeable call: an undone write leaves no trace (the path reads as
-    the disk has it), and a path written twice gets its first write back."""
-    tree = effective.Tree(effective._Disk(str(tmp_path)), {})
+def test_a_tree_is_the_disk_with_apply_s_writes_on_top(tmp_path: Path) -> None:
+    """effective.safe_order judges each prefix of apply's writes on an effective.Tree: a path
+    written reads as written, a path removed as absent though the disk still has it, and every
+    other path as the disk has it."""
     path = "/etc/qubes-rpc/my.Svc"
-    undo = tree.update({path: Link(path, "/run/qubes/socksvc-d.sock")})
-    assert tree.entry(path) == ("link", "/run/qubes/socksvc-d.sock") and tree.files("my.Svc") == {"my.Svc"}
-    tree.undo(undo)
-    assert tree.entry(path) is None and tree.files("my.Svc") == set()
-    first = tree.update({path: Link(path, "/run/a.sock")})
-    second = tree.update({path: None})
-    assert tree.entry(path) is None
-    tree.undo(second)
-    assert tree.entry(path) == ("link", "/run/a.sock")
-    tree.undo(first)
-    assert tree.entry(path) is None and tree.files("my.Svc") == set()
+    (tmp_path / "etc/qubes-rpc").mkdir(parents=True)
+    (tmp_path / "etc/qubes-rpc/my.Svc").symlink_to("/run/a.sock")
+    disk = effective._Disk(str(tmp_path))
+    as_is = effective.Tree(disk, {})
+    assert as_is.entry(path) == ("link", "/run/a.sock") and as_is.files("my.Svc") == {"my.Svc"}
+    written = effective.Tree(disk, {path: Link(path, "/run/qubes/socksvc-d.sock")})
+    assert written.entry(path) == ("link", "/run/qubes/socksvc-d.sock") and written.files("my.Svc") == {"my.Svc"}
+    removed = effective.Tree(disk, {path: None})
+    assert removed.entry(path) is None and removed.files("my.Svc") == set()
+    assert removed.entry("/etc/qubes-rpc/other") is None
+
+
+def test_writes_that_no_order_keeps_safe_are_refused_with_nothing_written(tmp_path: Path) -> None:
+    """effective.safe_order's contract where every order fails: a link to a daemon's socket
+    and a config skipping the descriptor for the same call are forgeable together, whichever
+    comes first (apply settles its writes so that this never happens: the search's net)."""
+    parsed = parse(f"version: 1\ndaemons:\n  d:\n    services:\n      my.Svc+x:\n{HANDLER}", "/m.yaml")
+    config = "/etc/qubes/rpc-config/my.Svc+x"
+    plan = install.Plan([
+        install.Action(install.Verb.CREATE, "/etc/qubes-rpc/my.Svc+x", Link("/etc/qubes-rpc/my.Svc+x",
+                                                                            "/run/qubes/socksvc-d.sock")),
+        install.Action(install.Verb.CREATE, config, File(config, "skip-service-descriptor = true\n"))],
+        LAYOUTS[0], str(tmp_path))
+    found = effective.safe_order(plan, parsed)
+    assert isinstance(found, effective.Finding), found
+    assert found.conflict and found.key == "my.Svc" and "no order of apply's writes" in found.message
+    # Either write alone is safe: the search took the link, then tried the config in vain.
+    for alone in plan.changes:
+        ordered = effective.safe_order(install.Plan([alone], LAYOUTS[0], str(tmp_path)), parsed)
+        assert isinstance(ordered, install.Plan) and ordered.changes == [alone]
 
 
 @pytest.mark.parametrize("links", [39, 40, 41])
