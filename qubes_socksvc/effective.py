@@ -265,6 +265,31 @@ def applied_daemons(root: str, layouts: Iterable[Layout] = LAYOUTS) -> dict[str,
     return found
 
 
+def _units_without_spec(root: str, layouts: Iterable[Layout], known: set[str]) -> dict[str, list[str]]:
+    """Socket unit -> its ListenStream= paths, the descriptor socket first (templates/socket.j2),
+    for our socket units in the ``layouts`` that no spec names: an apply killed between removing
+    a spec and its units leaves them, and a daemon still running keeps serving its last spec
+    (server.Server.reload: a spec that fails to load leaves the old one served)."""
+    found: dict[str, list[str]] = {}
+    for layout in layouts:
+        directory = install.real_path(root, layout.unit_dir)
+        try:
+            names = sorted(os.listdir(directory))
+        except OSError:
+            continue
+        for name in names:
+            if not (name.startswith("qubes-socksvc-") and name.endswith(".socket")) or name in known:
+                continue
+            try:
+                with open(os.path.join(directory, name), encoding="utf-8", errors="replace") as f:
+                    listens = [line.partition("=")[2].strip() for line in f if line.startswith("ListenStream=")]
+            except OSError:
+                continue
+            if listens:
+                found[name] = listens
+    return found
+
+
 def applied_forwards(root: str, layouts: Iterable[Layout], daemon_sockets: Iterable[str]) -> dict[str, str]:
     """Socket path -> the forward that reads a descriptor there, from what apply recorded in the
     ``layouts``: an owned qubes-rpc link to a Unix socket no daemon listens on, whose own
@@ -306,6 +331,9 @@ def sockets(root: str, manifest: Manifest | None, applied: Sequence[Layout]) -> 
         daemons += [(d, "") for d in manifest.daemons.values()]
     for daemon, _ in daemons:
         units.update(dict.fromkeys(daemon.sockets(), f"{daemon.unit}.socket"))
+    for unit, listens in _units_without_spec(root, applied, set(units.values())).items():
+        units.update(dict.fromkeys(listens, unit))
+        reading[listens[0]] = f"the descriptor socket of {unit} (no spec: a running daemon serves its last one)"
     reading.update(applied_forwards(root, applied, units))
     if manifest is not None:
         for key, forward in manifest.forwards.items():

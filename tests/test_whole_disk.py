@@ -447,6 +447,35 @@ def test_the_other_manifests_daemon_is_known_from_its_spec_whatever_else_is_besi
             f"the socket of {named}, with" in output, (manifest, output)
 
 
+def test_a_daemon_whose_spec_is_gone_while_its_socket_unit_stays_still_reads_descriptors(
+        tmp_path: Path, local_by_name: None) -> None:
+    """An apply killed after removing a daemon's spec leaves its socket unit; the daemon, if it
+    runs, goes on serving its last spec (server.Server.reload keeps it when the spec cannot be
+    loaded).  The other manifest's apply must keep the pin it wrote for a foreign link to that
+    daemon's descriptor socket: dropping it let the caller's stdin be read as the descriptor
+    (found by the random run of test_every_instant, seed 112)."""
+    local, etc, root = tmp_path / "local.yaml", tmp_path / "etc.yaml", tmp_path / "root"
+    local.write_text("version: 1\ndaemons:\n  d2:\n    services:\n      svc:\n"
+                     f"{HANDLER}        service_descriptor: false\n        socket: /run/qubes/socksvc-d2-svc.sock\n")
+    etc.write_text(f"version: 1\ndaemons:\n  d1:\n    services:\n      other:\n{HANDLER}")
+    assert run("apply", local, root)[0] == 0
+    foreign = root / "etc/qubes-rpc/svc+f"
+    foreign.parent.mkdir(parents=True, exist_ok=True)
+    foreign.symlink_to("/run/qubes/socksvc-d2.sock")  # the descriptor socket of d2, not ours to judge
+    code, output = run("apply", etc, root)
+    assert code == 0, output
+    pin = root / "etc/qubes/rpc-config/svc+f"
+    assert rpcconfig.parse(pin.read_text()).skip_service_descriptor is False
+    (root / "usr/local/var/lib/qubes-socksvc/daemons/d2.json").unlink()
+    code, output = run("apply", etc, root)
+    assert code == 0, output
+    d2 = {"/run/qubes/socksvc-d2.sock", "/run/qubes/socksvc-d2-svc.sock"}
+    assert not qrexec_view.forgeable(root, {"/run/qubes/socksvc-d2.sock"}, {"qubes-socksvc-d2.socket": d2})
+    assert rpcconfig.parse(pin.read_text()).skip_service_descriptor is False
+    code, output = run("check", etc, root)
+    assert code == 0, output
+
+
 def test_the_other_manifests_forwards_are_all_judged_when_one_of_their_links_is_gone(
         tmp_path: Path, local_by_name: None) -> None:
     """effective.applied_forwards reads the other manifest's record: a link of it that is gone
