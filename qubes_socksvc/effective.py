@@ -124,6 +124,10 @@ class _Disk:
         return install.real_path(self.root, path)
 
 
+#: What Tree.update returns for a path that had no change before.
+_UNCHANGED = File("", "")
+
+
 class Tree:
     """The qubes-rpc and rpc-config directories as one state leaves them: the disk under
     ``root`` with ``changes`` on top (path -> the artifact written there, or None: removed)."""
@@ -134,10 +138,20 @@ class Tree:
         self._changed: dict[str, set[str]] = {}
         self.update(changes)
 
-    def update(self, changes: Mapping[str, Artifact | None]) -> None:
+    def update(self, changes: Mapping[str, Artifact | None]) -> dict[str, Artifact | None]:
+        """Make ``changes``; returns what undoes them (for :meth:`undo`)."""
+        previous = {path: self.changes.get(path, _UNCHANGED) for path in changes}
         for path, artifact in changes.items():
             self.changes[path] = artifact
             self._changed.setdefault(qrexec.split_service(os.path.basename(path))[0], set()).add(path)
+        return previous
+
+    def undo(self, previous: Mapping[str, Artifact | None]) -> None:
+        for path, artifact in previous.items():
+            if artifact is _UNCHANGED:
+                del self.changes[path]
+            else:
+                self.changes[path] = artifact
 
     def names(self) -> set[str]:
         """Every NAME with a file in some search directory on disk (what a check judges; apply
@@ -658,14 +672,13 @@ def safe_order(plan: install.Plan, manifest: Manifest) -> install.Plan | Finding
         before = _exposed(tree, applied, name)
         pending = sorted(groups[name], key=lambda a: a.path)
         while pending:
-            for action in pending:
-                tried = Tree(tree.disk, {**tree.changes,
-                                         action.path: None if action.verb is install.Verb.REMOVE else action.artifact})
-                if _exposed(tried, known, name) <= before:
+            for action in pending:  # each write tried on the model, and undone unless taken
+                undo = tree.update({action.path: None if action.verb is install.Verb.REMOVE else action.artifact})
+                if _exposed(tree, known, name) <= before:
                     ordered.append(action)
                     pending.remove(action)
-                    tree = tried
                     break
+                tree.undo(undo)
             else:
                 return Finding(name, f"no order of apply's writes for {name} keeps every call safe while it "
                                "works; apply in two steps (first remove the services of "
@@ -686,8 +699,26 @@ def safe_order(plan: install.Plan, manifest: Manifest) -> install.Plan | Finding
     return replace(plan, actions=[*order, *(a for a in plan.actions if a.path not in first)])
 
 
-def _exposed(tree: Tree, sockets: Sockets, name: str) -> set[tuple[str, tuple[str, str | None] | None]]:
-    """(call, where its link takes it) for each forgeable call of NAME: a call forgeable before
-    through one socket is exposed anew when a write sends it to another (a daemon's own socket
-    taken as reading a descriptor, then its shared socket, which does)."""
-    return {(call, tree.entry(link)) for call, (link, _, _) in forgeable_calls(tree, sockets, [name]).items()}
+#: A forgeable call and its way: each entry qrexec finds, (path, Tree.entry), the last one reached.
+_Exposure = tuple[str, tuple[tuple[str, tuple[str, str | None]], ...]]
+
+
+def _exposed(tree: Tree, sockets: Sockets, name: str) -> set[_Exposure]:
+    """How each forgeable call of NAME gets to a descriptor-reading socket: (call, the entries
+    qrexec finds on its way, in lookup order, the one it connects through last).  Every entry
+    before the last is skipped only while its socket is down (exec.c: find_file), so a write
+    that removes one of them, or sends the call elsewhere, exposes it in a state of the sockets
+    where it was safe: a link to a daemon's own socket that a socket unit started before the
+    last daemon-reload still listens on (random run, seed 135), or a daemon's own socket taken
+    as reading a descriptor, then its shared socket (seed 22, writes tried by path)."""
+    found = set()
+    for call, (link, _, _) in forgeable_calls(tree, sockets, [name]).items():
+        way = []
+        for path in (f"{d}/{key}" for key in qrexec.lookup_keys(call) for d in qrexec.RPC_SEARCH_PATH):
+            entry = tree.entry(path)
+            if entry is not None:
+                way.append((path, entry))
+            if path == link:
+                break
+        found.add((call, tuple(way)))
+    return found

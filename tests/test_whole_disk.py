@@ -113,6 +113,22 @@ def test_a_forward_name_plus_beside_a_service_name_applies(tmp_path: Path) -> No
                                      {"qubes-socksvc-d.socket": {"/run/qubes/socksvc-d.sock"}})
 
 
+def test_a_forgeable_bare_call_is_reported_once(tmp_path: Path) -> None:
+    """A bare call and NAME+ are one call to qrexec (exec.c looks the bare call up as NAME+):
+    a NAME+ file planted beside an applied NAME makes one forgeable call, reported once under
+    both spellings, and check names the file to remove."""
+    manifest, root = write(tmp_path, DAEMON)
+    assert run("apply", manifest, root)[0] == 0
+    (root / "etc/qubes-rpc/my.Svc+").symlink_to("/run/qubes/socksvc-d.sock")
+    (root / "etc/qubes/rpc-config").mkdir(parents=True, exist_ok=True)
+    (root / "etc/qubes/rpc-config/my.Svc+").write_text("skip-service-descriptor=true\n")
+    code, output = run("check", manifest, root)
+    forged = [line for line in output.splitlines() if "FORGEABLE" in line]
+    assert code == 1 and len(forged) == 1, output
+    assert "FORGEABLE: calls of my.Svc (and my.Svc+) can reach /etc/qubes-rpc/my.Svc+" in forged[0], output
+    assert "from /etc/qubes/rpc-config/my.Svc+" in forged[0], output
+
+
 # --- forward targets where the kernel takes them -------------------------------------------
 
 
@@ -181,21 +197,40 @@ def test_resolve_follows_links_like_the_kernel(tmp_path: Path) -> None:
     assert effective.resolve(str(tmp_path), "/./x/./rel/./s.sock") == "/x/y/s.sock"  # "." names no entry
 
 
-def test_a_tree_is_the_disk_with_apply_s_writes_on_top(tmp_path: Path) -> None:
-    """effective.safe_order judges each prefix of apply's writes on an effective.Tree: a path
-    written reads as written, a path removed as absent though the disk still has it, and every
-    other path as the disk has it."""
+def test_a_write_tried_and_undone_leaves_the_model_of_the_disk_as_it_was(tmp_path: Path) -> None:
+    """effective.safe_order tries each of apply's writes on its model of the disk and undoes
+    those that would open a forgeable call: an undone write leaves no trace (the path reads as
+    the disk has it), and a path written twice gets its first write back."""
+    tree = effective.Tree(effective._Disk(str(tmp_path)), {})
     path = "/etc/qubes-rpc/my.Svc"
-    (tmp_path / "etc/qubes-rpc").mkdir(parents=True)
-    (tmp_path / "etc/qubes-rpc/my.Svc").symlink_to("/run/a.sock")
-    disk = effective._Disk(str(tmp_path))
-    as_is = effective.Tree(disk, {})
-    assert as_is.entry(path) == ("link", "/run/a.sock") and as_is.files("my.Svc") == {"my.Svc"}
-    written = effective.Tree(disk, {path: Link(path, "/run/qubes/socksvc-d.sock")})
-    assert written.entry(path) == ("link", "/run/qubes/socksvc-d.sock") and written.files("my.Svc") == {"my.Svc"}
-    removed = effective.Tree(disk, {path: None})
-    assert removed.entry(path) is None and removed.files("my.Svc") == set()
-    assert removed.entry("/etc/qubes-rpc/other") is None
+    undo = tree.update({path: Link(path, "/run/qubes/socksvc-d.sock")})
+    assert tree.entry(path) == ("link", "/run/qubes/socksvc-d.sock") and tree.files("my.Svc") == {"my.Svc"}
+    tree.undo(undo)
+    assert tree.entry(path) is None and tree.files("my.Svc") == set()
+    first = tree.update({path: Link(path, "/run/a.sock")})
+    second = tree.update({path: None})
+    assert tree.entry(path) is None
+    tree.undo(second)
+    assert tree.entry(path) == ("link", "/run/a.sock")
+    tree.undo(first)
+    assert tree.entry(path) is None and tree.files("my.Svc") == set()
+
+
+def test_a_known_socket_under_another_name_is_that_socket_whichever_sockets_are_missing(tmp_path: Path) -> None:
+    """effective.Sockets knows a daemon's socket under every name of it (a hard link is the
+    same inode): a known socket that is not there (its unit stopped) hides none of the others,
+    and a name that is itself known stays itself, even when another known name is the same
+    file (a spec's socket and a forward's target both naming one socket)."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "b.sock").write_text("")
+    os.link(run_dir / "b.sock", run_dir / "other-name")
+    os.link(run_dir / "b.sock", run_dir / "u.sock")
+    known = effective.Sockets(str(tmp_path), {"/run/a.sock": "a, stopped", "/run/b.sock": "b"}, {"/run/u.sock": "u"})
+    assert known.canonical("/run/other-name") in ("/run/b.sock", "/run/u.sock")
+    assert known.canonical("/run/b.sock") == "/run/b.sock" and known.canonical("/run/u.sock") == "/run/u.sock"
+    assert known.canonical("/run/a.sock") == "/run/a.sock"
+    assert known.canonical("/run/elsewhere") == "/run/elsewhere"
 
 
 def test_writes_that_no_order_keeps_safe_are_refused_with_nothing_written(tmp_path: Path) -> None:
@@ -212,7 +247,7 @@ def test_writes_that_no_order_keeps_safe_are_refused_with_nothing_written(tmp_pa
     found = effective.safe_order(plan, parsed)
     assert isinstance(found, effective.Finding), found
     assert found.conflict and found.key == "my.Svc" and "no order of apply's writes" in found.message
-    # Either write alone is safe: the search took the link, then tried the config in vain.
+    # Either write alone is safe: the search took the link, then tried the config and undid it.
     for alone in plan.changes:
         ordered = effective.safe_order(install.Plan([alone], LAYOUTS[0], str(tmp_path)), parsed)
         assert isinstance(ordered, install.Plan) and ordered.changes == [alone]
@@ -474,6 +509,28 @@ def test_a_daemon_whose_spec_is_gone_while_its_socket_unit_stays_still_reads_des
     assert rpcconfig.parse(pin.read_text()).skip_service_descriptor is False
     code, output = run("check", etc, root)
     assert code == 0, output
+
+
+def test_a_spec_that_apply_never_renamed_into_place_is_no_daemon(tmp_path: Path, local_by_name: None) -> None:
+    """An apply killed between writing a spec to its temporary name and renaming it leaves a
+    whole spec under apply's temporary name: no daemon loads it (server: the spec path is
+    NAME.json), so a check must not take its socket as reading descriptors, or a foreign link
+    to that path would be a forgery no caller can make (and the only fix a removal)."""
+    local, root = tmp_path / "local.yaml", tmp_path / "root"
+    local.write_text(RAW)
+    assert run("apply", local, root)[0] == 0
+    specs = root / "usr/local/var/lib/qubes-socksvc/daemons"
+    spec = json.loads((specs / "d.json").read_text())
+    spec["daemon"].update(name="ghost", socket="/run/qubes/socksvc-ghost.sock", services={})
+    (specs / ".socksvc-0123456789abcdef.tmp").write_text(json.dumps(spec))
+    link = root / "etc/qubes-rpc/ghost.Svc"
+    link.parent.mkdir(parents=True)
+    link.symlink_to("/run/qubes/socksvc-ghost.sock")
+    config = root / "etc/qubes/rpc-config/ghost.Svc"
+    config.parent.mkdir(parents=True)
+    config.write_text("skip-service-descriptor=true\n")
+    code, output = run("check", local, root)
+    assert code == 0 and "ghost" not in output, output
 
 
 def test_the_other_manifests_forwards_are_all_judged_when_one_of_their_links_is_gone(
