@@ -652,7 +652,8 @@ def safe_order(plan: install.Plan, manifest: Manifest) -> install.Plan | Finding
     affects only calls of its NAME: exec.c looks up NAME+ARG and NAME), greedily, each step checked.
 
     The sockets are those of the daemons before and after (a running daemon reads its new spec
-    later).  A Finding if no such order exists (never seen; then nothing is written).
+    later).  A Finding if no such order exists (seen only in random histories of kills and foreign
+    files: test_every_instant, seeds 100, 107, 115, 120); then nothing is written.
     """
     root, layout = plan.root, plan.layout
     known = sockets(root, manifest, LAYOUTS)  # this layout's applied daemons too, until they reload
