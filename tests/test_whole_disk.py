@@ -129,6 +129,19 @@ def test_a_forgeable_bare_call_is_reported_once(tmp_path: Path) -> None:
     assert "from /etc/qubes/rpc-config/my.Svc+" in forged[0], output
 
 
+def test_a_file_name_qrexec_cannot_call_is_no_call(tmp_path: Path) -> None:
+    """An editor's backup beside a service (my.Svc~) is no call: qrexec refuses a service name
+    outside [A-Za-z0-9_.+-] before any lookup (qrexec-daemon.c: validate_service_name;
+    exec.c: parse_qubes_rpc_command), so its link and its rpc-config are never evaluated."""
+    manifest, root = write(tmp_path, DAEMON)
+    assert run("apply", manifest, root)[0] == 0
+    (root / "etc/qubes-rpc/my.Svc~").symlink_to("/run/qubes/socksvc-d.sock")
+    (root / "etc/qubes/rpc-config").mkdir(parents=True, exist_ok=True)
+    (root / "etc/qubes/rpc-config/my.Svc~").write_text("skip-service-descriptor=true\n")
+    code, output = run("check", manifest, root)
+    assert code == 0 and "my.Svc~" not in output, output
+
+
 # --- forward targets where the kernel takes them -------------------------------------------
 
 
@@ -509,6 +522,28 @@ def test_a_daemon_whose_spec_is_gone_while_its_socket_unit_stays_still_reads_des
     assert rpcconfig.parse(pin.read_text()).skip_service_descriptor is False
     code, output = run("check", etc, root)
     assert code == 0, output
+
+
+OWN = "        service_descriptor: false\n        socket: /run/qubes/socksvc-d2-own.sock\n"
+
+
+@pytest.mark.parametrize("own", ["", OWN], ids=["shared socket", "own socket"])
+def test_the_other_manifests_daemon_shadows_ours_while_its_socket_is_down(
+        tmp_path: Path, local_by_name: None, own: str) -> None:
+    """A link to a daemon's socket (its shared one, or a service's own) comes and goes with its
+    sessions: down at apply time (no socket file), it is up at the next login, and then qrexec
+    connects to it first (/usr/local before /etc).  apply warns as if it were up."""
+    local, etc, root = tmp_path / "local.yaml", tmp_path / "etc.yaml", tmp_path / "root"
+    local.write_text(f"version: 1\ndaemons:\n  d2:\n    services:\n      my.Svc:\n{HANDLER}{own}")
+    etc.write_text(DAEMON)
+    assert run("apply", local, root)[0] == 0
+    assert not list((root / "run").glob("**/*.sock"))
+    code, output = run("apply", etc, root)
+    # Behind a descriptor-less service's link, ours would take its skip-service-descriptor=true
+    # (the /usr/local rpc-config, which apply cannot outrank from /etc): refused.
+    assert code == (1 if own else 0), output
+    assert "calls of my.Svc (and my.Svc+) reach /usr/local/etc/qubes-rpc/my.Svc (a socket service), which qrexec " \
+           "finds first" in output, output
 
 
 def test_a_spec_that_apply_never_renamed_into_place_is_no_daemon(tmp_path: Path, local_by_name: None) -> None:
