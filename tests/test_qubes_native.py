@@ -255,6 +255,32 @@ def test_safe_order_puts_the_enable_link_after_its_unit_and_removes_it_first(tmp
         paths.index("/etc/systemd/user/qubes-socksvc-nat.socket")
 
 
+def test_safe_order_replacing_a_daemon_writes_the_new_one_before_removing_the_old(tmp_path: Path) -> None:
+    """One apply replaces daemon nat with web: every change exactly once; the qubes-rpc links
+    and rpc-configs first; then web's unit, spec and enable link (the link after its unit);
+    the removals last, nat's enable link before its unit: a kill at any point leaves a
+    manager at least one whole daemon and never a wants link to a missing unit."""
+    path, root = tmp_path / "m.yaml", tmp_path / "root"
+    path.write_text(manifest_text())
+    assert apply_in_process(path, root)[0] == 0
+    path.write_text(manifest_text("web", "socksvc-web", "web"))
+    parsed = manifest.load(str(path))
+    artifacts, _ = effective.settle(parsed, SYSTEM, render.render(parsed, SYSTEM), str(root))
+    plan = install.plan(artifacts, SYSTEM, str(root))
+    ordered = effective.safe_order(plan, parsed)
+    assert isinstance(ordered, install.Plan)
+    paths = [a.path for a in ordered.changes]
+    assert sorted(paths) == sorted(a.path for a in plan.changes) and len(set(paths)) == len(paths)
+    rpc = [i for i, p in enumerate(paths) if os.path.dirname(p) in (SYSTEM.rpc_dir, SYSTEM.rpc_config_dir)]
+    removals = [i for i, a in enumerate(ordered.changes) if a.verb is install.Verb.REMOVE
+                and os.path.dirname(a.path) not in (SYSTEM.rpc_dir, SYSTEM.rpc_config_dir)]
+    kept = [i for i in range(len(paths)) if i not in rpc and i not in removals]
+    assert rpc and kept and removals and max(rpc) < min(kept) and max(kept) < min(removals), paths
+    units, wants = "/etc/systemd/user", "/etc/systemd/user/sockets.target.wants"
+    assert paths.index(f"{units}/qubes-socksvc-web.socket") < paths.index(f"{wants}/qubes-socksvc-web.socket")
+    assert paths.index(f"{wants}/qubes-socksvc-nat.socket") < paths.index(f"{units}/qubes-socksvc-nat.socket")
+
+
 def test_an_overlong_enable_link_name_is_refused_like_every_artifact(tmp_path: Path) -> None:
     """install's NAME_MAX rule covers the wants directory: a record naming a longer name there
     is a conflict, as in the unit directory."""
