@@ -113,15 +113,22 @@ def test_a_forward_name_plus_beside_a_service_name_applies(tmp_path: Path) -> No
                                      {"qubes-socksvc-d.socket": {"/run/qubes/socksvc-d.sock"}})
 
 
+def applied_beside(tmp_path: Path, name: str) -> tuple[Path, Path]:
+    """DAEMON applied, then a foreign link ``name`` to its socket with an rpc-config of the same
+    name that skips the descriptor."""
+    manifest, root = write(tmp_path, DAEMON)
+    assert run("apply", manifest, root)[0] == 0
+    (root / "etc/qubes-rpc" / name).symlink_to("/run/qubes/socksvc-d.sock")
+    (root / "etc/qubes/rpc-config").mkdir(parents=True, exist_ok=True)
+    (root / "etc/qubes/rpc-config" / name).write_text("skip-service-descriptor=true\n")
+    return manifest, root
+
+
 def test_a_forgeable_bare_call_is_reported_once(tmp_path: Path) -> None:
     """A bare call and NAME+ are one call to qrexec (exec.c looks the bare call up as NAME+):
     a NAME+ file planted beside an applied NAME makes one forgeable call, reported once under
     both spellings, and check names the file to remove."""
-    manifest, root = write(tmp_path, DAEMON)
-    assert run("apply", manifest, root)[0] == 0
-    (root / "etc/qubes-rpc/my.Svc+").symlink_to("/run/qubes/socksvc-d.sock")
-    (root / "etc/qubes/rpc-config").mkdir(parents=True, exist_ok=True)
-    (root / "etc/qubes/rpc-config/my.Svc+").write_text("skip-service-descriptor=true\n")
+    manifest, root = applied_beside(tmp_path, "my.Svc+")
     code, output = run("check", manifest, root)
     forged = [line for line in output.splitlines() if "FORGEABLE" in line]
     assert code == 1 and len(forged) == 1, output
@@ -133,11 +140,7 @@ def test_a_file_name_qrexec_cannot_call_is_no_call(tmp_path: Path) -> None:
     """An editor's backup beside a service (my.Svc~) is no call: qrexec refuses a service name
     outside [A-Za-z0-9_.+-] before any lookup (qrexec-daemon.c: validate_service_name;
     exec.c: parse_qubes_rpc_command), so its link and its rpc-config are never evaluated."""
-    manifest, root = write(tmp_path, DAEMON)
-    assert run("apply", manifest, root)[0] == 0
-    (root / "etc/qubes-rpc/my.Svc~").symlink_to("/run/qubes/socksvc-d.sock")
-    (root / "etc/qubes/rpc-config").mkdir(parents=True, exist_ok=True)
-    (root / "etc/qubes/rpc-config/my.Svc~").write_text("skip-service-descriptor=true\n")
+    manifest, root = applied_beside(tmp_path, "my.Svc~")
     code, output = run("check", manifest, root)
     assert code == 0 and "my.Svc~" not in output, output
 
