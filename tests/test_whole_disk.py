@@ -549,6 +549,55 @@ def test_the_other_manifests_daemon_shadows_ours_while_its_socket_is_down(
            "finds first" in output, output
 
 
+@pytest.mark.parametrize("spec", ["there", "gone"])
+def test_a_descriptor_less_service_before_its_daemons_shared_socket_is_no_forgery(tmp_path: Path, spec: str) -> None:
+    """my.Svc+x on its own socket (service_descriptor: false, skip-service-descriptor=true),
+    my.Svc on the daemon's shared socket: a call of my.Svc+x reaches its own socket while the
+    unit is up, and while it is down the shared socket is down too (systemd opens and removes
+    all of a unit's ListenStream= together), so it never reaches the shared socket with its
+    config.  The same with the spec gone (an interrupted apply): the unit file says which
+    sockets are one unit's."""
+    manifest, root = write(tmp_path, f"version: 1\ndaemons:\n  d:\n    services:\n      my.Svc:\n{HANDLER}"
+                           f"      my.Svc+x:\n{HANDLER}        service_descriptor: false\n"
+                           "        socket: /run/qubes/socksvc-d-x.sock\n")
+    assert run("apply", manifest, root)[0] == 0
+    if spec == "gone":
+        (root / "var/lib/qubes-socksvc/daemons/d.json").unlink()
+    code, output = run("check", manifest, root)
+    assert code == 0 and "FORGEABLE" not in output, output
+    assert not effective.forgeable(None, str(root))  # the other manifest's check: the disk alone
+    sockets = {"/run/qubes/socksvc-d.sock", "/run/qubes/socksvc-d-x.sock"}
+    assert not qrexec_view.forgeable(root, {"/run/qubes/socksvc-d.sock"}, {"qubes-socksvc-d.socket": sockets})
+
+
+def test_a_socket_unit_without_a_listen_line_is_no_socket(tmp_path: Path) -> None:
+    """A socket unit named like ours with no ListenStream= (damaged, or someone else's) names
+    no socket: check judges the rest of the disk and does not fail on it."""
+    manifest, root = applied_beside(tmp_path, "my.Svc+")
+    (root / "etc/systemd/user/qubes-socksvc-other.socket").write_text("[Socket]\nAccept=no\n")
+    code, output = run("check", manifest, root)
+    assert code == 1 and "FORGEABLE: calls of my.Svc (and my.Svc+)" in output, output
+
+
+@pytest.mark.parametrize("unit", ["other.socket", "qubes-socksvc-other.service", "qubes-socksvc-other.socket.d"])
+def test_another_programs_socket_service_that_skips_the_descriptor_is_no_forgery(tmp_path: Path, unit: str) -> None:
+    """The Qubes way to serve a raw socket (skip-service-descriptor=true, a link in qubes-rpc)
+    is another program's business when its socket is no daemon's of ours: a user socket unit
+    not named qubes-socksvc-*.socket names no socket of ours, whatever it listens on."""
+    manifest, root = write(tmp_path, DAEMON)
+    assert run("apply", manifest, root)[0] == 0
+    path = root / "etc/systemd/user" / unit
+    if unit.endswith(".d"):
+        path.mkdir()
+        path = path / "listen.conf"
+    path.write_text("[Socket]\nListenStream=/run/other/raw.sock\n")
+    (root / "etc/qubes-rpc/other.Raw").symlink_to("/run/other/raw.sock")
+    (root / "etc/qubes/rpc-config").mkdir(parents=True, exist_ok=True)
+    (root / "etc/qubes/rpc-config/other.Raw").write_text("skip-service-descriptor=true\n")
+    code, output = run("check", manifest, root)
+    assert code == 0 and "other.Raw" not in output, output
+
+
 def test_a_spec_that_apply_never_renamed_into_place_is_no_daemon(tmp_path: Path, local_by_name: None) -> None:
     """An apply killed between writing a spec to its temporary name and renaming it leaves a
     whole spec under apply's temporary name: no daemon loads it (server: the spec path is
